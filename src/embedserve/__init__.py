@@ -1,0 +1,3 @@
+"""embedserve: a self-hostable, OpenAI-compatible text-embeddings API server."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,73 @@
+"""THE translator: every exception, whatever raised it, becomes OpenAI's error JSON
+`{"error": {"message", "type", "param", "code"}}` with the right status. Nothing else builds errors."""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from embedserve.errors import (
+    EmbedServeError,
+    InternalError,
+    InvalidRequest,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    RouteNotFound,
+)
+
+log = logging.getLogger("embedserve.api")
+
+
+def error_body(exc: EmbedServeError) -> bytes:
+    return orjson.dumps({"error": {"message": exc.message, "type": exc.type, "param": exc.param,
+                                   "code": exc.code}})
+
+
+def error_response(exc: EmbedServeError) -> Response:
+    return Response(error_body(exc), status_code=exc.status, media_type="application/json",
+                    headers=exc.headers())
+
+
+def internal_error(request_id: str) -> InternalError:
+    return InternalError("The server had an error while processing your request. Quote request id "
+                         f"{request_id} when you report it.")
+
+
+def from_http_exception(exc: StarletteHTTPException, method: str, path: str) -> EmbedServeError:
+    if exc.status_code == 404:
+        return RouteNotFound(f"Unknown route: {method} {path}")
+    if exc.status_code == 405:
+        return MethodNotAllowed(f"Method {method} is not allowed on {path}")
+    if exc.status_code == 413:
+        return PayloadTooLarge(str(exc.detail))
+    if 400 <= exc.status_code < 500:
+        err = InvalidRequest(str(exc.detail))
+        err.status = exc.status_code
+        return err
+    return InternalError(str(exc.detail))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_embedserve_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, EmbedServeError)
+        return error_response(exc)
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        return error_response(from_http_exception(exc, request.method, request.url.path))
+
+    async def on_validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
+        return error_response(InvalidRequest(str(first.get("msg", "invalid request")),
+                                             param=".".join(loc) or None))
+
+    app.add_exception_handler(EmbedServeError, on_embedserve_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)

@@ -1,0 +1,86 @@
+"""Thin HTTP handlers: parse, hand to the service, render. No try/except, no business logic."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
+
+from embedserve.api.auth import authenticate
+from embedserve.api.state import AppState
+from embedserve.errors import ModelNotReady
+from embedserve.protocol import (
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    model_card,
+    render_embeddings,
+)
+from embedserve.validation import parse_embedding_request, parse_json
+
+router = APIRouter()
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503)
+}
+
+
+def _state(request: Request) -> AppState:
+    state: AppState = request.app.state.embedserve
+    return state
+
+
+def _json(content: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(content), status_code=status, media_type="application/json")
+
+
+@router.post(
+    "/v1/embeddings",
+    dependencies=[Depends(authenticate)],
+    response_model=EmbeddingResponse,
+    responses=_ERRORS,
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": EmbeddingRequest.model_json_schema()}}}},
+)
+async def create_embeddings(request: Request) -> Response:
+    state = _state(request)
+    job = parse_embedding_request(parse_json(await request.body()),
+                                  max_inputs=state.settings.max_inputs_per_request)
+    result = await state.service.embed(job)
+    return Response(render_embeddings(result, job.model), media_type="application/json")
+
+
+@router.get("/v1/models", dependencies=[Depends(authenticate)], response_model=ModelList,
+            responses=_ERRORS)
+async def list_models(request: Request) -> Response:
+    registry = _state(request).registry
+    cards = [model_card(spec, registry.status(spec), registry.backend_description(spec))
+             for spec in registry.catalog.specs]
+    return _json({"object": "list", "data": cards})
+
+
+@router.get("/v1/models/{model_id:path}", dependencies=[Depends(authenticate)],
+            response_model=ModelCard, responses=_ERRORS)
+async def retrieve_model(request: Request, model_id: str) -> Response:
+    registry = _state(request).registry
+    spec = registry.catalog.resolve(model_id)
+    return _json(model_card(spec, registry.status(spec), registry.backend_description(spec)))
+
+
+@router.get("/health")
+async def health() -> Response:
+    """Liveness: the process serves HTTP."""
+    return _json({"status": "ok"})
+
+
+@router.get("/ready", responses=_ERRORS)
+async def ready(request: Request) -> Response:
+    """Readiness: every model is loaded and warmed up."""
+    registry = _state(request).registry
+    if not registry.ready:
+        raise ModelNotReady(f"Not ready: {registry.not_ready_reason()}", retry_after_s=2)
+    return _json({"status": "ready"})

@@ -1,0 +1,24 @@
+"""The Backend protocol: one forward pass over a padded TokenBatch, returning one pooled float32 vector
+per row (after any Dense head, before normalization). Implementations run on the model's executor
+thread, never on the event loop."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from embedserve.types import FloatMatrix, TokenBatch
+
+
+class Backend(Protocol):
+    #: Width of the vectors `forward` returns.
+    dimensions: int
+    #: Rows of the input-embedding table: token ids at or above it cannot be embedded.
+    vocab_size: int
+    #: What serves, for the model listing and the start-up log (e.g. "torch cpu float32").
+    description: str
+
+    def forward(self, batch: TokenBatch) -> FloatMatrix:
+        """[B, T] ids and mask -> [B, D] float32 pooled vectors."""
+        ...
+
+    def close(self) -> None: ...

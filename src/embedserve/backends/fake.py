@@ -1,0 +1,38 @@
+"""A deterministic, torch-free backend for fast tests of the batching and service layers: each token id
+maps to a fixed pseudo-random vector and a row is the mean over its real tokens, so a vector depends
+only on that row's ids (any cross-talk between rows or requests shows up as a wrong vector)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from embedserve.types import FloatMatrix, TokenBatch
+
+
+class FakeBackend:
+    def __init__(self, *, dimensions: int = 16, vocab_size: int = 1000, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self._table = rng.standard_normal((vocab_size, dimensions)).astype(np.float32)  # [V, D]
+        self.dimensions = dimensions
+        self.vocab_size = vocab_size
+        self.description = "fake cpu float32"
+        self.batches: list[tuple[int, int]] = []  # (rows, padded length) of every forward, for tests
+
+    def forward(self, batch: TokenBatch) -> FloatMatrix:
+        self.batches.append(batch.shape)
+        hidden = self._table[batch.input_ids]  # [B, T, D]
+        mask = batch.attention_mask[..., None].astype(np.float32)  # [B, T, 1]
+        out: FloatMatrix = ((hidden * mask).sum(axis=1) / mask.sum(axis=1)).astype(np.float32)
+        return out
+
+    @staticmethod
+    def reference(table_seed: int, ids: list[int], *, dimensions: int = 16,
+                  vocab_size: int = 1000) -> FloatMatrix:
+        """The vector FakeBackend gives `ids` when they are alone in a batch."""
+        rng = np.random.default_rng(table_seed)
+        table = rng.standard_normal((vocab_size, dimensions)).astype(np.float32)
+        out: FloatMatrix = table[np.asarray(ids)].mean(axis=0).astype(np.float32)
+        return out
+
+    def close(self) -> None:
+        return None

@@ -1,0 +1,89 @@
+"""PyTorch backend: the model as transformers builds it (SDPA attention), the mask-driven pooler and the
+sentence-transformers Dense head, on CPU in float32 or on CUDA in bfloat16/float16."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from embedserve.backends.pooling import pool
+from embedserve.catalog import DenseLayer, ModelSpec
+from embedserve.errors import ModelLoadError
+from embedserve.types import FloatMatrix, TokenBatch
+
+log = logging.getLogger("embedserve.backends.torch")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda was requested but no CUDA device is available")
+    return torch.device(requested)
+
+
+def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+    if requested == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return _DTYPES[requested]
+
+
+def _load_state(folder: Path) -> dict[str, torch.Tensor]:
+    safetensors = folder / "model.safetensors"
+    if safetensors.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(safetensors))
+    state: dict[str, torch.Tensor] = torch.load(folder / "pytorch_model.bin", map_location="cpu",
+                                                weights_only=True)
+    return state
+
+
+def _dense_module(layer: DenseLayer) -> torch.nn.Sequential:
+    linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias)
+    state = _load_state(layer.folder)
+    linear.load_state_dict({k.removeprefix("linear."): v for k, v in state.items()})
+    activation = torch.nn.Tanh() if layer.activation == "tanh" else torch.nn.Identity()
+    return torch.nn.Sequential(linear, activation)
+
+
+class TorchBackend:
+    def __init__(self, spec: ModelSpec, *, device: str, dtype: str) -> None:
+        from transformers import AutoModel
+
+        self._spec = spec
+        self._device = resolve_device(device)
+        self._dtype = resolve_dtype(dtype, self._device)
+        try:
+            model = AutoModel.from_pretrained(str(spec.folder), dtype=self._dtype,
+                                              attn_implementation="sdpa")
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"model '{spec.id}': cannot load weights from {spec.folder}: "
+                                 f"{exc}") from exc
+        self._model = model.to(self._device).eval()
+        self._dense = torch.nn.Sequential(*(_dense_module(d) for d in spec.dense))
+        self._dense = self._dense.to(self._device, self._dtype).eval()
+        self.dimensions = spec.dimensions
+        self.vocab_size = int(self._model.get_input_embeddings().weight.shape[0])
+        self.description = f"torch {self._device.type} {str(self._dtype).removeprefix('torch.')}"
+
+    @torch.inference_mode()
+    def forward(self, batch: TokenBatch) -> FloatMatrix:
+        input_ids = torch.from_numpy(batch.input_ids).to(self._device)  # [B, T]
+        mask = torch.from_numpy(batch.attention_mask).to(self._device)  # [B, T]
+        hidden = self._model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # [B, T, H]
+        pooled = self._dense(pool(self._spec.pooling, hidden, mask))  # [B, D]
+        out: FloatMatrix = pooled.float().cpu().numpy().astype(np.float32, copy=False)
+        return out
+
+    def close(self) -> None:
+        del self._model
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()

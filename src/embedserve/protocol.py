@@ -1,0 +1,94 @@
+"""Wire shapes of the OpenAI embeddings API, for the OpenAPI document, and the fast renderers that write
+them (orjson straight from float32 buffers; pydantic is never on the hot path)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, Field
+
+from embedserve.catalog import ModelSpec
+from embedserve.postprocess import encode_vectors
+from embedserve.types import EmbeddingResult
+
+
+class EmbeddingRequest(BaseModel):
+    model: str = Field(description="A served model id or alias.")
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        description="Text, texts, token ids, or arrays of token ids. Must not be empty.")
+    encoding_format: Literal["float", "base64"] | None = "float"
+    dimensions: int | None = Field(None, ge=1, description="Matryoshka models only.")
+    user: str | None = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    supports: list[str]
+    dimensions: int
+    matryoshka_dimensions: list[int]
+    max_input_tokens: int
+    aliases: list[str]
+    status: Literal["loading", "ready", "failed"]
+    backend: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+def render_embeddings(result: EmbeddingResult, model_name: str) -> bytes:
+    data = [{"object": "embedding", "index": i, "embedding": vector}
+            for i, vector in enumerate(encode_vectors(result.vectors, result.encoding_format))]
+    body = {"object": "list", "data": data, "model": model_name,
+            "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}}
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def model_card(spec: ModelSpec, status: str, backend: str | None) -> dict[str, Any]:
+    return {
+        "id": spec.id,
+        "object": "model",
+        "created": spec.created,
+        "owned_by": spec.owned_by,
+        "supports": ["embeddings"],
+        "dimensions": spec.dimensions,
+        "matryoshka_dimensions": list(spec.matryoshka_dimensions),
+        "max_input_tokens": spec.max_input_tokens,
+        "aliases": list(spec.aliases),
+        "status": status,
+        "backend": backend,
+    }

@@ -1,0 +1,138 @@
+"""A served model at run time (spec + tokenizers + backend + batcher), and the registry that loads every
+model in the background after the server starts, so that /health answers at once and /ready tells when
+each model is loaded and warmed up."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal
+
+from embedserve.backends.base import Backend
+from embedserve.catalog import Catalog, ModelSpec
+from embedserve.errors import EmbedServeError, ModelNotReady, ServiceUnavailable
+from embedserve.scheduler.batcher import Batcher
+from embedserve.scheduler.packing import collate
+from embedserve.settings import Settings
+from embedserve.tokenization import TextRecipe, TokenizerPool, load_tokenizer_json
+
+log = logging.getLogger("embedserve.runtime")
+
+Status = Literal["loading", "ready", "failed"]
+
+
+@dataclass(slots=True)
+class ModelRuntime:
+    spec: ModelSpec
+    tokenizer: TokenizerPool
+    backend: Backend
+    batcher: Batcher
+    load_seconds: float
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids must be known to the tokenizer and have a row in the model's embedding table."""
+        return min(self.tokenizer.vocab_size, self.backend.vocab_size)
+
+
+def make_backend(spec: ModelSpec, settings: Settings) -> Backend:
+    backend = spec.backend if spec.backend != "auto" else settings.backend
+    if backend not in ("auto", "torch"):
+        raise EmbedServeError(f"model '{spec.id}': backend {backend!r} is not available")
+    from embedserve.backends.torch import TorchBackend  # torch is imported only when needed
+
+    device = spec.device if spec.device != "auto" else settings.device
+    dtype = spec.dtype if spec.dtype != "auto" else settings.dtype
+    return TorchBackend(spec, device=device, dtype=dtype)
+
+
+def load_runtime(spec: ModelSpec, settings: Settings, tokenizer_executor: ThreadPoolExecutor,
+                 backend: Backend | None = None) -> ModelRuntime:
+    """Blocking: read the tokenizer, load the weights, run one warm-up batch."""
+    started = time.perf_counter()
+    recipe = TextRecipe(prefix=spec.default_prompt, strip=spec.strip_whitespace,
+                        lower_case=spec.lower_case)
+    tokenizer = TokenizerPool(load_tokenizer_json(spec.folder), tokenizer_executor, recipe,
+                              truncate_to=spec.max_input_tokens if settings.truncate else None)
+    backend = backend or make_backend(spec, settings)
+    warm = tokenizer.encode_sync(["warm up", "a somewhat longer warm-up sentence for the model"])
+    backend.forward(collate(warm, tokenizer.pad_id, spec.padding_side))
+    batcher = Batcher(spec.id, backend, pad_id=tokenizer.pad_id, padding_side=spec.padding_side,
+                      max_batch_tokens=settings.max_batch_tokens,
+                      max_batch_items=settings.max_batch_items)
+    return ModelRuntime(spec=spec, tokenizer=tokenizer, backend=backend, batcher=batcher,
+                        load_seconds=time.perf_counter() - started)
+
+
+class ModelRegistry:
+    """Owns the runtimes of every cataloged model and their load status."""
+
+    def __init__(self, catalog: Catalog, settings: Settings) -> None:
+        self.catalog = catalog
+        self._settings = settings
+        self._tokenizer_executor = ThreadPoolExecutor(max_workers=settings.tokenizer_threads,
+                                                      thread_name_prefix="embedserve-tokenize")
+        self._runtimes: dict[str, ModelRuntime] = {}
+        self._status: dict[str, Status] = {spec.id: "loading" for spec in catalog.specs}
+        self._errors: dict[str, str] = {}
+
+    def status(self, spec: ModelSpec) -> Status:
+        return self._status[spec.id]
+
+    def backend_description(self, spec: ModelSpec) -> str | None:
+        runtime = self._runtimes.get(spec.id)
+        return runtime.backend.description if runtime else None
+
+    @property
+    def ready(self) -> bool:
+        return all(status == "ready" for status in self._status.values())
+
+    def not_ready_reason(self) -> str:
+        parts = [f"{name}: {status}" + (f" ({self._errors[name]})" if name in self._errors else "")
+                 for name, status in self._status.items() if status != "ready"]
+        return "; ".join(parts)
+
+    def runtime(self, spec: ModelSpec) -> ModelRuntime:
+        runtime = self._runtimes.get(spec.id)
+        if runtime is not None:
+            return runtime
+        if self._status[spec.id] == "failed":
+            raise ServiceUnavailable(f"The model '{spec.id}' failed to load; see the server log.",
+                                     retry_after_s=60)
+        raise ModelNotReady(f"The model '{spec.id}' is still loading; retry shortly.",
+                            retry_after_s=2)
+
+    def add(self, runtime: ModelRuntime) -> None:
+        """Serve an already loaded runtime (start-up, and tests that bring their own backend)."""
+        runtime.batcher.start()
+        self._runtimes[runtime.spec.id] = runtime
+        self._status[runtime.spec.id] = "ready"
+
+    async def load_all(self) -> None:
+        """Load models one after another off the event loop (loading two at once only competes for
+        the same cores and memory bandwidth)."""
+        for spec in self.catalog.specs:
+            if spec.id in self._runtimes:
+                continue
+            try:
+                runtime = await asyncio.to_thread(load_runtime, spec, self._settings,
+                                                  self._tokenizer_executor)
+            except Exception as exc:  # a model that fails to load must not take the others down
+                self._status[spec.id] = "failed"
+                self._errors[spec.id] = str(exc)
+                log.exception("model '%s' failed to load", spec.id)
+                continue
+            self.add(runtime)
+            log.info("model '%s' ready: %d dims, max %d tokens, pooling %s, %s, loaded in %.1f s",
+                     spec.id, spec.dimensions, spec.max_input_tokens, spec.pooling,
+                     runtime.backend.description, runtime.load_seconds)
+
+    async def close(self) -> None:
+        for runtime in self._runtimes.values():
+            await runtime.batcher.close()
+            runtime.backend.close()
+        self._runtimes.clear()
+        self._tokenizer_executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,104 @@
+"""Per-model dynamic batcher: every input of every request is one WorkItem; a single loop packs waiting
+items (scheduler.packing) and runs each batch on the model's own executor thread. There is no added wait
+when the queue is idle: whatever arrives while a batch runs is packed into the next one."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from embedserve.backends.base import Backend
+from embedserve.errors import InternalError, ServiceUnavailable
+from embedserve.scheduler.packing import collate, take_batch
+from embedserve.types import FloatMatrix, PaddingSide, WorkItem
+
+log = logging.getLogger("embedserve.batcher")
+
+
+class Batcher:
+    def __init__(self, name: str, backend: Backend, *, pad_id: int, padding_side: PaddingSide,
+                 max_batch_tokens: int, max_batch_items: int) -> None:
+        self.name = name
+        self._backend = backend
+        self._pad_id = pad_id
+        self._padding_side: PaddingSide = padding_side
+        self._max_batch_tokens = max_batch_tokens
+        self._max_batch_items = max_batch_items
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"embedserve-{name}")
+        self._pending: list[WorkItem] = []
+        self._running: list[WorkItem] = []  # the batch on the executor right now
+        self._seq = itertools.count()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(),
+                                                                name=f"batcher-{self.name}")
+
+    async def embed(self, sequences: Sequence[list[int]]) -> FloatMatrix:
+        """Embed id sequences; returns [N, D] in the order given. If the caller is cancelled (client
+        gone), its items that have not reached the model are dropped."""
+        if self._closed:
+            raise ServiceUnavailable(f"model '{self.name}' is shutting down")
+        loop = asyncio.get_running_loop()
+        items = [WorkItem(ids=ids, seq=next(self._seq), future=loop.create_future())
+                 for ids in sequences]
+        self._pending.extend(items)
+        self._wakeup.set()
+        try:
+            vectors = await asyncio.gather(*(item.future for item in items))
+        except BaseException:
+            for item in items:
+                item.future.cancel()
+            raise
+        return np.stack(vectors)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._pending = [item for item in self._pending if not item.future.cancelled()]
+            if not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch, self._pending = take_batch(self._pending, self._max_batch_tokens,
+                                              self._max_batch_items)
+            tokens = collate([item.ids for item in batch], self._pad_id, self._padding_side)
+            self._running = batch
+            try:
+                vectors = await loop.run_in_executor(self._executor, self._backend.forward, tokens)
+            except Exception:
+                log.exception("forward pass failed for model '%s' (batch %s)", self.name,
+                              tokens.shape)
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(InternalError("inference failed"))
+                continue
+            finally:
+                self._running = []
+            for item, vector in zip(batch, vectors, strict=True):
+                if not item.future.done():
+                    item.future.set_result(vector)
+
+    async def close(self) -> None:
+        """Stop packing; fail whatever still waits; release the executor thread."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for item in (*self._pending, *self._running):
+            if not item.future.done():
+                item.future.set_exception(ServiceUnavailable(f"model '{self.name}' shut down"))
+        self._pending.clear()
+        self._executor.shutdown(wait=True)

@@ -1,0 +1,60 @@
+"""One typed Settings object, built once at start-up (flags over EMBEDSERVE_* environment over defaults)
+and passed down explicitly; nothing else reads the environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EMBEDSERVE_", extra="ignore", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+    # Models: `--model` specs (id, alias, folder, hub repo id, or NAME=SOURCE) and/or a catalog file.
+    models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    models_file: Path | None = None
+    allow_download: bool = False
+    backend: Literal["auto", "torch"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+
+    # Auth: comma-separated in EMBEDSERVE_API_KEYS. Empty means the server runs open.
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
+
+    # Request limits.
+    max_inputs_per_request: int = Field(2048, ge=1)
+    max_tokens_per_request: int = Field(300_000, ge=1)
+    truncate: bool = False
+
+    # Batching.
+    max_batch_tokens: int = Field(16_384, ge=1)
+    max_batch_items: int = Field(256, ge=1)
+    tokenizer_threads: int = Field(2, ge=1)
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("models", "api_keys", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @property
+    def model_specs(self) -> list[str]:
+        """The `--model` list, or the bundled default when neither models nor a models file is given."""
+        if not self.models and self.models_file is None:
+            return [DEFAULT_MODEL]
+        return list(self.models)

@@ -1,0 +1,81 @@
+"""Internal, frozen value types that travel below service.py (the wire shapes live in protocol.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+Pooling = Literal["cls", "mean", "last_token"]
+PaddingSide = Literal["left", "right"]
+EncodingFormat = Literal["float", "base64"]
+FloatMatrix = npt.NDArray[np.float32]
+IntMatrix = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: a key id (never the key itself), or the anonymous caller of an open server."""
+
+    key_id: str
+
+
+ANONYMOUS = Principal(key_id="anonymous")
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingJob:
+    """A request that passed shape validation: what to embed and how to return it."""
+
+    model: str
+    texts: tuple[str, ...] | None
+    token_ids: tuple[tuple[int, ...], ...] | None
+    encoding_format: EncodingFormat
+    dimensions: int | None
+    user: str | None
+
+    @property
+    def count(self) -> int:
+        items = self.texts if self.texts is not None else self.token_ids
+        assert items is not None
+        return len(items)
+
+
+@dataclass(slots=True, eq=False)
+class WorkItem:
+    """One input of one request, waiting to be embedded. `seq` orders arrival (oldest first)."""
+
+    ids: list[int]
+    seq: int
+    future: asyncio.Future[FloatMatrix] = field(repr=False)
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenBatch:
+    """Padded inputs ready for a forward pass."""
+
+    input_ids: IntMatrix  # [B, T]
+    attention_mask: IntMatrix  # [B, T], 1 for real tokens
+    real_tokens: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        b, t = self.input_ids.shape
+        return int(b), int(t)
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingResult:
+    """What the service hands back to the route."""
+
+    model: str
+    vectors: FloatMatrix  # [N, D] float32, final (truncated and normalized)
+    encoding_format: EncodingFormat
+    prompt_tokens: int

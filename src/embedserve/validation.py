@@ -1,0 +1,157 @@
+"""Pure request validation. `parse_embedding_request` checks the body's shape before anything else runs;
+the `check_*` functions check it against the resolved model and the server's limits. Each failure is an
+InvalidRequest subclass naming the offending parameter."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from embedserve.errors import (
+    ContextLengthExceeded,
+    EmptyInput,
+    InvalidEncodingFormat,
+    InvalidJSON,
+    InvalidRequest,
+    InvalidTokenId,
+    InvalidType,
+    MissingParameter,
+    TooManyInputs,
+    TooManyTokens,
+    UnsupportedDimensions,
+)
+from embedserve.types import EmbeddingJob, EncodingFormat
+
+INPUT_SHAPES = ("a string, an array of strings, an array of integers (token ids) or an array of "
+                "arrays of integers")
+
+
+def parse_json(body: bytes) -> Any:
+    if not body.strip():
+        raise InvalidJSON("The request body is empty; expected a JSON object.")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidJSON(f"The request body is not valid JSON: {exc}") from None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _token_array(value: list[Any], where: str) -> tuple[int, ...]:
+    if not value:
+        raise EmptyInput(f"{where} is an empty token array; token arrays must not be empty.",
+                         param="input")
+    if not all(_is_int(v) for v in value):
+        raise InvalidType(f"{where} must contain only integers (token ids).", param="input")
+    negative = next((v for v in value if v < 0), None)
+    if negative is not None:
+        raise InvalidTokenId(f"{where} holds the negative token id {negative}.", param="input")
+    return tuple(value)
+
+
+def _parse_input(value: Any) -> tuple[tuple[str, ...] | None, tuple[tuple[int, ...], ...] | None]:
+    """-> (texts, token id arrays); exactly one is set."""
+    if isinstance(value, str):
+        if value == "":
+            raise EmptyInput("'input' must not be an empty string.", param="input")
+        return (value,), None
+    if not isinstance(value, list):
+        raise InvalidType(f"'input' must be {INPUT_SHAPES}.", param="input")
+    if not value:
+        raise EmptyInput("'input' must not be an empty array.", param="input")
+    if all(isinstance(v, str) for v in value):
+        empty = next((i for i, v in enumerate(value) if v == ""), None)
+        if empty is not None:
+            raise EmptyInput(f"input[{empty}] is an empty string; every input must be non-empty.",
+                             param="input")
+        return tuple(value), None
+    if all(_is_int(v) for v in value):
+        return None, (_token_array(value, "'input'"),)
+    if all(isinstance(v, list) for v in value):
+        return None, tuple(_token_array(v, f"input[{i}]") for i, v in enumerate(value))
+    raise InvalidType(f"'input' must be {INPUT_SHAPES}; mixed arrays are not accepted.",
+                      param="input")
+
+
+def parse_embedding_request(payload: Any, *, max_inputs: int) -> EmbeddingJob:
+    """The body of POST /v1/embeddings -> EmbeddingJob. Unknown fields are ignored."""
+    if not isinstance(payload, dict):
+        raise InvalidType("The request body must be a JSON object.")
+    model = payload.get("model")
+    if model is None:
+        raise MissingParameter("You must provide a model parameter.", param="model")
+    if not isinstance(model, str) or not model:
+        raise InvalidType("'model' must be a non-empty string.", param="model")
+    if payload.get("input") is None:
+        raise MissingParameter("You must provide an input parameter.", param="input")
+    texts, token_ids = _parse_input(payload["input"])
+    count = len(texts) if texts is not None else len(token_ids or ())
+    if count > max_inputs:
+        raise TooManyInputs(f"'input' holds {count} items; at most {max_inputs} are allowed per "
+                            "request.", param="input")
+    encoding_format = payload.get("encoding_format")
+    if encoding_format is None:
+        encoding_format = "float"
+    if encoding_format not in ("float", "base64"):
+        raise InvalidEncodingFormat(f"'encoding_format' must be 'float' or 'base64', got "
+                                    f"{encoding_format!r}.", param="encoding_format")
+    fmt: EncodingFormat = "base64" if encoding_format == "base64" else "float"
+    dimensions = payload.get("dimensions")
+    if dimensions is not None and (not _is_int(dimensions) or dimensions < 1):
+        raise InvalidType("'dimensions' must be a positive integer.", param="dimensions")
+    user = payload.get("user")
+    if user is not None and not isinstance(user, str):
+        raise InvalidType("'user' must be a string.", param="user")
+    return EmbeddingJob(model=model, texts=texts, token_ids=token_ids, encoding_format=fmt,
+                        dimensions=dimensions, user=user)
+
+
+def check_dimensions(dimensions: int | None, *, model: str, native: int,
+                     allowed: Sequence[int]) -> None:
+    if dimensions is None:
+        return
+    if not allowed:
+        raise UnsupportedDimensions(
+            f"The model '{model}' does not support the 'dimensions' parameter: it is not a "
+            f"Matryoshka model and always returns {native} dimensions.", param="dimensions")
+    if dimensions not in allowed:
+        raise UnsupportedDimensions(
+            f"'dimensions' must be one of {list(allowed)} for the model '{model}', got "
+            f"{dimensions}.", param="dimensions")
+
+
+def check_token_ids(arrays: Sequence[Sequence[int]], *, vocab_size: int, model: str) -> None:
+    for i, ids in enumerate(arrays):
+        bad = next((t for t in ids if t >= vocab_size), None)
+        if bad is not None:
+            raise InvalidTokenId(
+                f"input[{i}] holds token id {bad}, outside the vocabulary of the model '{model}' "
+                f"(valid ids are 0 to {vocab_size - 1}).", param="input")
+
+
+def check_lengths(sequences: list[list[int]], *, model: str, max_tokens: int, truncate: bool,
+                  max_total: int) -> list[list[int]]:
+    """Per-input context limit (or cut, when the server truncates), then the per-request total."""
+    out = sequences
+    for i, ids in enumerate(sequences):
+        if len(ids) > max_tokens:
+            if not truncate:
+                raise ContextLengthExceeded(
+                    f"input[{i}] is {len(ids)} tokens long, but the model '{model}' accepts at most "
+                    f"{max_tokens} tokens per input. Shorten or split it.", param="input")
+            if out is sequences:
+                out = list(sequences)
+            out[i] = ids[:max_tokens]
+    total = sum(len(ids) for ids in out)
+    if total > max_total:
+        raise TooManyTokens(f"The request holds {total} tokens in all; at most {max_total} are "
+                            "allowed per request. Split it into smaller requests.", param="input")
+    return out
+
+
+__all__ = ["InvalidRequest", "check_dimensions", "check_lengths", "check_token_ids",
+           "parse_embedding_request", "parse_json"]
