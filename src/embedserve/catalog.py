@@ -236,9 +236,10 @@ def locate(entry: ModelEntry, *, allow_download: bool) -> tuple[ModelEntry, Path
             raise ModelLoadError(f"model '{entry.source}': bundled package "
                                  f"'{bundled.package}' is not installed") from None
         folder = Path(package.get_model_path())
-        aliases = tuple(a for a in (bundled.id, *bundled.aliases) if a != (entry.id or bundled.id))
-        entry = replace(entry, id=entry.id or bundled.id,
-                        aliases=tuple(dict.fromkeys((*entry.aliases, *aliases))),
+        # The bundled names go to the entry only when it does not name itself, so that one bundled
+        # model can be served twice under different ids (e.g. with different settings).
+        aliases = entry.aliases if entry.id else (*entry.aliases, *bundled.aliases)
+        entry = replace(entry, id=entry.id or bundled.id, aliases=tuple(dict.fromkeys(aliases)),
                         sha256=entry.sha256 or bundled.sha256)
     elif Path(entry.source).expanduser().is_dir():
         folder = Path(entry.source).expanduser().resolve()
@@ -306,6 +307,8 @@ def _dense_from_folder(folder: Path) -> DenseLayer:
     cfg = _read_json(folder / "config.json")
     activation = str(cfg.get("activation_function", "torch.nn.modules.activation.Tanh"))
     name = activation.rsplit(".", 1)[-1].lower()
+    if cfg.get("use_residual"):
+        raise ModelLoadError(f"{folder}: residual Dense modules are not supported")
     if name not in ("identity", "tanh"):
         raise ModelLoadError(f"{folder}: Dense activation {activation!r} is not supported")
     return DenseLayer(folder=folder, in_features=int(cfg["in_features"]),

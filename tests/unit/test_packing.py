@@ -1,0 +1,184 @@
+"""embedserve.scheduler.packing: which waiting inputs form the next batch, and how a batch is padded."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import pytest
+
+from embedserve.scheduler.packing import collate, take_batch
+from embedserve.types import WorkItem
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """One loop to own the (never awaited) futures of the work items."""
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def make_items(loop: asyncio.AbstractEventLoop, lengths: Sequence[int],
+               seqs: Sequence[int] | None = None) -> list[WorkItem]:
+    """Items with the given lengths; seq defaults to the list position (the first is the oldest)."""
+    seqs = range(len(lengths)) if seqs is None else seqs
+    return [WorkItem(ids=[seq % 100 + 1] * length, seq=seq, future=loop.create_future())
+            for length, seq in zip(lengths, seqs, strict=True)]
+
+
+def padded_cost(batch: Sequence[WorkItem]) -> int:
+    return len(batch) * max(item.length for item in batch)
+
+
+def assert_partition(pending: Sequence[WorkItem], batch: Sequence[WorkItem],
+                     rest: Sequence[WorkItem]) -> None:
+    assert sorted(map(id, [*batch, *rest])) == sorted(map(id, pending))
+
+
+# ---- take_batch ----------------------------------------------------------------------------------
+
+
+def test_empty_pending_gives_an_empty_batch_and_rest() -> None:
+    assert take_batch([], token_budget=100, max_items=8) == ([], [])
+
+
+@pytest.mark.parametrize(
+    ("lengths", "seqs"),
+    [
+        ([10, 3, 50, 7], [3, 0, 1, 2]),
+        ([1, 1, 1, 400], [1, 2, 3, 0]),
+        ([400, 1, 1, 1], [1, 2, 3, 0]),
+        ([8] * 10, [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]),
+    ],
+)
+def test_the_oldest_item_is_always_in_the_batch(loop: asyncio.AbstractEventLoop, lengths: list[int],
+                                                seqs: list[int]) -> None:
+    pending = make_items(loop, lengths, seqs)
+    batch, rest = take_batch(pending, token_budget=64, max_items=4)
+    assert min(pending, key=lambda item: item.seq) in batch
+    assert_partition(pending, batch, rest)
+
+
+def test_an_item_longer_than_the_budget_goes_alone(loop: asyncio.AbstractEventLoop) -> None:
+    pending = make_items(loop, [500, 3, 3, 3])
+    batch, rest = take_batch(pending, token_budget=100, max_items=8)
+    assert batch == [pending[0]]
+    assert_partition(pending, batch, rest)
+
+
+def test_items_that_fit_together_go_in_one_batch(loop: asyncio.AbstractEventLoop) -> None:
+    pending = make_items(loop, [4, 4, 4, 4])
+    batch, rest = take_batch(pending, token_budget=100, max_items=8)
+    assert sorted(item.seq for item in batch) == [0, 1, 2, 3]
+    assert rest == []
+
+
+def test_max_items_caps_the_batch(loop: asyncio.AbstractEventLoop) -> None:
+    pending = make_items(loop, [2] * 10)
+    batch, rest = take_batch(pending, token_budget=10_000, max_items=3)
+    assert len(batch) == 3
+    assert pending[0] in batch
+    assert len(rest) == 7
+
+
+def test_padded_cost_stays_within_the_token_budget(loop: asyncio.AbstractEventLoop) -> None:
+    pending = make_items(loop, [10, 30, 20, 30, 10, 25])
+    batch, _ = take_batch(pending, token_budget=60, max_items=16)
+    assert padded_cost(batch) <= 60
+
+
+@pytest.mark.parametrize(
+    "lengths",
+    [
+        [5, 5, 5, 200, 200, 200],
+        [5, 4, 5, 200, 200, 200],  # the oldest is not the shortest of the short items
+        [6, 5, 5, 5, 200, 200, 200],
+    ],
+)
+def test_short_items_are_not_padded_to_long_ones_when_that_is_wasteful(
+        loop: asyncio.AbstractEventLoop, lengths: list[int]) -> None:
+    # The short items together cost a few slots, all real; adding a 200-token item fills the 600-slot
+    # budget with hundreds of slots of padding. The oldest (short) item goes with the other short
+    # ones, and the long ones get their own batch.
+    pending = make_items(loop, lengths)
+    batch, rest = take_batch(pending, token_budget=600, max_items=16)
+    assert pending[0] in batch
+    assert sorted(item.length for item in batch) == sorted(n for n in lengths if n < 200)
+    assert sorted(item.length for item in rest) == [n for n in lengths if n == 200]
+
+
+def test_the_oldest_long_item_is_grouped_with_other_long_items(loop: asyncio.AbstractEventLoop) -> None:
+    pending = make_items(loop, [200, 5, 5, 5, 200, 200])
+    batch, rest = take_batch(pending, token_budget=600, max_items=16)
+    assert pending[0] in batch
+    assert sorted(item.length for item in batch) == [200, 200, 200]
+    assert_partition(pending, batch, rest)
+
+
+def test_items_closest_in_length_to_the_oldest_are_preferred(loop: asyncio.AbstractEventLoop) -> None:
+    pending = make_items(loop, [50, 1, 49, 51, 100, 2])
+    batch, _ = take_batch(pending, token_budget=160, max_items=3)
+    assert pending[0] in batch
+    assert sorted(item.length for item in batch) == [49, 50, 51]
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_random_pending_sets_keep_every_invariant(loop: asyncio.AbstractEventLoop, seed: int) -> None:
+    rng = random.Random(seed)
+    n = rng.randint(1, 40)
+    long_tail = rng.random() < 0.3
+    lengths = [rng.randint(1, 600 if long_tail else 64) for _ in range(n)]
+    seqs = rng.sample(range(1000), n)
+    token_budget = rng.choice([1, 16, 64, 256, 512, 2048])
+    max_items = rng.randint(1, 32)
+    pending = make_items(loop, lengths, seqs)
+
+    batch, rest = take_batch(pending, token_budget=token_budget, max_items=max_items)
+
+    assert batch, "a non-empty pending list gives a non-empty batch"
+    assert_partition(pending, batch, rest)
+    assert len(set(map(id, batch))) == len(batch)
+    assert min(pending, key=lambda item: item.seq) in batch
+    assert len(batch) <= max_items
+    assert padded_cost(batch) <= token_budget or len(batch) == 1
+
+
+def test_draining_pending_eventually_serves_every_item(loop: asyncio.AbstractEventLoop) -> None:
+    rng = random.Random(7)
+    pending = make_items(loop, [rng.randint(1, 300) for _ in range(200)])
+    served: list[WorkItem] = []
+    while pending:
+        batch, pending = take_batch(pending, token_budget=512, max_items=16)
+        served.extend(batch)
+    assert sorted(item.seq for item in served) == list(range(200))
+
+
+# ---- collate -------------------------------------------------------------------------------------
+
+
+def test_collate_right_padding_puts_tokens_first() -> None:
+    batch = collate([[5, 6, 7], [8], [9, 10]], pad_id=0, side="right")
+    np.testing.assert_array_equal(batch.input_ids, [[5, 6, 7], [8, 0, 0], [9, 10, 0]])
+    np.testing.assert_array_equal(batch.attention_mask, [[1, 1, 1], [1, 0, 0], [1, 1, 0]])
+    assert batch.real_tokens == 6
+    assert batch.shape == (3, 3)
+    assert batch.input_ids.dtype == np.int64
+    assert batch.attention_mask.dtype == np.int64
+
+
+def test_collate_left_padding_puts_tokens_last() -> None:
+    batch = collate([[5, 6, 7], [8], [9, 10]], pad_id=99, side="left")
+    np.testing.assert_array_equal(batch.input_ids, [[5, 6, 7], [99, 99, 8], [99, 9, 10]])
+    np.testing.assert_array_equal(batch.attention_mask, [[1, 1, 1], [0, 0, 1], [0, 1, 1]])
+    assert batch.real_tokens == 6
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_collate_of_equal_lengths_has_no_padding(side: str) -> None:
+    batch = collate([[1, 2], [3, 4]], pad_id=0, side=side)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(batch.input_ids, [[1, 2], [3, 4]])
+    assert batch.attention_mask.all()
+    assert batch.real_tokens == 4
