@@ -8,14 +8,14 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from collections.abc import Iterator  # noqa: E402
-from pathlib import Path  # noqa: E402
+from collections.abc import Iterator
+from pathlib import Path
 
-import pytest  # noqa: E402
-from openai import OpenAI  # noqa: E402
-from support import LiveServer, build_tiny_st_model, live_server  # noqa: E402
+import pytest
+from openai import OpenAI
 
-from embedserve.settings import Settings  # noqa: E402
+from embedserve.settings import Settings
+from support import LiveServer, build_tiny_st_model, live_server
 
 API_KEY = "sk-test-primary"
 OTHER_KEY = "sk-test-secondary"
@@ -68,6 +68,7 @@ def client(server: LiveServer) -> OpenAI:
 def st_model():  # type: ignore[no-untyped-def]
     """The reference: sentence-transformers itself on the bundled folder."""
     from sentence_transformers import SentenceTransformer
+
     from support import bundled_folder
 
     return SentenceTransformer(str(bundled_folder()), device="cpu")

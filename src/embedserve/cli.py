@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -104,6 +105,11 @@ def _serve(settings: Settings) -> int:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             access_log=False, server_header=False, timeout_keep_alive=30,
                             timeout_graceful_shutdown=30)
+    # uvicorn handles SIGTERM/SIGINT gracefully, then re-raises the signal under the handlers it found
+    # at start. No-op handlers there make a graceful stop end with exit status 0, as a supervisor
+    # (systemd, Kubernetes) expects, instead of "killed by SIGTERM".
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     uvicorn.Server(config).run()
     return 0
 

@@ -17,7 +17,12 @@ from embedserve.errors import EmbedServeError, ModelNotReady, ServiceUnavailable
 from embedserve.scheduler.batcher import Batcher
 from embedserve.scheduler.packing import collate
 from embedserve.settings import Settings
-from embedserve.tokenization import TextRecipe, TokenizerPool, load_tokenizer_json
+from embedserve.tokenization import (
+    TextRecipe,
+    TokenizerPool,
+    load_tokenizer_json,
+    make_tokenizer_executor,
+)
 
 log = logging.getLogger("embedserve.runtime")
 
@@ -73,8 +78,7 @@ class ModelRegistry:
     def __init__(self, catalog: Catalog, settings: Settings) -> None:
         self.catalog = catalog
         self._settings = settings
-        self._tokenizer_executor = ThreadPoolExecutor(max_workers=settings.tokenizer_threads,
-                                                      thread_name_prefix="embedserve-tokenize")
+        self._tokenizer_executor = make_tokenizer_executor(settings.tokenizer_threads)
         self._runtimes: dict[str, ModelRuntime] = {}
         self._status: dict[str, Status] = {spec.id: "loading" for spec in catalog.specs}
         self._errors: dict[str, str] = {}

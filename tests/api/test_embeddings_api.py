@@ -9,10 +9,11 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import API_KEY, MAX_TOKENS_PER_REQUEST, MRL_DIMS
 from openai import OpenAI
-from support import LiveServer, bundled_folder
 from tokenizers import Tokenizer
+
+from conftest import API_KEY, MAX_TOKENS_PER_REQUEST, MRL_DIMS
+from support import LiveServer, bundled_folder
 
 MODEL = "all-MiniLM-L6-v2"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

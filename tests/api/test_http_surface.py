@@ -12,11 +12,11 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from conftest import API_KEY, MRL_DIMS, OTHER_KEY
 from openai import OpenAI
-from support import LiveServer
 
+from conftest import API_KEY, MRL_DIMS, OTHER_KEY
 from embedserve.logs import RequestIdFilter
+from support import LiveServer
 
 MODEL = "all-MiniLM-L6-v2"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

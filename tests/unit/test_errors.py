@@ -43,9 +43,11 @@ def test_the_error_tree_is_found() -> None:
 
 @pytest.mark.parametrize("cls", ERROR_CLASSES, ids=lambda cls: cls.__name__)
 def test_every_error_class_declares_a_known_status_and_a_type(cls: type[EmbedServeError]) -> None:
-    assert isinstance(cls.status, int) and not isinstance(cls.status, bool)
+    assert isinstance(cls.status, int)
+    assert not isinstance(cls.status, bool)
     assert cls.status in ALLOWED_STATUSES
-    assert isinstance(cls.type, str) and cls.type
+    assert isinstance(cls.type, str)
+    assert cls.type
     assert cls.code is None or (isinstance(cls.code, str) and cls.code)
 
 

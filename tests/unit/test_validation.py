@@ -183,7 +183,8 @@ def test_bad_encoding_format_is_400(fmt: object) -> None:
         parse(body(encoding_format=fmt))
     assert info.value.param == "encoding_format"
     assert info.value.code == "invalid_encoding_format"
-    assert "float" in info.value.message and "base64" in info.value.message
+    assert "float" in info.value.message
+    assert "base64" in info.value.message
 
 
 @pytest.mark.parametrize(
@@ -307,7 +308,8 @@ def test_input_over_the_context_limit_is_context_length_exceeded() -> None:
     assert err.code == "context_length_exceeded"
     assert err.param == "input"
     assert "input[1]" in err.message
-    assert "9" in err.message and "8" in err.message
+    assert "9" in err.message
+    assert "8" in err.message
 
 
 def test_inputs_at_the_context_limit_pass_unchanged() -> None:
@@ -328,7 +330,8 @@ def test_total_over_max_total_is_too_many_tokens() -> None:
         check_lengths([[1] * 6, [1] * 5], model="m", max_tokens=10, truncate=False, max_total=10)
     assert info.value.param == "input"
     assert info.value.code == "too_many_tokens"
-    assert "11" in info.value.message and "10" in info.value.message
+    assert "11" in info.value.message
+    assert "10" in info.value.message
 
 
 def test_total_is_counted_after_truncation() -> None:

@@ -1,0 +1,140 @@
+"""The `embedserve` command as a newcomer runs it: start-up failures are one clear line and exit 2, the
+server starts on the bundled model, says whether it is open, prints working curl and SDK snippets, and
+exits cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from embedserve.settings import Settings
+from support import bundled_folder, live_server
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120
+            ) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if k != "HF_HUB_CACHE"}  # HF_HOME decides
+    return subprocess.run([sys.executable, "-m", "embedserve", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**full_env, **(env or {})})
+
+
+def test_missing_hub_model_refuses_to_start_with_one_line_naming_model_and_cache(tmp_path: Path) -> None:
+    result = run_cli("serve", "--model", "BAAI/bge-m3", "--port", "0",
+                     env={"HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "BAAI/bge-m3" in lines[0]
+    assert str(tmp_path / "hf") in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_path_that_is_neither_folder_nor_repo_id_refuses_to_start(tmp_path: Path) -> None:
+    result = run_cli("serve", "--model", str(tmp_path / "does" / "not" / "exist"))
+    assert result.returncode == 2
+    assert "not a bundled model, not a folder" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_weights_with_the_wrong_sha256_are_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "tampered"
+    shutil.copytree(bundled_folder(), folder)
+    with (folder / "model.safetensors").open("ab") as fh:
+        fh.write(b"\0")
+    catalog = tmp_path / "models.toml"
+    catalog.write_text(f'[[models]]\nid = "tampered"\nsource = "{folder}"\n'
+                       'sha256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"\n')
+    result = run_cli("serve", "--models-file", str(catalog))
+    assert result.returncode == 2
+    assert "tampered" in result.stderr and "53aa5117" in result.stderr and "sha256" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bad_models_file_is_one_line(tmp_path: Path) -> None:
+    catalog = tmp_path / "models.toml"
+    catalog.write_text('[[models]]\nsource = "all-MiniLM-L6-v2"\npooling = "max"\n')
+    result = run_cli("models", "--models-file", str(catalog))
+    assert result.returncode == 2
+    assert "pooling must be one of" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_models_command_lists_the_bundled_default_as_json() -> None:
+    result = run_cli("models", "--json")
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(result.stdout)
+    assert row["id"] == "all-MiniLM-L6-v2"
+    assert row["aliases"] == ["sentence-transformers/all-MiniLM-L6-v2"]
+    assert row["dimensions"] == 384 and row["max_input_tokens"] == 256 and row["pooling"] == "mean"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_serve_runs_open_on_the_default_model_prints_snippets_and_stops_on_sigterm() -> None:
+    port = _free_port()
+    env = {**os.environ, "EMBEDSERVE_API_KEYS": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "embedserve", "serve", "--port", str(port)],
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.2)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="anything", max_retries=0)
+        result = client.embeddings.create(model="all-MiniLM-L6-v2", input="hello world")
+        assert len(result.data[0].embedding) == 384
+        httpx.get(f"http://127.0.0.1:{port}/health", headers={"X-Request-ID": "cli-trace-42"})
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert "OPEN" in stderr
+    assert f"curl http://127.0.0.1:{port}/v1/embeddings" in stderr
+    assert f'OpenAI(base_url="http://127.0.0.1:{port}/v1"' in stderr
+    assert re.search(r"\[cli-trace-42\] GET /health 200", stderr)
+    assert "Traceback" not in stderr
+
+
+def test_api_keys_come_from_the_environment_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBEDSERVE_API_KEYS", "k1, k2,,k3")
+    assert Settings().api_keys == ["k1", "k2", "k3"]
+    assert Settings(api_keys=["flag"]).api_keys == ["flag"]  # flags win over the environment
+
+
+def test_truncate_option_cuts_instead_of_rejecting() -> None:
+    long_text = "tokens " * 400
+    with live_server(Settings(truncate=True)) as live:
+        response = httpx.post(f"{live.v1}/embeddings", timeout=60,
+                              json={"model": "all-MiniLM-L6-v2", "input": long_text})
+        ids = httpx.post(f"{live.v1}/embeddings", timeout=60,
+                         json={"model": "all-MiniLM-L6-v2", "input": [[101] + [1000] * 300 + [102]]})
+        exact = httpx.post(f"{live.v1}/embeddings", timeout=60,
+                           json={"model": "all-MiniLM-L6-v2", "input": "tokens " * 254})
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["prompt_tokens"] == 256
+    assert ids.status_code == 200 and ids.json()["usage"]["prompt_tokens"] == 256
+    a = response.json()["data"][0]["embedding"]
+    b = exact.json()["data"][0]["embedding"]
+    assert sum(x * y for x, y in zip(a, b, strict=True)) >= 0.9999  # cut keeps [CLS] ... [SEP]

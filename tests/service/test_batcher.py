@@ -1,0 +1,299 @@
+"""embedserve.scheduler.batcher with the fake backend: every caller gets exactly its own vectors, in order;
+batches stay within their limits and mix requests; cancelled items never reach the model; failures and
+shutdown answer every caller."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any
+
+import numpy as np
+import pytest
+
+from embedserve.backends.fake import FakeBackend
+from embedserve.errors import InternalError, ServiceUnavailable
+from embedserve.scheduler.batcher import Batcher
+from embedserve.types import FloatMatrix, PaddingSide, TokenBatch
+
+SEED = 0
+GUARD_S = 10.0  # upper bound on waits that must not hang the suite; never a timing assertion
+ANSWER_S = 2.0  # bound on a wait for a caller that close() must already have answered
+
+
+def run(coro: Coroutine[Any, Any, None]) -> None:
+    asyncio.run(coro)
+
+
+def reference(ids: list[int]) -> FloatMatrix:
+    return FakeBackend.reference(SEED, ids)
+
+
+def assert_own_vectors(sequences: list[list[int]], vectors: FloatMatrix) -> None:
+    assert vectors.shape == (len(sequences), 16)
+    for ids, vector in zip(sequences, vectors, strict=True):
+        assert np.allclose(vector, reference(ids), atol=1e-5), f"wrong vector for ids {ids}"
+
+
+class RecordingBackend(FakeBackend):
+    """Also records the real ids of every row of every forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__(seed=SEED)
+        self.rows: list[list[int]] = []
+
+    def forward(self, batch: TokenBatch) -> FloatMatrix:
+        for ids, mask in zip(batch.input_ids, batch.attention_mask, strict=True):
+            self.rows.append([int(t) for t in ids[mask.astype(bool)]])
+        return super().forward(batch)
+
+
+class GatedBackend(RecordingBackend):
+    """The first forward pass signals `started`, then blocks until `release` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self._first = True
+
+    def forward(self, batch: TokenBatch) -> FloatMatrix:
+        if self._first:
+            self._first = False
+            self.started.set()
+            self.release.wait(GUARD_S)
+        return super().forward(batch)
+
+
+class FailingBackend(RecordingBackend):
+    """Raises on any batch holding the token id `poison`."""
+
+    def __init__(self, poison: int) -> None:
+        super().__init__()
+        self.poison = poison
+
+    def forward(self, batch: TokenBatch) -> FloatMatrix:
+        if (batch.input_ids[batch.attention_mask.astype(bool)] == self.poison).any():
+            raise RuntimeError("device fell over")
+        return super().forward(batch)
+
+
+@asynccontextmanager
+async def started(backend: FakeBackend, *, max_batch_tokens: int = 4096, max_batch_items: int = 64,
+                  padding_side: PaddingSide = "right", pad_id: int = 0) -> AsyncIterator[Batcher]:
+    batcher = Batcher("fake", backend, pad_id=pad_id, padding_side=padding_side,
+                      max_batch_tokens=max_batch_tokens, max_batch_items=max_batch_items)
+    batcher.start()
+    try:
+        yield batcher
+    finally:
+        if isinstance(backend, GatedBackend):
+            backend.release.set()  # close() waits for the executor thread
+        await batcher.close()
+
+
+async def forward_started(backend: GatedBackend) -> None:
+    assert await asyncio.to_thread(backend.started.wait, GUARD_S), "the first forward never started"
+
+
+def random_sequences(rng: random.Random, count: int, *, max_len: int = 40) -> list[list[int]]:
+    return [[rng.randrange(1, 1000) for _ in range(rng.randint(1, max_len))] for _ in range(count)]
+
+
+# ---- correctness ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("padding_side", "pad_id"), [("right", 0), ("left", 0), ("left", 3)])
+def test_concurrent_callers_each_get_exactly_their_own_vectors(padding_side: PaddingSide,
+                                                               pad_id: int) -> None:
+    async def main() -> None:
+        rng = random.Random(1)
+        requests = [random_sequences(rng, rng.randint(1, 6)) for _ in range(60)]
+        async with started(FakeBackend(seed=SEED), max_batch_tokens=512, max_batch_items=16,
+                           padding_side=padding_side, pad_id=pad_id) as batcher:
+            results = await asyncio.gather(*(batcher.embed(seqs) for seqs in requests))
+        for seqs, vectors in zip(requests, results, strict=True):
+            assert_own_vectors(seqs, vectors)
+
+    run(main())
+
+
+def test_one_call_with_2048_sequences_returns_them_in_order() -> None:
+    async def main() -> None:
+        rng = random.Random(2)
+        sequences = random_sequences(rng, 2048, max_len=64)
+        backend = FakeBackend(seed=SEED)
+        async with started(backend, max_batch_tokens=2048, max_batch_items=64) as batcher:
+            vectors = await batcher.embed(sequences)
+        assert_own_vectors(sequences, vectors)
+        assert vectors.dtype == np.float32
+        assert sum(rows for rows, _ in backend.batches) == 2048
+
+    run(main())
+
+
+def test_identical_inputs_in_different_requests_get_identical_vectors() -> None:
+    async def main() -> None:
+        async with started(FakeBackend(seed=SEED)) as batcher:
+            a, b = await asyncio.gather(batcher.embed([[5, 6, 7]]), batcher.embed([[1], [5, 6, 7]]))
+        np.testing.assert_array_equal(a[0], b[1])
+
+    run(main())
+
+
+@pytest.mark.parametrize(("max_batch_tokens", "max_batch_items"), [(256, 8), (1024, 64), (64, 3), (40, 100)])
+def test_batches_respect_the_item_and_token_limits(max_batch_tokens: int, max_batch_items: int) -> None:
+    async def main() -> None:
+        rng = random.Random(max_batch_tokens)
+        requests = [random_sequences(rng, rng.randint(1, 10), max_len=50) for _ in range(30)]
+        backend = FakeBackend(seed=SEED)
+        async with started(backend, max_batch_tokens=max_batch_tokens,
+                           max_batch_items=max_batch_items) as batcher:
+            results = await asyncio.gather(*(batcher.embed(seqs) for seqs in requests))
+        for seqs, vectors in zip(requests, results, strict=True):
+            assert_own_vectors(seqs, vectors)
+        assert backend.batches
+        for rows, padded_len in backend.batches:
+            assert rows <= max_batch_items
+            assert rows * padded_len <= max_batch_tokens or rows == 1
+        assert sum(rows for rows, _ in backend.batches) == sum(map(len, requests))
+
+    run(main())
+
+
+def test_items_of_requests_that_arrive_together_share_a_forward_pass() -> None:
+    async def main() -> None:
+        backend = GatedBackend()
+        async with started(backend, max_batch_tokens=4096, max_batch_items=64) as batcher:
+            first = asyncio.create_task(batcher.embed([[1, 2, 3]]))
+            await forward_started(backend)
+            requests = [[[10 + i, 20 + i]] for i in range(20)]
+            tasks = [asyncio.create_task(batcher.embed(seqs)) for seqs in requests]
+            await asyncio.sleep(0)  # let every task queue its items
+            assert batcher.queued == 20
+            backend.release.set()
+            results = await asyncio.gather(*tasks)
+            await first
+        for seqs, vectors in zip(requests, results, strict=True):
+            assert_own_vectors(seqs, vectors)
+        assert len(backend.batches) == 2, "one forward for the first request, one for the 20 others"
+        assert backend.batches[1][0] == 20
+
+    run(main())
+
+
+# ---- cancellation, failure, shutdown -------------------------------------------------------------
+
+
+def test_a_cancelled_callers_items_never_reach_the_backend() -> None:
+    async def main() -> None:
+        backend = GatedBackend()
+        async with started(backend) as batcher:
+            a = asyncio.create_task(batcher.embed([[1, 2, 3], [4, 5]]))
+            await forward_started(backend)
+            b = asyncio.create_task(batcher.embed([[777, 777], [777]]))
+            await asyncio.sleep(0)
+            assert batcher.queued == 2
+            b.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await b
+            backend.release.set()
+            assert_own_vectors([[1, 2, 3], [4, 5]], await a)
+            c = await batcher.embed([[8, 9]])  # the batcher goes on serving
+            assert_own_vectors([[8, 9]], c)
+            assert batcher.queued == 0
+        assert all(777 not in row for row in backend.rows)
+        assert sorted(backend.rows) == sorted([[1, 2, 3], [4, 5], [8, 9]])
+
+    run(main())
+
+
+def test_a_failing_forward_pass_gives_its_callers_internal_error_and_serving_goes_on() -> None:
+    async def main() -> None:
+        backend = FailingBackend(poison=666)
+        async with started(backend) as batcher:
+            with pytest.raises(InternalError) as info:
+                await batcher.embed([[1, 666, 2]])
+            assert info.value.status == 500
+            vectors = await batcher.embed([[1, 2], [3]])
+            assert_own_vectors([[1, 2], [3]], vectors)
+
+    run(main())
+
+
+def test_every_caller_sharing_a_failed_batch_gets_internal_error() -> None:
+    async def main() -> None:
+        backend = FailingBackend(poison=666)
+        async with started(backend) as batcher:
+            outcomes = await asyncio.gather(batcher.embed([[666]]), batcher.embed([[5, 6]]),
+                                            return_exceptions=True)
+            assert all(isinstance(outcome, InternalError) for outcome in outcomes)
+            assert_own_vectors([[5, 6]], await batcher.embed([[5, 6]]))
+
+    run(main())
+
+
+def test_close_fails_waiting_items_with_service_unavailable() -> None:
+    async def main() -> None:
+        backend = GatedBackend()
+        batcher = Batcher("fake", backend, pad_id=0, padding_side="right", max_batch_tokens=4096,
+                          max_batch_items=64)
+        batcher.start()
+        running = asyncio.create_task(batcher.embed([[1, 2]]))
+        await forward_started(backend)
+        waiting = asyncio.create_task(batcher.embed([[3, 4], [5]]))
+        await asyncio.sleep(0)
+        assert batcher.queued == 2
+        backend.release.set()
+        await batcher.close()
+        try:
+            done, _ = await asyncio.wait({waiting}, timeout=ANSWER_S)
+            assert waiting in done, "a waiting caller was never answered after close()"
+            with pytest.raises(ServiceUnavailable) as info:
+                waiting.result()
+            assert info.value.status == 503
+            assert info.value.headers()["Retry-After"]
+            assert batcher.queued == 0
+            assert all(3 not in row and 5 not in row for row in backend.rows)
+        finally:
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+
+    run(main())
+
+
+def test_close_answers_the_caller_whose_batch_is_running() -> None:
+    async def main() -> None:
+        backend = GatedBackend()
+        batcher = Batcher("fake", backend, pad_id=0, padding_side="right", max_batch_tokens=4096,
+                          max_batch_items=64)
+        batcher.start()
+        running = asyncio.create_task(batcher.embed([[1, 2]]))
+        await forward_started(backend)
+        backend.release.set()
+        await batcher.close()
+        try:
+            done, _ = await asyncio.wait({running}, timeout=ANSWER_S)
+            assert running in done, "the caller whose batch was on the executor is never answered"
+            if running.exception() is not None:  # failing it or finishing it are both fine; hanging is not
+                assert isinstance(running.exception(), ServiceUnavailable)
+            else:
+                assert_own_vectors([[1, 2]], running.result())
+        finally:
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+
+    run(main())
+
+
+def test_embed_after_close_is_service_unavailable() -> None:
+    async def main() -> None:
+        async with started(FakeBackend(seed=SEED)) as batcher:
+            await batcher.embed([[1]])
+        with pytest.raises(ServiceUnavailable):
+            await batcher.embed([[1]])
+
+    run(main())
