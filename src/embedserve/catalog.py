@@ -132,8 +132,9 @@ def parse_model_arg(arg: str) -> ModelEntry:
 
 
 def _tuple_of_ints(value: Any, where: str) -> tuple[int, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, int) and v > 0 for v in value):
-        raise ConfigError(f"{where}: expected a list of positive integers")
+    if not isinstance(value, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+        raise ConfigError(f"{where}: matryoshka_dimensions must be a list of positive integers")
     return tuple(sorted(set(value)))
 
 
@@ -162,11 +163,14 @@ def load_models_file(path: Path) -> list[ModelEntry]:
         pooling = table.get("pooling")
         if pooling is not None and pooling not in get_args(Pooling):
             raise ConfigError(f"{where}: pooling must be one of {list(get_args(Pooling))}")
+        aliases = table.get("aliases", [])
+        if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
+            raise ConfigError(f"{where}: 'aliases' must be a list of non-empty strings")
         dims = table.get("matryoshka_dimensions")
         entries.append(ModelEntry(
             source=table["source"],
             id=table.get("id"),
-            aliases=tuple(table.get("aliases", ())),
+            aliases=tuple(aliases),
             pooling=cast(Pooling | None, pooling),
             normalize=table.get("normalize"),
             max_input_tokens=table.get("max_input_tokens"),

@@ -228,7 +228,7 @@ def test_every_caller_sharing_a_failed_batch_gets_internal_error() -> None:
     async def main() -> None:
         backend = FailingBackend(poison=666)
         async with started(backend) as batcher:
-            outcomes = await asyncio.gather(batcher.embed([[666]]), batcher.embed([[5, 6]]),
+            outcomes = await asyncio.gather(batcher.embed([[666, 7]]), batcher.embed([[5, 6]]),
                                             return_exceptions=True)
             assert all(isinstance(outcome, InternalError) for outcome in outcomes)
             assert_own_vectors([[5, 6]], await batcher.embed([[5, 6]]))

@@ -94,10 +94,11 @@ class Batcher:
     async def close(self) -> None:
         """Stop packing; fail whatever still waits; release the executor thread."""
         self._closed = True
+        waiting = [*self._pending, *self._running]  # the loop's `finally` forgets the running batch
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        for item in (*self._pending, *self._running):
+        for item in (*waiting, *self._pending):
             if not item.future.done():
                 item.future.set_exception(ServiceUnavailable(f"model '{self.name}' shut down"))
         self._pending.clear()

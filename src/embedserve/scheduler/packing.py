@@ -1,8 +1,9 @@
 """Pure batch packing: which waiting inputs go into the next forward pass, and how they are padded.
 
 A batch costs `len(batch) * longest` token slots (padding included). We always serve the oldest
-waiting input (no starvation) and surround it with the inputs closest to it in length that fit the
-budget, choosing among such windows the one that embeds the most real tokens."""
+waiting input (no starvation) and surround it with the inputs closest to it in length, choosing the
+window that embeds the most real tokens among those that fit the budget and waste at most
+`max_padding` of their real tokens on padding."""
 
 from __future__ import annotations
 
@@ -13,30 +14,45 @@ import numpy as np
 
 from embedserve.types import PaddingSide, TokenBatch, WorkItem
 
+#: Padding slots allowed per real token in a batch (0.25: at most 20% of a batch is padding).
+MAX_PADDING = 0.25
 
-def take_batch(pending: Sequence[WorkItem], token_budget: int, max_items: int
-               ) -> tuple[list[WorkItem], list[WorkItem]]:
+
+def take_batch(pending: Sequence[WorkItem], token_budget: int, max_items: int,
+               max_padding: float = MAX_PADDING) -> tuple[list[WorkItem], list[WorkItem]]:
     """Split `pending` into (next batch, the rest). The batch is never empty if `pending` is not;
     an input longer than the budget goes alone."""
     if not pending:
         return [], []
     ordered = sorted(pending, key=lambda item: (item.length, item.seq))  # by length, stable by age
-    lengths = [item.length for item in ordered]
+    lengths = [max(item.length, 1) for item in ordered]
     anchor = min(range(len(ordered)), key=lambda i: ordered[i].seq)
     prefix = [0, *accumulate(lengths)]
 
+    def wasteful(lo: int, hi: int) -> bool:
+        return (hi - lo) * lengths[hi - 1] > (1 + max_padding) * (prefix[hi] - prefix[lo])
+
     best_lo, best_hi, best_real = anchor, anchor + 1, lengths[anchor]
-    # The window [lo, hi) is padded to lengths[hi - 1]. For each right end at or after the anchor, the
-    # window extends left as far as the budget allows; stop once the anchor no longer fits.
+    # A window [lo, hi) holding the anchor is padded to lengths[hi - 1]. For a fixed hi, moving lo left
+    # only adds shorter items, which lowers the mean length and so raises the padding share
+    # monotonically: binary-search the leftmost lo that is not wasteful.
     for hi in range(anchor + 1, len(ordered) + 1):
-        longest = lengths[hi - 1]
-        capacity = min(max_items, token_budget // max(longest, 1))
-        lo = max(0, hi - capacity)
-        if lo > anchor:
-            break
-        real = prefix[hi] - prefix[lo]
+        capacity = min(max_items, token_budget // lengths[hi - 1])
+        lo_min = max(0, hi - capacity)
+        if lo_min > anchor:
+            break  # longer right ends only shrink the capacity further
+        if wasteful(anchor, hi):
+            continue
+        left, right = lo_min, anchor  # invariant: `right` is not wasteful
+        while left < right:
+            mid = (left + right) // 2
+            if wasteful(mid, hi):
+                left = mid + 1
+            else:
+                right = mid
+        real = prefix[hi] - prefix[right]
         if real > best_real:
-            best_lo, best_hi, best_real = lo, hi, real
+            best_lo, best_hi, best_real = right, hi, real
     batch = ordered[best_lo:best_hi]
     rest = ordered[:best_lo] + ordered[best_hi:]
     return batch, rest
