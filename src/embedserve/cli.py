@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=s)
     serve.add_argument("--max-inputs-per-request", type=int, default=s)
     serve.add_argument("--max-tokens-per-request", type=int, default=s)
+    serve.add_argument("--max-body-bytes", type=int, default=s,
+                       help="largest accepted request body (413 beyond)")
     serve.add_argument("--truncate", action="store_true", default=s,
                        help="cut over-long inputs to the model's limit instead of answering 400")
     serve.add_argument("--max-batch-tokens", type=int, default=s,

@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     # Request limits.
     max_inputs_per_request: int = Field(2048, ge=1)
     max_tokens_per_request: int = Field(300_000, ge=1)
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     truncate: bool = False
 
     # Batching.

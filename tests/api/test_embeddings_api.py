@@ -259,3 +259,19 @@ def test_sdk_raises_bad_request_with_the_error_body(client: OpenAI) -> None:
     assert caught.value.code == "empty_input"
     with pytest.raises(openai.NotFoundError):
         client.embeddings.create(model="nope", input="x")
+
+
+def test_body_over_the_limit_is_413_without_being_read(server: LiveServer) -> None:
+    limit = server.settings.max_body_bytes
+    big = b'{"model": "all-MiniLM-L6-v2", "input": "' + b"a" * limit + b'"}'
+    assert_openai_error(post(server, big), 413, "payload_too_large", None, str(limit))
+
+    def chunks() -> Any:  # no Content-Length: the server must stop reading once past the limit
+        yield b'{"model": "all-MiniLM-L6-v2", "input": "'
+        for _ in range(limit // 65536 + 2):
+            yield b"a" * 65536
+        yield b'"}'
+
+    response = httpx.post(f"{server.v1}/embeddings", content=chunks(), headers=AUTH, timeout=60)
+    assert_openai_error(response, 413, "payload_too_large", None)
+    assert post(server, {"model": MODEL, "input": "still serving"}).status_code == 200

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from embedserve.api.auth import authenticate
+from embedserve.api.body import read_body
 from embedserve.api.state import AppState
 from embedserve.errors import ModelNotReady
 from embedserve.protocol import (
@@ -48,8 +49,8 @@ def _json(content: Any, status: int = 200) -> Response:
 )
 async def create_embeddings(request: Request) -> Response:
     state = _state(request)
-    job = parse_embedding_request(parse_json(await request.body()),
-                                  max_inputs=state.settings.max_inputs_per_request)
+    body = await read_body(request, state.settings.max_body_bytes)
+    job = parse_embedding_request(parse_json(body), max_inputs=state.settings.max_inputs_per_request)
     result = await state.service.embed(job)
     return Response(render_embeddings(result, job.model), media_type="application/json")
 

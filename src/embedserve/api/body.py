@@ -1,0 +1,27 @@
+"""Reading a request body without ever holding more than the configured limit: a declared
+Content-Length over it is refused before reading, and a streamed body is cut off as soon as it passes."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from embedserve.errors import PayloadTooLarge
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"The request body is larger than the server's limit of {limit} bytes. "
+                           "Split the input into several requests.")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
