@@ -330,6 +330,15 @@ def _positions_limit(config: Mapping[str, Any]) -> int | None:
     return limit
 
 
+def _owner(source: str) -> str:
+    """The organisation that publishes the model, for `owned_by`: the org of its hub id, or "local"."""
+    bundled = _bundled(source)
+    repo = next((a for a in bundled.aliases if "/" in a), source) if bundled else source
+    if _HUB_ID.match(repo) and not Path(repo).expanduser().is_dir():
+        return repo.split("/", 1)[0]
+    return "local"
+
+
 def read_spec(entry: ModelEntry, folder: Path) -> ModelSpec:
     """Combine the folder's own configuration with the entry's overrides."""
     assert entry.id is not None
@@ -407,8 +416,7 @@ def read_spec(entry: ModelEntry, folder: Path) -> ModelSpec:
         backend=entry.backend,
         dtype=entry.dtype,
         device=entry.device,
-        owned_by=entry.source.split("/", 1)[0] if "/" in entry.source and not Path(
-            entry.source).is_dir() else "embedserve",
+        owned_by=_owner(entry.source),
         created=int(time.time()),
     )
 

@@ -29,7 +29,6 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
                         help="a catalog declaring several models ([[models]] tables)")
     parser.add_argument("--allow-download", action="store_true", default=s,
                         help="fetch missing weights from the Hugging Face hub")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list the models that `serve` would load")
     _model_flags(models)
+    models.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(settings)
-        return _list_models(settings, args.json)
+        return _list_models(settings, bool(getattr(args, "json", False)))
     except (ModelLoadError, ConfigError) as exc:
         print(f"embedserve: error: {exc.message}", file=sys.stderr)
         return 2

@@ -89,7 +89,7 @@ def parse_embedding_request(payload: Any, *, max_inputs: int) -> EmbeddingJob:
     if payload.get("input") is None:
         raise MissingParameter("You must provide an input parameter.", param="input")
     texts, token_ids = _parse_input(payload["input"])
-    count = len(texts) if texts is not None else len(token_ids or ())
+    count = len(texts or token_ids or ())
     if count > max_inputs:
         raise TooManyInputs(f"'input' holds {count} items; at most {max_inputs} are allowed per "
                             "request.", param="input")

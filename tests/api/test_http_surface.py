@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from typing import Any
 
 import httpx
@@ -95,12 +96,18 @@ def test_request_id_is_generated_when_absent_or_unusable(server: LiveServer) -> 
 
 def test_log_lines_of_a_request_carry_its_id(server: LiveServer, caplog: pytest.LogCaptureFixture) -> None:
     caplog.handler.addFilter(RequestIdFilter())
+    def ours() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "embedserve.access"
+                and "POST /v1/embeddings" in r.getMessage()]
+
     with caplog.at_level(logging.INFO, logger="embedserve"):
         httpx.post(f"{server.v1}/embeddings", json={"model": MODEL, "input": "x"},
                    headers={**AUTH, "X-Request-ID": "log-trace-1"})
-    access = [r for r in caplog.records if r.name == "embedserve.access" and "/v1/embeddings" in
-              r.getMessage()]
-    assert access and all(getattr(r, "request_id", None) == "log-trace-1" for r in access)
+        deadline = time.monotonic() + 5  # the access line is written after the response is sent
+        while not ours() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert ours()
+    assert all(getattr(r, "request_id", None) == "log-trace-1" for r in ours())
 
 
 # ---- routing errors are OpenAI errors too -----------------------------------------------------------
@@ -128,7 +135,9 @@ def test_models_list_has_openai_shape_and_extensions(server: LiveServer, client:
     cards = {card["id"]: card for card in listed["data"]}
     assert set(cards) == {MODEL, "minilm-mrl", "tiny-cls-dense"}
     card = cards[MODEL]
-    assert card["object"] == "model" and isinstance(card["created"], int) and card["owned_by"]
+    assert card["object"] == "model" and isinstance(card["created"], int)
+    assert card["owned_by"] == "sentence-transformers"
+    assert cards["tiny-cls-dense"]["owned_by"] == "local"
     assert card["supports"] == ["embeddings"]
     assert card["dimensions"] == 384 and card["max_input_tokens"] == 256
     assert card["matryoshka_dimensions"] == []
