@@ -43,6 +43,12 @@ source = "sentence-transformers/all-MiniLM-L6-v2"
 matryoshka_dimensions = {list(MRL_DIMS)}
 
 [[models]]
+id = "minilm-prompted"
+source = "all-MiniLM-L6-v2"
+prompts = {{ passage = "passage: ", query = "query: " }}
+default_prompt_name = "passage"
+
+[[models]]
 id = "tiny-cls-dense"
 source = "{tiny_dense_model}"
 """)

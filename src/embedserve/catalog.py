@@ -91,7 +91,6 @@ class ModelSpec:
     prompts: Mapping[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
     padding_side: PaddingSide = "right"
-    strip_whitespace: bool = False  # sentence-transformers strips each text before tokenizing
     lower_case: bool = False  # sentence-transformers `do_lower_case`
     dense: tuple[DenseLayer, ...] = ()
     backend: str = "auto"
@@ -294,6 +293,10 @@ _UNSUPPORTED_POOLING = ("pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_t
 
 def _pooling_from_config(path: Path) -> Pooling:
     cfg = _read_json(path)
+    if cfg.get("include_prompt") is False:
+        # Pooling that skips the prompt's tokens (INSTRUCTOR-style) is not implemented: refuse rather
+        # than serve vectors that differ from the reference.
+        raise ModelLoadError(f"{path}: pooling with include_prompt=false is not supported")
     if isinstance(cfg.get("pooling_mode"), str):  # newer sentence-transformers spelling
         mode = {"lasttoken": "last_token"}.get(cfg["pooling_mode"], cfg["pooling_mode"])
         if mode in get_args(Pooling):
@@ -349,8 +352,7 @@ def read_spec(entry: ModelEntry, folder: Path) -> ModelSpec:
     dense: list[DenseLayer] = []
     max_tokens: int | None = None
     lower_case = False
-    st_layout = modules_path.is_file()
-    if st_layout:
+    if modules_path.is_file():
         modules = json.loads(modules_path.read_text(encoding="utf-8"))
         for module in modules:
             kind = str(module.get("type", "")).rsplit(".", 1)[-1]
@@ -410,7 +412,6 @@ def read_spec(entry: ModelEntry, folder: Path) -> ModelSpec:
         prompts=prompts,
         default_prompt_name=default_prompt_name,
         padding_side="left" if padding_side == "left" else "right",
-        strip_whitespace=st_layout,
         lower_case=lower_case,
         dense=tuple(dense),
         backend=entry.backend,

@@ -18,7 +18,6 @@ from embedserve.scheduler.batcher import Batcher
 from embedserve.scheduler.packing import collate
 from embedserve.settings import Settings
 from embedserve.tokenization import (
-    TextRecipe,
     TokenizerPool,
     load_tokenizer_json,
     make_tokenizer_executor,
@@ -58,9 +57,8 @@ def load_runtime(spec: ModelSpec, settings: Settings, tokenizer_executor: Thread
                  backend: Backend | None = None) -> ModelRuntime:
     """Blocking: read the tokenizer, load the weights, run one warm-up batch."""
     started = time.perf_counter()
-    recipe = TextRecipe(prefix=spec.default_prompt, strip=spec.strip_whitespace,
-                        lower_case=spec.lower_case)
-    tokenizer = TokenizerPool(load_tokenizer_json(spec.folder), tokenizer_executor, recipe,
+    tokenizer = TokenizerPool(load_tokenizer_json(spec.folder, lower_case=spec.lower_case),
+                              tokenizer_executor, prefix=spec.default_prompt,
                               truncate_to=spec.max_input_tokens if settings.truncate else None)
     backend = backend or make_backend(spec, settings)
     warm = tokenizer.encode_sync(["warm up", "a somewhat longer warm-up sentence for the model"])

@@ -7,41 +7,36 @@ import asyncio
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
 
-@dataclass(frozen=True, slots=True)
-class TextRecipe:
-    """How a model's authors turn a text into ids, before the tokenizer itself."""
-
-    prefix: str = ""  # a prompt such as "query: " (counted and embedded like any other text)
-    strip: bool = False  # sentence-transformers strips surrounding whitespace
-    lower_case: bool = False  # sentence-transformers `do_lower_case`
-
-
-def load_tokenizer_json(folder: Path) -> str:
+def load_tokenizer_json(folder: Path, *, lower_case: bool = False) -> str:
     """The serialized fast tokenizer exactly as transformers configures it for this folder (special
-    tokens, post-processor), with truncation and padding off."""
+    tokens, post-processor), with truncation and padding off. `lower_case` (sentence-transformers'
+    `do_lower_case`) puts a Lowercase normalizer in front, as sentence-transformers does."""
+    from tokenizers.normalizers import Lowercase, Sequence
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(str(folder), use_fast=True)
     backend: Tokenizer = hf.backend_tokenizer
     backend.no_truncation()
     backend.no_padding()
+    if lower_case and "Lowercase" not in backend.to_str():
+        current = backend.normalizer
+        backend.normalizer = Sequence([Lowercase(), current] if current is not None else [Lowercase()])
     return backend.to_str()
 
 
 class TokenizerPool:
     """Encodes texts for one model on the shared tokenizer threads."""
 
-    def __init__(self, tokenizer_json: str, executor: ThreadPoolExecutor, recipe: TextRecipe,
-                 *, truncate_to: int | None = None) -> None:
+    def __init__(self, tokenizer_json: str, executor: ThreadPoolExecutor, *, prefix: str = "",
+                 truncate_to: int | None = None) -> None:
         self._json = tokenizer_json
         self._executor = executor
-        self._recipe = recipe
+        self._prefix = prefix  # a prompt such as "query: ", embedded and counted like the text
         self._truncate_to = truncate_to
         self._local = threading.local()
         probe = self._make()
@@ -69,17 +64,9 @@ class TokenizerPool:
             self._local.tok = tok
         return tok
 
-    def prepare(self, text: str) -> str:
-        recipe = self._recipe
-        if recipe.strip:
-            text = text.strip()
-        if recipe.lower_case:
-            text = text.lower()
-        return recipe.prefix + text
-
     def encode_sync(self, texts: Sequence[str]) -> list[list[int]]:
-        encodings = self._tokenizer().encode_batch([self.prepare(t) for t in texts],
-                                                   add_special_tokens=True)
+        prefixed = [self._prefix + t for t in texts] if self._prefix else list(texts)
+        encodings = self._tokenizer().encode_batch(prefixed, add_special_tokens=True)
         return [enc.ids for enc in encodings]
 
     async def encode(self, texts: Sequence[str]) -> list[list[int]]:

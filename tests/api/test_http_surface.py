@@ -133,7 +133,7 @@ def test_models_list_has_openai_shape_and_extensions(server: LiveServer, client:
     listed = httpx.get(f"{server.v1}/models", headers=AUTH).json()
     assert listed["object"] == "list"
     cards = {card["id"]: card for card in listed["data"]}
-    assert set(cards) == {MODEL, "minilm-mrl", "tiny-cls-dense"}
+    assert set(cards) == {MODEL, "minilm-mrl", "minilm-prompted", "tiny-cls-dense"}
     card = cards[MODEL]
     assert card["object"] == "model" and isinstance(card["created"], int)
     assert card["owned_by"] == "sentence-transformers"

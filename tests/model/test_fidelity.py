@@ -79,6 +79,19 @@ def test_token_ids_from_the_reference_tokenizer_match_the_reference_vectors(serv
     assert cosines(got, reference).min() >= 0.9999
 
 
+def test_default_prompt_is_prepended_embedded_and_counted(server: LiveServer, st_model: Any) -> None:
+    texts = ["what is the capital of France?", "Paris is the capital of France."]
+    reference = st_model.encode(texts, prompt="passage: ", normalize_embeddings=True)
+    response = httpx.post(f"{server.v1}/embeddings", headers=AUTH,
+                          json={"model": "minilm-prompted", "input": texts})
+    got = np.asarray([d["embedding"] for d in response.json()["data"]])
+    assert cosines(got, reference).min() >= 0.9999
+    plain = httpx.post(f"{server.v1}/embeddings", headers=AUTH,
+                       json={"model": "all-MiniLM-L6-v2", "input": texts}).json()
+    prompt_tokens = len(st_model.tokenizer("passage:", add_special_tokens=False)["input_ids"])
+    assert response.json()["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"] + 2 * prompt_tokens
+
+
 def test_cls_pooling_and_dense_head_match_sentence_transformers(server: LiveServer,
                                                                 tiny_dense_model: Path) -> None:
     from sentence_transformers import SentenceTransformer

@@ -289,7 +289,6 @@ def test_bundled_model_spec_matches_sentence_transformers() -> None:
     assert spec.normalize is True
     assert spec.dimensions == 384
     assert spec.max_input_tokens == 256
-    assert spec.strip_whitespace is True
     assert spec.lower_case is False
     assert spec.padding_side == "right"
     assert spec.dense == ()
@@ -302,7 +301,6 @@ def test_plain_transformers_folder_gets_mean_pooling_and_normalization(tmp_path:
     assert spec.normalize is True
     assert spec.dimensions == 384
     assert spec.max_input_tokens == 512
-    assert spec.strip_whitespace is False
 
 
 def test_entry_settings_override_what_the_files_say(tmp_path: Path) -> None:
@@ -331,7 +329,6 @@ def test_pooling_is_read_from_the_pooling_module(tmp_path: Path, pooling: dict[s
     assert spec.pooling == expected
     assert spec.normalize is False, "no Normalize module, no normalization"
     assert spec.max_input_tokens == 128
-    assert spec.strip_whitespace is True
 
 
 def test_normalize_module_turns_normalization_on(tmp_path: Path) -> None:
