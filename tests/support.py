@@ -32,8 +32,9 @@ class LiveServer:
 
 @contextmanager
 def live_server(settings: Settings, catalog: Catalog | None = None,
-                ready_timeout_s: float = 180) -> Iterator[LiveServer]:
-    """Serve `settings` on 127.0.0.1 (a free port) until the block ends; waits for /ready."""
+                ready_timeout_s: float = 180, wait_for: str = "/ready") -> Iterator[LiveServer]:
+    """Serve `settings` on 127.0.0.1 (a free port) until the block ends; waits until `wait_for`
+    answers 200 (`/health` to see the server while its models load)."""
     if catalog is None:
         entries = declared_entries(settings.model_specs, settings.models_file)
         catalog = build_catalog(entries, allow_download=False)
@@ -51,7 +52,7 @@ def live_server(settings: Settings, catalog: Catalog | None = None,
     try:
         while True:
             try:
-                if httpx.get(f"{base}/ready", timeout=5).status_code == 200:
+                if httpx.get(f"{base}{wait_for}", timeout=5).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
