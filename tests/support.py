@@ -7,7 +7,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +30,20 @@ class LiveServer:
         return f"{self.base_url}/v1"
 
 
+def wait_until_ok(url: str, *, alive: Callable[[], bool], timeout_s: float = 180) -> None:
+    """Poll `url` until it answers 200; fail early if the server is gone."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or not alive():
+            raise RuntimeError(f"{url} did not answer 200 in time")
+        time.sleep(0.1)
+
+
 @contextmanager
 def live_server(settings: Settings, catalog: Catalog | None = None,
                 ready_timeout_s: float = 180, wait_for: str = "/ready") -> Iterator[LiveServer]:
@@ -48,17 +62,8 @@ def live_server(settings: Settings, catalog: Catalog | None = None,
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + ready_timeout_s
     try:
-        while True:
-            try:
-                if httpx.get(f"{base}{wait_for}", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise RuntimeError(f"server on {base} did not become ready")
-            time.sleep(0.1)
+        wait_until_ok(f"{base}{wait_for}", alive=thread.is_alive, timeout_s=ready_timeout_s)
         yield LiveServer(base_url=base, settings=settings)
     finally:
         server.should_exit = True

@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -20,7 +19,7 @@ import pytest
 from openai import OpenAI
 
 from embedserve.settings import Settings
-from support import bundled_folder, live_server
+from support import bundled_folder, live_server, wait_until_ok
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120
@@ -93,15 +92,7 @@ def test_serve_runs_open_on_the_default_model_prints_snippets_and_stops_on_sigte
     proc = subprocess.Popen([sys.executable, "-m", "embedserve", "serve", "--port", str(port)],
                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            time.sleep(0.2)
+        wait_until_ok(f"http://127.0.0.1:{port}/ready", alive=lambda: proc.poll() is None)
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="anything", max_retries=0)
         result = client.embeddings.create(model="all-MiniLM-L6-v2", input="hello world")
         assert len(result.data[0].embedding) == 384
