@@ -272,13 +272,24 @@ def locate(entry: ModelEntry, *, allow_download: bool) -> tuple[ModelEntry, Path
 # ---- reading the sentence-transformers layout -----------------------------------------------------
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _load_json(path: Path) -> Any:
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"cannot read {path}: {exc}") from exc
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    value = _load_json(path)
     if not isinstance(value, dict):
         raise ModelLoadError(f"{path}: expected a JSON object")
+    return value
+
+
+def _read_modules(path: Path) -> list[dict[str, Any]]:
+    value = _load_json(path)
+    if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
+        raise ModelLoadError(f"{path}: expected a JSON array of module objects")
     return value
 
 
@@ -318,9 +329,13 @@ def _dense_from_folder(folder: Path) -> DenseLayer:
         raise ModelLoadError(f"{folder}: residual Dense modules are not supported")
     if name not in ("identity", "tanh"):
         raise ModelLoadError(f"{folder}: Dense activation {activation!r} is not supported")
-    return DenseLayer(folder=folder, in_features=int(cfg["in_features"]),
-                      out_features=int(cfg["out_features"]), bias=bool(cfg.get("bias", True)),
-                      activation=name)
+    try:
+        in_features, out_features = int(cfg["in_features"]), int(cfg["out_features"])
+    except (KeyError, TypeError, ValueError):
+        raise ModelLoadError(f"{folder}/config.json: Dense needs integer in_features and "
+                             "out_features") from None
+    return DenseLayer(folder=folder, in_features=in_features, out_features=out_features,
+                      bias=bool(cfg.get("bias", True)), activation=name)
 
 
 def _positions_limit(config: Mapping[str, Any]) -> int | None:
@@ -353,8 +368,7 @@ def read_spec(entry: ModelEntry, folder: Path) -> ModelSpec:
     max_tokens: int | None = None
     lower_case = False
     if modules_path.is_file():
-        modules = json.loads(modules_path.read_text(encoding="utf-8"))
-        for module in modules:
+        for module in _read_modules(modules_path):
             kind = str(module.get("type", "")).rsplit(".", 1)[-1]
             sub = folder / str(module.get("path", ""))
             if kind == "Transformer":
@@ -381,9 +395,13 @@ def read_spec(entry: ModelEntry, folder: Path) -> ModelSpec:
     tok_cfg_path = folder / "tokenizer_config.json"
     tok_cfg = _read_json(tok_cfg_path) if tok_cfg_path.is_file() else {}
 
-    limits = [x for x in (max_tokens, _positions_limit(config), tok_cfg.get("model_max_length"))
+    positions = _positions_limit(config)
+    limits = [x for x in (max_tokens, positions, tok_cfg.get("model_max_length"))
               if isinstance(x, int) and 0 < x < 1_000_000]
     if entry.max_input_tokens is not None:
+        if positions is not None and entry.max_input_tokens > positions:
+            raise ConfigError(f"model '{entry.id}': max_input_tokens {entry.max_input_tokens} is more "
+                              f"than its {positions} position embeddings allow")
         limits = [entry.max_input_tokens]
     if not limits:
         raise ModelLoadError(f"model '{entry.id}': cannot tell its maximum input length; set "
@@ -391,7 +409,10 @@ def read_spec(entry: ModelEntry, folder: Path) -> ModelSpec:
     pooling = entry.pooling or pooling
     if pooling is None:
         raise ModelLoadError(f"model '{entry.id}': modules.json has no Pooling module")
-    dimensions = dense[-1].out_features if dense else int(config["hidden_size"])
+    hidden = config.get("hidden_size")
+    if not dense and not isinstance(hidden, int):
+        raise ModelLoadError(f"model '{entry.id}': {folder / 'config.json'} has no hidden_size")
+    dimensions = dense[-1].out_features if dense else int(cast(int, hidden))
     matryoshka = entry.matryoshka_dimensions or ()
     if any(d > dimensions for d in matryoshka):
         raise ConfigError(f"model '{entry.id}': matryoshka_dimensions {list(matryoshka)} exceed the "

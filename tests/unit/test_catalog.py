@@ -468,3 +468,23 @@ def test_the_same_bundled_model_can_be_served_twice_under_different_ids() -> Non
     assert catalog.resolve("mini-raw").normalize is False
     assert replace(catalog.resolve("mini-raw"), id=BUNDLED_ID, normalize=True,
                    aliases=(BUNDLED_ALIAS,), created=specs[0].created) == specs[0]
+
+
+def test_unreadable_modules_json_is_a_model_load_error(tmp_path: Path) -> None:
+    from embedserve.catalog import ModelEntry, read_spec
+
+    (tmp_path / "config.json").write_text('{"hidden_size": 8, "max_position_embeddings": 64}')
+    (tmp_path / "modules.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match=r"modules\.json"):
+        read_spec(ModelEntry(source=str(tmp_path), id="broken"), tmp_path)
+    (tmp_path / "modules.json").write_text('{"a": 1}')
+    with pytest.raises(ModelLoadError, match="JSON array"):
+        read_spec(ModelEntry(source=str(tmp_path), id="broken"), tmp_path)
+
+
+def test_max_input_tokens_beyond_the_position_table_is_a_config_error() -> None:
+    from embedserve.catalog import ModelEntry, read_spec
+
+    with pytest.raises(ConfigError, match="position embeddings"):
+        read_spec(ModelEntry(source="all-MiniLM-L6-v2", id="m", max_input_tokens=4096),
+                  BUNDLED_FOLDER)
