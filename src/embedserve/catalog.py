@@ -213,9 +213,10 @@ def _locate_hub(repo_id: str, allow_download: bool) -> Path:
     try:
         folder = Path(snapshot_download(repo_id, local_files_only=not allow_download))
     except LocalEntryNotFoundError:
+        hint = ("the hub could not be reached (HF_HUB_OFFLINE set, or no network)" if allow_download
+                else "set HF_HOME to another cache, pass a local folder, or allow --allow-download")
         raise ModelLoadError(
-            f"model '{repo_id}': weights not found in the Hugging Face cache {cache} "
-            "(set HF_HOME to another cache, pass a local folder, or allow --allow-download)"
+            f"model '{repo_id}': weights not found in the Hugging Face cache {cache} ({hint})"
         ) from None
     except (HfHubHTTPError, OSError, ValueError) as exc:
         raise ModelLoadError(f"model '{repo_id}': cannot fetch into {cache}: {exc}") from None

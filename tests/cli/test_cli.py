@@ -129,3 +129,34 @@ def test_truncate_option_cuts_instead_of_rejecting() -> None:
     a = response.json()["data"][0]["embedding"]
     b = exact.json()["data"][0]["embedding"]
     assert sum(x * y for x, y in zip(a, b, strict=True)) >= 0.9999  # cut keeps [CLS] ... [SEP]
+
+
+def _hf_cache_with(model: Path, home: Path, repo_id: str) -> None:
+    """Lay `model` out as the Hugging Face cache does: blobs behind refs/main and a snapshot."""
+    org, name = repo_id.split("/")
+    repo = home / "hub" / f"models--{org}--{name}"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(model, repo / "snapshots" / revision)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+
+
+def test_hub_repo_id_is_found_in_the_cache_under_hf_home(tmp_path: Path, tiny_dense_model: Path) -> None:
+    _hf_cache_with(tiny_dense_model, tmp_path / "hf", "acme/tiny-embed")
+    result = run_cli("models", "--json", "--model", "acme/tiny-embed",
+                     env={"HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(result.stdout)
+    assert row["id"] == "acme/tiny-embed"
+    assert row["aliases"] == ["tiny-embed"]
+    assert row["folder"].startswith(str(tmp_path / "hf" / "hub" / "models--acme--tiny-embed"))
+    assert row["dimensions"] == 16 and row["pooling"] == "cls"
+
+
+def test_allow_download_while_offline_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    result = run_cli("serve", "--model", "acme/not-cached", "--allow-download",
+                     env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "acme/not-cached" in result.stderr
+    assert "Traceback" not in result.stderr
