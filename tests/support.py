@@ -50,7 +50,7 @@ def live_server(settings: Settings, catalog: Catalog | None = None,
     """Serve `settings` on 127.0.0.1 (a free port) until the block ends; waits until `wait_for`
     answers 200 (`/health` to see the server while its models load)."""
     if catalog is None:
-        entries = declared_entries(settings.model_specs, settings.models_file)
+        entries = declared_entries(settings.model_args, settings.models_file)
         catalog = build_catalog(entries, allow_download=False)
     app = create_app(settings, catalog)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

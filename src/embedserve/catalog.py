@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, cast, get_args
 
 from embedserve.errors import ConfigError, ModelLoadError, ModelNotFound
-from embedserve.types import PaddingSide, Pooling
+from embedserve.types import BackendName, DeviceName, DtypeName, PaddingSide, Pooling
 
 log = logging.getLogger("embedserve.catalog")
 
@@ -58,9 +58,9 @@ class ModelEntry:
     matryoshka_dimensions: tuple[int, ...] | None = None
     prompts: Mapping[str, str] | None = None
     default_prompt_name: str | None = None
-    backend: str = "auto"
-    dtype: str = "auto"
-    device: str = "auto"
+    backend: BackendName = "auto"
+    dtype: DtypeName = "auto"
+    device: DeviceName = "auto"
     sha256: str | None = None
 
 
@@ -93,9 +93,9 @@ class ModelSpec:
     padding_side: PaddingSide = "right"
     lower_case: bool = False  # sentence-transformers `do_lower_case`
     dense: tuple[DenseLayer, ...] = ()
-    backend: str = "auto"
-    dtype: str = "auto"
-    device: str = "auto"
+    backend: BackendName = "auto"
+    dtype: DtypeName = "auto"
+    device: DeviceName = "auto"
     owned_by: str = "embedserve"
     created: int = 0
 
@@ -162,6 +162,9 @@ def load_models_file(path: Path) -> list[ModelEntry]:
         pooling = table.get("pooling")
         if pooling is not None and pooling not in get_args(Pooling):
             raise ConfigError(f"{where}: pooling must be one of {list(get_args(Pooling))}")
+        for key, allowed in (("backend", BackendName), ("dtype", DtypeName), ("device", DeviceName)):
+            if table.get(key, "auto") not in get_args(allowed):
+                raise ConfigError(f"{where}: {key} must be one of {list(get_args(allowed))}")
         aliases = table.get("aliases", [])
         if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
             raise ConfigError(f"{where}: 'aliases' must be a list of non-empty strings")
@@ -176,9 +179,9 @@ def load_models_file(path: Path) -> list[ModelEntry]:
             matryoshka_dimensions=None if dims is None else _tuple_of_ints(dims, where),
             prompts=table.get("prompts"),
             default_prompt_name=table.get("default_prompt_name"),
-            backend=table.get("backend", "auto"),
-            dtype=table.get("dtype", "auto"),
-            device=table.get("device", "auto"),
+            backend=cast(BackendName, table.get("backend", "auto")),
+            dtype=cast(DtypeName, table.get("dtype", "auto")),
+            device=cast(DeviceName, table.get("device", "auto")),
             sha256=table.get("sha256"),
         ))
     return entries

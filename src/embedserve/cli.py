@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from embedserve import __version__
+from embedserve.catalog import Catalog, build_catalog, declared_entries
 from embedserve.errors import ConfigError, ModelLoadError
 from embedserve.settings import Settings
 
@@ -70,10 +71,9 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings(**given)
 
 
-def _catalog(settings: Settings) -> Any:
-    from embedserve.catalog import build_catalog, declared_entries
+def _catalog(settings: Settings) -> Catalog:
 
-    entries = declared_entries(settings.model_specs, settings.models_file)
+    entries = declared_entries(settings.model_args, settings.models_file)
     return build_catalog(entries, allow_download=settings.allow_download)
 
 

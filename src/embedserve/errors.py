@@ -11,10 +11,12 @@ class EmbedServeError(Exception):
     type: str = "server_error"
     code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None, status: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        if status is not None:  # e.g. a framework 4xx we pass through with its own status
+            self.status = status
 
     def headers(self) -> dict[str, str]:
         """Extra response headers (e.g. Retry-After)."""

@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from embedserve.catalog import ModelSpec
 from embedserve.postprocess import encode_vectors
-from embedserve.types import EmbeddingResult
+from embedserve.types import EmbeddingResult, ModelStatus
 
 
 class EmbeddingRequest(BaseModel):
@@ -50,7 +50,7 @@ class ModelCard(BaseModel):
     matryoshka_dimensions: list[int]
     max_input_tokens: int
     aliases: list[str]
-    status: Literal["loading", "ready", "failed"]
+    status: ModelStatus
     backend: str | None = None
 
 
@@ -78,17 +78,9 @@ def render_embeddings(result: EmbeddingResult, model_name: str) -> bytes:
     return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def model_card(spec: ModelSpec, status: str, backend: str | None) -> dict[str, Any]:
-    return {
-        "id": spec.id,
-        "object": "model",
-        "created": spec.created,
-        "owned_by": spec.owned_by,
-        "supports": ["embeddings"],
-        "dimensions": spec.dimensions,
-        "matryoshka_dimensions": list(spec.matryoshka_dimensions),
-        "max_input_tokens": spec.max_input_tokens,
-        "aliases": list(spec.aliases),
-        "status": status,
-        "backend": backend,
-    }
+def model_card(spec: ModelSpec, status: ModelStatus, backend: str | None) -> dict[str, Any]:
+    return ModelCard(id=spec.id, created=spec.created, owned_by=spec.owned_by,
+                     supports=["embeddings"], dimensions=spec.dimensions,
+                     matryoshka_dimensions=list(spec.matryoshka_dimensions),
+                     max_input_tokens=spec.max_input_tokens, aliases=list(spec.aliases),
+                     status=status, backend=backend).model_dump()

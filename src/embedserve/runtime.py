@@ -9,11 +9,10 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
 
 from embedserve.backends.base import Backend
 from embedserve.catalog import Catalog, ModelSpec
-from embedserve.errors import EmbedServeError, ModelNotReady, ServiceUnavailable
+from embedserve.errors import ModelNotReady, ServiceUnavailable
 from embedserve.scheduler.batcher import Batcher
 from embedserve.scheduler.packing import collate
 from embedserve.settings import Settings
@@ -22,10 +21,10 @@ from embedserve.tokenization import (
     load_tokenizer_json,
     make_tokenizer_executor,
 )
+from embedserve.types import ModelStatus
 
 log = logging.getLogger("embedserve.runtime")
 
-Status = Literal["loading", "ready", "failed"]
 
 
 @dataclass(slots=True)
@@ -43,9 +42,7 @@ class ModelRuntime:
 
 
 def make_backend(spec: ModelSpec, settings: Settings) -> Backend:
-    backend = spec.backend if spec.backend != "auto" else settings.backend
-    if backend not in ("auto", "torch"):
-        raise EmbedServeError(f"model '{spec.id}': backend {backend!r} is not available")
+    # Only torch exists so far; the catalog and Settings already refuse any other backend name.
     from embedserve.backends.torch import TorchBackend  # torch is imported only when needed
 
     device = spec.device if spec.device != "auto" else settings.device
@@ -53,14 +50,14 @@ def make_backend(spec: ModelSpec, settings: Settings) -> Backend:
     return TorchBackend(spec, device=device, dtype=dtype)
 
 
-def load_runtime(spec: ModelSpec, settings: Settings, tokenizer_executor: ThreadPoolExecutor,
-                 backend: Backend | None = None) -> ModelRuntime:
+def load_runtime(spec: ModelSpec, settings: Settings,
+                 tokenizer_executor: ThreadPoolExecutor) -> ModelRuntime:
     """Blocking: read the tokenizer, load the weights, run one warm-up batch."""
     started = time.perf_counter()
     tokenizer = TokenizerPool(load_tokenizer_json(spec.folder, lower_case=spec.lower_case),
                               tokenizer_executor, prefix=spec.default_prompt,
                               truncate_to=spec.max_input_tokens if settings.truncate else None)
-    backend = backend or make_backend(spec, settings)
+    backend = make_backend(spec, settings)
     warm = tokenizer.encode_sync(["warm up", "a somewhat longer warm-up sentence for the model"])
     backend.forward(collate(warm, tokenizer.pad_id, spec.padding_side))
     batcher = Batcher(spec.id, backend, pad_id=tokenizer.pad_id, padding_side=spec.padding_side,
@@ -78,10 +75,10 @@ class ModelRegistry:
         self._settings = settings
         self._tokenizer_executor = make_tokenizer_executor(settings.tokenizer_threads)
         self._runtimes: dict[str, ModelRuntime] = {}
-        self._status: dict[str, Status] = {spec.id: "loading" for spec in catalog.specs}
+        self._status: dict[str, ModelStatus] = {spec.id: "loading" for spec in catalog.specs}
         self._errors: dict[str, str] = {}
 
-    def status(self, spec: ModelSpec) -> Status:
+    def status(self, spec: ModelSpec) -> ModelStatus:
         return self._status[spec.id]
 
     def backend_description(self, spec: ModelSpec) -> str | None:
@@ -107,18 +104,10 @@ class ModelRegistry:
         raise ModelNotReady(f"The model '{spec.id}' is still loading; retry shortly.",
                             retry_after_s=2)
 
-    def add(self, runtime: ModelRuntime) -> None:
-        """Serve an already loaded runtime (start-up, and tests that bring their own backend)."""
-        runtime.batcher.start()
-        self._runtimes[runtime.spec.id] = runtime
-        self._status[runtime.spec.id] = "ready"
-
     async def load_all(self) -> None:
         """Load models one after another off the event loop (loading two at once only competes for
         the same cores and memory bandwidth)."""
         for spec in self.catalog.specs:
-            if spec.id in self._runtimes:
-                continue
             try:
                 runtime = await asyncio.to_thread(load_runtime, spec, self._settings,
                                                   self._tokenizer_executor)
@@ -127,7 +116,9 @@ class ModelRegistry:
                 self._errors[spec.id] = str(exc)
                 log.exception("model '%s' failed to load", spec.id)
                 continue
-            self.add(runtime)
+            runtime.batcher.start()
+            self._runtimes[spec.id] = runtime
+            self._status[spec.id] = "ready"
             log.info("model '%s' ready: %d dims, max %d tokens, pooling %s, %s, loaded in %.1f s",
                      spec.id, spec.dimensions, spec.max_input_tokens, spec.pooling,
                      runtime.backend.description, runtime.load_seconds)

@@ -31,5 +31,5 @@ class EmbeddingService:
                                   max_total=self._settings.max_tokens_per_request)
         pooled = await runtime.batcher.embed(sequences)  # [N, D]
         vectors = finish(pooled, dimensions=job.dimensions, normalize=spec.normalize)
-        return EmbeddingResult(model=spec.id, vectors=vectors, encoding_format=job.encoding_format,
+        return EmbeddingResult(vectors=vectors, encoding_format=job.encoding_format,
                                prompt_tokens=sum(len(ids) for ids in sequences))

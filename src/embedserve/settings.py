@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from embedserve.types import BackendName, DeviceName, DtypeName
+
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
 
@@ -28,9 +30,9 @@ class Settings(BaseSettings):
     models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     models_file: Path | None = None
     allow_download: bool = False
-    backend: Literal["auto", "torch"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    backend: BackendName = "auto"
+    device: DeviceName = "auto"
+    dtype: DtypeName = "auto"
 
     # Auth: comma-separated in EMBEDSERVE_API_KEYS. Empty means the server runs open.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
@@ -54,7 +56,7 @@ class Settings(BaseSettings):
         return _split_csv(value)
 
     @property
-    def model_specs(self) -> list[str]:
+    def model_args(self) -> list[str]:
         """The `--model` list, or the bundled default when neither models nor a models file is given."""
         if not self.models and self.models_file is None:
             return [DEFAULT_MODEL]

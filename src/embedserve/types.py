@@ -10,8 +10,12 @@ import numpy as np
 import numpy.typing as npt
 
 Pooling = Literal["cls", "mean", "last_token"]
+BackendName = Literal["auto", "torch"]
+DeviceName = Literal["auto", "cpu", "cuda"]
+DtypeName = Literal["auto", "float32", "float16", "bfloat16"]
 PaddingSide = Literal["left", "right"]
 EncodingFormat = Literal["float", "base64"]
+ModelStatus = Literal["loading", "ready", "failed"]
 FloatMatrix = npt.NDArray[np.float32]
 IntMatrix = npt.NDArray[np.int64]
 
@@ -75,7 +79,6 @@ class TokenBatch:
 class EmbeddingResult:
     """What the service hands back to the route."""
 
-    model: str
     vectors: FloatMatrix  # [N, D] float32, final (truncated and normalized)
     encoding_format: EncodingFormat
     prompt_tokens: int

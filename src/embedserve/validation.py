@@ -89,10 +89,6 @@ def parse_embedding_request(payload: Any, *, max_inputs: int) -> EmbeddingJob:
     if payload.get("input") is None:
         raise MissingParameter("You must provide an input parameter.", param="input")
     texts, token_ids = _parse_input(payload["input"])
-    count = len(texts or token_ids or ())
-    if count > max_inputs:
-        raise TooManyInputs(f"'input' holds {count} items; at most {max_inputs} are allowed per "
-                            "request.", param="input")
     encoding_format = payload.get("encoding_format")
     if encoding_format is None:
         encoding_format = "float"
@@ -106,8 +102,12 @@ def parse_embedding_request(payload: Any, *, max_inputs: int) -> EmbeddingJob:
     user = payload.get("user")
     if user is not None and not isinstance(user, str):
         raise InvalidType("'user' must be a string.", param="user")
-    return EmbeddingJob(model=model, texts=texts, token_ids=token_ids, encoding_format=fmt,
-                        dimensions=dimensions, user=user)
+    job = EmbeddingJob(model=model, texts=texts, token_ids=token_ids, encoding_format=fmt,
+                       dimensions=dimensions, user=user)
+    if job.count > max_inputs:
+        raise TooManyInputs(f"'input' holds {job.count} items; at most {max_inputs} are allowed per "
+                            "request.", param="input")
+    return job
 
 
 def check_dimensions(dimensions: int | None, *, model: str, native: int,

@@ -28,8 +28,11 @@ def run(coro: Coroutine[Any, Any, None]) -> None:
     asyncio.run(coro)
 
 
+_REFERENCE = FakeBackend(seed=SEED)
+
+
 def reference(ids: list[int]) -> FloatMatrix:
-    return FakeBackend.reference(SEED, ids)
+    return _REFERENCE.reference(ids)
 
 
 def assert_own_vectors(sequences: list[list[int]], vectors: FloatMatrix) -> None:

@@ -488,3 +488,14 @@ def test_max_input_tokens_beyond_the_position_table_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="position embeddings"):
         read_spec(ModelEntry(source="all-MiniLM-L6-v2", id="m", max_input_tokens=4096),
                   BUNDLED_FOLDER)
+
+
+@pytest.mark.parametrize(("key", "value"), [("backend", "onnx"), ("dtype", "int4"), ("device", "tpu")])
+def test_unknown_backend_dtype_or_device_is_refused_before_anything_loads(
+        tmp_path: Path, key: str, value: str) -> None:
+    path = tmp_path / "models.toml"
+    path.write_text(f'[[models]]\nsource = "all-MiniLM-L6-v2"\n{key} = "{value}"\n', encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_models_file(path)
+    assert key in info.value.message
+    assert "auto" in info.value.message

@@ -46,9 +46,7 @@ def from_http_exception(exc: StarletteHTTPException, method: str, path: str) -> 
     if exc.status_code == 413:
         return PayloadTooLarge(str(exc.detail))
     if 400 <= exc.status_code < 500:
-        err = InvalidRequest(str(exc.detail))
-        err.status = exc.status_code
-        return err
+        return InvalidRequest(str(exc.detail), status=exc.status_code)
     return InternalError(str(exc.detail))
 
 
