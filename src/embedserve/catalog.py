@@ -13,9 +13,20 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, cast, get_args
+from typing import Any, Literal, cast, get_args
 
 from embedserve.errors import ConfigError, ModelLoadError, ModelNotFound
+from embedserve.families import (
+    FAMILIES,
+    Family,
+    FamilyName,
+    architecture_matches,
+    canonical_names,
+    detect_family,
+    family_by_name,
+    query_instruction_of,
+)
+from embedserve.prompts import INSTRUCTION_SLOT
 from embedserve.types import BackendName, DeviceName, DtypeName, PaddingSide, Pooling
 
 log = logging.getLogger("embedserve.catalog")
@@ -58,6 +69,9 @@ class ModelEntry:
     matryoshka_dimensions: tuple[int, ...] | None = None
     prompts: Mapping[str, str] | None = None
     default_prompt_name: str | None = None
+    family: FamilyName | Literal["auto", "none"] = "auto"
+    instruction: str | None = None  # the default task of queries, for models with a query template
+    query_template: str | None = None  # e.g. "Instruct: {instruction}\nQuery: "
     backend: BackendName = "auto"
     dtype: DtypeName = "auto"
     device: DeviceName = "auto"
@@ -90,6 +104,10 @@ class ModelSpec:
     matryoshka_dimensions: tuple[int, ...]
     prompts: Mapping[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
+    query_template: str | None = None
+    default_instruction: str | None = None
+    family: FamilyName | None = None
+    eos_token: str | None = None  # appended to every sequence that does not already end with it
     padding_side: PaddingSide = "right"
     lower_case: bool = False  # sentence-transformers `do_lower_case`
     dense: tuple[DenseLayer, ...] = ()
@@ -104,10 +122,10 @@ class ModelSpec:
         return (self.id, *self.aliases)
 
     @property
-    def default_prompt(self) -> str:
-        if self.default_prompt_name is None:
-            return ""
-        return self.prompts.get(self.default_prompt_name, "")
+    def input_types(self) -> list[str]:
+        from embedserve.prompts import input_types
+
+        return input_types(self.prompts)
 
 
 # ---- declarations ---------------------------------------------------------------------------------
@@ -138,8 +156,16 @@ def _tuple_of_ints(value: Any, where: str) -> tuple[int, ...]:
 
 
 _ENTRY_KEYS = {"id", "source", "aliases", "pooling", "normalize", "max_input_tokens",
-               "matryoshka_dimensions", "prompts", "default_prompt_name", "backend", "dtype", "device",
-               "sha256"}
+               "matryoshka_dimensions", "prompts", "default_prompt_name", "family", "instruction",
+               "query_template", "backend", "dtype", "device", "sha256"}
+_FAMILY_CHOICES = ("auto", "none", *FAMILIES)
+
+
+def _optional_str(table: Mapping[str, Any], key: str, where: str) -> str | None:
+    value = table.get(key)
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ConfigError(f"{where}: {key!r} must be a non-empty string")
+    return value
 
 
 def load_models_file(path: Path) -> list[ModelEntry]:
@@ -169,6 +195,15 @@ def load_models_file(path: Path) -> list[ModelEntry]:
         if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
             raise ConfigError(f"{where}: 'aliases' must be a list of non-empty strings")
         dims = table.get("matryoshka_dimensions")
+        if table.get("family", "auto") not in _FAMILY_CHOICES:
+            raise ConfigError(f"{where}: family must be one of {list(_FAMILY_CHOICES)}")
+        template = _optional_str(table, "query_template", where)
+        if template is not None and INSTRUCTION_SLOT not in template:
+            raise ConfigError(f"{where}: query_template must contain {INSTRUCTION_SLOT}")
+        prompts = table.get("prompts")
+        if prompts is not None and (not isinstance(prompts, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in prompts.items())):
+            raise ConfigError(f"{where}: 'prompts' must be a table of strings")
         entries.append(ModelEntry(
             source=table["source"],
             id=table.get("id"),
@@ -177,8 +212,11 @@ def load_models_file(path: Path) -> list[ModelEntry]:
             normalize=table.get("normalize"),
             max_input_tokens=table.get("max_input_tokens"),
             matryoshka_dimensions=None if dims is None else _tuple_of_ints(dims, where),
-            prompts=table.get("prompts"),
-            default_prompt_name=table.get("default_prompt_name"),
+            prompts=prompts,
+            default_prompt_name=_optional_str(table, "default_prompt_name", where),
+            family=cast(FamilyName | Literal["auto", "none"], table.get("family", "auto")),
+            instruction=_optional_str(table, "instruction", where),
+            query_template=template,
             backend=cast(BackendName, table.get("backend", "auto")),
             dtype=cast(DtypeName, table.get("dtype", "auto")),
             device=cast(DeviceName, table.get("device", "auto")),
@@ -233,6 +271,7 @@ def locate(entry: ModelEntry, *, allow_download: bool) -> tuple[ModelEntry, Path
     """Find the folder holding the entry's files; fill id/aliases/sha256 for bundled models.
 
     Raises ModelLoadError with one line naming the model and where it looked."""
+    named = entry.id is not None
     bundled = _bundled(entry.source)
     if bundled is not None:
         import importlib
@@ -259,6 +298,13 @@ def locate(entry: ModelEntry, *, allow_download: bool) -> tuple[ModelEntry, Path
     else:
         raise ModelLoadError(f"model '{entry.source}': not a bundled model, not a folder, and not a "
                              "Hugging Face repo id (org/name)")
+    if not named:  # a published family model answers to both its spellings (BAAI/bge-m3 and bge-m3)
+        assert entry.id is not None
+        family = family_by_name((entry.source,)) if entry.family == "auto" else (
+            None if entry.family == "none" else entry.family)
+        extra = canonical_names(FAMILIES[family], (entry.source,)) if family else ()
+        aliases = tuple(a for a in dict.fromkeys((*entry.aliases, *extra)) if a != entry.id)
+        entry = replace(entry, aliases=aliases)
     if not _has_weights(folder):
         raise ModelLoadError(f"model '{entry.id}': no weights in {folder} "
                              f"(looked for {', '.join(WEIGHT_FILES)})")
@@ -361,10 +407,42 @@ def _owner(source: str) -> str:
     return "local"
 
 
+def _family_of(entry: ModelEntry, config: Mapping[str, Any]) -> Family | None:
+    assert entry.id is not None
+    family = detect_family((entry.id, entry.source, *entry.aliases), config, entry.family)
+    if family is None:
+        return None
+    if not architecture_matches(family, config):
+        message = (f"model '{entry.id}': named like {family.name} but config.json has model_type "
+                   f"{config.get('model_type')!r}, not {' or '.join(family.model_types)}")
+        if entry.family != "auto":
+            raise ConfigError(message)
+        log.warning("%s: serving it without the %s preset", message, family.name)
+        return None
+    return family
+
+
+def _query_prompt(entry: ModelEntry, family: Family | None, prompts: Mapping[str, str],
+                  ) -> tuple[str | None, str | None]:
+    """(query template, default instruction): the entry's, else the family's; the default task comes
+    from the folder's own query prompt when that prompt follows the template."""
+    template = entry.query_template or (family.query_template if family else None)
+    if template is None:
+        if entry.instruction is not None:
+            raise ConfigError(f"model '{entry.id}': 'instruction' needs a query_template with "
+                              f"{INSTRUCTION_SLOT}")
+        return None, None
+    from_folder = query_instruction_of(template, prompts["query"]) if "query" in prompts else None
+    default = entry.instruction or from_folder or (family.default_instruction if family else None)
+    return template, default
+
+
 def read_spec(entry: ModelEntry, folder: Path) -> ModelSpec:
-    """Combine the folder's own configuration with the entry's overrides."""
+    """Combine the folder's own configuration, the family preset and the entry's overrides (in rising
+    order of precedence)."""
     assert entry.id is not None
     config = _read_json(folder / "config.json")
+    family = _family_of(entry, config)
     modules_path = folder / "modules.json"
     pooling: Pooling | None = None
     normalize = False
@@ -390,10 +468,14 @@ def read_spec(entry: ModelEntry, folder: Path) -> ModelSpec:
             else:
                 raise ModelLoadError(f"model '{entry.id}': sentence-transformers module {kind!r} "
                                      "is not supported")
-    elif entry.pooling is None:
+    elif entry.pooling is None and family is None:
         log.warning("model '%s' has no sentence-transformers files: using mean pooling and L2 "
                     "normalization", entry.id)
         pooling, normalize = "mean", True
+    if family is not None:
+        log.info("model '%s': %s preset (%s pooling, %s padding, at most %d tokens)", entry.id,
+                 family.name, family.pooling, family.padding_side, family.max_input_tokens)
+        pooling, normalize, max_tokens = family.pooling, family.normalize, family.max_input_tokens
     st_config_path = folder / "config_sentence_transformers.json"
     st_config = _read_json(st_config_path) if st_config_path.is_file() else {}
     tok_cfg_path = folder / "tokenizer_config.json"
@@ -417,13 +499,21 @@ def read_spec(entry: ModelEntry, folder: Path) -> ModelSpec:
     if not dense and not isinstance(hidden, int):
         raise ModelLoadError(f"model '{entry.id}': {folder / 'config.json'} has no hidden_size")
     dimensions = dense[-1].out_features if dense else int(cast(int, hidden))
-    matryoshka = entry.matryoshka_dimensions or ()
+    matryoshka = entry.matryoshka_dimensions or (family.matryoshka_dimensions(dimensions) if family
+                                                 else ())
     if any(d > dimensions for d in matryoshka):
         raise ConfigError(f"model '{entry.id}': matryoshka_dimensions {list(matryoshka)} exceed the "
                           f"model's {dimensions} dimensions")
-    prompts = dict(entry.prompts if entry.prompts is not None else st_config.get("prompts") or {})
+    raw_prompts = entry.prompts if entry.prompts is not None else st_config.get("prompts") or {}
+    if not isinstance(raw_prompts, dict) or not all(isinstance(v, str) for v in raw_prompts.values()):
+        raise ModelLoadError(f"{st_config_path}: 'prompts' must map names to strings")
+    prompts = {str(k): v for k, v in raw_prompts.items()}
     default_prompt_name = entry.default_prompt_name or st_config.get("default_prompt_name")
-    padding_side = tok_cfg.get("padding_side", "right")
+    if default_prompt_name is not None and default_prompt_name not in prompts:
+        raise ConfigError(f"model '{entry.id}': default_prompt_name {default_prompt_name!r} is not one "
+                          f"of its prompts {sorted(prompts)}")
+    query_template, default_instruction = _query_prompt(entry, family, prompts)
+    padding_side = family.padding_side if family else tok_cfg.get("padding_side", "right")
     return ModelSpec(
         id=entry.id,
         aliases=entry.aliases,
@@ -436,6 +526,10 @@ def read_spec(entry: ModelEntry, folder: Path) -> ModelSpec:
         matryoshka_dimensions=matryoshka,
         prompts=prompts,
         default_prompt_name=default_prompt_name,
+        query_template=query_template,
+        default_instruction=default_instruction,
+        family=family.name if family else None,
+        eos_token=family.eos_token if family else None,
         padding_side="left" if padding_side == "left" else "right",
         lower_case=lower_case,
         dense=tuple(dense),

@@ -72,6 +72,14 @@ class InvalidEncodingFormat(InvalidRequest):
     code = "invalid_encoding_format"
 
 
+class InvalidInputType(InvalidRequest):
+    code = "invalid_input_type"
+
+
+class InvalidInstruction(InvalidRequest):
+    code = "invalid_instruction"
+
+
 # ---- 401 / 404 / 405 / 413 ------------------------------------------------------------------------
 
 

@@ -20,6 +20,12 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] | None = "float"
     dimensions: int | None = Field(None, ge=1, description="Matryoshka models only.")
     user: str | None = None
+    input_type: str | None = Field(
+        None, description="Extension: 'query', 'document' (the default) or another prompt name of the "
+                          "model; picks the prompt or instruction put in front of each text.")
+    instruction: str | None = Field(
+        None, description="Extension: the task of a query (with input_type 'query'), for models with "
+                          "a query template such as Qwen3-Embedding.")
 
 
 class Embedding(BaseModel):
@@ -50,6 +56,9 @@ class ModelCard(BaseModel):
     matryoshka_dimensions: list[int]
     max_input_tokens: int
     aliases: list[str]
+    family: str | None
+    input_types: list[str]
+    default_instruction: str | None
     status: ModelStatus
     backend: str | None = None
 
@@ -83,4 +92,5 @@ def model_card(spec: ModelSpec, status: ModelStatus, backend: str | None) -> dic
                      supports=["embeddings"], dimensions=spec.dimensions,
                      matryoshka_dimensions=list(spec.matryoshka_dimensions),
                      max_input_tokens=spec.max_input_tokens, aliases=list(spec.aliases),
-                     status=status, backend=backend).model_dump()
+                     family=spec.family, input_types=spec.input_types,
+                     default_instruction=spec.default_instruction, status=status, backend=backend).model_dump()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from embedserve.backends.base import Backend
 from embedserve.catalog import Catalog, ModelSpec
-from embedserve.errors import ModelNotReady, ServiceUnavailable
+from embedserve.errors import ModelLoadError, ModelNotReady, ServiceUnavailable
 from embedserve.scheduler.batcher import Batcher
 from embedserve.scheduler.packing import collate
 from embedserve.settings import Settings
@@ -33,6 +33,7 @@ class ModelRuntime:
     tokenizer: TokenizerPool
     backend: Backend
     batcher: Batcher
+    eos_id: int | None  # appended to sequences that do not end with it (see ModelSpec.eos_token)
     load_seconds: float
 
     @property
@@ -55,15 +56,21 @@ def load_runtime(spec: ModelSpec, settings: Settings,
     """Blocking: read the tokenizer, load the weights, run one warm-up batch."""
     started = time.perf_counter()
     tokenizer = TokenizerPool(load_tokenizer_json(spec.folder, lower_case=spec.lower_case),
-                              tokenizer_executor, prefix=spec.default_prompt,
+                              tokenizer_executor,
                               truncate_to=spec.max_input_tokens if settings.truncate else None)
+    eos_id = None
+    if spec.eos_token is not None:
+        eos_id = tokenizer.token_id(spec.eos_token)
+        if eos_id is None:
+            raise ModelLoadError(f"model '{spec.id}': its tokenizer has no {spec.eos_token!r} token, "
+                                 f"which {spec.family} pools on")
     backend = make_backend(spec, settings)
     warm = tokenizer.encode_sync(["warm up", "a somewhat longer warm-up sentence for the model"])
     backend.forward(collate(warm, tokenizer.pad_id, spec.padding_side))
     batcher = Batcher(spec.id, backend, pad_id=tokenizer.pad_id, padding_side=spec.padding_side,
                       max_batch_tokens=settings.max_batch_tokens,
                       max_batch_items=settings.max_batch_items)
-    return ModelRuntime(spec=spec, tokenizer=tokenizer, backend=backend, batcher=batcher,
+    return ModelRuntime(spec=spec, tokenizer=tokenizer, backend=backend, batcher=batcher, eos_id=eos_id,
                         load_seconds=time.perf_counter() - started)
 
 

@@ -32,16 +32,20 @@ def load_tokenizer_json(folder: Path, *, lower_case: bool = False) -> str:
 class TokenizerPool:
     """Encodes texts for one model on the shared tokenizer threads."""
 
-    def __init__(self, tokenizer_json: str, executor: ThreadPoolExecutor, *, prefix: str = "",
+    def __init__(self, tokenizer_json: str, executor: ThreadPoolExecutor, *,
                  truncate_to: int | None = None) -> None:
         self._json = tokenizer_json
         self._executor = executor
-        self._prefix = prefix  # a prompt such as "query: ", embedded and counted like the text
         self._truncate_to = truncate_to
         self._local = threading.local()
         probe = self._make()
         self.vocab_size = probe.get_vocab_size(with_added_tokens=True)
         self.pad_id = self._pad_id(probe)
+        self._probe = probe
+
+    def token_id(self, token: str) -> int | None:
+        found = self._probe.token_to_id(token)
+        return None if found is None else int(found)
 
     def _make(self) -> Tokenizer:
         tok = Tokenizer.from_str(self._json)
@@ -64,14 +68,20 @@ class TokenizerPool:
             self._local.tok = tok
         return tok
 
-    def encode_sync(self, texts: Sequence[str]) -> list[list[int]]:
-        prefixed = [self._prefix + t for t in texts] if self._prefix else list(texts)
+    def encode_sync(self, texts: Sequence[str], prefix: str = "") -> list[list[int]]:
+        """`prefix` (a prompt such as "query: ") is embedded and counted like the text."""
+        prefixed = [prefix + t for t in texts] if prefix else list(texts)
         encodings = self._tokenizer().encode_batch(prefixed, add_special_tokens=True)
         return [enc.ids for enc in encodings]
 
-    async def encode(self, texts: Sequence[str]) -> list[list[int]]:
+    async def encode(self, texts: Sequence[str], prefix: str = "") -> list[list[int]]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.encode_sync, texts)
+        return await loop.run_in_executor(self._executor, self.encode_sync, texts, prefix)
+
+
+def ensure_last(sequences: list[list[int]], token_id: int) -> list[list[int]]:
+    """Every sequence ending with `token_id` (Qwen3-Embedding pools the hidden state of its EOS)."""
+    return [ids if ids and ids[-1] == token_id else [*ids, token_id] for ids in sequences]
 
 
 def make_tokenizer_executor(threads: int) -> ThreadPoolExecutor:

@@ -40,6 +40,8 @@ class EmbeddingJob:
     encoding_format: EncodingFormat
     dimensions: int | None
     user: str | None
+    input_type: str | None = None  # extension: "query" | "document" | a prompt name of the model
+    instruction: str | None = None  # extension: the task of a query
 
     @property
     def count(self) -> int:

@@ -13,6 +13,8 @@ from embedserve.errors import (
     ContextLengthExceeded,
     EmptyInput,
     InvalidEncodingFormat,
+    InvalidInputType,
+    InvalidInstruction,
     InvalidJSON,
     InvalidRequest,
     InvalidTokenId,
@@ -102,8 +104,17 @@ def parse_embedding_request(payload: Any, *, max_inputs: int) -> EmbeddingJob:
     user = payload.get("user")
     if user is not None and not isinstance(user, str):
         raise InvalidType("'user' must be a string.", param="user")
+    input_type = payload.get("input_type")
+    if input_type is not None and (not isinstance(input_type, str) or not input_type):
+        raise InvalidInputType("'input_type' must be a string such as 'query' or 'document'.",
+                               param="input_type")
+    instruction = payload.get("instruction")
+    if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
+        raise InvalidInstruction("'instruction' must be a non-empty string: the task of the query.",
+                                 param="instruction")
     job = EmbeddingJob(model=model, texts=texts, token_ids=token_ids, encoding_format=fmt,
-                       dimensions=dimensions, user=user)
+                       dimensions=dimensions, user=user, input_type=input_type,
+                       instruction=instruction)
     if job.count > max_inputs:
         raise TooManyInputs(f"'input' holds {job.count} items; at most {max_inputs} are allowed per "
                             "request.", param="input")
@@ -134,8 +145,9 @@ def check_token_ids(arrays: Sequence[Sequence[int]], *, vocab_size: int, model: 
 
 
 def check_lengths(sequences: list[list[int]], *, model: str, max_tokens: int, truncate: bool,
-                  max_total: int) -> list[list[int]]:
-    """Per-input context limit (or cut, when the server truncates), then the per-request total."""
+                  max_total: int, keep_last: bool = False) -> list[list[int]]:
+    """Per-input context limit (or cut, when the server truncates; `keep_last` keeps the final token,
+    e.g. the EOS a model pools on), then the per-request total."""
     out = sequences
     for i, ids in enumerate(sequences):
         if len(ids) > max_tokens:
@@ -145,7 +157,7 @@ def check_lengths(sequences: list[list[int]], *, model: str, max_tokens: int, tr
                     f"{max_tokens} tokens per input. Shorten or split it.", param="input")
             if out is sequences:
                 out = list(sequences)
-            out[i] = ids[:max_tokens]
+            out[i] = [*ids[:max_tokens - 1], ids[-1]] if keep_last else ids[:max_tokens]
     total = sum(len(ids) for ids in out)
     if total > max_total:
         raise TooManyTokens(f"The request holds {total} tokens in all; at most {max_total} are "

@@ -222,7 +222,7 @@ def test_user_that_is_not_a_string_is_400(user: object) -> None:
 
 
 def test_unknown_fields_are_ignored() -> None:
-    job = parse(body(temperature=0.5, extra={"x": [1]}, input_type="query"))
+    job = parse(body(temperature=0.5, extra={"x": [1]}, task="retrieval.query"))
     assert job == EmbeddingJob(model="m", texts=("hello",), token_ids=None, encoding_format="float",
                                dimensions=None, user=None)
 
