@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import random
 import shutil
 from collections.abc import Callable
@@ -79,10 +80,11 @@ _UNICODE = ["café", "naïve", "über", "Straße", "façade", "niño", "jalapeñ
             "καλημέρα κόσμε", "привет мир", "спасибо", "你好世界", "北京", "こんにちは", "東京", "안녕하세요",
             "مرحبا بالعالم", "שלום", "नमस्ते", "สวัสดี", "Việt Nam", "İstanbul", "łódź", "€100", "£5",
             "¿Qué tal?", "¡Hola!", "«bonjour»", "naïveté", "coöperate", "emoji 🙂", "rocket 🚀", "😀😃😄",
-            "👍 thanks", "❤️ love", "🎉 party", "🌍 world", "température", "Mädchen", "Ölförderung"]
+            "👍 thanks", "❤️ love", "🎉 party", "🌍 world", "température", "Mädchen", "Ölförderung",
+            "— dash – range …", "“quoted” ‘single’", "½ ° ± × ÷ → ✓"]
 
 
-_WORDS = """
+_WORDS_TEXT = """
 about above across action add after again against age ago agree air all almost alone along already also
 always among amount animal another answer any appear apple area arm army around arrive art ask attack
 autumn baby back bad ball bank base bear beat beauty become bed before begin behind believe bell best
@@ -127,9 +129,11 @@ true try tube turn twenty type uncle under unit until useful valley value variou
 vowel wait walk wall warm wash watch water wave wealth weather week weight west wheel white whole wide
 wife wild wind window winter wire wish woman wonder wood word work world write wrong yard year yellow
 young zero
-""".split()
+"""
+_WORDS = _WORDS_TEXT.split()
 _SYLLABLES = ["ka", "lo", "mi", "ter", "an", "vel", "so", "ri", "dun", "pe", "ba", "zor", "qui", "ne", "tal",
-              "ex", "fu", "gri", "hom", "ja", "ly", "mor", "nu", "ost", "pra", "sil", "tho", "ur", "wen", "yi"]
+              "ex", "fu", "gri", "hom", "ja", "ly", "mor", "nu", "ost", "pra", "sil", "tho", "ur", "wen",
+              "yi"]
 
 
 @functools.cache
@@ -139,7 +143,8 @@ def _corpus() -> tuple[str, ...]:
     rng = random.Random(20240607)
     lines: list[str] = []
     for _ in range(300):
-        sentence = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_ADVERBS)}"
+        parts = [rng.choice(_SUBJECTS), rng.choice(_VERBS), rng.choice(_OBJECTS), rng.choice(_ADVERBS)]
+        sentence = " ".join(parts)
         lines.append(sentence[0].upper() + sentence[1:] + rng.choice([".", "!", "?", "...", ";"]))
     for _ in range(300):
         words = rng.sample(_WORDS, rng.randint(6, 14))
@@ -175,13 +180,28 @@ def _bge_m3_tokenizer_json(vocab_size: int = 2000) -> str:
     tok = Tokenizer(Unigram())
     tok.normalizer = normalizers.NFKC()
     # What transformers' XLMRobertaTokenizer rebuilds, so tokenizer.json and AutoTokenizer agree on splits.
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"),
+    ])
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     specials = ["<s>", "<pad>", "</s>", "<unk>"]
     trainer = UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>",
                              show_progress=False, max_piece_length=16)
     tok.train_from_iterator(_corpus(), trainer=trainer)
+    # The trainer's piece set is stable, but its scores are not (Rust hash-map order decides ties and
+    # the order of the single characters), so the ids would change from run to run. Re-score the
+    # pieces with smoothed log-frequencies over the corpus and sort them, which is deterministic.
+    trained = json.loads(tok.to_str())["model"]["vocab"]
+    words = [word for line in _corpus()
+             for word, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(line))]
+    text = "\n".join(words)
+    pieces = sorted({piece for piece, _ in trained} - set(specials))
+    counts = {piece: text.count(piece) + 1 for piece in pieces}
+    total = sum(counts.values())
+    scored = sorted(((piece, math.log(count / total)) for piece, count in counts.items()),
+                    key=lambda item: (-item[1], item[0]))
+    tok.model = Unigram([(s, 0.0) for s in specials] + scored, unk_id=3, byte_fallback=False)
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
     tok.add_special_tokens([AddedToken("<mask>", lstrip=True, special=True, normalized=False)])
     ids = [tok.token_to_id(s) for s in specials]
@@ -206,7 +226,7 @@ def _qwen3_tokenizer_json(eos_in_tokenizer: bool, vocab_size: int = 2000) -> str
         pre_tokenizers.Split(Regex(_QWEN_SPLIT_REGEX), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
     ])
-    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
     trainer = BpeTrainer(vocab_size=vocab_size, show_progress=False,
                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_corpus(), trainer=trainer)
@@ -248,7 +268,8 @@ def _write_st_files(target: Path, *, dim: int, pooling: str, max_seq_length: int
         "include_prompt": True,
     })
     (target / "2_Normalize").mkdir(exist_ok=True)
-    _write_json(target / "sentence_bert_config.json", {"max_seq_length": max_seq_length, "do_lower_case": False})
+    _write_json(target / "sentence_bert_config.json",
+                {"max_seq_length": max_seq_length, "do_lower_case": False})
     _write_json(target / "config_sentence_transformers.json",
                 {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"})
 
@@ -279,11 +300,11 @@ def build_tiny_bge_m3(target: Path, *, sentence_transformers_files: bool = True,
     })
     _write_json(target / "special_tokens_map.json", specials)
 
-    config = XLMRobertaConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                              intermediate_size=64, max_position_embeddings=8194, pad_token_id=1,
-                              bos_token_id=0, eos_token_id=2, type_vocab_size=1)
+    config = XLMRobertaConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
+                              num_attention_heads=2, intermediate_size=64, max_position_embeddings=8194,
+                              pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1)
     torch.manual_seed(seed)
-    model = XLMRobertaModel(config).to(torch.float32)
+    model = XLMRobertaModel(config)  # fp32
     model.save_pretrained(target)
     model.config.architectures = ["XLMRobertaModel"]
     model.config.save_pretrained(target)
@@ -328,10 +349,11 @@ def build_tiny_qwen3_embedding(target: Path, *, hidden_size: int = 1024, eos_in_
 
     config = Qwen3Config(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=64, intermediate_size=128,
-                         max_position_embeddings=32768, rope_theta=1000000, tie_word_embeddings=True,
+                         max_position_embeddings=32768, tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000},
                          eos_token_id=eos_id, pad_token_id=eos_id)
     torch.manual_seed(seed)
-    model = Qwen3Model(config).to(torch.float32)
+    model = Qwen3Model(config)  # fp32
     model.save_pretrained(target)
     model.config.architectures = ["Qwen3ForCausalLM"]
     model.config.save_pretrained(target)

@@ -93,4 +93,5 @@ def model_card(spec: ModelSpec, status: ModelStatus, backend: str | None) -> dic
                      matryoshka_dimensions=list(spec.matryoshka_dimensions),
                      max_input_tokens=spec.max_input_tokens, aliases=list(spec.aliases),
                      family=spec.family, input_types=spec.input_types,
-                     default_instruction=spec.default_instruction, status=status, backend=backend).model_dump()
+                     default_instruction=spec.default_instruction, status=status,
+                     backend=backend).model_dump()

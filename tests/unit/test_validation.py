@@ -8,6 +8,8 @@ from embedserve.errors import (
     ContextLengthExceeded,
     EmptyInput,
     InvalidEncodingFormat,
+    InvalidInputType,
+    InvalidInstruction,
     InvalidJSON,
     InvalidRequest,
     InvalidTokenId,
@@ -340,3 +342,30 @@ def test_total_is_counted_after_truncation() -> None:
     assert [len(s) for s in out] == [5, 5]
     with pytest.raises(TooManyTokens):
         check_lengths([[1] * 20, [2] * 20], model="m", max_tokens=5, truncate=True, max_total=9)
+
+
+@pytest.mark.parametrize("input_type", [1, True, ["query"], {"t": "query"}, ""])
+def test_input_type_that_is_not_a_non_empty_string_is_400(input_type: object) -> None:
+    with pytest.raises(InvalidInputType) as info:
+        parse(body(input_type=input_type))
+    assert info.value.param == "input_type" and info.value.code == "invalid_input_type"
+
+
+@pytest.mark.parametrize("instruction", [1, False, ["task"], "", "   "])
+def test_instruction_that_is_not_a_non_empty_string_is_400(instruction: object) -> None:
+    with pytest.raises(InvalidInstruction) as info:
+        parse(body(input_type="query", instruction=instruction))
+    assert info.value.param == "instruction" and info.value.code == "invalid_instruction"
+
+
+def test_input_type_and_instruction_reach_the_job() -> None:
+    job = parse(body(input_type="query", instruction="Find code"))
+    assert (job.input_type, job.instruction) == ("query", "Find code")
+    assert (parse(body(input_type=None, instruction=None)).input_type) is None
+
+
+@pytest.mark.parametrize(("keep_last", "expected"), [(False, [1, 2, 3]), (True, [1, 2, 9])])
+def test_truncation_can_keep_the_final_token(keep_last: bool, expected: list[int]) -> None:
+    out = check_lengths([[1, 2, 3, 4, 9]], model="m", max_tokens=3, truncate=True, max_total=100,
+                        keep_last=keep_last)
+    assert out == [expected]
