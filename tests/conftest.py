@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
+from hermetic import HF_HOME  # first: switches the hub off before anything imports it
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
+# isort: split
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -78,3 +76,63 @@ def st_model():  # type: ignore[no-untyped-def]
     from support import bundled_folder
 
     return SentenceTransformer(str(bundled_folder()), device="cpu")
+
+
+@dataclass(frozen=True)
+class FamilyModels:
+    """Tiny bge-m3 and Qwen3-Embedding checkpoints: the first two in the session's HF cache under the
+    real repo ids (full repo layout), the others as bare transformers folders (no sentence-transformers
+    files), the Qwen3 one with a tokenizer that does not append <|endoftext|> (the original release)."""
+
+    bge_m3: Path  # snapshot folder of BAAI/bge-m3
+    qwen3: Path  # snapshot folder of Qwen/Qwen3-Embedding-0.6B
+    bge_m3_bare: Path
+    qwen3_no_eos: Path
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory: pytest.TempPathFactory) -> FamilyModels:
+    from tiny_models import build_tiny_bge_m3, build_tiny_qwen3_embedding, install_in_hub_cache
+
+    root = tmp_path_factory.mktemp("families")
+    bge = install_in_hub_cache(build_tiny_bge_m3(root / "hub" / "bge-m3"), Path(HF_HOME), "BAAI/bge-m3")
+    qwen = install_in_hub_cache(build_tiny_qwen3_embedding(root / "hub" / "Qwen3-Embedding-0.6B"),
+                                Path(HF_HOME), "Qwen/Qwen3-Embedding-0.6B")
+    bare = build_tiny_bge_m3(root / "bare" / "bge-m3", sentence_transformers_files=False, seed=1)
+    no_eos = build_tiny_qwen3_embedding(root / "no-eos" / "Qwen3-Embedding-0.6B", eos_in_tokenizer=False,
+                                        sentence_transformers_files=False, seed=1)
+    return FamilyModels(bge_m3=bge, qwen3=qwen, bge_m3_bare=bare, qwen3_no_eos=no_eos)
+
+
+@pytest.fixture(scope="session")
+def family_server(tmp_path_factory: pytest.TempPathFactory, family_models: FamilyModels,
+                  ) -> Iterator[LiveServer]:
+    """bge-m3 and Qwen3-Embedding served by hub id from the cache, plus the bare variants by folder."""
+    path = tmp_path_factory.mktemp("family-catalog") / "models.toml"
+    path.write_text(f"""
+[[models]]
+source = "BAAI/bge-m3"
+
+[[models]]
+source = "Qwen/Qwen3-Embedding-0.6B"
+
+[[models]]
+id = "bge-m3-bare"
+source = "{family_models.bge_m3_bare}"
+
+[[models]]
+id = "qwen3-no-eos"
+source = "{family_models.qwen3_no_eos}"
+
+[[models]]
+id = "minilm-prompted"
+source = "all-MiniLM-L6-v2"
+prompts = {{ query = "query: ", passage = "passage: ", clustering = "cluster: " }}
+""")
+    with live_server(Settings(models_file=path, api_keys=[API_KEY])) as live:
+        yield live
+
+
+@pytest.fixture(scope="session")
+def family_client(family_server: LiveServer) -> OpenAI:
+    return OpenAI(base_url=family_server.v1, api_key=API_KEY, max_retries=0)
