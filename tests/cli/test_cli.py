@@ -15,9 +15,11 @@ import sys
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from openai import OpenAI
 
+from conftest import FamilyModels
 from embedserve.settings import Settings
 from support import bundled_folder, live_server, wait_until_ok
 
@@ -160,3 +162,35 @@ def test_allow_download_while_offline_is_one_line_not_a_traceback(tmp_path: Path
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "acme/not-cached" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_serve_bge_m3_and_qwen3_from_the_hf_cache_by_repo_id(family_models: FamilyModels) -> None:
+    """The issue's acceptance: `--model BAAI/bge-m3` and `--model Qwen/Qwen3-Embedding-0.6B` with the
+    weights in the HF cache (the session's own HF_HOME, where the fixture installed tiny checkpoints)."""
+    from tiny_models import bge_m3_reference, qwen3_query, qwen3_reference
+
+    port = _free_port()
+    env = {**os.environ, "EMBEDSERVE_API_KEYS": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "embedserve", "serve", "--model", "BAAI/bge-m3",
+                             "--model", "Qwen/Qwen3-Embedding-0.6B", "--port", str(port)],
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    texts = ["hello world", "a longer sentence about the quick brown fox and the lazy dog"]
+    try:
+        wait_until_ok(f"http://127.0.0.1:{port}/ready", alive=lambda: proc.poll() is None)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="anything", max_retries=0)
+        bge = client.embeddings.create(model="bge-m3", input=texts)
+        query = client.embeddings.create(model="Qwen/Qwen3-Embedding-0.6B", input=texts, dimensions=256,
+                                         extra_body={"input_type": "query", "instruction": "Find it"})
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    served_bge = np.array([d.embedding for d in bge.data])
+    reference_bge = bge_m3_reference(family_models.bge_m3, texts)
+    assert (served_bge * reference_bge).sum(axis=1).min() >= 0.9999
+    served_q = np.array([d.embedding for d in query.data])
+    reference_q = qwen3_reference(family_models.qwen3, [qwen3_query("Find it", t) for t in texts])[:, :256]
+    reference_q /= np.linalg.norm(reference_q, axis=1, keepdims=True)
+    assert served_q.shape == (2, 256) and (served_q * reference_q).sum(axis=1).min() >= 0.9999
+    assert "model 'BAAI/bge-m3': bge-m3 preset" in stderr
+    assert "model 'Qwen/Qwen3-Embedding-0.6B': qwen3-embedding preset" in stderr

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import base64
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-from conftest import API_KEY, FamilyModels
 from openai import OpenAI
+
+from conftest import API_KEY, FamilyModels
+from embedserve.settings import Settings
+from support import LiveServer, live_server
 from tiny_models import (
     QWEN3_DEFAULT_TASK,
     bge_m3_reference,
@@ -21,8 +25,6 @@ from tiny_models import (
     qwen3_reference_appending_eos,
     token_ids,
 )
-
-from support import LiveServer
 
 TEXTS = [
     "hi",
@@ -272,3 +274,24 @@ def test_sentence_transformers_prompts_follow_input_type(family_client: OpenAI, 
     reference = st_model.encode(texts, prompt=prompts[prompt_name], normalize_embeddings=True)
     assert min_cosine(served, reference) >= 0.9999
     assert tokens == sum(len(st_model.tokenizer(prompts[prompt_name] + t)["input_ids"]) for t in texts)
+
+
+def test_truncation_keeps_the_eos_last(family_models: FamilyModels, tmp_path: Path) -> None:
+    """With --truncate, a Qwen3 input over the limit is cut and still ends with <|endoftext|>, as the
+    tokenizer's own truncation does."""
+    catalog = tmp_path / "models.toml"
+    catalog.write_text('[[models]]\nsource = "Qwen/Qwen3-Embedding-0.6B"\nmax_input_tokens = 64\n\n'
+                       f'[[models]]\nid = "qwen3-no-eos"\nsource = "{family_models.qwen3_no_eos}"\n'
+                       'max_input_tokens = 64\n')
+    long_text = TEXTS[4]
+    with live_server(Settings(models_file=catalog, truncate=True)) as live:
+        client = OpenAI(base_url=live.v1, api_key="unused", max_retries=0)
+        served, tokens = embed(client, "Qwen3-Embedding-0.6B", [long_text, "short"])
+        assert tokens == 64 + len(token_ids(family_models.qwen3, ["short"])[0])
+        reference = qwen3_reference(family_models.qwen3, [long_text, "short"], max_length=64)
+        assert min_cosine(served, reference) >= 0.9999
+        eos = token_ids(family_models.qwen3, ["x"])[0][-1]
+        cut = [*token_ids(family_models.qwen3_no_eos, [long_text])[0][:63], eos]
+        no_eos_text, tokens = embed(client, "qwen3-no-eos", [long_text])
+        no_eos_ids, _ = embed(client, "qwen3-no-eos", [cut])
+        assert tokens == 64 and min_cosine(no_eos_text, no_eos_ids) >= 0.9999
