@@ -18,8 +18,8 @@ from embedserve.scheduler.packing import collate
 from embedserve.settings import Settings
 from embedserve.tokenization import (
     TokenizerPool,
-    load_tokenizer_json,
     make_tokenizer_executor,
+    tokenizer_factory,
 )
 from embedserve.types import ModelStatus
 
@@ -55,9 +55,9 @@ def load_runtime(spec: ModelSpec, settings: Settings,
                  tokenizer_executor: ThreadPoolExecutor) -> ModelRuntime:
     """Blocking: read the tokenizer, load the weights, run one warm-up batch."""
     started = time.perf_counter()
-    tokenizer = TokenizerPool(load_tokenizer_json(spec.folder, lower_case=spec.lower_case),
-                              tokenizer_executor,
+    build = tokenizer_factory(spec.folder, lower_case=spec.lower_case,
                               truncate_to=spec.max_input_tokens if settings.truncate else None)
+    tokenizer = TokenizerPool(build, tokenizer_executor, copies=settings.tokenizer_threads)
     eos_id = None
     if spec.eos_token is not None:
         eos_id = tokenizer.token_id(spec.eos_token)

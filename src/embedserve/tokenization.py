@@ -1,57 +1,61 @@
-"""Tokenization off the event loop: a shared thread pool in which every worker thread holds its own copy
-of each model's fast tokenizer (a `tokenizers.Tokenizer` is not safe to share across threads)."""
+"""Tokenization off the event loop: a shared thread pool, and for each model as many copies of its fast
+tokenizer as there are tokenizer threads, each built exactly as transformers builds it (a copy made by
+serializing one tokenizer can break ties between equally scored Unigram segmentations differently)."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import Sequence
+import queue
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
 
-def load_tokenizer_json(folder: Path, *, lower_case: bool = False) -> str:
-    """The serialized fast tokenizer exactly as transformers configures it for this folder (special
-    tokens, post-processor), with truncation and padding off. `lower_case` (sentence-transformers'
-    `do_lower_case`) puts a Lowercase normalizer in front, as sentence-transformers does."""
-    from tokenizers.normalizers import Lowercase, Sequence
-    from transformers import AutoTokenizer
+def tokenizer_factory(folder: Path, *, lower_case: bool = False,
+                      truncate_to: int | None = None) -> Callable[[], Tokenizer]:
+    """Builds the folder's fast tokenizer as transformers configures it (special tokens,
+    post-processor), with padding off and truncation only at `truncate_to`. `lower_case`
+    (sentence-transformers' `do_lower_case`) puts a Lowercase normalizer in front, as
+    sentence-transformers does."""
 
-    hf = AutoTokenizer.from_pretrained(str(folder), use_fast=True)
-    backend: Tokenizer = hf.backend_tokenizer
-    backend.no_truncation()
-    backend.no_padding()
-    if lower_case and "Lowercase" not in backend.to_str():
-        current = backend.normalizer
-        backend.normalizer = Sequence([Lowercase(), current] if current is not None else [Lowercase()])
-    return backend.to_str()
+    def build() -> Tokenizer:
+        from tokenizers.normalizers import Lowercase
+        from tokenizers.normalizers import Sequence as NormalizerSequence
+        from transformers import AutoTokenizer
+
+        backend: Tokenizer = AutoTokenizer.from_pretrained(str(folder), use_fast=True).backend_tokenizer
+        backend.no_padding()
+        if truncate_to is None:
+            backend.no_truncation()
+        else:
+            backend.enable_truncation(truncate_to)
+        if lower_case and "Lowercase" not in backend.to_str():
+            current = backend.normalizer
+            backend.normalizer = NormalizerSequence([Lowercase(), current] if current is not None
+                                                    else [Lowercase()])
+        return backend
+
+    return build
 
 
 class TokenizerPool:
-    """Encodes texts for one model on the shared tokenizer threads."""
+    """Encodes texts for one model on the shared tokenizer threads. Holds `copies` tokenizers (one per
+    thread: a `tokenizers.Tokenizer` must not be used by two threads at once); a call borrows one."""
 
-    def __init__(self, tokenizer_json: str, executor: ThreadPoolExecutor, *,
-                 truncate_to: int | None = None) -> None:
-        self._json = tokenizer_json
+    def __init__(self, build: Callable[[], Tokenizer], executor: ThreadPoolExecutor, *,
+                 copies: int) -> None:
         self._executor = executor
-        self._truncate_to = truncate_to
-        self._local = threading.local()
-        probe = self._make()
+        self._free: queue.SimpleQueue[Tokenizer] = queue.SimpleQueue()
+        tokenizers = [build() for _ in range(max(1, copies))]
+        for tok in tokenizers:
+            self._free.put(tok)
+        probe = tokenizers[0]
         self.vocab_size = probe.get_vocab_size(with_added_tokens=True)
         self.pad_id = self._pad_id(probe)
         self._probe = probe
-
-    def token_id(self, token: str) -> int | None:
-        found = self._probe.token_to_id(token)
-        return None if found is None else int(found)
-
-    def _make(self) -> Tokenizer:
-        tok = Tokenizer.from_str(self._json)
-        if self._truncate_to is not None:
-            tok.enable_truncation(self._truncate_to)
-        return tok
 
     @staticmethod
     def _pad_id(tok: Tokenizer) -> int:
@@ -61,17 +65,23 @@ class TokenizerPool:
                 return int(token_id)
         return 0  # the attention mask hides padding, so any valid id will do
 
-    def _tokenizer(self) -> Tokenizer:
-        tok: Tokenizer | None = getattr(self._local, "tok", None)
-        if tok is None:
-            tok = self._make()
-            self._local.tok = tok
-        return tok
+    @contextmanager
+    def _borrow(self) -> Iterator[Tokenizer]:
+        tok = self._free.get()  # never waits while copies >= the executor's threads
+        try:
+            yield tok
+        finally:
+            self._free.put(tok)
+
+    def token_id(self, token: str) -> int | None:
+        found = self._probe.token_to_id(token)
+        return None if found is None else int(found)
 
     def encode_sync(self, texts: Sequence[str], prefix: str = "") -> list[list[int]]:
         """`prefix` (a prompt such as "query: ") is embedded and counted like the text."""
         prefixed = [prefix + t for t in texts] if prefix else list(texts)
-        encodings = self._tokenizer().encode_batch(prefixed, add_special_tokens=True)
+        with self._borrow() as tok:
+            encodings = tok.encode_batch(prefixed, add_special_tokens=True)
         return [enc.ids for enc in encodings]
 
     async def encode(self, texts: Sequence[str], prefix: str = "") -> list[list[int]]:

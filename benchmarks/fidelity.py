@@ -1,0 +1,97 @@
+"""Fidelity of the served families against their model cards' recipes, straight from transformers: tiny
+random bge-m3 and Qwen3-Embedding checkpoints (built here, as the tests build them) served over HTTP
+from a private HF cache, on mixed-length inputs from the benchmark corpus. Prints a Markdown table.
+
+    .venv/bin/python benchmarks/fidelity.py [--texts 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="embedserve-fidelity-hf-")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+from corpus import build_corpus  # noqa: E402
+
+from embedserve.settings import Settings  # noqa: E402
+from support import live_server  # noqa: E402
+from tiny_models import (  # noqa: E402
+    QWEN3_DEFAULT_TASK,
+    bge_m3_reference,
+    build_tiny_bge_m3,
+    build_tiny_qwen3_embedding,
+    install_in_hub_cache,
+    qwen3_query,
+    qwen3_reference,
+    qwen3_reference_appending_eos,
+)
+
+
+def served(base: str, model: str, texts: list[str], **extra: object) -> np.ndarray:
+    body = {"model": model, "input": texts, **extra}
+    response = httpx.post(f"{base}/embeddings", json=body, timeout=600)
+    response.raise_for_status()
+    return np.array([d["embedding"] for d in response.json()["data"]], dtype=np.float32)
+
+
+def compare(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    cos = (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return float(cos.min()), float(np.abs(a - b).max())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--texts", type=int, default=64, help="corpus paragraphs to embed")
+    args = parser.parse_args()
+    texts = build_corpus(lambda t: len(t.split()), size=args.texts)  # 5-250 words
+    queries = [t[:80] for t in texts[:16]]
+    hf_home = Path(os.environ["HF_HOME"])
+    root = Path(tempfile.mkdtemp(prefix="embedserve-fidelity-"))
+    bge = install_in_hub_cache(build_tiny_bge_m3(root / "bge-m3"), hf_home, "BAAI/bge-m3")
+    qwen = install_in_hub_cache(build_tiny_qwen3_embedding(root / "Qwen3-Embedding-0.6B"), hf_home,
+                                "Qwen/Qwen3-Embedding-0.6B")
+    no_eos = build_tiny_qwen3_embedding(root / "no-eos" / "Qwen3-Embedding-0.6B", eos_in_tokenizer=False)
+    catalog = root / "models.toml"
+    catalog.write_text('[[models]]\nsource = "BAAI/bge-m3"\n\n'
+                       '[[models]]\nsource = "Qwen/Qwen3-Embedding-0.6B"\n\n'
+                       f'[[models]]\nid = "qwen3-no-eos"\nsource = "{no_eos}"\n')
+    rows: list[tuple[str, Callable[[str], np.ndarray], np.ndarray]] = [
+        ("bge-m3, documents", lambda b: served(b, "bge-m3", texts), bge_m3_reference(bge, texts)),
+        ("Qwen3-Embedding, documents", lambda b: served(b, "Qwen3-Embedding-0.6B", texts),
+         qwen3_reference(qwen, texts)),
+        ("Qwen3-Embedding, queries (default instruction)",
+         lambda b: served(b, "Qwen3-Embedding-0.6B", queries, input_type="query"),
+         qwen3_reference(qwen, [qwen3_query(QWEN3_DEFAULT_TASK, q) for q in queries])),
+        ("Qwen3-Embedding, documents, dimensions=256",
+         lambda b: served(b, "Qwen3-Embedding-0.6B", texts, dimensions=256),
+         _renormalized(qwen3_reference(qwen, texts)[:, :256])),
+        ("Qwen3-Embedding, tokenizer without EOS", lambda b: served(b, "qwen3-no-eos", texts),
+         qwen3_reference_appending_eos(no_eos, texts)),
+    ]
+    lengths = [len(t) for t in texts]
+    print(f"{len(texts)} corpus paragraphs ({min(lengths)}-{max(lengths)} characters), one request each "
+          "row; reference = the model card's recipe in one padded batch (fp32, CPU)\n")
+    print("| served | min cosine | max abs diff |")
+    print("|---|---|---|")
+    with live_server(Settings(models_file=catalog)) as live:
+        for name, serve, reference in rows:
+            cos, diff = compare(serve(live.v1), reference)
+            print(f"| {name} | {cos:.7f} | {diff:.1e} |")
+
+
+def _renormalized(m: np.ndarray) -> np.ndarray:
+    return m / np.linalg.norm(m, axis=1, keepdims=True)
+
+
+if __name__ == "__main__":
+    main()
