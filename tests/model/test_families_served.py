@@ -5,6 +5,7 @@ describes it. Mixed-length inputs everywhere, so that padding side and packing m
 from __future__ import annotations
 
 import base64
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -295,3 +296,30 @@ def test_truncation_keeps_the_eos_last(family_models: FamilyModels, tmp_path: Pa
         no_eos_text, tokens = embed(client, "qwen3-no-eos", [long_text])
         no_eos_ids, _ = embed(client, "qwen3-no-eos", [cut])
         assert tokens == 64 and min_cosine(no_eos_text, no_eos_ids) >= 0.9999
+
+
+def test_dtype_and_device_choices(family_models: FamilyModels, tmp_path: Path) -> None:
+    """bf16 on CPU serves close to the fp32 reference; `device = "cuda"` on a machine without CUDA marks
+    that model failed (503 for its requests) while the other keeps serving."""
+    import torch
+
+    catalog = tmp_path / "models.toml"
+    catalog.write_text('[[models]]\nsource = "Qwen/Qwen3-Embedding-0.6B"\ndtype = "bfloat16"\n\n'
+                       '[[models]]\nid = "on-cuda"\nsource = "BAAI/bge-m3"\ndevice = "cuda"\n')
+    with live_server(Settings(models_file=catalog), wait_for="/health") as live:
+        client = OpenAI(base_url=live.v1, api_key="unused", max_retries=0)
+        deadline = time.monotonic() + 120
+        while True:
+            cards = {c["id"]: c for c in httpx.get(f"{live.v1}/models", timeout=30).json()["data"]}
+            if all(c["status"] != "loading" for c in cards.values()) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert cards["Qwen/Qwen3-Embedding-0.6B"]["backend"] == "torch cpu bfloat16"
+        served, _ = embed(client, "Qwen3-Embedding-0.6B", TEXTS)
+        assert min_cosine(served, qwen3_reference(family_models.qwen3, TEXTS)) >= 0.99
+        if not torch.cuda.is_available():
+            assert cards["on-cuda"]["status"] == "failed"
+            response = httpx.post(f"{live.v1}/embeddings", json={"model": "on-cuda", "input": "hi"},
+                                  timeout=30)
+            assert response.status_code == 503
+            assert "'on-cuda' failed to load" in response.json()["error"]["message"]
