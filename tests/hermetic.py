@@ -1,6 +1,6 @@
-"""Imported first by conftest: tests never download, and see a Hugging Face cache of the session's own
-(tests install tiny checkpoints into it under the real repo ids; the developer's cache is never read or
-touched)."""
+"""Imported first by conftest: tests never download, and see a Hugging Face cache and a data dir of the
+session's own (tests install tiny checkpoints into the cache under the real repo ids; the developer's
+cache and data dir are never read or touched)."""
 
 from __future__ import annotations
 
@@ -16,3 +16,7 @@ HF_HOME = tempfile.mkdtemp(prefix="embedserve-test-hf-")
 os.environ["HF_HOME"] = HF_HOME
 os.environ.pop("HF_HUB_CACHE", None)
 atexit.register(shutil.rmtree, HF_HOME, ignore_errors=True)
+# Exported ONNX graphs: shared by the session's servers (each model is exported once), then removed.
+DATA_DIR = tempfile.mkdtemp(prefix="embedserve-test-data-")
+os.environ["EMBEDSERVE_DATA_DIR"] = DATA_DIR
+atexit.register(shutil.rmtree, DATA_DIR, ignore_errors=True)

@@ -27,7 +27,7 @@ from embedserve.families import (
     query_instruction_of,
 )
 from embedserve.prompts import INSTRUCTION_SLOT
-from embedserve.types import BackendName, DeviceName, DtypeName, PaddingSide, Pooling
+from embedserve.types import BackendName, DeviceName, DtypeName, PaddingSide, Pooling, Quantize
 
 log = logging.getLogger("embedserve.catalog")
 
@@ -75,6 +75,7 @@ class ModelEntry:
     backend: BackendName = "auto"
     dtype: DtypeName = "auto"
     device: DeviceName = "auto"
+    quantize: Quantize | None = None  # None: the server's --quantize
     sha256: str | None = None
 
 
@@ -114,6 +115,7 @@ class ModelSpec:
     backend: BackendName = "auto"
     dtype: DtypeName = "auto"
     device: DeviceName = "auto"
+    quantize: Quantize | None = None
     owned_by: str = "embedserve"
     created: int = 0
 
@@ -157,7 +159,7 @@ def _tuple_of_ints(value: Any, where: str) -> tuple[int, ...]:
 
 _ENTRY_KEYS = {"id", "source", "aliases", "pooling", "normalize", "max_input_tokens",
                "matryoshka_dimensions", "prompts", "default_prompt_name", "family", "instruction",
-               "query_template", "backend", "dtype", "device", "sha256"}
+               "query_template", "backend", "dtype", "device", "quantize", "sha256"}
 _FAMILY_CHOICES = ("auto", "none", *FAMILIES)
 
 
@@ -188,8 +190,9 @@ def load_models_file(path: Path) -> list[ModelEntry]:
         pooling = table.get("pooling")
         if pooling is not None and pooling not in get_args(Pooling):
             raise ConfigError(f"{where}: pooling must be one of {list(get_args(Pooling))}")
-        for key, allowed in (("backend", BackendName), ("dtype", DtypeName), ("device", DeviceName)):
-            if table.get(key, "auto") not in get_args(allowed):
+        for key, allowed in (("backend", BackendName), ("dtype", DtypeName), ("device", DeviceName),
+                             ("quantize", Quantize)):
+            if table.get(key, "auto" if key != "quantize" else "none") not in get_args(allowed):
                 raise ConfigError(f"{where}: {key} must be one of {list(get_args(allowed))}")
         aliases = table.get("aliases", [])
         if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
@@ -220,6 +223,7 @@ def load_models_file(path: Path) -> list[ModelEntry]:
             backend=cast(BackendName, table.get("backend", "auto")),
             dtype=cast(DtypeName, table.get("dtype", "auto")),
             device=cast(DeviceName, table.get("device", "auto")),
+            quantize=cast(Quantize | None, table.get("quantize")),
             sha256=table.get("sha256"),
         ))
     return entries
@@ -536,6 +540,7 @@ def read_spec(entry: ModelEntry, folder: Path) -> ModelSpec:
         backend=entry.backend,
         dtype=entry.dtype,
         device=entry.device,
+        quantize=entry.quantize,
         owned_by=_owner(entry.source),
         created=int(time.time()),
     )

@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -45,7 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", dest="api_keys", action="append", default=s, metavar="KEY",
                        help="accepted Bearer key (repeatable; also EMBEDSERVE_API_KEYS, "
                             "comma-separated). None: the server runs open")
-    serve.add_argument("--backend", choices=["auto", "torch"], default=s)
+    serve.add_argument("--backend", choices=["auto", "torch", "onnx"], default=s,
+                       help="auto: ONNX Runtime on CPU, torch on CUDA")
+    serve.add_argument("--quantize", choices=["none", "int8"], default=s,
+                       help="int8: dynamically quantized ONNX graph (CPU)")
+    serve.add_argument("--data-dir", type=Path, default=s,
+                       help="where exported ONNX graphs are cached (default ~/.local/share/embedserve)")
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default=s)
     serve.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=s)
     serve.add_argument("--max-inputs-per-request", type=int, default=s)

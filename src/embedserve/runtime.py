@@ -9,6 +9,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Literal
 
 from embedserve.backends.base import Backend
 from embedserve.catalog import Catalog, ModelSpec
@@ -21,7 +22,7 @@ from embedserve.tokenization import (
     make_tokenizer_executor,
     tokenizer_factory,
 )
-from embedserve.types import ModelStatus
+from embedserve.types import BackendName, DeviceName, DtypeName, ModelStatus, Quantize
 
 log = logging.getLogger("embedserve.runtime")
 
@@ -42,12 +43,39 @@ class ModelRuntime:
         return min(self.tokenizer.vocab_size, self.backend.vocab_size)
 
 
-def make_backend(spec: ModelSpec, settings: Settings) -> Backend:
-    # Only torch exists so far; the catalog and Settings already refuse any other backend name.
-    from embedserve.backends.torch import TorchBackend  # torch is imported only when needed
+def choose_backend(backend: BackendName, *, device: DeviceName, dtype: DtypeName, quantize: Quantize,
+                   cuda: bool) -> Literal["torch", "onnx"]:
+    """Pure. `auto`: ONNX Runtime on CPU in float32 or int8 (the fastest there), torch on CUDA or for
+    bf16/fp16 on CPU. An explicit choice that cannot serve the request is an error, never a fallback."""
+    on_cuda = device == "cuda" or (device == "auto" and cuda)
+    if quantize == "int8" and (backend == "torch" or on_cuda or dtype not in ("auto", "float32")):
+        raise ModelLoadError("--quantize int8 runs on the onnx backend on CPU (float32 weights in, int8 "
+                             "matrix products out); drop --backend torch / --device cuda / --dtype")
+    if backend == "onnx" and (on_cuda or dtype not in ("auto", "float32")):
+        raise ModelLoadError("--backend onnx runs on CPU in float32 (or int8 with --quantize int8); "
+                             "use --backend torch for CUDA or bf16/fp16")
+    if backend != "auto":
+        return backend
+    return "torch" if on_cuda or dtype not in ("auto", "float32") else "onnx"
 
+
+def make_backend(spec: ModelSpec, settings: Settings) -> Backend:
     device = spec.device if spec.device != "auto" else settings.device
     dtype = spec.dtype if spec.dtype != "auto" else settings.dtype
+    quantize = spec.quantize or settings.quantize
+    requested = spec.backend if spec.backend != "auto" else settings.backend
+    cuda = False
+    if device == "auto":
+        import torch
+
+        cuda = torch.cuda.is_available()
+    chosen = choose_backend(requested, device=device, dtype=dtype, quantize=quantize, cuda=cuda)
+    if chosen == "onnx":
+        from embedserve.backends.onnx import OnnxBackend  # onnxruntime is imported only when needed
+
+        return OnnxBackend(spec, cache_dir=settings.data_dir / "onnx", quantize=quantize)
+    from embedserve.backends.torch import TorchBackend  # torch is imported only when needed
+
     return TorchBackend(spec, device=device, dtype=dtype)
 
 

@@ -3,15 +3,22 @@ and passed down explicitly; nothing else reads the environment."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from embedserve.types import BackendName, DeviceName, DtypeName
+from embedserve.types import BackendName, DeviceName, DtypeName, Quantize
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
+
+
+def default_data_dir() -> Path:
+    """Where the server keeps what it makes (ONNX graphs, later the key store): XDG's data home."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "embedserve"
 
 
 def _split_csv(value: object) -> object:
@@ -33,6 +40,8 @@ class Settings(BaseSettings):
     backend: BackendName = "auto"
     device: DeviceName = "auto"
     dtype: DtypeName = "auto"
+    quantize: Quantize = "none"
+    data_dir: Path = Field(default_factory=default_data_dir)
 
     # Auth: comma-separated in EMBEDSERVE_API_KEYS. Empty means the server runs open.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)

@@ -10,7 +10,8 @@ import numpy as np
 import numpy.typing as npt
 
 Pooling = Literal["cls", "mean", "last_token"]
-BackendName = Literal["auto", "torch"]
+BackendName = Literal["auto", "torch", "onnx"]
+Quantize = Literal["none", "int8"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 DtypeName = Literal["auto", "float32", "float16", "bfloat16"]
 PaddingSide = Literal["left", "right"]

@@ -191,12 +191,14 @@ def test_unexpected_exception_is_500_with_request_id_and_no_traceback(
 
 def test_failing_forward_pass_is_500_and_the_batcher_keeps_serving(
         server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    from embedserve.backends.onnx import OnnxBackend
     from embedserve.backends.torch import TorchBackend
 
     def broken(self: object, batch: object) -> None:
         raise RuntimeError("CUDA error: device-side assert (simulated)")
 
-    monkeypatch.setattr(TorchBackend, "forward", broken)
+    for backend in (TorchBackend, OnnxBackend):  # whichever serves
+        monkeypatch.setattr(backend, "forward", broken)
     response = httpx.post(f"{server.v1}/embeddings", json={"model": MODEL, "input": "x"}, headers=AUTH)
     monkeypatch.undo()
     assert response.status_code == 500

@@ -490,7 +490,8 @@ def test_max_input_tokens_beyond_the_position_table_is_a_config_error() -> None:
                   BUNDLED_FOLDER)
 
 
-@pytest.mark.parametrize(("key", "value"), [("backend", "onnx"), ("dtype", "int4"), ("device", "tpu")])
+@pytest.mark.parametrize(("key", "value"), [("backend", "tensorrt"), ("dtype", "int4"), ("device", "tpu"),
+                                            ("quantize", "int4")])
 def test_unknown_backend_dtype_or_device_is_refused_before_anything_loads(
         tmp_path: Path, key: str, value: str) -> None:
     path = tmp_path / "models.toml"
@@ -498,4 +499,4 @@ def test_unknown_backend_dtype_or_device_is_refused_before_anything_loads(
     with pytest.raises(ConfigError) as info:
         load_models_file(path)
     assert key in info.value.message
-    assert "auto" in info.value.message
+    assert ("none" if key == "quantize" else "auto") in info.value.message

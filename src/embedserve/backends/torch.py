@@ -12,7 +12,7 @@ import torch
 from embedserve.backends.pooling import pool
 from embedserve.catalog import DenseLayer, ModelSpec
 from embedserve.errors import ModelLoadError
-from embedserve.types import FloatMatrix, TokenBatch
+from embedserve.types import FloatMatrix, Pooling, TokenBatch
 
 log = logging.getLogger("embedserve.backends.torch")
 
@@ -54,6 +54,17 @@ def _dense_module(layer: DenseLayer) -> torch.nn.Sequential:
     return torch.nn.Sequential(linear, activation)
 
 
+class _EmbeddingGraph(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, dense: torch.nn.Module, pooling: Pooling) -> None:
+        super().__init__()
+        self.model, self.dense, self.pooling = model, dense, pooling
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        pooled: torch.Tensor = self.dense(pool(self.pooling, hidden, attention_mask))
+        return pooled
+
+
 class TorchBackend:
     def __init__(self, spec: ModelSpec, *, device: str, dtype: str) -> None:
         from transformers import AutoModel
@@ -76,6 +87,11 @@ class TorchBackend:
         self.dimensions = spec.dimensions
         self.vocab_size = int(self._model.get_input_embeddings().weight.shape[0])
         self.description = f"torch {self._device.type} {str(self._dtype).removeprefix('torch.')}"
+
+    def graph(self) -> torch.nn.Module:
+        """The whole forward pass as one module, (input_ids, attention_mask) -> pooled: what the ONNX
+        backend exports, so both backends compute the same function."""
+        return _EmbeddingGraph(self._model, self._dense, self._spec.pooling)
 
     @torch.inference_mode()
     def forward(self, batch: TokenBatch) -> FloatMatrix:

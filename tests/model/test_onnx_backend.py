@@ -1,0 +1,125 @@
+"""The ONNX Runtime backend computes what the torch backend computes (same graph, exported once and
+cached by the weights' hash), on every pooling kind, padding side and Dense head; int8 stays close."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import FamilyModels
+from embedserve.backends import onnx as onnx_module
+from embedserve.backends.onnx import OnnxBackend, graph_key
+from embedserve.backends.torch import TorchBackend
+from embedserve.catalog import ModelEntry, ModelSpec, locate, read_spec
+from embedserve.errors import ModelLoadError
+from embedserve.scheduler.packing import collate
+from embedserve.tokenization import TokenizerPool, tokenizer_factory
+from support import bundled_folder
+
+TEXTS = ["hi", "The quick brown fox jumps over the lazy dog.", "Zürich 🚀 " * 20,
+         "a somewhat longer sentence about bridges and the engineers who build them " * 3]
+
+
+def spec_of(folder: Path, **entry: object) -> ModelSpec:
+    located, where = locate(ModelEntry(source=str(folder), **entry), allow_download=False)  # type: ignore[arg-type]
+    return read_spec(located, where)
+
+
+def batch_for(spec: ModelSpec, texts: list[str]):  # type: ignore[no-untyped-def]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as executor:
+        pool = TokenizerPool(tokenizer_factory(spec.folder), executor, copies=1)
+        ids = pool.encode_sync(texts)
+        if spec.eos_token is not None:
+            eos = pool.token_id(spec.eos_token)
+            ids = [i if i[-1] == eos else [*i, eos] for i in ids]  # type: ignore[list-item]
+        return collate(ids, pool.pad_id, spec.padding_side)
+
+
+def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("onnx-cache")
+
+
+@pytest.mark.parametrize("model", ["minilm", "tiny-cls-dense", "bge-m3", "qwen3"])
+def test_onnx_matches_torch_on_a_mixed_length_batch(model: str, family_models: FamilyModels,
+                                                    tiny_dense_model: Path, cache: Path) -> None:
+    folder = {"minilm": bundled_folder(), "tiny-cls-dense": tiny_dense_model,
+              "bge-m3": family_models.bge_m3, "qwen3": family_models.qwen3}[model]
+    spec = spec_of(folder)
+    batch = batch_for(spec, TEXTS)
+    torch_out = TorchBackend(spec, device="cpu", dtype="float32").forward(batch)
+    onnx_backend = OnnxBackend(spec, cache_dir=cache)
+    onnx_out = onnx_backend.forward(batch)
+    assert onnx_out.shape == torch_out.shape == (len(TEXTS), spec.dimensions)
+    assert onnx_out.dtype == np.float32
+    assert min_cosine(onnx_out, torch_out) >= 0.9999
+    np.testing.assert_allclose(onnx_out, torch_out, atol=1e-3)
+    assert onnx_backend.description == "onnx cpu float32"
+    assert onnx_backend.path.parent.parent == cache
+
+
+def test_the_graph_is_exported_once_and_reused(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = spec_of(bundled_folder())
+    first = OnnxBackend(spec, cache_dir=cache).path
+
+    def no_export(*_: object) -> None:
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(onnx_module, "_export", no_export)
+    assert OnnxBackend(spec, cache_dir=cache).path == first
+    # Another id with the same weights and pooling shares the graph.
+    assert OnnxBackend(spec_of(bundled_folder(), id="again"), cache_dir=cache).path == first
+
+
+def test_the_key_follows_weights_pooling_and_quantization(tiny_dense_model: Path) -> None:
+    minilm = spec_of(bundled_folder())
+    assert graph_key(minilm, "none") == graph_key(spec_of(bundled_folder(), id="x"), "none")
+    assert graph_key(minilm, "none") != graph_key(minilm, "int8")
+    assert graph_key(minilm, "none") != graph_key(spec_of(bundled_folder(), pooling="cls"), "none")
+    assert graph_key(minilm, "none") != graph_key(spec_of(tiny_dense_model), "none")
+
+
+def test_failed_export_leaves_nothing_behind_and_says_why(cache: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_: object) -> None:
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(onnx_module, "_export", broken)
+    empty = tmp_path / "cache"
+    spec = spec_of(bundled_folder())
+    with pytest.raises(ModelLoadError, match=f"'{spec.id}': ONNX export failed: unsupported operator"):
+        OnnxBackend(spec, cache_dir=empty)
+    assert list(empty.iterdir()) == []
+
+
+def test_a_corrupt_cached_graph_is_a_clear_load_error(tmp_path: Path) -> None:
+    spec = spec_of(bundled_folder())
+    target = tmp_path / graph_key(spec, "none") / "model.onnx"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"not a graph")
+    with pytest.raises(ModelLoadError, match="cannot load the ONNX graph"):
+        OnnxBackend(spec, cache_dir=tmp_path)
+
+
+def test_int8_is_close_to_fp32_and_says_so(cache: Path) -> None:
+    spec = spec_of(bundled_folder())
+    batch = batch_for(spec, TEXTS)
+    fp32 = OnnxBackend(spec, cache_dir=cache)
+    int8 = OnnxBackend(spec, cache_dir=cache, quantize="int8")
+    assert int8.description == "onnx cpu int8" and int8.path != fp32.path
+    assert int8.path.stat().st_size < fp32.path.stat().st_size + (
+        fp32.path.with_suffix(".onnx.data").stat().st_size if fp32.path.with_suffix(".onnx.data").exists()
+        else 0)
+    a, b = int8.forward(batch), fp32.forward(batch)
+    cosines = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    # The issue's bar (min >= 0.99) is on the benchmark corpus (5-250 tokens); a 3-token "hi" is the
+    # hardest case for int8 and gets a looser floor here.
+    assert cosines[1:].min() >= 0.99 and cosines.min() >= 0.98
