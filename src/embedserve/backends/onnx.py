@@ -12,6 +12,8 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,26 @@ def graph_key(spec: ModelSpec, quantize: Quantize) -> str:
     return digest.hexdigest()[:24]
 
 
+_NOISY_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "onnx_ir")
+
+
+@contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter logs hundreds of INFO lines (rewrite passes, skipped torchvision ops) and warnings;
+    an operator's log gets our one line before and after instead."""
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def _export(spec: ModelSpec, target: Path) -> None:
     """Trace the torch path (model + pooler + Dense) and write it as ONNX with dynamic batch and length."""
     import torch
@@ -74,8 +96,7 @@ def _export(spec: ModelSpec, target: Path) -> None:
     mask = torch.ones_like(ids)
     mask[1, 12:] = 0
     batch, length = torch.export.Dim("batch"), torch.export.Dim("length")
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # exporter chatter about axis names and deprecated paths
+    with torch.inference_mode(False), torch.no_grad(), _quiet_exporter():
         torch.onnx.export(
             graph, (ids, mask), str(target), dynamo=True, opset_version=OPSET, external_data=True,
             input_names=["input_ids", "attention_mask"], output_names=["pooled"],
