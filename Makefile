@@ -37,7 +37,7 @@ lint: install-dev
 pytest: install-dev
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
-## make bench: load test a live server against in-process sentence-transformers (prints a table)
+## make bench: embedserve vs Infinity and in-process baselines, 3 runs (prints a Markdown table)
 bench: install-dev
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/load.py $(ARGS)
 

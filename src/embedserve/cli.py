@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-tokens", type=int, default=s,
                        help="token slots (padding included) per forward pass")
     serve.add_argument("--max-batch-items", type=int, default=s)
+    serve.add_argument("--max-batch-wait-ms", type=float, default=s,
+                       help="under load, how long a batch may wait to fill (never when idle)")
     serve.add_argument("--tokenizer-threads", type=int, default=s)
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=s)
 

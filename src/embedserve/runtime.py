@@ -97,7 +97,8 @@ def load_runtime(spec: ModelSpec, settings: Settings,
     backend.forward(collate(warm, tokenizer.pad_id, spec.padding_side))
     batcher = Batcher(spec.id, backend, pad_id=tokenizer.pad_id, padding_side=spec.padding_side,
                       max_batch_tokens=settings.max_batch_tokens,
-                      max_batch_items=settings.max_batch_items)
+                      max_batch_items=settings.max_batch_items,
+                      max_batch_wait_ms=settings.max_batch_wait_ms)
     return ModelRuntime(spec=spec, tokenizer=tokenizer, backend=backend, batcher=batcher, eos_id=eos_id,
                         load_seconds=time.perf_counter() - started)
 

@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     # Batching.
     max_batch_tokens: int = Field(16_384, ge=1)
     max_batch_items: int = Field(256, ge=1)
+    max_batch_wait_ms: float = Field(2.0, ge=0, le=1000)
     tokenizer_threads: int = Field(2, ge=1)
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"

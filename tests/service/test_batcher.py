@@ -86,9 +86,11 @@ class FailingBackend(RecordingBackend):
 
 @asynccontextmanager
 async def started(backend: FakeBackend, *, max_batch_tokens: int = 4096, max_batch_items: int = 64,
-                  padding_side: PaddingSide = "right", pad_id: int = 0) -> AsyncIterator[Batcher]:
+                  padding_side: PaddingSide = "right", pad_id: int = 0,
+                  max_batch_wait_ms: float = 0.0) -> AsyncIterator[Batcher]:
     batcher = Batcher("fake", backend, pad_id=pad_id, padding_side=padding_side,
-                      max_batch_tokens=max_batch_tokens, max_batch_items=max_batch_items)
+                      max_batch_tokens=max_batch_tokens, max_batch_items=max_batch_items,
+                      max_batch_wait_ms=max_batch_wait_ms)
     batcher.start()
     try:
         yield batcher
@@ -298,5 +300,45 @@ def test_embed_after_close_is_service_unavailable() -> None:
             await batcher.embed([[1]])
         with pytest.raises(ServiceUnavailable):
             await batcher.embed([[1]])
+
+    run(main())
+
+
+# ---- bounded wait under load ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("wait_ms", [GUARD_S * 1000, 0.0])
+def test_under_load_a_batch_waits_for_inputs_on_their_way(wait_ms: float) -> None:
+    """A runs; B arrives meanwhile; when A is done, C comes right after. With a wait, B and C share a
+    forward pass (the batch fills up, so nothing waits for the deadline); without, B goes alone."""
+
+    async def main() -> None:
+        backend = GatedBackend()
+        async with started(backend, max_batch_items=2, max_batch_wait_ms=wait_ms) as batcher:
+            a = asyncio.ensure_future(batcher.embed([[1]]))
+            await forward_started(backend)
+            b = asyncio.ensure_future(batcher.embed([[2]]))
+            await asyncio.sleep(0)
+            backend.release.set()
+            await asyncio.wait_for(a, GUARD_S)
+            c = await asyncio.wait_for(batcher.embed([[3]]), GUARD_S)
+            await asyncio.wait_for(b, GUARD_S)
+            assert_own_vectors([[3]], c)
+        assert backend.rows == [[1], [2], [3]]
+        assert [rows for rows, _ in backend.batches] == ([1, 2] if wait_ms else [1, 1, 1])
+
+    run(main())
+
+
+@pytest.mark.parametrize("sequential", [1, 3])
+def test_an_idle_queue_never_waits(sequential: int) -> None:
+    """With a 10 s wait configured, a lone caller (and each next one after its answer) is served at
+    once: the wait applies only when a batch has just run and inputs are already waiting."""
+
+    async def main() -> None:
+        async with started(FakeBackend(seed=SEED), max_batch_wait_ms=GUARD_S * 1000) as batcher:
+            for i in range(sequential):
+                vectors = await asyncio.wait_for(batcher.embed([[i + 1, 7]]), ANSWER_S)
+                assert_own_vectors([[i + 1, 7]], vectors)
 
     run(main())

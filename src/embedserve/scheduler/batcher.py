@@ -1,6 +1,8 @@
 """Per-model dynamic batcher: every input of every request is one WorkItem; a single loop packs waiting
 items (scheduler.packing) and runs each batch on the model's own executor thread. There is no added wait
-when the queue is idle: whatever arrives while a batch runs is packed into the next one."""
+when the queue is idle. Under load (a batch has just finished and inputs are waiting), the loop waits at
+most `max_batch_wait_ms` for the batch to fill: the callers whose answers just went out are typically
+sending their next input, and one full batch beats a small one followed by another."""
 
 from __future__ import annotations
 
@@ -22,13 +24,14 @@ log = logging.getLogger("embedserve.batcher")
 
 class Batcher:
     def __init__(self, name: str, backend: Backend, *, pad_id: int, padding_side: PaddingSide,
-                 max_batch_tokens: int, max_batch_items: int) -> None:
+                 max_batch_tokens: int, max_batch_items: int, max_batch_wait_ms: float = 0.0) -> None:
         self.name = name
         self._backend = backend
         self._pad_id = pad_id
         self._padding_side: PaddingSide = padding_side
         self._max_batch_tokens = max_batch_tokens
         self._max_batch_items = max_batch_items
+        self._max_wait_s = max_batch_wait_ms / 1000
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"embedserve-{name}")
         self._pending: list[WorkItem] = []
         self._running: list[WorkItem] = []  # the batch on the executor right now
@@ -64,14 +67,40 @@ class Batcher:
             raise
         return np.stack(vectors)
 
+    def _would_fill(self) -> bool:
+        """Enough waiting for a full batch (padding ignored: a cheap, optimistic test)."""
+        return (len(self._pending) >= self._max_batch_items
+                or sum(item.length for item in self._pending) >= self._max_batch_tokens)
+
+    async def _fill(self) -> None:
+        """Wait until a full batch is waiting or `max_batch_wait_ms` has passed."""
+        deadline = asyncio.get_running_loop().time() + self._max_wait_s
+        while True:
+            self._wakeup.clear()  # before the check, so that no arrival goes unnoticed
+            remaining = deadline - asyncio.get_running_loop().time()
+            if self._would_fill() or remaining <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                return
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        under_load = False  # a batch has just run: more inputs are likely on their way
         while True:
             self._pending = [item for item in self._pending if not item.future.cancelled()]
             if not self._pending:
+                under_load = False
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            if under_load and self._max_wait_s > 0:
+                await self._fill()
+                self._pending = [item for item in self._pending if not item.future.cancelled()]
+                if not self._pending:
+                    continue
+            under_load = True
             batch, self._pending = take_batch(self._pending, self._max_batch_tokens,
                                               self._max_batch_items)
             tokens = collate([item.ids for item in batch], self._pad_id, self._padding_side)
