@@ -1,8 +1,11 @@
-"""Fidelity of the served families against their model cards' recipes, straight from transformers: tiny
-random bge-m3 and Qwen3-Embedding checkpoints (built here, as the tests build them) served over HTTP
-from a private HF cache, on mixed-length inputs from the benchmark corpus. Prints a Markdown table.
+"""Fidelity, printed as Markdown tables:
+1. the served families against their model cards' recipes, straight from transformers: tiny random
+   bge-m3 and Qwen3-Embedding checkpoints (built here, as the tests build them) served over HTTP from a
+   private HF cache, on mixed-length inputs from the benchmark corpus;
+2. all-MiniLM-L6-v2 served in fp32 and int8 (ONNX Runtime) against sentence-transformers, on the whole
+   benchmark corpus (2000 texts).
 
-    .venv/bin/python benchmarks/fidelity.py [--texts 64]
+    .venv/bin/python benchmarks/fidelity.py [--texts 64] [--corpus 2000]
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ def compare(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--texts", type=int, default=64, help="corpus paragraphs to embed")
+    parser.add_argument("--texts", type=int, default=64, help="corpus paragraphs for the families")
+    parser.add_argument("--corpus", type=int, default=2000, help="corpus size for fp32 / int8")
     args = parser.parse_args()
     texts = build_corpus(lambda t: len(t.split()), size=args.texts)  # 5-250 words
     queries = [t[:80] for t in texts[:16]]
@@ -87,6 +91,31 @@ def main() -> None:
         for name, serve, reference in rows:
             cos, diff = compare(serve(live.v1), reference)
             print(f"| {name} | {cos:.7f} | {diff:.1e} |")
+    _precisions(args.corpus)
+
+
+def _precisions(size: int) -> None:
+    """all-MiniLM-L6-v2 served in fp32 and int8 against sentence-transformers on the benchmark corpus."""
+    from sentence_transformers import SentenceTransformer
+
+    from support import bundled_folder
+
+    reference_model = SentenceTransformer(str(bundled_folder()), device="cpu")
+    corpus = build_corpus(lambda t: len(reference_model.tokenizer(t)["input_ids"]), size=size)
+    reference = reference_model.encode(corpus, batch_size=32, normalize_embeddings=True)
+    catalog = Path(tempfile.mkdtemp(prefix="embedserve-fidelity-")) / "models.toml"
+    catalog.write_text('[[models]]\nsource = "all-MiniLM-L6-v2"\n\n'
+                       '[[models]]\nid = "int8"\nsource = "all-MiniLM-L6-v2"\nquantize = "int8"\n')
+    print(f"\nall-MiniLM-L6-v2 on the {len(corpus)}-text benchmark corpus, against "
+          "sentence-transformers fp32\n")
+    print("| served | min cosine | mean cosine | max abs diff |")
+    print("|---|---|---|---|")
+    with live_server(Settings(models_file=catalog)) as live:
+        for name, model in (("onnx fp32", "all-MiniLM-L6-v2"), ("onnx int8", "int8")):
+            got = np.concatenate([served(live.v1, model, corpus[i:i + 256])
+                                  for i in range(0, len(corpus), 256)])
+            cos = (got * reference).sum(axis=1)
+            print(f"| {name} | {cos.min():.4f} | {cos.mean():.4f} | {np.abs(got - reference).max():.1e} |")
 
 
 def _renormalized(m: np.ndarray) -> np.ndarray:
