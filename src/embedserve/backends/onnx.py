@@ -167,8 +167,7 @@ def ensure_graph(spec: ModelSpec, cache_dir: Path, quantize: Quantize) -> Path:
 
 
 class OnnxBackend:
-    def __init__(self, spec: ModelSpec, *, cache_dir: Path, quantize: Quantize = "none",
-                 threads: int | None = None) -> None:
+    def __init__(self, spec: ModelSpec, *, cache_dir: Path, quantize: Quantize = "none") -> None:
         import onnxruntime as ort
 
         self._spec = spec
@@ -176,7 +175,7 @@ class OnnxBackend:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.intra_op_num_threads = os.cpu_count() or 1
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only: ORT's warnings are not the operator's business
         try:
