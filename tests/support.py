@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import uvicorn
 
 from embedserve.api.app import create_app
@@ -69,6 +70,13 @@ def live_server(settings: Settings, catalog: Catalog | None = None,
         server.should_exit = True
         thread.join(30)
         sock.close()
+
+
+def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """The smallest cosine between matching rows of two [N, D] matrices (normalized or not)."""
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return float((a * b).sum(axis=1).min())
 
 
 def bundled_folder() -> Path:

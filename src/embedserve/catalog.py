@@ -4,6 +4,7 @@ layout. `Catalog.resolve(name)` maps an id or alias to its spec."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -23,7 +24,6 @@ from embedserve.families import (
     architecture_matches,
     canonical_names,
     detect_family,
-    family_by_name,
     query_instruction_of,
 )
 from embedserve.prompts import INSTRUCTION_SLOT
@@ -233,8 +233,16 @@ def load_models_file(path: Path) -> list[ModelEntry]:
 
 
 def sha256_of(path: Path) -> str:
+    """sha256 of a file, read once per version of it (the start-up check and the ONNX cache key both
+    ask for the weights' hash)."""
+    stat = path.stat()
+    return _sha256_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
+    with open(path, "rb") as fh:
         while chunk := fh.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
@@ -304,9 +312,8 @@ def locate(entry: ModelEntry, *, allow_download: bool) -> tuple[ModelEntry, Path
                              "Hugging Face repo id (org/name)")
     if not named:  # a published family model answers to both its spellings (BAAI/bge-m3 and bge-m3)
         assert entry.id is not None
-        family = family_by_name((entry.source,)) if entry.family == "auto" else (
-            None if entry.family == "none" else entry.family)
-        extra = canonical_names(FAMILIES[family], (entry.source,)) if family else ()
+        family = detect_family((entry.source,), entry.family)
+        extra = canonical_names(family, (entry.source,)) if family else ()
         aliases = tuple(a for a in dict.fromkeys((*entry.aliases, *extra)) if a != entry.id)
         entry = replace(entry, aliases=aliases)
     if not _has_weights(folder):
@@ -413,7 +420,7 @@ def _owner(source: str) -> str:
 
 def _family_of(entry: ModelEntry, config: Mapping[str, Any]) -> Family | None:
     assert entry.id is not None
-    family = detect_family((entry.id, entry.source, *entry.aliases), config, entry.family)
+    family = detect_family((entry.id, entry.source, *entry.aliases), entry.family)
     if family is None:
         return None
     if not architecture_matches(family, config):

@@ -69,10 +69,10 @@ def family_by_name(names: Iterable[str]) -> FamilyName | None:
     return None
 
 
-def detect_family(names: Iterable[str], config: Mapping[str, Any],
+def detect_family(names: Iterable[str],
                   explicit: FamilyName | Literal["auto", "none"] = "auto") -> Family | None:
-    """The preset for a model: `explicit` when given, else by name. A name whose architecture does
-    not match (e.g. a folder called bge-m3 holding a BERT) gets no preset; the caller warns."""
+    """The preset for a model: `explicit` when given, else by name. The caller checks the architecture
+    (`architecture_matches`): a folder called bge-m3 holding a BERT gets no preset."""
     if explicit == "none":
         return None
     chosen = family_by_name(names) if explicit == "auto" else explicit

@@ -17,7 +17,7 @@ from openai import OpenAI
 
 from conftest import API_KEY, FamilyModels
 from embedserve.settings import Settings
-from support import LiveServer, live_server
+from support import LiveServer, live_server, min_cosine
 from tiny_models import (
     QWEN3_DEFAULT_TASK,
     bge_m3_reference,
@@ -39,12 +39,6 @@ TEXTS = [
 QUERIES = ["what is the capital of France", "how do vaccines work",
            "why is the sky blue when the sun is yellow and the air is clear"]
 QWEN3_DIMS = [64, 128, 256, 512, 768, 1024]
-
-
-def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return float((a * b).sum(axis=1).min())
 
 
 def embed(client: OpenAI, model: str, inputs: Any, **extra: Any) -> tuple[np.ndarray, int]:

@@ -15,8 +15,8 @@ from embedserve.backends.torch import TorchBackend
 from embedserve.catalog import ModelEntry, ModelSpec, locate, read_spec
 from embedserve.errors import ModelLoadError
 from embedserve.scheduler.packing import collate
-from embedserve.tokenization import TokenizerPool, tokenizer_factory
-from support import bundled_folder
+from embedserve.tokenization import TokenizerPool, ensure_last, tokenizer_factory
+from support import bundled_folder, min_cosine
 
 TEXTS = ["hi", "The quick brown fox jumps over the lazy dog.", "Zürich 🚀 " * 20,
          "a somewhat longer sentence about bridges and the engineers who build them " * 3]
@@ -33,14 +33,10 @@ def batch_for(spec: ModelSpec, texts: list[str]):  # type: ignore[no-untyped-def
     with ThreadPoolExecutor(1) as executor:
         pool = TokenizerPool(tokenizer_factory(spec.folder), executor, copies=1)
         ids = pool.encode_sync(texts)
-        if spec.eos_token is not None:
-            eos = pool.token_id(spec.eos_token)
-            ids = [i if i[-1] == eos else [*i, eos] for i in ids]  # type: ignore[list-item]
+        eos = pool.token_id(spec.eos_token) if spec.eos_token is not None else None
+        if eos is not None:
+            ids = ensure_last(ids, eos)
         return collate(ids, pool.pad_id, spec.padding_side)
-
-
-def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
 
 
 @pytest.fixture(scope="module")

@@ -60,9 +60,9 @@ def test_presets_are_the_authors_recipes() -> None:
 
 
 def test_explicit_family_wins_over_the_name_and_none_switches_it_off() -> None:
-    assert detect_family(["my-finetune"], {}, "qwen3-embedding") is QWEN
-    assert detect_family(["BAAI/bge-m3"], {}, "none") is None
-    assert detect_family(["BAAI/bge-m3"], {}) is BGE
+    assert detect_family(["my-finetune"], "qwen3-embedding") is QWEN
+    assert detect_family(["BAAI/bge-m3"], "none") is None
+    assert detect_family(["BAAI/bge-m3"]) is BGE
 
 
 @pytest.mark.parametrize(("names", "expected"), [

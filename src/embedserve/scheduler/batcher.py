@@ -67,6 +67,11 @@ class Batcher:
             raise
         return np.stack(vectors)
 
+    def _prune(self) -> bool:
+        """Drop items whose caller has gone; True if anything is still waiting."""
+        self._pending = [item for item in self._pending if not item.future.cancelled()]
+        return bool(self._pending)
+
     def _would_fill(self) -> bool:
         """Enough waiting for a full batch (padding ignored: a cheap, optimistic test)."""
         return (len(self._pending) >= self._max_batch_items
@@ -89,16 +94,14 @@ class Batcher:
         loop = asyncio.get_running_loop()
         under_load = False  # a batch has just run: more inputs are likely on their way
         while True:
-            self._pending = [item for item in self._pending if not item.future.cancelled()]
-            if not self._pending:
+            if not self._prune():
                 under_load = False
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
             if under_load and self._max_wait_s > 0:
                 await self._fill()
-                self._pending = [item for item in self._pending if not item.future.cancelled()]
-                if not self._pending:
+                if not self._prune():
                     continue
             under_load = True
             batch, self._pending = take_batch(self._pending, self._max_batch_tokens,
