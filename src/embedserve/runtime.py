@@ -15,7 +15,7 @@ from embedserve.backends.base import Backend
 from embedserve.catalog import Catalog, ModelSpec
 from embedserve.errors import ModelLoadError, ModelNotReady, ServiceUnavailable
 from embedserve.scheduler.batcher import Batcher
-from embedserve.scheduler.packing import collate
+from embedserve.scheduler.packing import collate, max_padding_for
 from embedserve.settings import Settings
 from embedserve.tokenization import (
     TokenizerPool,
@@ -98,7 +98,8 @@ def load_runtime(spec: ModelSpec, settings: Settings,
     batcher = Batcher(spec.id, backend, pad_id=tokenizer.pad_id, padding_side=spec.padding_side,
                       max_batch_tokens=settings.max_batch_tokens,
                       max_batch_items=settings.max_batch_items,
-                      max_batch_wait_ms=settings.max_batch_wait_ms)
+                      max_batch_wait_ms=settings.max_batch_wait_ms,
+                      max_padding=max_padding_for(backend.device))
     return ModelRuntime(spec=spec, tokenizer=tokenizer, backend=backend, batcher=batcher, eos_id=eos_id,
                         load_seconds=time.perf_counter() - started)
 

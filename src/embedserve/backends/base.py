@@ -14,6 +14,8 @@ class Backend(Protocol):
     dimensions: int
     #: Rows of the input-embedding table: token ids at or above it cannot be embedded.
     vocab_size: int
+    #: Where the forward pass runs ("cpu" or "cuda"): the batcher packs tighter on CPU.
+    device: str
     #: What serves, for the model listing and the start-up log (e.g. "torch cpu float32").
     description: str
 

@@ -183,6 +183,7 @@ class OnnxBackend:
         except Exception as exc:
             raise ModelLoadError(f"model '{spec.id}': cannot load the ONNX graph {path}: {exc}") from exc
         self.dimensions = spec.dimensions
+        self.device = "cpu"
         self.vocab_size = self._vocab_size(spec)
         self.description = f"onnx cpu {'int8' if quantize == 'int8' else 'float32'}"
         self.path = path

@@ -85,6 +85,7 @@ class TorchBackend:
         self._dense = torch.nn.Sequential(*(_dense_module(d) for d in spec.dense))
         self._dense = self._dense.to(self._device, self._dtype).eval()
         self.dimensions = spec.dimensions
+        self.device = self._device.type
         self.vocab_size = int(self._model.get_input_embeddings().weight.shape[0])
         self.description = f"torch {self._device.type} {str(self._dtype).removeprefix('torch.')}"
 

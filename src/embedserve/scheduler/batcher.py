@@ -16,7 +16,7 @@ import numpy as np
 
 from embedserve.backends.base import Backend
 from embedserve.errors import InternalError, ServiceUnavailable
-from embedserve.scheduler.packing import collate, take_batch
+from embedserve.scheduler.packing import MAX_PADDING, collate, take_batch
 from embedserve.types import FloatMatrix, PaddingSide, WorkItem
 
 log = logging.getLogger("embedserve.batcher")
@@ -24,7 +24,8 @@ log = logging.getLogger("embedserve.batcher")
 
 class Batcher:
     def __init__(self, name: str, backend: Backend, *, pad_id: int, padding_side: PaddingSide,
-                 max_batch_tokens: int, max_batch_items: int, max_batch_wait_ms: float = 0.0) -> None:
+                 max_batch_tokens: int, max_batch_items: int, max_batch_wait_ms: float = 0.0,
+                 max_padding: float = MAX_PADDING) -> None:
         self.name = name
         self._backend = backend
         self._pad_id = pad_id
@@ -32,6 +33,7 @@ class Batcher:
         self._max_batch_tokens = max_batch_tokens
         self._max_batch_items = max_batch_items
         self._max_wait_s = max_batch_wait_ms / 1000
+        self._max_padding = max_padding
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"embedserve-{name}")
         self._pending: list[WorkItem] = []
         self._running: list[WorkItem] = []  # the batch on the executor right now
@@ -105,7 +107,7 @@ class Batcher:
                     continue
             under_load = True
             batch, self._pending = take_batch(self._pending, self._max_batch_tokens,
-                                              self._max_batch_items)
+                                              self._max_batch_items, self._max_padding)
             tokens = collate([item.ids for item in batch], self._pad_id, self._padding_side)
             self._running = batch
             try:
