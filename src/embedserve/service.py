@@ -4,22 +4,26 @@ pools on it -> check lengths -> batch -> finish)."""
 
 from __future__ import annotations
 
+import time
+
 from embedserve.errors import InvalidInputType
+from embedserve.metrics import Metrics
 from embedserve.postprocess import finish
 from embedserve.prompts import choose_prefix
 from embedserve.runtime import ModelRegistry
 from embedserve.settings import Settings
 from embedserve.tokenization import ensure_last
-from embedserve.types import EmbeddingJob, EmbeddingResult
+from embedserve.types import EmbeddingJob, EmbeddingResult, Principal
 from embedserve.validation import check_dimensions, check_lengths, check_token_ids
 
 
 class EmbeddingService:
-    def __init__(self, registry: ModelRegistry, settings: Settings) -> None:
+    def __init__(self, registry: ModelRegistry, settings: Settings, metrics: Metrics) -> None:
         self._registry = registry
         self._settings = settings
+        self._metrics = metrics
 
-    async def embed(self, job: EmbeddingJob) -> EmbeddingResult:
+    async def embed(self, job: EmbeddingJob, principal: Principal) -> EmbeddingResult:
         spec = self._registry.catalog.resolve(job.model)
         check_dimensions(job.dimensions, model=job.model, native=spec.dimensions,
                          allowed=spec.matryoshka_dimensions)
@@ -30,7 +34,9 @@ class EmbeddingService:
                                input_type=job.input_type, instruction=job.instruction)
         runtime = self._registry.runtime(spec)
         if job.texts is not None:
+            started = time.perf_counter()
             sequences = await runtime.tokenizer.encode(job.texts, prefix)
+            self._metrics.observe_tokenize(spec.id, time.perf_counter() - started)
         else:
             assert job.token_ids is not None
             if prefix and job.input_type is not None:
@@ -48,5 +54,7 @@ class EmbeddingService:
                                   keep_last=runtime.eos_id is not None)
         pooled = await runtime.batcher.embed(sequences)  # [N, D]
         vectors = finish(pooled, dimensions=job.dimensions, normalize=spec.normalize)
+        tokens = sum(len(ids) for ids in sequences)
+        self._metrics.observe_embedded(spec.id, principal.key_id, len(sequences), tokens)
         return EmbeddingResult(vectors=vectors, encoding_format=job.encoding_format,
-                               prompt_tokens=sum(len(ids) for ids in sequences))
+                               prompt_tokens=tokens, model_id=spec.id)

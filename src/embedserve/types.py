@@ -58,6 +58,7 @@ class WorkItem:
     ids: list[int]
     seq: int
     future: asyncio.Future[FloatMatrix] = field(repr=False)
+    queued_at: float = 0.0  # time.perf_counter() when it joined the queue
 
     @property
     def length(self) -> int:
@@ -85,3 +86,4 @@ class EmbeddingResult:
     vectors: FloatMatrix  # [N, D] float32, final (truncated and normalized)
     encoding_format: EncodingFormat
     prompt_tokens: int
+    model_id: str  # the catalog id the request's model name resolved to

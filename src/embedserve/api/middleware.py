@@ -1,6 +1,7 @@
-"""Outermost ASGI middleware: gives every request an id (the client's X-Request-ID when it is sane),
-puts it on every response and every log line, writes the access log line, and turns any exception that
-escaped the routes into the generic 500 error (traceback in the log only)."""
+"""Outermost ASGI middleware: gives every request an id (the client's X-Request-ID when it is sane) and
+puts it on every response and log line; turns requests away while the server drains; counts requests
+in flight; records the request's metrics and writes its access-log line (never the input text, never a
+key); and turns any exception that escaped the routes into the generic 500 (traceback in the log only)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,22 @@ import logging
 import re
 import time
 import uuid
+from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embedserve.api.errors import error_body, internal_error
+from embedserve.errors import EmbedServeError, ShuttingDown
 from embedserve.logs import request_id_var
+
+if TYPE_CHECKING:
+    from embedserve.api.state import AppState
 
 log = logging.getLogger("embedserve.access")
 
 _SANE_ID = re.compile(r"^[\x21-\x7e]{1,200}$")  # visible ASCII, bounded
+#: Probes and scrapes: answered while draining, not counted in flight, logged at debug level.
+PROBES = frozenset({"/health", "/ready", "/metrics"})
 
 
 def pick_request_id(headers: list[tuple[bytes, bytes]]) -> str:
@@ -28,6 +36,12 @@ def pick_request_id(headers: list[tuple[bytes, bytes]]) -> str:
     return uuid.uuid4().hex
 
 
+def _route_template(scope: Scope) -> str:
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else "unmatched"
+
+
 class RequestContextMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -36,10 +50,13 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        state: AppState = scope["app"].state.embedserve
         request_id = pick_request_id(scope["headers"])
-        scope.setdefault("state", {})["request_id"] = request_id
-        token = request_id_var.set(request_id)
         started = time.perf_counter()
+        info: dict[str, Any] = scope.setdefault("state", {})
+        info.update(request_id=request_id, started=started)
+        token = request_id_var.set(request_id)
+        probe = scope["path"] in PROBES
         status = 0
 
         async def send_with_id(message: Message) -> None:
@@ -48,20 +65,51 @@ class RequestContextMiddleware:
                 status = message["status"]
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode("latin-1")))
+                if state.draining:
+                    headers.append((b"connection", b"close"))
                 message = {**message, "headers": headers}
             await send(message)
 
+        async def refuse(exc: EmbedServeError) -> None:
+            headers = [(b"content-type", b"application/json"),
+                       *((k.lower().encode(), v.encode()) for k, v in exc.headers().items())]
+            await send_with_id({"type": "http.response.start", "status": exc.status, "headers": headers})
+            await send({"type": "http.response.body", "body": error_body(exc)})
+
+        if not probe:
+            state.request_started()
         try:
-            await self.app(scope, receive, send_with_id)
+            if state.draining and not probe:
+                await refuse(ShuttingDown("The server is shutting down; retry on another replica.",
+                                          retry_after_s=5))
+            else:
+                await self.app(scope, receive, send_with_id)
         except Exception:
             log.exception("unhandled error on %s %s", scope["method"], scope["path"])
             if status:  # the response has started: nothing sane can be sent any more
                 raise
-            exc = internal_error(request_id)
-            await send_with_id({"type": "http.response.start", "status": exc.status,
-                                "headers": [(b"content-type", b"application/json")]})
-            await send({"type": "http.response.body", "body": error_body(exc)})
+            await refuse(internal_error(request_id))
         finally:
-            log.info("%s %s %d %.1fms", scope["method"], scope["path"], status,
-                     (time.perf_counter() - started) * 1000)
+            if not probe:
+                state.request_finished()
+            self._account(state, scope, info, status, time.perf_counter() - started, probe)
             request_id_var.reset(token)
+
+    @staticmethod
+    def _account(state: AppState, scope: Scope, info: dict[str, Any], status: int, seconds: float,
+                 probe: bool) -> None:
+        route = _route_template(scope)
+        model = state.registry.catalog.canonical_id(info.get("model") or "") or "-"
+        status = status or 499  # no response started: the client left first
+        state.metrics.observe_request(route, model, status, seconds)
+        principal = info.get("principal")
+        fields = {"event": "request", "request_id": info["request_id"], "method": scope["method"],
+                  "route": route, "status": status,
+                  "latency_ms": round(seconds * 1000, 1), "key_id": getattr(principal, "key_id", None),
+                  "model": None if model == "-" else model, "inputs": info.get("inputs"),
+                  "tokens": info.get("tokens")}
+        log.log(logging.DEBUG if probe else logging.INFO, "%s %s %d %.1fms%s", scope["method"],
+                scope["path"], status, seconds * 1000,
+                "".join(f" {k}={v}" for k in ("model", "inputs", "tokens", "key_id")
+                        if (v := fields[k]) is not None),
+                extra=fields)

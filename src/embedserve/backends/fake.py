@@ -15,7 +15,7 @@ class FakeBackend:
         self._table = rng.standard_normal((vocab_size, dimensions)).astype(np.float32)  # [V, D]
         self.dimensions = dimensions
         self.vocab_size = vocab_size
-        self.device = "cpu"
+        self.kind, self.device, self.precision = "fake", "cpu", "float32"
         self.description = "fake cpu float32"
         self.batches: list[tuple[int, int]] = []  # (rows, padded length) of every forward, for tests
         self.real_tokens: list[int] = []  # real (unpadded) tokens of every forward
