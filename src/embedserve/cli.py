@@ -120,9 +120,16 @@ def _serve(settings: Settings) -> int:
 
     catalog = _catalog(settings)
     first = catalog.specs[0].id
-    app = create_app(settings, catalog, on_ready=lambda _state: print(banner(settings, first),
-                                                                        file=sys.stderr,
-                                                                        flush=True))
+
+    def announce(_state: object) -> None:
+        text = banner(settings, first)
+        if settings.log_format == "json":  # every stderr line stays one JSON object
+            log.info(text, extra={"event": "ready",
+                                  "base_url": f"http://{settings.host}:{settings.port}/v1"})
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    app = create_app(settings, catalog, on_ready=announce)
     server = build_server(app, settings)
     # The server drains on SIGTERM/SIGINT, then re-raises the signal under the handlers it found at
     # start. No-op handlers there make a graceful stop end with exit status 0, as a supervisor

@@ -11,9 +11,11 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embedserve.api.errors import error_body, internal_error
+from embedserve.api.routes import router as api_routes
 from embedserve.errors import EmbedServeError, ShuttingDown
 from embedserve.logs import request_id_var
 
@@ -37,7 +39,11 @@ def pick_request_id(headers: list[tuple[bytes, bytes]]) -> str:
 
 
 def _route_template(scope: Scope) -> str:
+    """The matched route's template (bounded, unlike raw paths); for a request refused before routing
+    (while draining), the route it would have reached; "unmatched" for unknown paths."""
     route = scope.get("route")
+    if route is None:
+        route = next((r for r in api_routes.routes if r.matches(scope)[0] == Match.FULL), None)
     path = getattr(route, "path", None)
     return path if isinstance(path, str) else "unmatched"
 

@@ -1,0 +1,120 @@
+"""The HTTP server's own limits, on a raw socket: a request head that trickles in (slow-loris) gets 408
+and the connection closes; one over the header limit gets 431 and closes; both bodies are OpenAI-shaped
+and the server keeps serving."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from embedserve.settings import Settings
+from support import LiveServer, live_server
+
+HEADER_TIMEOUT_S = 1.0
+MAX_HEADER_BYTES = 4096
+
+
+@pytest.fixture(scope="module")
+def guarded() -> Iterator[LiveServer]:
+    settings = Settings(header_timeout=HEADER_TIMEOUT_S, max_header_bytes=MAX_HEADER_BYTES)
+    with live_server(settings) as live:
+        yield live
+
+
+def connect(live: LiveServer) -> socket.socket:
+    port = int(live.base_url.rsplit(":", 1)[1])
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.settimeout(30)
+    return sock
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse(raw: bytes) -> tuple[int, dict[str, str], dict[str, object]]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (h.split(":", 1) for h in header_lines)}
+    return int(status_line.split()[1]), headers, json.loads(body)
+
+
+def assert_openai_error(body: dict[str, object], code: str) -> None:
+    error = body["error"]
+    assert isinstance(error, dict)
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code
+    assert error["type"] == "invalid_request_error"
+
+
+def assert_still_serving(live: LiveServer) -> None:
+    response = httpx.post(f"{live.v1}/embeddings", json={"model": "all-MiniLM-L6-v2", "input": "still up"})
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize("sent", [b"", b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-"],
+                         ids=["nothing", "half-a-head"])
+def test_a_request_head_that_never_completes_gets_408_and_the_connection_closes(
+        guarded: LiveServer, sent: bytes) -> None:
+    with connect(guarded) as sock:
+        sock.sendall(sent)
+        started = time.monotonic()
+        raw = read_until_closed(sock)  # the server closes it; a server without the guard never would
+    assert time.monotonic() - started >= HEADER_TIMEOUT_S * 0.9
+    status, headers, body = parse(raw)
+    assert status == 408
+    assert headers["connection"] == "close"
+    assert headers["content-type"] == "application/json"
+    assert_openai_error(body, "header_timeout")
+    assert_still_serving(guarded)
+
+
+def test_a_slow_loris_trickling_bytes_is_cut_off_at_the_header_timeout(guarded: LiveServer) -> None:
+    with connect(guarded) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\n")
+        for _ in range(int(HEADER_TIMEOUT_S / 0.1) + 20):  # well past the timeout, one byte at a time
+            try:
+                sock.sendall(b"X")
+            except OSError:
+                break  # closed by the server
+            time.sleep(0.1)
+        raw = read_until_closed(sock)
+    status, _, body = parse(raw)
+    assert status == 408
+    assert_openai_error(body, "header_timeout")
+    assert_still_serving(guarded)
+
+
+def test_headers_over_the_limit_get_431_and_the_connection_closes(guarded: LiveServer) -> None:
+    with connect(guarded) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * (MAX_HEADER_BYTES + 100))
+        raw = read_until_closed(sock)
+    status, headers, body = parse(raw)
+    assert status == 431
+    assert headers["connection"] == "close"
+    assert_openai_error(body, "headers_too_large")
+    assert str(MAX_HEADER_BYTES) in str(body["error"]["message"])  # type: ignore[index]
+    assert_still_serving(guarded)
+
+
+def test_a_kept_alive_connection_serves_several_requests_under_the_limits(guarded: LiveServer) -> None:
+    with httpx.Client(base_url=guarded.base_url) as http:
+        for _ in range(3):
+            assert http.get("/health", headers={"X-Ok": "b" * 1000}).status_code == 200
+        time.sleep(HEADER_TIMEOUT_S * 1.5)  # idle between requests is keep-alive, not a slow head
+        assert http.get("/health").status_code == 200
+
+
+def test_a_large_body_is_not_mistaken_for_large_headers(guarded: LiveServer) -> None:
+    text = "word " * 2000  # ~10 KB body, over the header limit, sent with its head in one write
+    response = httpx.post(f"{guarded.v1}/embeddings", json={"model": "all-MiniLM-L6-v2",
+                                                            "input": [text[:1000]] * 10})
+    assert response.status_code == 200
