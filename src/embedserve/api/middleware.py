@@ -1,6 +1,8 @@
 """Outermost ASGI middleware: gives every request an id (the client's X-Request-ID when it is sane),
-puts it on every response and every log line, writes the access log line, and turns any exception that
-escaped the routes into the generic 500 error (traceback in the log only)."""
+puts it on every response and every log line, adds the headers a handler asked for on whatever response
+goes out (`scope["state"]["response_headers"]`, a callable: a limited key's x-ratelimit-*), writes the
+access log line, and turns any exception that escaped the routes into the generic 500 error (traceback
+in the log only). It also notes when the request started, for the usage record's latency."""
 
 from __future__ import annotations
 
@@ -37,9 +39,9 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         request_id = pick_request_id(scope["headers"])
-        scope.setdefault("state", {})["request_id"] = request_id
-        token = request_id_var.set(request_id)
         started = time.perf_counter()
+        scope.setdefault("state", {}).update(request_id=request_id, started=time.monotonic())
+        token = request_id_var.set(request_id)
         status = 0
 
         async def send_with_id(message: Message) -> None:
@@ -48,6 +50,10 @@ class RequestContextMiddleware:
                 status = message["status"]
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode("latin-1")))
+                extra = scope["state"].get("response_headers")  # e.g. a limited key's x-ratelimit-*
+                if extra is not None:
+                    headers += [(name.encode("latin-1"), value.encode("latin-1"))
+                                for name, value in extra()]
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -62,6 +68,9 @@ class RequestContextMiddleware:
                                 "headers": [(b"content-type", b"application/json")]})
             await send({"type": "http.response.body", "body": error_body(exc)})
         finally:
-            log.info("%s %s %d %.1fms", scope["method"], scope["path"], status,
-                     (time.perf_counter() - started) * 1000)
+            principal = scope["state"].get("principal")
+            who = "" if principal is None else f" key={principal.key_id}" + (
+                f" ({principal.prefix}...)" if principal.prefix else "")
+            log.info("%s %s %d %.1fms%s", scope["method"], scope["path"], status,
+                     (time.perf_counter() - started) * 1000, who)
             request_id_var.reset(token)

@@ -1,29 +1,73 @@
-"""AppState: everything a running app owns (settings, catalog runtimes, key checker, service), built in
-the lifespan and reachable from handlers as `request.app.state.embedserve`. No module-level state."""
+"""AppState: everything a running app owns (settings, model registry, database, key ring, rate limiter,
+usage ledger, service and their background tasks), built in the lifespan and reachable from handlers as
+`request.app.state.embedserve`. No module-level state."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
 
-from embedserve.api.auth import KeyChecker
 from embedserve.catalog import Catalog
+from embedserve.db import Database, open_database
+from embedserve.keys import KeyRing, KeyStore, load_pepper
+from embedserve.ratelimit import RateLimiter
 from embedserve.runtime import ModelRegistry
 from embedserve.service import EmbeddingService
 from embedserve.settings import Settings
+from embedserve.usage import UsageLedger
+
+log = logging.getLogger("embedserve.app")
 
 
 @dataclass(slots=True)
 class AppState:
     settings: Settings
     registry: ModelRegistry
-    keys: KeyChecker
+    db: Database
+    key_store: KeyStore
+    keys: KeyRing
+    limiter: RateLimiter
+    ledger: UsageLedger
     service: EmbeddingService
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
-    def build(cls, settings: Settings, catalog: Catalog) -> AppState:
+    async def open(cls, settings: Settings, catalog: Catalog) -> AppState:
+        """Open the database (creating the schema), check the pepper, load the keys: a server never
+        answers a request before it knows every key."""
+        db = await asyncio.to_thread(open_database, settings.database_url, settings.data_dir)
+        try:
+            pepper = load_pepper(settings.key_pepper, settings.data_dir)
+            if db.dialect == "postgresql" and not settings.key_pepper:
+                log.warning("the key pepper comes from %s: every replica and CLI sharing %s needs the "
+                            "same one (set EMBEDSERVE_KEY_PEPPER)", settings.data_dir / "key-pepper",
+                            db.where)
+            store = KeyStore(db)
+            await asyncio.to_thread(store.check_pepper, pepper)
+            keys = KeyRing(store, pepper, api_keys=settings.api_keys, admin_keys=settings.admin_keys)
+            await asyncio.to_thread(keys.refresh_sync)
+        except BaseException:
+            db.close()
+            raise
         registry = ModelRegistry(catalog, settings)
-        return cls(settings=settings, registry=registry, keys=KeyChecker(settings.api_keys),
-                   service=EmbeddingService(registry, settings))
+        limiter = RateLimiter()
+        ledger = UsageLedger(db, settings.usage_flush_interval)
+        return cls(settings=settings, registry=registry, db=db, key_store=store, keys=keys,
+                   limiter=limiter, ledger=ledger,
+                   service=EmbeddingService(registry, settings, limiter, ledger))
+
+    def start(self) -> None:
+        self.tasks += [asyncio.create_task(self.keys.run(), name="refresh-keys"),
+                       asyncio.create_task(self.ledger.run(), name="flush-usage")]
 
     async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.registry.close()
+        await self.ledger.close()  # after the last request: every record is written
+        self.db.close()
