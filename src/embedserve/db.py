@@ -4,6 +4,7 @@ with `?` placeholders; the schema is created on first use. Blocking: call it fro
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -28,7 +29,7 @@ CREATE TABLE IF NOT EXISTS api_keys (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
     prefix TEXT NOT NULL,                  -- the first characters of the key, for listings and logs
-    key_hash TEXT NOT NULL UNIQUE,         -- hex HMAC-SHA256(pepper, key); the key itself is not kept
+    key_hash TEXT NOT NULL UNIQUE,         -- hex HMAC-SHA256(pepper, key), never the key
     models TEXT,                           -- JSON array of model names, NULL for every model
     rpm INTEGER,
     tpm INTEGER,
@@ -198,18 +199,23 @@ class PostgresDatabase:
             raise ConfigError(f"--database-url is not a PostgreSQL URL: {exc}") from None
         self.where = (f"postgresql://{info.get('host', 'localhost')}:{info.get('port', 5432)}/"
                       f"{info.get('dbname', '')}")
+        self._url = url
         self._pool = ConnectionPool(url, min_size=1, max_size=4, open=False, timeout=10,
                                     check=ConnectionPool.check_connection, name="embedserve")
 
     def open(self) -> None:
+        """Connect once directly first: a wrong URL, password or port fails at once with the driver's
+        own reason, instead of after the pool's timeout."""
+        import psycopg
         from psycopg_pool import PoolTimeout
 
         try:
+            psycopg.connect(self._url, connect_timeout=10).close()
             self._pool.open(wait=True, timeout=10)
-        except PoolTimeout:
+        except (psycopg.Error, PoolTimeout) as exc:
             self._pool.close()
-            raise ConfigError(f"cannot connect to the database {self.where} (is PostgreSQL running, "
-                              "and are the URL's user, password and database right?)") from None
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise ConfigError(f"cannot connect to the database {self.where}: {reason}") from None
 
     @contextmanager
     def transaction(self, write: bool = True) -> Iterator[Cursor]:
@@ -226,8 +232,9 @@ class PostgresDatabase:
         try:
             with self.transaction() as tx:
                 tx.execute(f"SELECT pg_advisory_xact_lock({_PG_SCHEMA_LOCK})")
-                for statement in _TABLES.format(id_column="BIGINT GENERATED ALWAYS AS IDENTITY "
-                                                "PRIMARY KEY", version=SCHEMA_VERSION).split(";"):
+                script = _TABLES.format(id_column="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+                                        version=SCHEMA_VERSION)
+                for statement in re.sub(r"--[^\n]*", "", script).split(";"):
                     if statement.strip():
                         tx.execute(statement)
         except ServiceUnavailable as exc:
