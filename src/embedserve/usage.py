@@ -55,16 +55,21 @@ class UsageLedger:
                       dropped)
 
     async def flush(self) -> int:
-        """Write every pending record. -> how many. On failure they stay pending for the next try."""
+        """Write every pending record. -> how many. On failure they stay pending for the next try.
+        Shielded: a caller cancelled mid-write (the flusher at shutdown) leaves the write to finish and
+        its outcome decides, so a batch is never both written and put back to be written again."""
+        return await asyncio.shield(self._flush())
+
+    async def _flush(self) -> int:
         async with self._lock:
             batch, self._pending = self._pending, []
             if not batch:
                 return 0
             try:
                 await asyncio.to_thread(write_records, self._db, batch)
-            except BaseException as exc:
+            except Exception as exc:
                 self._pending[:0] = batch
-                if isinstance(exc, Exception) and not self._failing:
+                if not self._failing:
                     log.error("usage ledger: cannot write %d records, keeping them to retry: %s",
                               len(batch), exc)
                     self._failing = True

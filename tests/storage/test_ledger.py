@@ -74,6 +74,24 @@ def test_the_background_flush_writes_within_the_interval_and_close_writes_the_re
         db.close()
 
 
+def test_a_flush_cancelled_mid_write_neither_loses_nor_doubles_records(storage: Storage) -> None:
+    db = storage.open()
+    try:
+        async def scenario() -> None:
+            ledger = UsageLedger(db, flush_interval_s=60)
+            for i in range(2000):
+                ledger.record(rec("key_a", "m", i + 1))
+            flushing = asyncio.create_task(ledger.flush())
+            await asyncio.sleep(0.001)  # the write is under way in its thread
+            flushing.cancel()  # as the flusher task is at shutdown
+            await ledger.close()
+
+        asyncio.run(scenario())
+        assert count(db) == 2000
+    finally:
+        db.close()
+
+
 def test_a_failed_write_keeps_the_records_for_the_next_flush(storage: Storage) -> None:
     db = storage.open()
     try:
