@@ -60,24 +60,41 @@ def load_pepper(configured: str | None, data_dir: Path) -> bytes:
     if configured:
         return configured.encode("utf-8")
     path = data_dir / PEPPER_FILE
+    if not path.exists():
+        try:
+            _create_pepper(path)
+        except FileExistsError:
+            pass  # another process made it first: use theirs
+        except OSError as exc:
+            raise ConfigError(f"cannot create the key pepper file {path}: {exc}") from None
+        else:
+            log.info("created the key pepper %s (keep it with the database: keys cannot be checked "
+                     "without it)", path)
     try:
-        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
         pepper = path.read_bytes().strip()
-        if not pepper:
-            raise ConfigError(f"the key pepper file {path} is empty") from None
-        if path.stat().st_mode & 0o077:
-            log.warning("the key pepper file %s is readable by others; chmod 600 it", path)
-        return pepper
     except OSError as exc:
-        raise ConfigError(f"cannot create the key pepper file {path}: {exc}") from None
-    pepper = secrets.token_hex(32).encode("ascii")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pepper + b"\n")
-    log.info("created the key pepper %s (keep it with the database: keys cannot be checked without it)",
-             path)
+        raise ConfigError(f"cannot read the key pepper file {path}: {exc}") from None
+    if not pepper:
+        raise ConfigError(f"the key pepper file {path} is empty")
+    if path.stat().st_mode & 0o077:
+        log.warning("the key pepper file %s is readable by others; chmod 600 it", path)
     return pepper
+
+
+def _create_pepper(path: Path) -> None:
+    """Written in full to a private temporary file, then linked into place: a process starting at the
+    same moment sees either no pepper or the whole one, never a half-written file."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secrets.token_hex(32).encode("ascii") + b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.link(tmp, path)  # fails with FileExistsError if another process won
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ---- records ------------------------------------------------------------------------------------------

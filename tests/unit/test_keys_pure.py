@@ -47,6 +47,15 @@ def test_the_pepper_file_is_created_once_with_mode_600(tmp_path: Path) -> None:
     assert load_pepper("from-the-setting", tmp_path / "data") == b"from-the-setting"
 
 
+def test_processes_starting_together_on_a_fresh_data_dir_agree_on_one_pepper(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        peppers = set(pool.map(lambda _: load_pepper(None, tmp_path / "fresh"), range(32)))
+    assert len(peppers) == 1
+    assert [p.name for p in (tmp_path / "fresh").iterdir()] == ["key-pepper"]  # no temporary left
+
+
 def test_an_empty_pepper_file_is_a_config_error(tmp_path: Path) -> None:
     (tmp_path / "key-pepper").write_text("\n")
     with pytest.raises(ConfigError, match="empty"):
