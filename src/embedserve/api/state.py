@@ -39,7 +39,7 @@ class AppState:
         answers a request before it knows every key."""
         db = await asyncio.to_thread(open_database, settings.database_url, settings.data_dir)
         try:
-            pepper = load_pepper(settings.key_pepper, settings.data_dir)
+            pepper = await asyncio.to_thread(load_pepper, settings.key_pepper, settings.data_dir)
             if db.dialect == "postgresql" and not settings.key_pepper:
                 log.warning("the key pepper comes from %s: every replica and CLI sharing %s needs the "
                             "same one (set EMBEDSERVE_KEY_PEPPER)", settings.data_dir / "key-pepper",
@@ -49,7 +49,7 @@ class AppState:
             keys = KeyRing(store, pepper, api_keys=settings.api_keys, admin_keys=settings.admin_keys)
             await asyncio.to_thread(keys.refresh_sync)
         except BaseException:
-            db.close()
+            await asyncio.to_thread(db.close)
             raise
         registry = ModelRegistry(catalog, settings)
         limiter = RateLimiter()
@@ -70,4 +70,4 @@ class AppState:
                 await task
         await self.registry.close()
         await self.ledger.close()  # after the last request: every record is written
-        self.db.close()
+        await asyncio.to_thread(self.db.close)
