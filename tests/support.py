@@ -14,9 +14,10 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import uvicorn
 
 from embedserve.api.app import create_app
+from embedserve.api.server import EmbedServer, build_server
+from embedserve.api.state import AppState
 from embedserve.catalog import Catalog, build_catalog, declared_entries
 from embedserve.settings import Settings
 
@@ -25,10 +26,17 @@ from embedserve.settings import Settings
 class LiveServer:
     base_url: str
     settings: Settings
+    server: EmbedServer
 
     @property
     def v1(self) -> str:
         return f"{self.base_url}/v1"
+
+    @property
+    def state(self) -> AppState:
+        """The running app's state (its metrics, registry, draining flag)."""
+        state: AppState = self.server.config.app.state.embedserve
+        return state
 
 
 def wait_until_ok(url: str, *, alive: Callable[[], bool], timeout_s: float = 180) -> None:
@@ -58,14 +66,13 @@ def live_server(settings: Settings, catalog: Catalog | None = None,
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False,
-                                           timeout_graceful_shutdown=5))
+    server = build_server(app, settings, timeout_graceful_shutdown=5)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until_ok(f"{base}{wait_for}", alive=thread.is_alive, timeout_s=ready_timeout_s)
-        yield LiveServer(base_url=base, settings=settings)
+        yield LiveServer(base_url=base, settings=settings, server=server)
     finally:
         server.should_exit = True
         thread.join(30)

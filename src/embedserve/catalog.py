@@ -603,6 +603,11 @@ class Catalog:
                                 param="model")
         return spec
 
+    def canonical_id(self, name: str) -> str | None:
+        """The catalog id `name` stands for, or None: a bounded label for logs and metrics."""
+        spec = self._by_name.get(name)
+        return None if spec is None else spec.id
+
     @property
     def specs(self) -> list[ModelSpec]:
         return list(self._specs.values())

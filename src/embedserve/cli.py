@@ -150,7 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-wait-ms", type=float, default=s,
                        help="under load, how long a batch may wait to fill (never when idle)")
     serve.add_argument("--tokenizer-threads", type=int, default=s)
+    serve.add_argument("--max-queued-inputs", type=int, default=s,
+                       help="inputs that may wait per model; beyond it requests get 503 at once")
+    serve.add_argument("--request-timeout", type=float, default=s, metavar="SECONDS",
+                       help="a request not answered by then gets 503 and its queued inputs are dropped")
+    serve.add_argument("--shutdown-grace", type=float, default=s, metavar="SECONDS",
+                       help="after SIGTERM, how long in-flight requests may take to finish")
+    serve.add_argument("--header-timeout", type=float, default=s, metavar="SECONDS",
+                       help="how long a client may take to send a request's line and headers")
+    serve.add_argument("--max-header-bytes", type=int, default=s,
+                       help="largest request line + headers (431 beyond)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=s)
+    serve.add_argument("--log-format", choices=["text", "json"], default=s,
+                       help="json: one object per line with the request's fields")
 
     models = sub.add_parser("models", help="list the models that `serve` would load")
     _model_flags(models)
@@ -189,24 +201,21 @@ def banner(settings: Settings, model: str, *, open_server: bool) -> str:
 
 
 def _serve(settings: Settings) -> int:
-    import uvicorn
-
     from embedserve.api.app import create_app
+    from embedserve.api.server import build_server
 
     catalog = _catalog(settings)
     _check_store(settings)
     first = catalog.specs[0].id
     app = create_app(settings, catalog, on_ready=lambda state: print(
         banner(settings, first, open_server=state.keys.open), file=sys.stderr, flush=True))
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                            access_log=False, server_header=False, timeout_keep_alive=30,
-                            timeout_graceful_shutdown=30)
-    # uvicorn handles SIGTERM/SIGINT gracefully, then re-raises the signal under the handlers it found
-    # at start. No-op handlers there make a graceful stop end with exit status 0, as a supervisor
+    server = build_server(app, settings)
+    # The server drains on SIGTERM/SIGINT, then re-raises the signal under the handlers it found at
+    # start. No-op handlers there make a graceful stop end with exit status 0, as a supervisor
     # (systemd, Kubernetes) expects, instead of "killed by SIGTERM".
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    uvicorn.Server(config).run()
+    server.run()
     return 0
 
 
@@ -339,12 +348,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings(args)
     except ValidationError as exc:
         first = exc.errors()[0]
-        print(f"embedserve: error: {'.'.join(map(str, first['loc']))}: {first['msg']}",
+        where = ".".join(map(str, first["loc"]))
+        print(f"embedserve: error: {where + ': ' if where else ''}{first['msg']}",
               file=sys.stderr)
         return 2
     from embedserve.logs import configure_logging
 
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     try:
         if args.command == "serve":
             return _serve(settings)

@@ -151,6 +151,15 @@ class RateLimitExceeded(EmbedServeError):
         return {"Retry-After": str(max(1, math.ceil(self.retry_after_s))), "retry-after-ms": str(wait_ms)}
 
 
+class ClientDisconnected(EmbedServeError):
+    """The client left before its answer was ready (nginx's 499). Nobody receives this response: the
+    status shows in the access log and the metrics only."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_disconnected"
+
+
 # ---- 503: we cannot serve right now ---------------------------------------------------------------
 
 
@@ -169,6 +178,39 @@ class ServiceUnavailable(EmbedServeError):
 
 class ModelNotReady(ServiceUnavailable):
     code = "model_not_ready"
+
+
+class Overloaded(ServiceUnavailable):
+    """The model's queue is full (`--max-queued-inputs`): refused at once, before any work."""
+
+    code = "server_overloaded"
+
+
+class RequestTimedOut(ServiceUnavailable):
+    """The request ran past `--request-timeout`; its inputs that had not reached the model are dropped."""
+
+    code = "request_timeout"
+
+
+class ShuttingDown(ServiceUnavailable):
+    """SIGTERM arrived: requests already in flight finish, new ones are turned away."""
+
+    code = "shutting_down"
+
+
+# ---- refused by the HTTP layer before the request reaches the app ---------------------------------
+
+
+class HeadersTooLarge(EmbedServeError):
+    status = 431
+    type = "invalid_request_error"
+    code = "headers_too_large"
+
+
+class HeaderTimeout(EmbedServeError):
+    status = 408
+    type = "invalid_request_error"
+    code = "header_timeout"
 
 
 # ---- 500 ------------------------------------------------------------------------------------------

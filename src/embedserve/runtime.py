@@ -14,8 +14,9 @@ from typing import Literal
 from embedserve.backends.base import Backend
 from embedserve.catalog import Catalog, ModelSpec
 from embedserve.errors import ModelLoadError, ModelNotReady, ServiceUnavailable
+from embedserve.metrics import Metrics
 from embedserve.scheduler.batcher import Batcher
-from embedserve.scheduler.packing import collate
+from embedserve.scheduler.packing import collate, max_padding_for
 from embedserve.settings import Settings
 from embedserve.tokenization import (
     TokenizerPool,
@@ -79,8 +80,8 @@ def make_backend(spec: ModelSpec, settings: Settings) -> Backend:
     return TorchBackend(spec, device=device, dtype=dtype)
 
 
-def load_runtime(spec: ModelSpec, settings: Settings,
-                 tokenizer_executor: ThreadPoolExecutor) -> ModelRuntime:
+def load_runtime(spec: ModelSpec, settings: Settings, tokenizer_executor: ThreadPoolExecutor,
+                 metrics: Metrics | None = None) -> ModelRuntime:
     """Blocking: read the tokenizer, load the weights, run one warm-up batch."""
     started = time.perf_counter()
     build = tokenizer_factory(spec.folder, lower_case=spec.lower_case,
@@ -98,7 +99,9 @@ def load_runtime(spec: ModelSpec, settings: Settings,
     batcher = Batcher(spec.id, backend, pad_id=tokenizer.pad_id, padding_side=spec.padding_side,
                       max_batch_tokens=settings.max_batch_tokens,
                       max_batch_items=settings.max_batch_items,
-                      max_batch_wait_ms=settings.max_batch_wait_ms)
+                      max_batch_wait_ms=settings.max_batch_wait_ms,
+                      max_padding=max_padding_for(backend.device),
+                      max_queued=settings.max_queued_inputs, metrics=metrics)
     return ModelRuntime(spec=spec, tokenizer=tokenizer, backend=backend, batcher=batcher, eos_id=eos_id,
                         load_seconds=time.perf_counter() - started)
 
@@ -106,9 +109,10 @@ def load_runtime(spec: ModelSpec, settings: Settings,
 class ModelRegistry:
     """Owns the runtimes of every cataloged model and their load status."""
 
-    def __init__(self, catalog: Catalog, settings: Settings) -> None:
+    def __init__(self, catalog: Catalog, settings: Settings, metrics: Metrics | None = None) -> None:
         self.catalog = catalog
         self._settings = settings
+        self._metrics = metrics
         self._tokenizer_executor = make_tokenizer_executor(settings.tokenizer_threads)
         self._runtimes: dict[str, ModelRuntime] = {}
         self._status: dict[str, ModelStatus] = {spec.id: "loading" for spec in catalog.specs}
@@ -146,18 +150,30 @@ class ModelRegistry:
         for spec in self.catalog.specs:
             try:
                 runtime = await asyncio.to_thread(load_runtime, spec, self._settings,
-                                                  self._tokenizer_executor)
+                                                  self._tokenizer_executor, self._metrics)
             except Exception as exc:  # a model that fails to load must not take the others down
                 self._status[spec.id] = "failed"
                 self._errors[spec.id] = str(exc)
-                log.exception("model '%s' failed to load", spec.id)
+                if self._metrics is not None:
+                    self._metrics.model_failed(spec.id)
+                log.exception("model '%s' failed to load", spec.id,
+                              extra={"event": "model_failed", "model": spec.id})
                 continue
             runtime.batcher.start()
             self._runtimes[spec.id] = runtime
             self._status[spec.id] = "ready"
+            if self._metrics is not None:
+                self._metrics.model_loaded(spec.id, runtime.load_seconds)
+                self._metrics.track_queue(spec.id, runtime.batcher.queue_depth)
+            backend = runtime.backend
             log.info("model '%s' ready: %d dims, max %d tokens, pooling %s, %s, loaded in %.1f s",
                      spec.id, spec.dimensions, spec.max_input_tokens, spec.pooling,
-                     runtime.backend.description, runtime.load_seconds)
+                     backend.description, runtime.load_seconds,
+                     extra={"event": "model_ready", "model": spec.id, "dimensions": spec.dimensions,
+                            "max_input_tokens": spec.max_input_tokens, "pooling": spec.pooling,
+                            "backend": backend.kind, "device": backend.device,
+                            "precision": backend.precision,
+                            "load_seconds": round(runtime.load_seconds, 3)})
 
     async def close(self) -> None:
         for runtime in self._runtimes.values():

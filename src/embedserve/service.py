@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 from embedserve.errors import InvalidInputType
+from embedserve.metrics import Metrics
 from embedserve.postprocess import finish
 from embedserve.prompts import choose_prefix
 from embedserve.ratelimit import RateLimiter
@@ -20,10 +21,11 @@ from embedserve.validation import check_dimensions, check_lengths, check_token_i
 
 
 class EmbeddingService:
-    def __init__(self, registry: ModelRegistry, settings: Settings, limiter: RateLimiter,
-                 ledger: UsageLedger) -> None:
+    def __init__(self, registry: ModelRegistry, settings: Settings, metrics: Metrics,
+                 limiter: RateLimiter, ledger: UsageLedger) -> None:
         self._registry = registry
         self._settings = settings
+        self._metrics = metrics
         self._limiter = limiter
         self._ledger = ledger
 
@@ -38,7 +40,9 @@ class EmbeddingService:
                                input_type=job.input_type, instruction=job.instruction)
         runtime = self._registry.runtime(spec)
         if job.texts is not None:
+            started = time.perf_counter()
             sequences = await runtime.tokenizer.encode(job.texts, prefix)
+            self._metrics.observe_tokenize(spec.id, time.perf_counter() - started)
         else:
             assert job.token_ids is not None
             if prefix and job.input_type is not None:
@@ -62,10 +66,11 @@ class EmbeddingService:
             self._limiter.refund_tokens(caller.principal, prompt_tokens)
             raise
         vectors = finish(pooled, dimensions=job.dimensions, normalize=spec.normalize)
+        self._metrics.observe_embedded(spec.id, caller.principal.key_id, len(sequences), prompt_tokens)
         self._ledger.record(UsageRecord(
             key_id=caller.principal.key_id, model=spec.id, prompt_tokens=prompt_tokens,
             inputs=len(sequences), request_id=caller.request_id, created_at=time.time(),
-            latency_ms=(time.monotonic() - caller.started) * 1000,
+            latency_ms=(time.perf_counter() - caller.started) * 1000,
             price_per_million=spec.price_per_million_input_tokens))
         return EmbeddingResult(vectors=vectors, encoding_format=job.encoding_format,
-                               prompt_tokens=prompt_tokens)
+                               prompt_tokens=prompt_tokens, model_id=spec.id)

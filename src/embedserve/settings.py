@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from embedserve.types import BackendName, DeviceName, DtypeName, Quantize
@@ -66,12 +66,28 @@ class Settings(BaseSettings):
     max_batch_wait_ms: float = Field(2.0, ge=0, le=1000)
     tokenizer_threads: int = Field(2, ge=1)
 
+    # Backpressure and HTTP limits.
+    max_queued_inputs: int = Field(8192, ge=1)  # per model; beyond it 503 at once
+    request_timeout: float = Field(120.0, gt=0)  # seconds from the request's arrival to its answer
+    shutdown_grace: float = Field(30.0, ge=0)  # seconds in-flight requests get after SIGTERM
+    header_timeout: float = Field(10.0, gt=0)  # seconds a client gets to send a request's head
+    max_header_bytes: int = Field(32 * 1024, ge=1024)
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("models", "api_keys", "admin_keys", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @model_validator(mode="after")
+    def _queue_holds_a_request(self) -> Settings:
+        if self.max_queued_inputs < self.max_inputs_per_request:
+            raise ValueError(f"max_queued_inputs ({self.max_queued_inputs}) must be at least "
+                             f"max_inputs_per_request ({self.max_inputs_per_request}): a request that "
+                             "fits no queue could never be served")
+        return self
 
     @property
     def model_args(self) -> list[str]:

@@ -50,7 +50,7 @@ ANONYMOUS = Principal(key_id="anonymous")
 @dataclass(frozen=True, slots=True)
 class Caller:
     """One request's caller, as the service needs it: who, the request id, and when it started
-    (time.monotonic(), for the latency in the usage record)."""
+    (time.perf_counter(), as the request middleware notes it, for the usage record's latency)."""
 
     principal: Principal
     request_id: str
@@ -98,6 +98,7 @@ class WorkItem:
     ids: list[int]
     seq: int
     future: asyncio.Future[FloatMatrix] = field(repr=False)
+    queued_at: float = 0.0  # time.perf_counter() when it joined the queue
 
     @property
     def length(self) -> int:
@@ -125,3 +126,4 @@ class EmbeddingResult:
     vectors: FloatMatrix  # [N, D] float32, final (truncated and normalized)
     encoding_format: EncodingFormat
     prompt_tokens: int
+    model_id: str  # the catalog id the request's model name resolved to

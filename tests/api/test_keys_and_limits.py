@@ -172,7 +172,7 @@ def test_keys_and_secrets_never_reach_the_log_but_the_key_prefix_does(
         embed(keyed, secret + "-wrong", {"model": MODEL, "input": "x"})
         wait_for(lambda: any(record.id in r.getMessage() for r in caplog.records))
     text = "\n".join(r.getMessage() for r in caplog.records)
-    assert f"key={record.id} ({record.prefix}...)" in text
+    assert f"key_id={record.id} key_prefix={record.prefix}" in text
     assert secret not in text and secret[8:] not in text
 
 

@@ -98,7 +98,7 @@ def test_serve_runs_open_on_the_default_model_prints_snippets_and_stops_on_sigte
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="anything", max_retries=0)
         result = client.embeddings.create(model="all-MiniLM-L6-v2", input="hello world")
         assert len(result.data[0].embedding) == 384
-        httpx.get(f"http://127.0.0.1:{port}/health", headers={"X-Request-ID": "cli-trace-42"})
+        httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"X-Request-ID": "cli-trace-42"})
     finally:
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)
@@ -106,7 +106,7 @@ def test_serve_runs_open_on_the_default_model_prints_snippets_and_stops_on_sigte
     assert "OPEN" in stderr
     assert f"curl http://127.0.0.1:{port}/v1/embeddings" in stderr
     assert f'OpenAI(base_url="http://127.0.0.1:{port}/v1"' in stderr
-    assert re.search(r"\[cli-trace-42\] GET /health 200", stderr)
+    assert re.search(r"\[cli-trace-42\] GET /v1/models 200", stderr)
     assert "Traceback" not in stderr
 
 

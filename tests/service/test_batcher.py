@@ -17,6 +17,7 @@ import pytest
 from embedserve.backends.fake import FakeBackend
 from embedserve.errors import InternalError, ServiceUnavailable
 from embedserve.scheduler.batcher import Batcher
+from embedserve.scheduler.packing import CPU_MAX_PADDING, MAX_PADDING
 from embedserve.types import FloatMatrix, PaddingSide, TokenBatch
 
 SEED = 0
@@ -87,10 +88,11 @@ class FailingBackend(RecordingBackend):
 @asynccontextmanager
 async def started(backend: FakeBackend, *, max_batch_tokens: int = 4096, max_batch_items: int = 64,
                   padding_side: PaddingSide = "right", pad_id: int = 0,
-                  max_batch_wait_ms: float = 0.0) -> AsyncIterator[Batcher]:
+                  max_batch_wait_ms: float = 0.0, max_padding: float = MAX_PADDING,
+                  ) -> AsyncIterator[Batcher]:
     batcher = Batcher("fake", backend, pad_id=pad_id, padding_side=padding_side,
                       max_batch_tokens=max_batch_tokens, max_batch_items=max_batch_items,
-                      max_batch_wait_ms=max_batch_wait_ms)
+                      max_batch_wait_ms=max_batch_wait_ms, max_padding=max_padding)
     batcher.start()
     try:
         yield batcher
@@ -165,6 +167,22 @@ def test_batches_respect_the_item_and_token_limits(max_batch_tokens: int, max_ba
             assert rows <= max_batch_items
             assert rows * padded_len <= max_batch_tokens or rows == 1
         assert sum(rows for rows, _ in backend.batches) == sum(map(len, requests))
+
+    run(main())
+
+
+@pytest.mark.parametrize("max_padding", [CPU_MAX_PADDING, MAX_PADDING])
+def test_batches_of_several_inputs_stay_within_the_padding_tolerance(max_padding: float) -> None:
+    async def main() -> None:
+        rng = random.Random(11)
+        requests = [random_sequences(rng, 32, max_len=250) for _ in range(4)]
+        backend = FakeBackend(seed=SEED)
+        async with started(backend, max_padding=max_padding) as batcher:
+            results = await asyncio.gather(*(batcher.embed(seqs) for seqs in requests))
+        for seqs, vectors in zip(requests, results, strict=True):
+            assert_own_vectors(seqs, vectors)
+        for (rows, padded_len), real in zip(backend.batches, backend.real_tokens, strict=True):
+            assert rows == 1 or rows * padded_len <= (1 + max_padding) * real
 
     run(main())
 

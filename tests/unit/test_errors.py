@@ -21,7 +21,9 @@ from embedserve.errors import (
     ServiceUnavailable,
 )
 
-ALLOWED_STATUSES = {400, 401, 403, 404, 405, 413, 429, 500, 503}
+# 408 / 431: the connection guard refuses a slow or oversized request head; 499: the client left (only
+# the access log and the metrics ever see it).
+ALLOWED_STATUSES = {400, 401, 403, 404, 405, 408, 413, 429, 431, 499, 500, 503}
 
 
 def all_subclasses(cls: type) -> list[type]:

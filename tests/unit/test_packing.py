@@ -9,7 +9,13 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import pytest
 
-from embedserve.scheduler.packing import collate, take_batch
+from embedserve.scheduler.packing import (
+    CPU_MAX_PADDING,
+    MAX_PADDING,
+    collate,
+    max_padding_for,
+    take_batch,
+)
 from embedserve.types import WorkItem
 
 
@@ -144,6 +150,36 @@ def test_random_pending_sets_keep_every_invariant(loop: asyncio.AbstractEventLoo
     assert min(pending, key=lambda item: item.seq) in batch
     assert len(batch) <= max_items
     assert padded_cost(batch) <= token_budget or len(batch) == 1
+
+
+@pytest.mark.parametrize("max_padding", [CPU_MAX_PADDING, MAX_PADDING])
+@pytest.mark.parametrize("seed", range(100))
+def test_a_batch_of_several_items_never_pads_beyond_the_tolerance(loop: asyncio.AbstractEventLoop,
+                                                                  seed: int, max_padding: float) -> None:
+    rng = random.Random(seed)
+    pending = make_items(loop, [rng.randint(1, 250) for _ in range(rng.randint(1, 130))])
+    while pending:
+        batch, pending = take_batch(pending, token_budget=16_384, max_items=256, max_padding=max_padding)
+        real = sum(item.length for item in batch)
+        assert len(batch) == 1 or padded_cost(batch) <= (1 + max_padding) * real
+
+
+def test_cpu_batches_tolerate_less_padding_than_gpu_batches() -> None:
+    assert max_padding_for("cpu") == CPU_MAX_PADDING < max_padding_for("cuda") == MAX_PADDING
+
+
+def test_a_tighter_tolerance_pads_less_over_a_whole_queue(loop: asyncio.AbstractEventLoop) -> None:
+    rng = random.Random(3)
+    lengths = [rng.randint(5, 250) for _ in range(128)]
+
+    def slots(max_padding: float) -> int:
+        pending, total = make_items(loop, lengths), 0
+        while pending:
+            batch, pending = take_batch(pending, 16_384, 256, max_padding)
+            total += padded_cost(batch)
+        return total
+
+    assert slots(CPU_MAX_PADDING) <= 1.05 * sum(lengths) < slots(MAX_PADDING)
 
 
 def test_draining_pending_eventually_serves_every_item(loop: asyncio.AbstractEventLoop) -> None:

@@ -1,8 +1,9 @@
-"""Outermost ASGI middleware: gives every request an id (the client's X-Request-ID when it is sane),
-puts it on every response and every log line, adds the headers a handler asked for on whatever response
-goes out (`scope["state"]["response_headers"]`, a callable: a limited key's x-ratelimit-*), writes the
-access log line, and turns any exception that escaped the routes into the generic 500 error (traceback
-in the log only). It also notes when the request started, for the usage record's latency."""
+"""Outermost ASGI middleware: gives every request an id (the client's X-Request-ID when it is sane) and
+puts it on every response and log line; adds the headers a handler asked for on whatever response goes
+out (`scope["state"]["response_headers"]`, a callable: a limited key's x-ratelimit-*); turns requests
+away while the server drains; counts requests in flight; records the request's metrics and writes its
+access-log line (never the input text, never a key: its id and non-secret prefix); and turns any
+exception that escaped the routes into the generic 500 (traceback in the log only)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,22 @@ import logging
 import re
 import time
 import uuid
+from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embedserve.api.errors import error_body, internal_error
+from embedserve.errors import EmbedServeError, ShuttingDown
 from embedserve.logs import request_id_var
+
+if TYPE_CHECKING:
+    from embedserve.api.state import AppState
 
 log = logging.getLogger("embedserve.access")
 
 _SANE_ID = re.compile(r"^[\x21-\x7e]{1,200}$")  # visible ASCII, bounded
+#: Probes and scrapes: answered while draining, not counted in flight, logged at debug level.
+PROBES = frozenset({"/health", "/ready", "/metrics"})
 
 
 def pick_request_id(headers: list[tuple[bytes, bytes]]) -> str:
@@ -30,6 +38,12 @@ def pick_request_id(headers: list[tuple[bytes, bytes]]) -> str:
     return uuid.uuid4().hex
 
 
+def _route_template(scope: Scope) -> str:
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else "unmatched"
+
+
 class RequestContextMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -38,10 +52,13 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        state: AppState = scope["app"].state.embedserve
         request_id = pick_request_id(scope["headers"])
         started = time.perf_counter()
-        scope.setdefault("state", {}).update(request_id=request_id, started=time.monotonic())
+        info: dict[str, Any] = scope.setdefault("state", {})
+        info.update(request_id=request_id, started=started)
         token = request_id_var.set(request_id)
+        probe = scope["path"] in PROBES
         status = 0
 
         async def send_with_id(message: Message) -> None:
@@ -50,27 +67,56 @@ class RequestContextMiddleware:
                 status = message["status"]
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode("latin-1")))
-                extra = scope["state"].get("response_headers")  # e.g. a limited key's x-ratelimit-*
+                extra = info.get("response_headers")  # e.g. a limited key's x-ratelimit-*
                 if extra is not None:
                     headers += [(name.encode("latin-1"), value.encode("latin-1"))
                                 for name, value in extra()]
+                if state.draining:
+                    headers.append((b"connection", b"close"))
                 message = {**message, "headers": headers}
             await send(message)
 
+        async def refuse(exc: EmbedServeError) -> None:
+            headers = [(b"content-type", b"application/json"),
+                       *((k.lower().encode(), v.encode()) for k, v in exc.headers().items())]
+            await send_with_id({"type": "http.response.start", "status": exc.status, "headers": headers})
+            await send({"type": "http.response.body", "body": error_body(exc)})
+
+        if not probe:
+            state.request_started()
         try:
-            await self.app(scope, receive, send_with_id)
+            if state.draining and not probe:
+                await refuse(ShuttingDown("The server is shutting down; retry on another replica.",
+                                          retry_after_s=5))
+            else:
+                await self.app(scope, receive, send_with_id)
         except Exception:
             log.exception("unhandled error on %s %s", scope["method"], scope["path"])
             if status:  # the response has started: nothing sane can be sent any more
                 raise
-            exc = internal_error(request_id)
-            await send_with_id({"type": "http.response.start", "status": exc.status,
-                                "headers": [(b"content-type", b"application/json")]})
-            await send({"type": "http.response.body", "body": error_body(exc)})
+            await refuse(internal_error(request_id))
         finally:
-            principal = scope["state"].get("principal")
-            who = "" if principal is None else f" key={principal.key_id}" + (
-                f" ({principal.prefix}...)" if principal.prefix else "")
-            log.info("%s %s %d %.1fms%s", scope["method"], scope["path"], status,
-                     (time.perf_counter() - started) * 1000, who)
+            if not probe:
+                state.request_finished()
+            self._account(state, scope, info, status, time.perf_counter() - started, probe)
             request_id_var.reset(token)
+
+    @staticmethod
+    def _account(state: AppState, scope: Scope, info: dict[str, Any], status: int, seconds: float,
+                 probe: bool) -> None:
+        route = _route_template(scope)
+        model = state.registry.catalog.canonical_id(info.get("model") or "") or "-"
+        status = status or 499  # no response started: the client left first
+        state.metrics.observe_request(route, model, status, seconds)
+        principal = info.get("principal")
+        fields = {"event": "request", "request_id": info["request_id"], "method": scope["method"],
+                  "route": route, "status": status,
+                  "latency_ms": round(seconds * 1000, 1), "key_id": getattr(principal, "key_id", None),
+                  "key_prefix": getattr(principal, "prefix", None),
+                  "model": None if model == "-" else model, "inputs": info.get("inputs"),
+                  "tokens": info.get("tokens")}
+        log.log(logging.DEBUG if probe else logging.INFO, "%s %s %d %.1fms%s", scope["method"],
+                scope["path"], status, seconds * 1000,
+                "".join(f" {k}={v}" for k in ("model", "inputs", "tokens", "key_id", "key_prefix")
+                        if (v := fields[k]) is not None),
+                extra=fields)

@@ -10,8 +10,10 @@ from starlette.responses import Response
 
 from embedserve.api.auth import admit, authenticate
 from embedserve.api.body import read_body
+from embedserve.api.lifetime import before, bounded
 from embedserve.api.state import AppState
-from embedserve.errors import ModelNotReady
+from embedserve.errors import ModelNotReady, ShuttingDown
+from embedserve.metrics import CONTENT_TYPE
 from embedserve.protocol import (
     EmbeddingRequest,
     EmbeddingResponse,
@@ -55,11 +57,17 @@ def _principal(request: Request) -> Principal:
 )
 async def create_embeddings(request: Request) -> Response:
     state = _state(request)
-    body = await read_body(request, state.settings.max_body_bytes)
-    job = parse_embedding_request(parse_json(body), max_inputs=state.settings.max_inputs_per_request)
+    settings = state.settings
+    deadline = request.state.started + settings.request_timeout
+    body = await before(deadline, settings.request_timeout, read_body(request, settings.max_body_bytes))
+    job = parse_embedding_request(parse_json(body), max_inputs=settings.max_inputs_per_request)
+    request.state.model = job.model
     caller = Caller(principal=_principal(request), request_id=request.state.request_id,
                     started=request.state.started)
-    result = await state.service.embed(job, caller)
+    result = await bounded(request, state.service.embed(job, caller),
+                           deadline=deadline, timeout_s=settings.request_timeout)
+    request.state.model, request.state.inputs = result.model_id, job.count
+    request.state.tokens = result.prompt_tokens
     return Response(render_embeddings(result, job.model), media_type="application/json")
 
 
@@ -89,7 +97,15 @@ async def health() -> Response:
 @router.get("/ready", responses=_ERRORS)
 async def ready(request: Request) -> Response:
     """Readiness: every model is loaded and warmed up."""
-    registry = _state(request).registry
-    if not registry.ready:
-        raise ModelNotReady(f"Not ready: {registry.not_ready_reason()}", retry_after_s=2)
+    state = _state(request)
+    if state.draining:
+        raise ShuttingDown("Not ready: the server is shutting down.", retry_after_s=5)
+    if not state.registry.ready:
+        raise ModelNotReady(f"Not ready: {state.registry.not_ready_reason()}", retry_after_s=2)
     return _json({"status": "ready"})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus text exposition of this server's metrics."""
+    return Response(_state(request).metrics.exposition(), media_type=CONTENT_TYPE)

@@ -1,6 +1,6 @@
 """AppState: everything a running app owns (settings, model registry, database, key ring, rate limiter,
-usage ledger, service and their background tasks), built in the lifespan and reachable from handlers as
-`request.app.state.embedserve`. No module-level state."""
+usage ledger, service, metrics, the draining flag and the background tasks), opened in the lifespan and
+reachable from handlers as `request.app.state.embedserve`. No module-level state."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from embedserve.catalog import Catalog
 from embedserve.db import Database, open_database
 from embedserve.keys import KeyRing, KeyStore, load_pepper
+from embedserve.metrics import Metrics
 from embedserve.ratelimit import RateLimiter
 from embedserve.runtime import ModelRegistry
 from embedserve.service import EmbeddingService
@@ -31,7 +32,26 @@ class AppState:
     limiter: RateLimiter
     ledger: UsageLedger
     service: EmbeddingService
+    metrics: Metrics
+    #: Set on SIGTERM: /ready answers 503 and new requests are turned away while in-flight ones finish.
+    draining: bool = False
+    #: Requests being served (probes and /metrics excluded); `idle` is set whenever it is 0.
+    in_flight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+        self.metrics.in_flight.set_function(lambda: self.in_flight)
+
+    def request_started(self) -> None:
+        self.in_flight += 1
+        self.idle.clear()
+
+    def request_finished(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self.idle.set()
 
     @classmethod
     async def open(cls, settings: Settings, catalog: Catalog) -> AppState:
@@ -51,12 +71,13 @@ class AppState:
         except BaseException:
             await asyncio.to_thread(db.close)
             raise
-        registry = ModelRegistry(catalog, settings)
+        metrics = Metrics()
+        registry = ModelRegistry(catalog, settings, metrics)
         limiter = RateLimiter()
         ledger = UsageLedger(db, settings.usage_flush_interval)
         return cls(settings=settings, registry=registry, db=db, key_store=store, keys=keys,
-                   limiter=limiter, ledger=ledger,
-                   service=EmbeddingService(registry, settings, limiter, ledger))
+                   limiter=limiter, ledger=ledger, metrics=metrics,
+                   service=EmbeddingService(registry, settings, metrics, limiter, ledger))
 
     def start(self) -> None:
         self.tasks += [asyncio.create_task(self.keys.run(), name="refresh-keys"),

@@ -14,6 +14,12 @@ class Backend(Protocol):
     dimensions: int
     #: Rows of the input-embedding table: token ids at or above it cannot be embedded.
     vocab_size: int
+    #: Which engine runs the graph ("onnx", "torch").
+    kind: str
+    #: Where the forward pass runs ("cpu" or "cuda"): the batcher packs tighter on CPU.
+    device: str
+    #: The arithmetic of the weights ("float32", "bfloat16", "int8", ...).
+    precision: str
     #: What serves, for the model listing and the start-up log (e.g. "torch cpu float32").
     description: str
 

@@ -15,11 +15,14 @@ class FakeBackend:
         self._table = rng.standard_normal((vocab_size, dimensions)).astype(np.float32)  # [V, D]
         self.dimensions = dimensions
         self.vocab_size = vocab_size
+        self.kind, self.device, self.precision = "fake", "cpu", "float32"
         self.description = "fake cpu float32"
         self.batches: list[tuple[int, int]] = []  # (rows, padded length) of every forward, for tests
+        self.real_tokens: list[int] = []  # real (unpadded) tokens of every forward
 
     def forward(self, batch: TokenBatch) -> FloatMatrix:
         self.batches.append(batch.shape)
+        self.real_tokens.append(batch.real_tokens)
         hidden = self._table[batch.input_ids]  # [B, T, D]
         mask = batch.attention_mask[..., None].astype(np.float32)  # [B, T, 1]
         out: FloatMatrix = ((hidden * mask).sum(axis=1) / mask.sum(axis=1)).astype(np.float32)

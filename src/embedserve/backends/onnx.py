@@ -183,8 +183,10 @@ class OnnxBackend:
         except Exception as exc:
             raise ModelLoadError(f"model '{spec.id}': cannot load the ONNX graph {path}: {exc}") from exc
         self.dimensions = spec.dimensions
+        self.kind, self.device = "onnx", "cpu"
+        self.precision = "int8" if quantize == "int8" else "float32"
         self.vocab_size = self._vocab_size(spec)
-        self.description = f"onnx cpu {'int8' if quantize == 'int8' else 'float32'}"
+        self.description = f"onnx cpu {self.precision}"
         self.path = path
 
     @staticmethod

@@ -85,8 +85,10 @@ class TorchBackend:
         self._dense = torch.nn.Sequential(*(_dense_module(d) for d in spec.dense))
         self._dense = self._dense.to(self._device, self._dtype).eval()
         self.dimensions = spec.dimensions
+        self.kind, self.device = "torch", self._device.type
+        self.precision = str(self._dtype).removeprefix("torch.")
         self.vocab_size = int(self._model.get_input_embeddings().weight.shape[0])
-        self.description = f"torch {self._device.type} {str(self._dtype).removeprefix('torch.')}"
+        self.description = f"torch {self.device} {self.precision}"
 
     def graph(self) -> torch.nn.Module:
         """The whole forward pass as one module, (input_ids, attention_mask) -> pooled: what the ONNX

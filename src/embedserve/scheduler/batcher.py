@@ -2,21 +2,24 @@
 items (scheduler.packing) and runs each batch on the model's own executor thread. There is no added wait
 when the queue is idle. Under load (a batch has just finished and inputs are waiting), the loop waits at
 most `max_batch_wait_ms` for the batch to fill: the callers whose answers just went out are typically
-sending their next input, and one full batch beats a small one followed by another."""
+sending their next input, and one full batch beats a small one followed by another. Admission is
+bounded (`max_queued`): a request that would overfill the queue is refused at once with 503."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from embedserve.backends.base import Backend
-from embedserve.errors import InternalError, ServiceUnavailable
-from embedserve.scheduler.packing import collate, take_batch
+from embedserve.errors import InternalError, Overloaded, ServiceUnavailable
+from embedserve.metrics import Metrics
+from embedserve.scheduler.packing import MAX_PADDING, collate, take_batch
 from embedserve.types import FloatMatrix, PaddingSide, WorkItem
 
 log = logging.getLogger("embedserve.batcher")
@@ -24,7 +27,9 @@ log = logging.getLogger("embedserve.batcher")
 
 class Batcher:
     def __init__(self, name: str, backend: Backend, *, pad_id: int, padding_side: PaddingSide,
-                 max_batch_tokens: int, max_batch_items: int, max_batch_wait_ms: float = 0.0) -> None:
+                 max_batch_tokens: int, max_batch_items: int, max_batch_wait_ms: float = 0.0,
+                 max_padding: float = MAX_PADDING, max_queued: int | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.name = name
         self._backend = backend
         self._pad_id = pad_id
@@ -32,6 +37,9 @@ class Batcher:
         self._max_batch_tokens = max_batch_tokens
         self._max_batch_items = max_batch_items
         self._max_wait_s = max_batch_wait_ms / 1000
+        self._max_padding = max_padding
+        self._max_queued = max_queued
+        self._metrics = metrics
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"embedserve-{name}")
         self._pending: list[WorkItem] = []
         self._running: list[WorkItem] = []  # the batch on the executor right now
@@ -44,6 +52,10 @@ class Batcher:
     def queued(self) -> int:
         return len(self._pending)
 
+    def queue_depth(self) -> int:
+        """Inputs waiting (for the metrics gauge, read at scrape time)."""
+        return len(self._pending)
+
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(),
@@ -54,8 +66,14 @@ class Batcher:
         gone), its items that have not reached the model are dropped."""
         if self._closed:
             raise ServiceUnavailable(f"model '{self.name}' is shutting down")
+        if self._max_queued is not None and len(self._pending) + len(sequences) > self._max_queued:
+            if self._metrics is not None:
+                self._metrics.observe_rejected(self.name, "queue_full", len(sequences))
+            raise Overloaded(f"The model '{self.name}' has {len(self._pending)} inputs queued (limit "
+                             f"{self._max_queued}); retry shortly.", retry_after_s=1)
         loop = asyncio.get_running_loop()
-        items = [WorkItem(ids=ids, seq=next(self._seq), future=loop.create_future())
+        now = time.perf_counter()
+        items = [WorkItem(ids=ids, seq=next(self._seq), future=loop.create_future(), queued_at=now)
                  for ids in sequences]
         self._pending.extend(items)
         self._wakeup.set()
@@ -68,8 +86,12 @@ class Batcher:
         return np.stack(vectors)
 
     def _prune(self) -> bool:
-        """Drop items whose caller has gone; True if anything is still waiting."""
-        self._pending = [item for item in self._pending if not item.future.cancelled()]
+        """Drop items whose caller has gone (client disconnected, deadline passed); True if anything is
+        still waiting."""
+        kept = [item for item in self._pending if not item.future.cancelled()]
+        if len(kept) != len(self._pending) and self._metrics is not None:
+            self._metrics.observe_rejected(self.name, "cancelled", len(self._pending) - len(kept))
+        self._pending = kept
         return bool(self._pending)
 
     def _would_fill(self) -> bool:
@@ -105,9 +127,10 @@ class Batcher:
                     continue
             under_load = True
             batch, self._pending = take_batch(self._pending, self._max_batch_tokens,
-                                              self._max_batch_items)
+                                              self._max_batch_items, self._max_padding)
             tokens = collate([item.ids for item in batch], self._pad_id, self._padding_side)
             self._running = batch
+            started = time.perf_counter()
             try:
                 vectors = await loop.run_in_executor(self._executor, self._backend.forward, tokens)
             except Exception:
@@ -119,6 +142,11 @@ class Batcher:
                 continue
             finally:
                 self._running = []
+            if self._metrics is not None:
+                rows, length = tokens.shape
+                self._metrics.observe_batch(self.name, waits=[started - item.queued_at for item in batch],
+                                            seconds=time.perf_counter() - started,
+                                            real_tokens=tokens.real_tokens, slots=rows * length)
             for item, vector in zip(batch, vectors, strict=True):
                 if not item.future.done():
                     item.future.set_result(vector)

@@ -1,0 +1,105 @@
+"""Prometheus collectors on a per-app registry (no process-global registry, so two apps in one process
+never share counters). Names follow `embedserve_<thing>_<unit>`; labels are bounded: route templates,
+catalog model ids, status codes and key ids, never raw paths or client-supplied names."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.process_collector import ProcessCollector
+
+#: Latency buckets in seconds: 1 ms to 2 min (an 8192-token input on 2 CPU cores takes seconds).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                   60.0, 120.0)
+#: Inputs per forward pass (the batcher's item limit defaults to 256).
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+#: Real tokens per forward pass (the token budget defaults to 16384).
+BATCH_TOKEN_BUCKETS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Metrics:
+    """Everything the server reports. The batcher and service call the `observe_*` methods; the
+    `/metrics` route renders `exposition()`."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("embedserve_requests", "HTTP requests answered, by route template, "
+                                "model and status", ("route", "model", "status"), registry=r)
+        self.request_seconds = Histogram("embedserve_request_duration_seconds", "Time from the request's "
+                                         "first byte to its response, by route", ("route",),
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.tokenize_seconds = Histogram("embedserve_tokenize_duration_seconds", "Tokenization time of "
+                                          "one request", ("model",), buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_seconds = Histogram("embedserve_queue_wait_seconds", "Time an input waited in the "
+                                       "batcher before its forward pass started", ("model",),
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.inference_seconds = Histogram("embedserve_inference_duration_seconds", "Time of one "
+                                           "forward pass (a batch)", ("model",), buckets=LATENCY_BUCKETS,
+                                           registry=r)
+        self.batch_inputs = Histogram("embedserve_batch_size_inputs", "Inputs per forward pass",
+                                      ("model",), buckets=BATCH_SIZE_BUCKETS, registry=r)
+        self.batch_tokens = Histogram("embedserve_batch_tokens", "Real (unpadded) tokens per forward pass",
+                                      ("model",), buckets=BATCH_TOKEN_BUCKETS, registry=r)
+        self.batch_padding = Counter("embedserve_batch_padding_tokens", "Padding slots computed and "
+                                     "thrown away", ("model",), registry=r)
+        self.tokens = Counter("embedserve_embedded_tokens", "Input tokens embedded for successful "
+                              "requests (what usage bills), by model and key id", ("model", "key_id"),
+                              registry=r)
+        self.inputs = Counter("embedserve_embedded_inputs", "Inputs embedded for successful requests",
+                              ("model", "key_id"), registry=r)
+        self.rejected = Counter("embedserve_rejected_inputs", "Inputs refused at admission (queue "
+                                "full) or dropped before reaching the model (client gone, deadline)",
+                                ("model", "reason"), registry=r)
+        self.queue_depth = Gauge("embedserve_queue_depth_inputs", "Inputs waiting in the batcher",
+                                 ("model",), registry=r)
+        self.in_flight = Gauge("embedserve_requests_in_flight", "HTTP requests being served",
+                               registry=r)
+        self.model_load_seconds = Gauge("embedserve_model_load_seconds", "Time to load and warm up "
+                                        "a model", ("model",), registry=r)
+        self.model_ready = Gauge("embedserve_model_ready", "1 when the model serves, 0 while loading "
+                                 "or after a failed load", ("model",), registry=r)
+        # process_resident_memory_bytes and friends, under our prefix.
+        ProcessCollector(namespace="embedserve", registry=r)
+
+    # ---- observations --------------------------------------------------------------------------
+
+    def observe_request(self, route: str, model: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, model, str(status)).inc()
+        self.request_seconds.labels(route).observe(seconds)
+
+    def observe_tokenize(self, model: str, seconds: float) -> None:
+        self.tokenize_seconds.labels(model).observe(seconds)
+
+    def observe_batch(self, model: str, *, waits: Sequence[float], seconds: float, real_tokens: int,
+                      slots: int) -> None:
+        queue = self.queue_seconds.labels(model)
+        for wait in waits:
+            queue.observe(wait)
+        self.inference_seconds.labels(model).observe(seconds)
+        self.batch_inputs.labels(model).observe(len(waits))
+        self.batch_tokens.labels(model).observe(real_tokens)
+        self.batch_padding.labels(model).inc(slots - real_tokens)
+
+    def observe_embedded(self, model: str, key_id: str, inputs: int, tokens: int) -> None:
+        self.inputs.labels(model, key_id).inc(inputs)
+        self.tokens.labels(model, key_id).inc(tokens)
+
+    def observe_rejected(self, model: str, reason: str, inputs: int) -> None:
+        self.rejected.labels(model, reason).inc(inputs)
+
+    def track_queue(self, model: str, depth: Callable[[], int]) -> None:
+        self.queue_depth.labels(model).set_function(depth)
+
+    def model_loaded(self, model: str, seconds: float) -> None:
+        self.model_load_seconds.labels(model).set(seconds)
+        self.model_ready.labels(model).set(1)
+
+    def model_failed(self, model: str) -> None:
+        self.model_ready.labels(model).set(0)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,115 @@
+"""What an operator sees: /metrics counters move by exactly the requests sent, and the access log carries
+the request's fields (never its text, never its key)."""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+import pytest
+from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import API_KEY
+from support import LiveServer
+
+MODEL = "all-MiniLM-L6-v2"
+ROUTE = "/v1/embeddings"
+
+
+def scrape(live: LiveServer) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of /metrics, keyed by (name, labels)."""
+    response = httpx.get(f"{live.base_url}/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(response.text) for sample in family.samples}
+
+
+def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
+          **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def delta(before: dict[tuple[str, frozenset[tuple[str, str]]], float],
+          after: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+def test_counters_move_by_exactly_the_requests_sent(server: LiveServer, client: OpenAI) -> None:
+    before = scrape(server)
+    inputs = [["alpha"], ["beta gamma", "delta epsilon zeta"], ["one", "two", "three", "four"],
+              ["a much longer input that goes on for a while to make more tokens"], ["x"]]
+    tokens = 0
+    for batch in inputs:
+        tokens += client.embeddings.create(model=MODEL, input=batch).usage.prompt_tokens
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    bad = [{"model": MODEL, "input": ""}, {"model": MODEL, "input": "x", "dimensions": 7},
+           {"model": MODEL, "input": []}]
+    for body in bad:
+        assert httpx.post(f"{server.v1}/embeddings", json=body, headers=auth).status_code == 400
+    assert httpx.post(f"{server.v1}/embeddings", json={"model": "nope", "input": "x"},
+                      headers=auth).status_code == 404
+    assert httpx.post(f"{server.v1}/embeddings", json={"model": MODEL, "input": "x"}).status_code == 401
+    after = scrape(server)
+
+    sent = sum(len(batch) for batch in inputs)
+    key = server.state.keys.authenticate(API_KEY).key_id  # the id the key ring gave it
+    requests = "embedserve_requests_total"
+    assert delta(before, after, requests, route=ROUTE, model=MODEL, status="200") == len(inputs)
+    # A body refused by the shape checks never names a model the server resolved: label "-".
+    assert delta(before, after, requests, route=ROUTE, model=MODEL, status="400") == 1  # dimensions
+    assert delta(before, after, requests, route=ROUTE, model="-", status="400") == 2
+    assert delta(before, after, requests, route=ROUTE, model="-", status="404") == 1  # no such model
+    assert delta(before, after, requests, route=ROUTE, model="-", status="401") == 1  # before the body
+    assert delta(before, after, "embedserve_request_duration_seconds_count", route=ROUTE) == \
+        len(inputs) + len(bad) + 2
+    assert delta(before, after, "embedserve_embedded_tokens_total", model=MODEL, key_id=key) == tokens
+    assert delta(before, after, "embedserve_embedded_inputs_total", model=MODEL, key_id=key) == sent
+    # Every embedded input went through exactly one forward pass, and waited in the queue once.
+    assert delta(before, after, "embedserve_batch_size_inputs_sum", model=MODEL) == sent
+    assert delta(before, after, "embedserve_batch_tokens_sum", model=MODEL) == tokens
+    assert delta(before, after, "embedserve_queue_wait_seconds_count", model=MODEL) == sent
+    # The 400s above are all caught before tokenizing (shape checks, then dimensions).
+    assert delta(before, after, "embedserve_tokenize_duration_seconds_count", model=MODEL) == len(inputs)
+
+
+def test_gauges_report_each_model_the_queue_and_the_process(server: LiveServer) -> None:
+    samples = scrape(server)
+    for spec in server.state.registry.catalog.specs:
+        assert value(samples, "embedserve_model_ready", model=spec.id) == 1
+        assert value(samples, "embedserve_model_load_seconds", model=spec.id) > 0
+        assert (("embedserve_queue_depth_inputs", frozenset({("model", spec.id)})) in samples)
+    assert value(samples, "embedserve_queue_depth_inputs", model=MODEL) == 0
+    assert value(samples, "embedserve_requests_in_flight") == 0
+    assert value(samples, "embedserve_process_resident_memory_bytes") > 50 * 2**20
+    assert all(name.startswith("embedserve_") for name, _ in samples)
+
+
+def test_the_access_line_has_the_requests_fields_and_never_its_text_or_key(
+        server: LiveServer, caplog: pytest.LogCaptureFixture) -> None:
+    import json
+
+    from embedserve.logs import JsonFormatter
+
+    secret_text = "zebra-canary-7731 quietly"
+    with caplog.at_level(logging.INFO, logger="embedserve.access"):
+        response = httpx.post(f"{server.v1}/embeddings", json={"model": MODEL, "input": [secret_text, "b"]},
+                              headers={"Authorization": f"Bearer {API_KEY}", "X-Request-ID": "req-fields-1"})
+        assert response.status_code == 200
+    (record,) = [r for r in caplog.records if getattr(r, "request_id", None) == "req-fields-1"]
+    line = json.loads(JsonFormatter().format(record))
+    assert line["event"] == "request"
+    assert line["request_id"] == "req-fields-1"
+    assert line["route"] == ROUTE
+    assert line["status"] == 200
+    assert line["model"] == MODEL
+    assert line["inputs"] == 2
+    assert line["tokens"] == response.json()["usage"]["prompt_tokens"]
+    assert line["key_id"] == server.state.keys.authenticate(API_KEY).key_id
+    assert isinstance(line["latency_ms"], float)
+    for name in ("ts", "level", "logger", "message"):
+        assert line[name]
+    text = JsonFormatter().format(record) + record.getMessage()
+    assert "zebra-canary" not in text
+    assert API_KEY not in text
