@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
+from embedserve.db import PostgresDatabase, SqliteDatabase, open_database
 from embedserve.settings import Settings
-from support import LiveServer, build_tiny_st_model, live_server
+from postgres import PostgresCluster, postgres_cluster
+from support import LiveServer, build_tiny_st_model, live_server, private_data_dir
 
 API_KEY = "sk-test-primary"
 OTHER_KEY = "sk-test-secondary"
@@ -136,3 +138,38 @@ prompts = {{ query = "query: ", passage = "passage: ", clustering = "cluster: " 
 @pytest.fixture(scope="session")
 def family_client(family_server: LiveServer) -> OpenAI:
     return OpenAI(base_url=family_server.v1, api_key=API_KEY, max_retries=0)
+
+
+# ---- databases: the same tests on SQLite and on a real PostgreSQL -----------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """A throwaway PostgreSQL cluster on a free loopback port, for the whole session."""
+    with postgres_cluster() as cluster:
+        yield cluster
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Where a test's key store and ledger live: a private data dir (SQLite), or a fresh PostgreSQL
+    database (the data dir then holds only the pepper)."""
+
+    kind: str
+    data_dir: Path
+    url: str | None
+
+    def settings(self, **overrides: object) -> Settings:
+        return Settings(data_dir=self.data_dir, database_url=self.url, **overrides)  # type: ignore[arg-type]
+
+    def open(self) -> SqliteDatabase | PostgresDatabase:
+        return open_database(self.url, self.data_dir)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
+    data_dir = private_data_dir(tmp_path / "data")
+    if request.param == "postgresql":
+        cluster: PostgresCluster = request.getfixturevalue("postgres")
+        return Storage("postgresql", data_dir, cluster.fresh_database())
+    return Storage("sqlite", data_dir, None)

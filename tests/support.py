@@ -79,6 +79,18 @@ def live_server(settings: Settings, catalog: Catalog | None = None,
         sock.close()
 
 
+def private_data_dir(path: Path) -> Path:
+    """A data dir of its own (database, pepper) that shares the session's ONNX cache, so a server that
+    needs its own key store does not export its models again."""
+    import os
+
+    shared = Path(os.environ["EMBEDSERVE_DATA_DIR"]) / "onnx"
+    shared.mkdir(parents=True, exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "onnx").symlink_to(shared, target_is_directory=True)
+    return path
+
+
 def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     """The smallest cosine between matching rows of two [N, D] matrices (normalized or not)."""
     a = a / np.linalg.norm(a, axis=1, keepdims=True)

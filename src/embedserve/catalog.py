@@ -27,7 +27,16 @@ from embedserve.families import (
     query_instruction_of,
 )
 from embedserve.prompts import INSTRUCTION_SLOT
-from embedserve.types import BackendName, DeviceName, DtypeName, PaddingSide, Pooling, Quantize
+from embedserve.types import (
+    ANONYMOUS,
+    BackendName,
+    DeviceName,
+    DtypeName,
+    PaddingSide,
+    Pooling,
+    Principal,
+    Quantize,
+)
 
 log = logging.getLogger("embedserve.catalog")
 
@@ -77,6 +86,7 @@ class ModelEntry:
     device: DeviceName = "auto"
     quantize: Quantize | None = None  # None: the server's --quantize
     sha256: str | None = None
+    price_per_million_input_tokens: float = 0.0  # what the usage reports charge; output tokens are free
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +126,7 @@ class ModelSpec:
     dtype: DtypeName = "auto"
     device: DeviceName = "auto"
     quantize: Quantize | None = None
+    price_per_million_input_tokens: float = 0.0
     owned_by: str = "embedserve"
     created: int = 0
 
@@ -159,7 +170,8 @@ def _tuple_of_ints(value: Any, where: str) -> tuple[int, ...]:
 
 _ENTRY_KEYS = {"id", "source", "aliases", "pooling", "normalize", "max_input_tokens",
                "matryoshka_dimensions", "prompts", "default_prompt_name", "family", "instruction",
-               "query_template", "backend", "dtype", "device", "quantize", "sha256"}
+               "query_template", "backend", "dtype", "device", "quantize", "sha256",
+               "price_per_million_input_tokens"}
 _FAMILY_CHOICES = ("auto", "none", *FAMILIES)
 
 
@@ -207,6 +219,9 @@ def load_models_file(path: Path) -> list[ModelEntry]:
         if prompts is not None and (not isinstance(prompts, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in prompts.items())):
             raise ConfigError(f"{where}: 'prompts' must be a table of strings")
+        price = table.get("price_per_million_input_tokens", 0.0)
+        if isinstance(price, bool) or not isinstance(price, int | float) or not 0 <= price < float("inf"):
+            raise ConfigError(f"{where}: price_per_million_input_tokens must be a number >= 0")
         entries.append(ModelEntry(
             source=table["source"],
             id=table.get("id"),
@@ -225,6 +240,7 @@ def load_models_file(path: Path) -> list[ModelEntry]:
             device=cast(DeviceName, table.get("device", "auto")),
             quantize=cast(Quantize | None, table.get("quantize")),
             sha256=table.get("sha256"),
+            price_per_million_input_tokens=float(price),
         ))
     return entries
 
@@ -548,6 +564,7 @@ def read_spec(entry: ModelEntry, folder: Path) -> ModelSpec:
         dtype=entry.dtype,
         device=entry.device,
         quantize=entry.quantize,
+        price_per_million_input_tokens=entry.price_per_million_input_tokens,
         owned_by=_owner(entry.source),
         created=int(time.time()),
     )
@@ -577,9 +594,11 @@ class Catalog:
                 self._by_name[name] = spec
             self._specs[spec.id] = spec
 
-    def resolve(self, name: str) -> ModelSpec:
+    def resolve(self, name: str, principal: Principal = ANONYMOUS) -> ModelSpec:
+        """An id or alias -> its spec. A model the caller's key may not use is as unknown as a model
+        that does not exist (same 404, same message: nothing is revealed)."""
         spec = self._by_name.get(name)
-        if spec is None:
+        if spec is None or not principal.may_use(spec.names):
             raise ModelNotFound(f"The model '{name}' does not exist or you do not have access to it.",
                                 param="model")
         return spec
@@ -592,6 +611,10 @@ class Catalog:
     @property
     def specs(self) -> list[ModelSpec]:
         return list(self._specs.values())
+
+    def specs_for(self, principal: Principal) -> list[ModelSpec]:
+        """The models a caller may use (all, unless its key is limited to some)."""
+        return [spec for spec in self._specs.values() if principal.may_use(spec.names)]
 
 
 def build_catalog(entries: Iterable[ModelEntry], *, allow_download: bool) -> Catalog:

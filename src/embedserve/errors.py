@@ -3,6 +3,8 @@ api/errors.py is the only place that turns these into responses."""
 
 from __future__ import annotations
 
+import math
+
 
 class EmbedServeError(Exception):
     """Base of every error the server raises on purpose."""
@@ -80,13 +82,21 @@ class InvalidInstruction(InvalidRequest):
     code = "invalid_instruction"
 
 
-# ---- 401 / 404 / 405 / 413 ------------------------------------------------------------------------
+# ---- 401 / 403 / 404 / 405 / 413 / 429 ------------------------------------------------------------
 
 
 class AuthenticationFailed(EmbedServeError):
     status = 401
     type = "invalid_request_error"
     code = "invalid_api_key"
+
+
+class PermissionDenied(EmbedServeError):
+    """A valid key that may not call this route (the management and usage routes need an admin key)."""
+
+    status = 403
+    type = "invalid_request_error"
+    code = "permission_denied"
 
 
 class ModelNotFound(EmbedServeError):
@@ -101,6 +111,12 @@ class RouteNotFound(EmbedServeError):
     code = "not_found"
 
 
+class KeyNotFound(EmbedServeError):
+    status = 404
+    type = "invalid_request_error"
+    code = "key_not_found"
+
+
 class MethodNotAllowed(EmbedServeError):
     status = 405
     type = "invalid_request_error"
@@ -111,6 +127,28 @@ class PayloadTooLarge(EmbedServeError):
     status = 413
     type = "invalid_request_error"
     code = "payload_too_large"
+
+
+class RateLimitExceeded(EmbedServeError):
+    """A key is over its requests or tokens per minute. `type` says which, as OpenAI's does. A request
+    that could never fit (more tokens than the whole per-minute limit) says so and asks the client not
+    to retry (`x-should-retry: false`, which the official SDKs obey)."""
+
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, limit: str = "requests", retry_after_s: float | None = 1.0,
+                 param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.type = limit  # "requests" | "tokens"
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after_s is None:
+            return {"x-should-retry": "false"}
+        wait_ms = max(1, math.ceil(self.retry_after_s * 1000))
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s))), "retry-after-ms": str(wait_ms)}
 
 
 class ClientDisconnected(EmbedServeError):

@@ -1,6 +1,7 @@
 """EmbeddingService.embed(): the one place where the order of the pipeline is written
-(resolve -> check against the model -> choose the prompt -> tokenize -> end with EOS where the model
-pools on it -> check lengths -> batch -> finish)."""
+(resolve for the caller's key -> check against the model -> choose the prompt -> tokenize -> end with EOS
+where the model pools on it -> check lengths -> take the tokens from the key's rate limit -> batch ->
+finish -> one usage record)."""
 
 from __future__ import annotations
 
@@ -10,21 +11,26 @@ from embedserve.errors import InvalidInputType
 from embedserve.metrics import Metrics
 from embedserve.postprocess import finish
 from embedserve.prompts import choose_prefix
+from embedserve.ratelimit import RateLimiter
 from embedserve.runtime import ModelRegistry
 from embedserve.settings import Settings
 from embedserve.tokenization import ensure_last
-from embedserve.types import EmbeddingJob, EmbeddingResult, Principal
+from embedserve.types import Caller, EmbeddingJob, EmbeddingResult, UsageRecord
+from embedserve.usage import UsageLedger
 from embedserve.validation import check_dimensions, check_lengths, check_token_ids
 
 
 class EmbeddingService:
-    def __init__(self, registry: ModelRegistry, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, registry: ModelRegistry, settings: Settings, metrics: Metrics,
+                 limiter: RateLimiter, ledger: UsageLedger) -> None:
         self._registry = registry
         self._settings = settings
         self._metrics = metrics
+        self._limiter = limiter
+        self._ledger = ledger
 
-    async def embed(self, job: EmbeddingJob, principal: Principal) -> EmbeddingResult:
-        spec = self._registry.catalog.resolve(job.model)
+    async def embed(self, job: EmbeddingJob, caller: Caller) -> EmbeddingResult:
+        spec = self._registry.catalog.resolve(job.model, caller.principal)
         check_dimensions(job.dimensions, model=job.model, native=spec.dimensions,
                          allowed=spec.matryoshka_dimensions)
         prefix = choose_prefix(model=job.model, prompts=spec.prompts,
@@ -52,9 +58,19 @@ class EmbeddingService:
                                   truncate=self._settings.truncate,
                                   max_total=self._settings.max_tokens_per_request,
                                   keep_last=runtime.eos_id is not None)
-        pooled = await runtime.batcher.embed(sequences)  # [N, D]
+        prompt_tokens = sum(len(ids) for ids in sequences)
+        self._limiter.take_tokens(caller.principal, prompt_tokens)
+        try:
+            pooled = await runtime.batcher.embed(sequences)  # [N, D]
+        except BaseException:  # not embedded (overload, shutdown, cancelled, a fault): not counted
+            self._limiter.refund_tokens(caller.principal, prompt_tokens)
+            raise
         vectors = finish(pooled, dimensions=job.dimensions, normalize=spec.normalize)
-        tokens = sum(len(ids) for ids in sequences)
-        self._metrics.observe_embedded(spec.id, principal.key_id, len(sequences), tokens)
+        self._metrics.observe_embedded(spec.id, caller.principal.key_id, len(sequences), prompt_tokens)
+        self._ledger.record(UsageRecord(
+            key_id=caller.principal.key_id, model=spec.id, prompt_tokens=prompt_tokens,
+            inputs=len(sequences), request_id=caller.request_id, created_at=time.time(),
+            latency_ms=(time.perf_counter() - caller.started) * 1000,
+            price_per_million=spec.price_per_million_input_tokens))
         return EmbeddingResult(vectors=vectors, encoding_format=job.encoding_format,
-                               prompt_tokens=tokens, model_id=spec.id)
+                               prompt_tokens=prompt_tokens, model_id=spec.id)

@@ -3,7 +3,6 @@ and passed down explicitly; nothing else reads the environment."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -16,9 +15,9 @@ DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
 
 def default_data_dir() -> Path:
-    """Where the server keeps what it makes (ONNX graphs, later the key store): XDG's data home."""
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "embedserve"
+    """Where the server keeps its state (the SQLite database, the key pepper, exported ONNX graphs):
+    `.embedserve` in the working directory, next to the project that runs it."""
+    return Path(".embedserve")
 
 
 def _split_csv(value: object) -> object:
@@ -43,8 +42,17 @@ class Settings(BaseSettings):
     quantize: Quantize = "none"
     data_dir: Path = Field(default_factory=default_data_dir)
 
-    # Auth: comma-separated in EMBEDSERVE_API_KEYS. Empty means the server runs open.
+    # Auth: comma-separated in EMBEDSERVE_API_KEYS / EMBEDSERVE_ADMIN_KEYS. With none of these and no
+    # key in the key store, the server runs open.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
+    admin_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
+    # HMAC pepper of stored keys; default: `<data_dir>/key-pepper`, created on first use.
+    key_pepper: str | None = Field(None, repr=False)
+
+    # Key store and usage ledger: SQLite under data_dir, or postgresql://... (the URL may hold a
+    # password, hence repr=False).
+    database_url: str | None = Field(None, repr=False)
+    usage_flush_interval: float = Field(1.0, gt=0, le=60)  # seconds; the crash-loss bound
 
     # Request limits.
     max_inputs_per_request: int = Field(2048, ge=1)
@@ -68,7 +76,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
 
-    @field_validator("models", "api_keys", mode="before")
+    @field_validator("models", "api_keys", "admin_keys", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)

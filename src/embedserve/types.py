@@ -23,12 +23,52 @@ IntMatrix = npt.NDArray[np.int64]
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is calling: a key id (never the key itself), or the anonymous caller of an open server."""
+    """Who is calling and what auth decided about them: the key's id (never the key itself), its name and
+    non-secret prefix, the models it may use (None: all), its per-minute limits (None: unlimited) and
+    whether it may call the management and usage routes."""
 
     key_id: str
+    name: str | None = None
+    prefix: str | None = None
+    models: frozenset[str] | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+    admin: bool = False
+
+    @property
+    def limited(self) -> bool:
+        return self.rpm is not None or self.tpm is not None
+
+    def may_use(self, names: tuple[str, ...]) -> bool:
+        """A model-limited key may use a model when one of its names (id or alias) is on the key."""
+        return self.models is None or not self.models.isdisjoint(names)
 
 
 ANONYMOUS = Principal(key_id="anonymous")
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """One request's caller, as the service needs it: who, the request id, and when it started
+    (time.perf_counter(), as the request middleware notes it, for the usage record's latency)."""
+
+    principal: Principal
+    request_id: str
+    started: float
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One successful /v1/embeddings request, as the ledger keeps it (keyed by key id, never the key)."""
+
+    key_id: str
+    model: str  # the served id (aliases are resolved)
+    prompt_tokens: int
+    inputs: int
+    request_id: str
+    created_at: float  # unix seconds
+    latency_ms: float
+    price_per_million: float  # the model's price per million input tokens at the time
 
 
 @dataclass(frozen=True, slots=True)

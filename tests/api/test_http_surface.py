@@ -172,7 +172,7 @@ def test_unexpected_exception_is_500_with_request_id_and_no_traceback(
         server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
     from embedserve.service import EmbeddingService
 
-    async def explode(self: object, job: object) -> None:
+    async def explode(self: object, job: object, caller: object) -> None:
         raise RuntimeError("secret internal detail")
 
     monkeypatch.setattr(EmbeddingService, "embed", explode)

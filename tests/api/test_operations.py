@@ -11,7 +11,6 @@ from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import API_KEY
-from embedserve.api.auth import key_id
 from support import LiveServer
 
 MODEL = "all-MiniLM-L6-v2"
@@ -55,7 +54,7 @@ def test_counters_move_by_exactly_the_requests_sent(server: LiveServer, client: 
     after = scrape(server)
 
     sent = sum(len(batch) for batch in inputs)
-    key = key_id(API_KEY)
+    key = server.state.keys.authenticate(API_KEY).key_id  # the id the key ring gave it
     requests = "embedserve_requests_total"
     assert delta(before, after, requests, route=ROUTE, model=MODEL, status="200") == len(inputs)
     # A body refused by the shape checks never names a model the server resolved: label "-".
@@ -107,7 +106,7 @@ def test_the_access_line_has_the_requests_fields_and_never_its_text_or_key(
     assert line["model"] == MODEL
     assert line["inputs"] == 2
     assert line["tokens"] == response.json()["usage"]["prompt_tokens"]
-    assert line["key_id"] == key_id(API_KEY)
+    assert line["key_id"] == server.state.keys.authenticate(API_KEY).key_id
     assert isinstance(line["latency_ms"], float)
     for name in ("ts", "level", "logger", "message"):
         assert line[name]

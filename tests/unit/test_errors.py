@@ -16,6 +16,7 @@ from embedserve.errors import (
     MethodNotAllowed,
     ModelNotReady,
     PayloadTooLarge,
+    RateLimitExceeded,
     RouteNotFound,
     ServiceUnavailable,
 )
@@ -87,10 +88,28 @@ def test_model_not_ready_is_a_service_unavailable() -> None:
     assert issubclass(ModelNotReady, ServiceUnavailable)
 
 
-@pytest.mark.parametrize("cls", [c for c in ERROR_CLASSES if not issubclass(c, ServiceUnavailable)],
+@pytest.mark.parametrize("cls", [c for c in ERROR_CLASSES
+                                 if not issubclass(c, ServiceUnavailable | RateLimitExceeded)],
                          ids=lambda cls: cls.__name__)
 def test_other_errors_carry_no_retry_after(cls: type[EmbedServeError]) -> None:
     assert "retry-after" not in error_response(cls("x")).headers
+
+
+def test_rate_limit_responses_are_429_with_the_limit_as_type_and_a_rounded_up_retry_after() -> None:
+    response = error_response(RateLimitExceeded("slow down", limit="tokens", retry_after_s=1.2))
+    assert response.status_code == 429
+    assert orjson.loads(response.body)["error"] == {"message": "slow down", "type": "tokens",
+                                                    "param": None, "code": "rate_limit_exceeded"}
+    assert response.headers["retry-after"] == "2"  # whole seconds, never early
+    assert response.headers["retry-after-ms"] == "1200"  # what the OpenAI SDKs read first
+    assert "x-should-retry" not in response.headers
+
+
+def test_a_request_that_can_never_fit_its_key_limit_tells_clients_not_to_retry() -> None:
+    response = error_response(RateLimitExceeded("too large", limit="tokens", retry_after_s=None))
+    assert response.status_code == 429
+    assert response.headers["x-should-retry"] == "false"
+    assert "retry-after" not in response.headers
 
 
 @pytest.mark.parametrize(

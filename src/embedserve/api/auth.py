@@ -1,53 +1,54 @@
-"""Bearer API keys -> Principal, checked before any body work. Keys are kept only as sha256 digests and
-compared in constant time against every configured digest."""
+"""Bearer API keys -> Principal, before any body work. The key ring (keys.KeyRing) holds every accepted
+key as a peppered digest; this module reads the header, asks the ring, and, for a key with limits,
+admits the request against its rate limit and arranges the x-ratelimit-* headers of its response."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
-from embedserve.errors import AuthenticationFailed
+from embedserve.errors import AuthenticationFailed, PermissionDenied
 from embedserve.types import ANONYMOUS, Principal
 
-
-def key_id(key: str) -> str:
-    """A non-secret identifier for logs and usage records."""
-    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+if TYPE_CHECKING:
+    from embedserve.api.state import AppState
 
 
-class KeyChecker:
-    def __init__(self, keys: Sequence[str]) -> None:
-        self._digests = [(hashlib.sha256(k.encode()).digest(), key_id(k)) for k in keys]
-
-    @property
-    def open(self) -> bool:
-        return not self._digests
-
-    def check(self, authorization: str | None) -> Principal:
-        if self.open:
-            return ANONYMOUS
-        if not authorization:
-            raise AuthenticationFailed(
-                "You didn't provide an API key. Provide it in an Authorization header using Bearer "
-                "auth (Authorization: Bearer YOUR_KEY).")
-        scheme, _, key = authorization.strip().partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise AuthenticationFailed("The Authorization header must be 'Bearer YOUR_KEY'.")
-        given = hashlib.sha256(key.strip().encode()).digest()
-        found: str | None = None
-        for digest, ident in self._digests:  # no early exit: time does not depend on which key
-            if hmac.compare_digest(given, digest):
-                found = ident
-        if found is None:
-            raise AuthenticationFailed("Incorrect API key provided.")
-        return Principal(key_id=found)
+def bearer_key(authorization: str | None) -> str:
+    if not authorization:
+        raise AuthenticationFailed(
+            "You didn't provide an API key. Provide it in an Authorization header using Bearer "
+            "auth (Authorization: Bearer YOUR_KEY).")
+    scheme, _, key = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise AuthenticationFailed("The Authorization header must be 'Bearer YOUR_KEY'.")
+    return key.strip()
 
 
 async def authenticate(request: Request) -> Principal:
-    checker: KeyChecker = request.app.state.embedserve.keys
-    principal = checker.check(request.headers.get("authorization"))
+    state: AppState = request.app.state.embedserve
+    if state.keys.open:
+        principal = ANONYMOUS
+    else:
+        principal = state.keys.authenticate(bearer_key(request.headers.get("authorization")))
     request.state.principal = principal
+    if principal.limited:  # the middleware adds these to whatever response this request gets
+        request.state.response_headers = lambda: state.limiter.headers(principal)
+    return principal
+
+
+async def admit(request: Request) -> Principal:
+    """Authenticate, then take one request from the key's requests-per-minute (429 when empty)."""
+    principal = await authenticate(request)
+    state: AppState = request.app.state.embedserve
+    state.limiter.admit_request(principal)
+    return principal
+
+
+async def require_admin(request: Request) -> Principal:
+    principal = await authenticate(request)
+    if not principal.admin:
+        raise PermissionDenied("This route needs an admin key (--admin-key, or a key created with "
+                               "`embedserve keys create --admin`).")
     return principal

@@ -1,7 +1,9 @@
 """Outermost ASGI middleware: gives every request an id (the client's X-Request-ID when it is sane) and
-puts it on every response and log line; turns requests away while the server drains; counts requests
-in flight; records the request's metrics and writes its access-log line (never the input text, never a
-key); and turns any exception that escaped the routes into the generic 500 (traceback in the log only)."""
+puts it on every response and log line; adds the headers a handler asked for on whatever response goes
+out (`scope["state"]["response_headers"]`, a callable: a limited key's x-ratelimit-*); turns requests
+away while the server drains; counts requests in flight; records the request's metrics and writes its
+access-log line (never the input text, never a key: its id and non-secret prefix); and turns any
+exception that escaped the routes into the generic 500 (traceback in the log only)."""
 
 from __future__ import annotations
 
@@ -71,6 +73,10 @@ class RequestContextMiddleware:
                 status = message["status"]
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode("latin-1")))
+                extra = info.get("response_headers")  # e.g. a limited key's x-ratelimit-*
+                if extra is not None:
+                    headers += [(name.encode("latin-1"), value.encode("latin-1"))
+                                for name, value in extra()]
                 if state.draining:
                     headers.append((b"connection", b"close"))
                 message = {**message, "headers": headers}
@@ -112,10 +118,11 @@ class RequestContextMiddleware:
         fields = {"event": "request", "request_id": info["request_id"], "method": scope["method"],
                   "route": route, "status": status,
                   "latency_ms": round(seconds * 1000, 1), "key_id": getattr(principal, "key_id", None),
+                  "key_prefix": getattr(principal, "prefix", None),
                   "model": None if model == "-" else model, "inputs": info.get("inputs"),
                   "tokens": info.get("tokens")}
         log.log(logging.DEBUG if probe else logging.INFO, "%s %s %d %.1fms%s", scope["method"],
                 scope["path"], status, seconds * 1000,
-                "".join(f" {k}={v}" for k in ("model", "inputs", "tokens", "key_id")
+                "".join(f" {k}={v}" for k in ("model", "inputs", "tokens", "key_id", "key_prefix")
                         if (v := fields[k]) is not None),
                 extra=fields)

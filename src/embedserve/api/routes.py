@@ -8,7 +8,7 @@ import orjson
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from embedserve.api.auth import authenticate
+from embedserve.api.auth import admit, authenticate
 from embedserve.api.body import read_body
 from embedserve.api.lifetime import before, bounded
 from embedserve.api.state import AppState
@@ -23,12 +23,13 @@ from embedserve.protocol import (
     model_card,
     render_embeddings,
 )
+from embedserve.types import Caller, Principal
 from embedserve.validation import parse_embedding_request, parse_json
 
 router = APIRouter()
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503)
+    status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 429, 500, 503)
 }
 
 
@@ -41,9 +42,14 @@ def _json(content: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(content), status_code=status, media_type="application/json")
 
 
+def _principal(request: Request) -> Principal:
+    principal: Principal = request.state.principal
+    return principal
+
+
 @router.post(
     "/v1/embeddings",
-    dependencies=[Depends(authenticate)],
+    dependencies=[Depends(admit)],
     response_model=EmbeddingResponse,
     responses=_ERRORS,
     openapi_extra={"requestBody": {"required": True, "content": {
@@ -56,7 +62,9 @@ async def create_embeddings(request: Request) -> Response:
     body = await before(deadline, settings.request_timeout, read_body(request, settings.max_body_bytes))
     job = parse_embedding_request(parse_json(body), max_inputs=settings.max_inputs_per_request)
     request.state.model = job.model
-    result = await bounded(request, state.service.embed(job, request.state.principal),
+    caller = Caller(principal=_principal(request), request_id=request.state.request_id,
+                    started=request.state.started)
+    result = await bounded(request, state.service.embed(job, caller),
                            deadline=deadline, timeout_s=settings.request_timeout)
     request.state.model, request.state.inputs = result.model_id, job.count
     request.state.tokens = result.prompt_tokens
@@ -68,7 +76,7 @@ async def create_embeddings(request: Request) -> Response:
 async def list_models(request: Request) -> Response:
     registry = _state(request).registry
     cards = [model_card(spec, registry.status(spec), registry.backend_description(spec))
-             for spec in registry.catalog.specs]
+             for spec in registry.catalog.specs_for(_principal(request))]
     return _json({"object": "list", "data": cards})
 
 
@@ -76,7 +84,7 @@ async def list_models(request: Request) -> Response:
             response_model=ModelCard, responses=_ERRORS)
 async def retrieve_model(request: Request, model_id: str) -> Response:
     registry = _state(request).registry
-    spec = registry.catalog.resolve(model_id)
+    spec = registry.catalog.resolve(model_id, _principal(request))
     return _json(model_card(spec, registry.status(spec), registry.backend_description(spec)))
 
 

@@ -1,0 +1,89 @@
+"""Management and usage routes, for admin keys only (others get 403): the key store (list, create,
+show, update, revoke) and usage reports. Thin, like routes.py: the database work runs in a thread."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
+
+from embedserve.api.auth import require_admin
+from embedserve.api.body import read_body
+from embedserve.api.state import AppState
+from embedserve.keys import key_json, parse_key_fields
+from embedserve.protocol import ErrorResponse
+from embedserve.usage import parse_query, report
+from embedserve.validation import parse_json
+
+router = APIRouter(dependencies=[Depends(require_admin)])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 500, 503)
+}
+_MAX_BODY = 64 * 1024
+
+
+def _state(request: Request) -> AppState:
+    state: AppState = request.app.state.embedserve
+    return state
+
+
+def _json(content: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(content), status_code=status, media_type="application/json")
+
+
+async def _changed(state: AppState) -> None:
+    """This replica applies a change at once; the others within the key refresh interval."""
+    await asyncio.to_thread(state.keys.refresh_sync)
+
+
+@router.get("/v1/keys", responses=_ERRORS)
+async def list_keys(request: Request) -> Response:
+    records = await asyncio.to_thread(_state(request).key_store.list_keys)
+    return _json({"object": "list", "data": [key_json(r) for r in records]})
+
+
+@router.post("/v1/keys", status_code=201, responses=_ERRORS)
+async def create_key(request: Request) -> Response:
+    """Create a key. The response is the only place its secret (`key`) ever appears."""
+    state = _state(request)
+    fields = parse_key_fields(parse_json(await read_body(request, _MAX_BODY)), creating=True)
+    record, secret = await asyncio.to_thread(state.key_store.create, state.keys.pepper, fields)
+    await _changed(state)
+    return _json({**key_json(record), "key": secret}, status=201)
+
+
+@router.get("/v1/keys/{key_id}", responses=_ERRORS)
+async def show_key(request: Request, key_id: str) -> Response:
+    return _json(key_json(await asyncio.to_thread(_state(request).key_store.get, key_id)))
+
+
+@router.patch("/v1/keys/{key_id}", responses=_ERRORS)
+async def update_key(request: Request, key_id: str) -> Response:
+    state = _state(request)
+    changes = parse_key_fields(parse_json(await read_body(request, _MAX_BODY)), creating=False)
+    record = await asyncio.to_thread(state.key_store.update, key_id, changes)
+    await _changed(state)
+    return _json(key_json(record))
+
+
+@router.delete("/v1/keys/{key_id}", responses=_ERRORS)
+async def revoke_key(request: Request, key_id: str) -> Response:
+    """Revoke (the key stays listed, with `revoked_at`, so its usage keeps a name)."""
+    state = _state(request)
+    record = await asyncio.to_thread(state.key_store.revoke, key_id)
+    await _changed(state)
+    return _json(key_json(record))
+
+
+@router.get("/v1/usage", responses=_ERRORS)
+async def usage(request: Request) -> Response:
+    """Usage report: `key`, `model`, `since`, `until` (ISO dates or date-times, UTC unless given),
+    `group_by` (key | model | day)."""
+    state = _state(request)
+    query = parse_query(dict(request.query_params))
+    await state.ledger.flush()  # this replica's pending records count too
+    return _json(await asyncio.to_thread(report, state.db, query))

@@ -1,0 +1,275 @@
+"""The server's database behind one narrow interface: SQLite (WAL, the embedded default, a file under
+the data dir) or PostgreSQL (by URL, for replicas sharing one key store and ledger). SQL is written once
+with `?` placeholders; the schema is created on first use. Blocking: call it from a thread."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from embedserve.errors import ConfigError, ServiceUnavailable
+
+Dialect = Literal["sqlite", "postgresql"]
+SCHEMA_VERSION = 1
+SQLITE_FILE = "embedserve.db"
+_PG_SCHEMA_LOCK = 0x656D6265  # pg_advisory_xact_lock key: replicas starting together create it once
+
+_TABLES = """
+CREATE TABLE IF NOT EXISTS embedserve_meta (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    schema_version INTEGER NOT NULL,
+    keys_version BIGINT NOT NULL,          -- bumped by every change to api_keys: servers poll it
+    pepper_check TEXT                      -- HMAC(pepper, constant): catches a pepper that differs
+);
+CREATE TABLE IF NOT EXISTS api_keys (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    prefix TEXT NOT NULL,                  -- the first characters of the key, for listings and logs
+    key_hash TEXT NOT NULL UNIQUE,         -- hex HMAC-SHA256(pepper, key), never the key
+    models TEXT,                           -- JSON array of model names, NULL for every model
+    rpm INTEGER,
+    tpm INTEGER,
+    expires_at DOUBLE PRECISION,           -- unix seconds, NULL for never
+    admin INTEGER NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    revoked_at DOUBLE PRECISION
+);
+CREATE TABLE IF NOT EXISTS usage_records (
+    id {id_column},
+    key_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    inputs INTEGER NOT NULL,
+    request_id TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,  -- unix seconds, when the response was ready
+    latency_ms DOUBLE PRECISION NOT NULL,
+    price_per_million DOUBLE PRECISION NOT NULL  -- the model's price when it was used
+);
+CREATE INDEX IF NOT EXISTS usage_records_created_at ON usage_records (created_at);
+CREATE INDEX IF NOT EXISTS usage_records_key_created_at ON usage_records (key_id, created_at);
+INSERT INTO embedserve_meta (id, schema_version, keys_version) VALUES (1, {version}, 0)
+    ON CONFLICT (id) DO NOTHING;
+"""
+
+
+class Cursor(Protocol):
+    """What a transaction offers: statements with `?` placeholders."""
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int: ...
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
+
+    def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]: ...
+
+
+class Database(Protocol):
+    dialect: Dialect
+    where: str  # for messages: the SQLite path or the PostgreSQL host/db (never the password)
+
+    def transaction(self, write: bool = True) -> AbstractContextManager[Cursor]:
+        """Commits when the block ends without an exception, rolls back otherwise."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def _unavailable(where: str, exc: Exception) -> ServiceUnavailable:
+    return ServiceUnavailable(f"The database ({where}) is unavailable: {exc}", retry_after_s=5)
+
+
+# ---- SQLite -----------------------------------------------------------------------------------------
+
+
+class _SqliteCursor:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return self._conn.execute(sql, tuple(params)).rowcount
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self._conn.executemany(sql, rows)
+
+    def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return list(self._conn.execute(sql, tuple(params)).fetchall())
+
+
+class SqliteDatabase:
+    """A connection per transaction: cheap for SQLite, safe from any thread, and a long report never
+    holds up the ledger's writer (WAL lets readers and one writer work at once)."""
+
+    dialect: Dialect = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.where = str(path)
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the data directory {path.parent}: {exc}") from None
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        conn.execute("PRAGMA synchronous=FULL")  # a committed record survives a power cut too
+        return conn
+
+    @contextmanager
+    def transaction(self, write: bool = True) -> Iterator[Cursor]:
+        try:
+            conn = self._connect()
+        except sqlite3.Error as exc:
+            raise _unavailable(self.where, exc) from None
+        try:
+            # A writer takes the lock up front (no deadlock upgrading a read lock); readers take none.
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            yield _SqliteCursor(conn)
+            conn.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise _unavailable(self.where, exc) from None
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        finally:
+            conn.close()
+
+    def create_schema(self) -> None:
+        try:
+            conn = self._connect()
+        except sqlite3.Error as exc:
+            raise ConfigError(f"cannot open the database {self.where}: {exc}") from None
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")  # persistent: recorded in the file
+            conn.executescript("BEGIN IMMEDIATE;\n"
+                               + _TABLES.format(id_column="INTEGER PRIMARY KEY",
+                                                version=SCHEMA_VERSION)
+                               + "\nCOMMIT;")
+        except sqlite3.Error as exc:
+            raise ConfigError(f"cannot set up the database {self.where}: {exc}") from None
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        pass
+
+
+# ---- PostgreSQL -------------------------------------------------------------------------------------
+
+
+def _pg_sql(sql: str) -> str:
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class _PgCursor:
+    def __init__(self, cursor: Any) -> None:
+        self._cursor = cursor
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        self._cursor.execute(_pg_sql(sql), tuple(params))
+        return int(self._cursor.rowcount)
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self._cursor.executemany(_pg_sql(sql), rows)
+
+    def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        self._cursor.execute(_pg_sql(sql), tuple(params))
+        return [tuple(row) for row in self._cursor.fetchall()]
+
+
+class PostgresDatabase:
+    """A small connection pool; each transaction borrows one connection, checked before use so that a
+    restarted PostgreSQL costs one failed call at most."""
+
+    dialect: Dialect = "postgresql"
+
+    def __init__(self, url: str) -> None:
+        import psycopg
+        from psycopg_pool import ConnectionPool
+
+        self._errors: tuple[type[Exception], ...] = (psycopg.OperationalError, psycopg.InterfaceError)
+        try:
+            info = psycopg.conninfo.conninfo_to_dict(url)
+        except psycopg.ProgrammingError as exc:
+            raise ConfigError(f"--database-url is not a PostgreSQL URL: {exc}") from None
+        self.where = (f"postgresql://{info.get('host', 'localhost')}:{info.get('port', 5432)}/"
+                      f"{info.get('dbname', '')}")
+        self._url = url
+        self._pool = ConnectionPool(url, min_size=1, max_size=4, open=False, timeout=10,
+                                    check=ConnectionPool.check_connection, name="embedserve")
+
+    def open(self) -> None:
+        """Connect once directly first: a wrong URL, password or port fails at once with the driver's
+        own reason, instead of after the pool's timeout."""
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        try:
+            psycopg.connect(self._url, connect_timeout=10).close()
+            self._pool.open(wait=True, timeout=10)
+        except (psycopg.Error, PoolTimeout) as exc:
+            self._pool.close()
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise ConfigError(f"cannot connect to the database {self.where}: {reason}") from None
+
+    @contextmanager
+    def transaction(self, write: bool = True) -> Iterator[Cursor]:
+        from psycopg_pool import PoolTimeout
+
+        errors: tuple[type[Exception], ...] = (*self._errors, PoolTimeout)
+        try:
+            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cursor:
+                yield _PgCursor(cursor)
+        except errors as exc:
+            raise _unavailable(self.where, exc) from None
+
+    def create_schema(self) -> None:
+        try:
+            with self.transaction() as tx:
+                tx.execute(f"SELECT pg_advisory_xact_lock({_PG_SCHEMA_LOCK})")
+                script = _TABLES.format(id_column="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+                                        version=SCHEMA_VERSION)
+                for statement in re.sub(r"--[^\n]*", "", script).split(";"):
+                    if statement.strip():
+                        tx.execute(statement)
+        except ServiceUnavailable as exc:
+            raise ConfigError(f"cannot set up the database {self.where}: {exc.message}") from None
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+def open_database(url: str | None, data_dir: Path) -> SqliteDatabase | PostgresDatabase:
+    """`url`: None (SQLite in the data dir), `sqlite:///PATH` or `postgresql://...`. Creates the
+    schema when it is missing; raises ConfigError when the database cannot be reached or set up."""
+    database: SqliteDatabase | PostgresDatabase
+    if url is None or not url.strip():
+        database = SqliteDatabase(data_dir / SQLITE_FILE)
+    elif url.startswith("sqlite:///"):  # SQLAlchemy's spelling: sqlite:///relative, sqlite:////absolute
+        database = SqliteDatabase(Path(url.removeprefix("sqlite:///")))
+    elif url.startswith(("postgresql://", "postgres://")):
+        database = PostgresDatabase(url)
+        database.open()
+    else:
+        raise ConfigError("--database-url must start with postgresql:// or sqlite:/// "
+                          f"(got {url.split(':', 1)[0]!r})")
+    try:
+        database.create_schema()
+        check_schema_version(database)
+    except BaseException:
+        database.close()
+        raise
+    return database
+
+
+def check_schema_version(db: Database) -> None:
+    with db.transaction(write=False) as tx:
+        rows = tx.fetchall("SELECT schema_version FROM embedserve_meta WHERE id = 1")
+    if rows and rows[0][0] != SCHEMA_VERSION:
+        raise ConfigError(f"the database {db.where} has schema version {rows[0][0]}; this embedserve "
+                          f"reads version {SCHEMA_VERSION}")

@@ -1,0 +1,210 @@
+"""The usage ledger: one record per successful /v1/embeddings request, buffered in memory and written in
+batches off the event loop every flush interval (a crash loses at most that interval's records; a clean
+shutdown writes them all), and the reports read from it (`embedserve usage`, GET /v1/usage)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import astuple, dataclass
+from typing import Any, Literal, cast, get_args
+
+from embedserve.db import Database
+from embedserve.errors import InvalidRequest, InvalidType
+from embedserve.timestamps import iso, parse_time
+from embedserve.types import UsageRecord
+
+log = logging.getLogger("embedserve.usage")
+
+GroupBy = Literal["key", "model", "day"]
+MAX_PENDING = 1_000_000  # records held while the database is unreachable (about 200 MB); then the oldest go
+_INSERT = ("INSERT INTO usage_records (key_id, model, prompt_tokens, inputs, request_id, created_at, "
+           "latency_ms, price_per_million) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+def write_records(db: Database, records: Sequence[UsageRecord]) -> None:
+    """Blocking: one transaction for the whole batch."""
+    with db.transaction() as tx:
+        tx.executemany(_INSERT, [astuple(record) for record in records])
+
+
+class UsageLedger:
+    """`record()` appends on the event loop (no I/O); `run()` writes the pending records every
+    `flush_interval_s` in a worker thread; `close()` writes what is left."""
+
+    def __init__(self, db: Database, flush_interval_s: float, max_pending: int = MAX_PENDING) -> None:
+        self._db = db
+        self._interval = flush_interval_s
+        self._max_pending = max_pending
+        self._pending: list[UsageRecord] = []
+        self._lock = asyncio.Lock()
+        self._failing = False
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def record(self, record: UsageRecord) -> None:
+        self._pending.append(record)
+        if len(self._pending) > self._max_pending:
+            dropped = len(self._pending) - self._max_pending
+            del self._pending[:dropped]
+            log.error("usage ledger: %d records dropped: the database has been unreachable too long",
+                      dropped)
+
+    async def flush(self) -> int:
+        """Write every pending record. -> how many. On failure they stay pending for the next try.
+        Shielded: a caller cancelled mid-write (the flusher at shutdown) leaves the write to finish and
+        its outcome decides, so a batch is never both written and put back to be written again."""
+        return await asyncio.shield(self._flush())
+
+    async def _flush(self) -> int:
+        async with self._lock:
+            batch, self._pending = self._pending, []
+            if not batch:
+                return 0
+            try:
+                await asyncio.to_thread(write_records, self._db, batch)
+            except Exception as exc:
+                self._pending[:0] = batch
+                if not self._failing:
+                    log.error("usage ledger: cannot write %d records, keeping them to retry: %s",
+                              len(batch), exc)
+                    self._failing = True
+                raise
+            if self._failing:
+                log.info("usage ledger: writing again")
+                self._failing = False
+            return len(batch)
+
+    async def run(self) -> None:
+        """Flush every interval until cancelled."""
+        while True:
+            await asyncio.sleep(self._interval)
+            with contextlib.suppress(Exception):  # logged by flush(); the records wait for the next round
+                await self.flush()
+
+    async def close(self, attempts: int = 3) -> None:
+        """Clean shutdown: write everything pending (retrying a little if the database is away)."""
+        for attempt in range(attempts):
+            try:
+                written = await self.flush()
+            except Exception:
+                if attempt + 1 < attempts:
+                    await asyncio.sleep(1)
+                continue
+            if written:
+                log.info("usage ledger: wrote the last %d records", written)
+            return
+        log.error("usage ledger: %d records could not be written at shutdown", len(self._pending))
+
+
+# ---- reports --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UsageQuery:
+    key: str | None = None
+    model: str | None = None
+    since: float | None = None  # inclusive, unix seconds
+    until: float | None = None  # exclusive
+    group_by: GroupBy | None = None
+
+
+QUERY_PARAMS = ("key", "model", "since", "until", "group_by")
+
+
+def parse_query(params: Mapping[str, object]) -> UsageQuery:
+    """GET /v1/usage parameters (and the CLI's flags) -> UsageQuery, or a 400 naming the parameter."""
+    unknown = sorted(set(params) - set(QUERY_PARAMS))
+    if unknown:
+        raise InvalidRequest(f"Unknown parameter '{unknown[0]}'; expected some of "
+                             f"{', '.join(QUERY_PARAMS)}.", param=unknown[0])
+    values: dict[str, str | None] = {}
+    for name in QUERY_PARAMS:
+        value = params.get(name)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise InvalidType(f"'{name}' must be a non-empty string.", param=name)
+        values[name] = value
+    group_by = values["group_by"]
+    if group_by is not None and group_by not in get_args(GroupBy):
+        raise InvalidRequest(f"'group_by' must be one of {', '.join(get_args(GroupBy))}; got "
+                             f"{group_by!r}.", param="group_by")
+    since = None if values["since"] is None else parse_time(values["since"], "since")
+    until = None if values["until"] is None else parse_time(values["until"], "until")
+    if since is not None and until is not None and until <= since:
+        raise InvalidRequest("'until' must be later than 'since'.", param="until")
+    return UsageQuery(key=values["key"], model=values["model"], since=since, until=until,
+                      group_by=cast(GroupBy | None, group_by))
+
+
+def _day_sql(db: Database) -> str:
+    if db.dialect == "postgresql":
+        return "to_char(to_timestamp(u.created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+    return "strftime('%Y-%m-%d', u.created_at, 'unixepoch')"
+
+
+def report(db: Database, query: UsageQuery) -> dict[str, Any]:
+    """Blocking. The one JSON shape of a usage report (CLI --json and GET /v1/usage): rows per group
+    (none without group_by) and the total. Cost = tokens x each record's price per million / 10^6."""
+    where: list[str] = []
+    params: list[Any] = []
+    for column, value, op in (("key_id", query.key, "="), ("model", query.model, "="),
+                              ("created_at", query.since, ">="), ("created_at", query.until, "<")):
+        if value is not None:
+            where.append(f"u.{column} {op} ?")
+            params.append(value)
+    group_sql, group_cols = {
+        None: ("", []),
+        "key": ("u.key_id", ["key_id", "key_name", "key_prefix"]),
+        "model": ("u.model", ["model"]),
+        "day": (_day_sql(db), ["day"]),
+    }[query.group_by]
+    extra = ", MAX(k.name), MAX(k.prefix)" if query.group_by == "key" else ""
+    select = f"{group_sql}{extra}, " if group_sql else ""
+    sql = (f"SELECT {select}COUNT(*), SUM(u.inputs), SUM(u.prompt_tokens), "
+           "SUM(u.prompt_tokens * u.price_per_million) FROM usage_records u "
+           + ("LEFT JOIN api_keys k ON k.id = u.key_id " if query.group_by == "key" else "")
+           + (f"WHERE {' AND '.join(where)} " if where else "")
+           + (f"GROUP BY {group_sql} ORDER BY {group_sql}" if group_sql else ""))
+    with db.transaction(write=False) as tx:
+        rows = tx.fetchall(sql, params)
+    data: list[dict[str, Any]] = []
+    total = {"requests": 0, "inputs": 0, "prompt_tokens": 0, "cost": 0.0}
+    for row in rows:
+        groups, (requests, inputs, tokens, micro_cost) = row[:len(group_cols)], row[len(group_cols):]
+        entry = {"requests": int(requests or 0), "inputs": int(inputs or 0),
+                 "prompt_tokens": int(tokens or 0), "cost": float(micro_cost or 0) / 1_000_000}
+        for name in ("requests", "inputs", "prompt_tokens", "cost"):
+            total[name] += entry[name]
+        if group_cols:
+            data.append({**dict(zip(group_cols, groups, strict=True)), **entry})
+    return {"object": "usage_report", "group_by": query.group_by,
+            "filters": {"key": query.key, "model": query.model, "since": iso(query.since),
+                        "until": iso(query.until)},
+            "data": data, "total": total}
+
+
+def render_table(doc: Mapping[str, Any]) -> str:
+    """The report as a plain-text table, a TOTAL line last."""
+    group_cols = {None: [], "key": ["key_id", "key_name"], "model": ["model"], "day": ["day"]}[
+        doc["group_by"]]
+    labels = len(group_cols) or 1
+    header = ([c.upper() for c in group_cols] or [""]) + ["REQUESTS", "INPUTS", "PROMPT_TOKENS", "COST"]
+
+    def cells(entry: Mapping[str, Any], label: list[str]) -> list[str]:
+        return [*label, str(entry["requests"]), str(entry["inputs"]), str(entry["prompt_tokens"]),
+                f"{entry['cost']:.6f}"]
+
+    lines = [cells(row, ["-" if row[c] is None else str(row[c]) for c in group_cols])
+             for row in doc["data"]]
+    lines.append(cells(doc["total"], ["TOTAL"] + [""] * (labels - 1)))
+    widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
+
+    def fmt(line: list[str]) -> str:
+        return "  ".join(cell.ljust(w) if i < labels else cell.rjust(w)
+                         for i, (cell, w) in enumerate(zip(line, widths, strict=True))).rstrip()
+
+    return "\n".join(fmt(line) for line in [header, *lines])
