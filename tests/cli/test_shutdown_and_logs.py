@@ -172,8 +172,9 @@ def test_access_lines_carry_the_request_fields(drained: Run) -> None:
         assert line["model"] == MODEL
         assert line["inputs"] == TEXTS_PER_REQUEST
         assert line["tokens"] == response.json()["usage"]["prompt_tokens"]
-        assert line["key_id"].startswith("key-")
+        assert line["key_id"] and SECRET not in line["key_id"]
         assert line["latency_ms"] > 0
+    assert len({access[f"drain-{i}"]["key_id"] for i in range(IN_FLIGHT)}) == 1  # one key, one id
     refused = [line for line in access.values() if line["status"] == 503]
     assert any(line["route"] == "/v1/embeddings" for line in refused)
     assert any(line.get("event") == "draining" for line in _lines(drained))
