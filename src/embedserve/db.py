@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any, Literal, Protocol
 from embedserve.errors import ConfigError, ServiceUnavailable
 
 Dialect = Literal["sqlite", "postgresql"]
+BUSY_TIMEOUT_S = 30.0  # how long a SQLite connection waits for another one's lock
 SCHEMA_VERSION = 1
 SQLITE_FILE = "embedserve.db"
 _PG_SCHEMA_LOCK = 0x656D6265  # pg_advisory_xact_lock key: replicas starting together create it once
@@ -113,7 +115,7 @@ class SqliteDatabase:
             raise ConfigError(f"cannot create the data directory {path.parent}: {exc}") from None
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         conn.execute("PRAGMA synchronous=FULL")  # a committed record survives a power cut too
         return conn
 
@@ -145,7 +147,7 @@ class SqliteDatabase:
         except sqlite3.Error as exc:
             raise ConfigError(f"cannot open the database {self.where}: {exc}") from None
         try:
-            conn.execute("PRAGMA journal_mode=WAL")  # persistent: recorded in the file
+            self._enter_wal(conn)
             conn.executescript("BEGIN IMMEDIATE;\n"
                                + _TABLES.format(id_column="INTEGER PRIMARY KEY",
                                                 version=SCHEMA_VERSION)
@@ -154,6 +156,21 @@ class SqliteDatabase:
             raise ConfigError(f"cannot set up the database {self.where}: {exc}") from None
         finally:
             conn.close()
+
+    @staticmethod
+    def _enter_wal(conn: sqlite3.Connection) -> None:
+        """Switch the file to WAL (persistent: recorded in the file). SQLite answers a switch that races
+        another connection's with "database is locked" at once, without calling the busy handler, so
+        several processes starting on a new file wait here as the handler would."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def close(self) -> None:
         pass
