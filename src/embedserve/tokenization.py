@@ -54,16 +54,8 @@ class TokenizerPool:
             self._free.put(tok)
         probe = tokenizers[0]
         self.vocab_size = probe.get_vocab_size(with_added_tokens=True)
-        self.pad_id = self._pad_id(probe)
+        self.pad_id = pad_id_of(probe)
         self._probe = probe
-
-    @staticmethod
-    def _pad_id(tok: Tokenizer) -> int:
-        for name in ("[PAD]", "<pad>", "<|endoftext|>", "</s>"):
-            token_id = tok.token_to_id(name)
-            if token_id is not None:
-                return int(token_id)
-        return 0  # the attention mask hides padding, so any valid id will do
 
     @contextmanager
     def _borrow(self) -> Iterator[Tokenizer]:
@@ -87,6 +79,14 @@ class TokenizerPool:
     async def encode(self, texts: Sequence[str], prefix: str = "") -> list[list[int]]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.encode_sync, texts, prefix)
+
+
+def pad_id_of(tok: Tokenizer) -> int:
+    for name in ("[PAD]", "<pad>", "<|endoftext|>", "</s>"):
+        token_id = tok.token_to_id(name)
+        if token_id is not None:
+            return int(token_id)
+    return 0  # the attention mask hides padding, so any valid id will do
 
 
 def ensure_last(sequences: list[list[int]], token_id: int) -> list[list[int]]:

@@ -105,17 +105,16 @@ def test_a_corrupt_cached_graph_is_a_clear_load_error(tmp_path: Path) -> None:
         OnnxBackend(spec, cache_dir=tmp_path)
 
 
-def test_int8_is_close_to_fp32_and_says_so(cache: Path) -> None:
+def test_int8_is_a_separate_smaller_graph_and_says_so(cache: Path) -> None:
+    """(Its fidelity on every family: tests/model/test_int8.py.)"""
     spec = spec_of(bundled_folder())
-    batch = batch_for(spec, TEXTS)
     fp32 = OnnxBackend(spec, cache_dir=cache)
     int8 = OnnxBackend(spec, cache_dir=cache, quantize="int8")
     assert int8.description == "onnx cpu int8" and int8.path != fp32.path
-    assert int8.path.stat().st_size < fp32.path.stat().st_size + (
-        fp32.path.with_suffix(".onnx.data").stat().st_size if fp32.path.with_suffix(".onnx.data").exists()
-        else 0)
-    a, b = int8.forward(batch), fp32.forward(batch)
-    cosines = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-    # The issue's bar (min >= 0.99) is on the benchmark corpus (5-250 tokens); a 3-token "hi" is the
-    # hardest case for int8 and gets a looser floor here.
-    assert cosines[1:].min() >= 0.99 and cosines.min() >= 0.98
+
+    def size(path: Path) -> int:
+        data = path.with_suffix(".onnx.data")
+        return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+    assert size(int8.path) < 0.85 * size(fp32.path)  # the embedding table (half the file) stays float32
+    assert sorted(p.name for p in int8.path.parent.iterdir()) == ["model.onnx", "model.onnx.data"]

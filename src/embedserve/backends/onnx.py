@@ -19,8 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from embedserve.backends.int8 import RECIPE as INT8_RECIPE
+from embedserve.backends.int8 import calibration_texts, quantize_int8
 from embedserve.catalog import WEIGHT_FILES, ModelSpec, sha256_of
 from embedserve.errors import ModelLoadError
+from embedserve.scheduler.packing import collate
+from embedserve.tokenization import ensure_last, pad_id_of, tokenizer_factory
 from embedserve.types import FloatMatrix, Quantize, TokenBatch
 
 log = logging.getLogger("embedserve.backends.onnx")
@@ -60,7 +64,8 @@ def graph_key(spec: ModelSpec, quantize: Quantize) -> str:
         for path in _weight_files(layer.folder):
             digest.update(_file_digest(path).encode())
         digest.update(f"{layer.in_features}:{layer.out_features}:{layer.activation}".encode())
-    digest.update(f"{spec.pooling}:{quantize}:{GRAPH_VERSION}:{OPSET}".encode())
+    recipe = INT8_RECIPE if quantize == "int8" else quantize
+    digest.update(f"{spec.pooling}:{recipe}:{GRAPH_VERSION}:{OPSET}".encode())
     return digest.hexdigest()[:24]
 
 
@@ -105,31 +110,20 @@ def _export(spec: ModelSpec, target: Path) -> None:
     torch_backend.close()
 
 
-def int8_nodes(model: Any) -> list[str]:
-    """The MatMuls to quantize: those with a 2-D weight [K, N] and K <= N. Down-projections (K > N: the
-    feed-forward output, intermediate -> hidden) stay float32: their inputs carry the outliers that cost
-    the most fidelity (all-MiniLM-L6-v2, 200 corpus texts: min cosine 0.983 with every weight MatMul in
-    int8, 0.994 with the down-projections kept). Activation x activation MatMuls (attention scores) are
-    never quantized."""
-    shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
-    chosen = []
-    for node in model.graph.node:
-        if node.op_type != "MatMul":
-            continue
-        weight = next((shapes[i] for i in node.input if i in shapes), None)
-        if weight is not None and len(weight) == 2 and weight[0] <= weight[1]:
-            chosen.append(node.name)
-    return chosen
-
-
-def _quantize(source: Path, target: Path) -> None:
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    nodes = int8_nodes(onnx.load(str(source), load_external_data=False))
-    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
-                     op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes,
-                     use_external_data_format=True)
+def _calibration_feeds(spec: ModelSpec, batch: int = 32) -> list[dict[str, np.ndarray]]:
+    """The calibration text as the server would feed it: the model's tokenizer, its EOS rule and padding
+    side, in length-sorted batches."""
+    tok = tokenizer_factory(spec.folder, lower_case=spec.lower_case,
+                            truncate_to=min(spec.max_input_tokens, 512))()
+    ids = [enc.ids for enc in tok.encode_batch(calibration_texts())]
+    if spec.eos_token is not None and (eos := tok.token_to_id(spec.eos_token)) is not None:
+        ids = ensure_last(ids, eos)
+    ids.sort(key=len)
+    feeds = []
+    for start in range(0, len(ids), batch):
+        tokens = collate(ids[start:start + batch], pad_id_of(tok), spec.padding_side)
+        feeds.append({"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask})
+    return feeds
 
 
 def ensure_graph(spec: ModelSpec, cache_dir: Path, quantize: Quantize) -> Path:
@@ -150,7 +144,8 @@ def ensure_graph(spec: ModelSpec, cache_dir: Path, quantize: Quantize) -> Path:
         out = work / "out"
         if quantize == "int8":
             out.mkdir()
-            _quantize(fp32, out / "model.onnx")
+            log.info("model '%s': quantizing to int8 (%s)", spec.id, INT8_RECIPE)
+            quantize_int8(fp32, out / "model.onnx", _calibration_feeds(spec))
         else:
             fp32.parent.rename(out)
         try:
