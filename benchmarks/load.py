@@ -38,7 +38,11 @@ from corpus import build_corpus
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / ".bench"
 INFINITY_VENV = BENCH / "infinity"
-INFINITY_SPEC = "infinity-emb[server,optimum,torch]==0.0.78"
+# Infinity 0.0.78 as it was released: newer optimum (2.x) drops the OptimizationConfig argument it
+# passes, so its optimum engine silently falls back to an unoptimized graph; optimum 1.24 pulls
+# `datasets`, whose newest pyarrow needs NumPy 2 while Infinity keeps NumPy 1.
+INFINITY_HF = BENCH / "infinity-hf"
+INFINITY_SPEC = ("infinity-emb[server,optimum,torch]==0.0.78", "optimum[onnxruntime]==1.24.0", "pyarrow<16")
 MODEL = "all-MiniLM-L6-v2"
 
 
@@ -167,25 +171,49 @@ def _measure_server(server: Server, corpus: list[str], total_tokens: int, bulk: 
 
 
 def _ensure_infinity(model_folder: Path) -> Path:
-    """.bench/infinity (a venv with infinity-emb) and .bench/minilm: the model folder plus the ONNX file
-    optimum exports for Infinity's optimum engine."""
+    """.bench/infinity (a venv with infinity-emb) and .bench/minilm: the model folder plus the plain
+    transformers ONNX graph (`last_hidden_state`) that Infinity's optimum engine loads and optimizes."""
     python = INFINITY_VENV / "bin" / "python"
     if not (INFINITY_VENV / "bin" / "infinity_emb").exists():
-        print(f"installing {INFINITY_SPEC} into {INFINITY_VENV} (once, several minutes)", file=sys.stderr)
+        print(f"installing {' '.join(INFINITY_SPEC)} into {INFINITY_VENV} (once, minutes)", file=sys.stderr)
         subprocess.run([sys.executable, "-m", "venv", str(INFINITY_VENV)], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                        "-c", str(ROOT / "constraints.txt"), INFINITY_SPEC], check=True)
+                        "-c", str(ROOT / "constraints.txt"), *INFINITY_SPEC], check=True)
     folder = BENCH / "minilm"
     if not (folder / "model.onnx").exists():
         shutil.rmtree(folder, ignore_errors=True)
         shutil.copytree(model_folder, folder)
-        export = BENCH / "minilm-export"
-        subprocess.run([str(INFINITY_VENV / "bin" / "optimum-cli"), "export", "onnx", "--model",
-                        str(folder), "--task", "feature-extraction", str(export)], check=True,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True)
-        shutil.move(export / "model.onnx", folder / "model.onnx")  # Infinity looks beside the config
-        shutil.rmtree(export)
+        _export_transformers_onnx(folder, folder / "model.onnx.partial")
+        (folder / "model.onnx.partial").rename(folder / "model.onnx")  # Infinity looks beside the config
+        shutil.rmtree(INFINITY_HF, ignore_errors=True)  # its optimized copy of the previous graph
     return folder
+
+
+def _export_transformers_onnx(folder: Path, target: Path) -> None:
+    """What `optimum-cli export onnx --task feature-extraction` writes, exported here: optimum 1.24's
+    exporter breaks on torch 2.13's external-data naming, and optimum 2's sees the
+    sentence-transformers files and exports `sentence_embedding`, which Infinity 0.0.78 cannot read."""
+    import torch
+    from transformers import AutoModel
+
+    class Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = AutoModel.from_pretrained(str(folder)).eval()
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    token_type_ids: torch.Tensor) -> torch.Tensor:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask,  # type: ignore[no-any-return]
+                              token_type_ids=token_type_ids).last_hidden_state
+
+    ids = torch.ones((2, 8), dtype=torch.long)
+    axes = {0: "batch_size", 1: "sequence_length"}
+    with torch.no_grad():
+        torch.onnx.export(Encoder(), (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(target),
+                          input_names=["input_ids", "attention_mask", "token_type_ids"],
+                          output_names=["last_hidden_state"], opset_version=17, dynamo=False,
+                          dynamic_axes={"input_ids": axes, "attention_mask": axes, "token_type_ids": axes,
+                                        "last_hidden_state": axes})
 
 
 # ---- in-process baselines ------------------------------------------------------------------------
@@ -300,7 +328,12 @@ def main() -> None:
                        "--served-model-name", MODEL, "--engine", engine, "--device", "cpu",
                        "--port", "{port}", "--log-level", "warning"]
             # Run from inside the folder: infinity 0.0.78 + optimum mishandle absolute local paths.
-            servers.append(Server(f"infinity {engine}", command, MODEL, env, cwd=infinity_folder))
+            # Its own HF_HOME: Infinity caches the optimized graph there under a name that does not
+            # depend on the model, so a shared cache could serve another model's graph. No telemetry:
+            # nothing outside can be reached, and retrying the upload only adds noise.
+            servers.append(Server(f"infinity {engine}", command, MODEL, {**env, "HF_HOME": str(INFINITY_HF),
+                                   "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1"},
+                                  cwd=infinity_folder))
 
     st, ort = Row("sentence-transformers encode in-process"), Row("onnxruntime fp32 in-process")
     rows = [st, ort]
