@@ -160,21 +160,26 @@ def test_a_different_pepper_is_refused_once_keys_exist(storage: Storage) -> None
         db.close()
 
 
-def test_the_schema_is_created_once_even_by_several_processes_at_once(storage: Storage) -> None:
+def _open_at_once(url: str | None, data_dir: Path, openers: int = 4) -> list[BaseException]:
+    """What `openers` servers or CLIs starting together on one database raise."""
     errors: list[BaseException] = []
 
     def open_and_close() -> None:
         try:
-            open_database(storage.url, storage.data_dir).close()
+            open_database(url, data_dir).close()
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=open_and_close) for _ in range(4)]
+    threads = [threading.Thread(target=open_and_close) for _ in range(openers)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert errors == []
+    return errors
+
+
+def test_the_schema_is_created_once_even_by_several_processes_at_once(storage: Storage) -> None:
+    assert _open_at_once(storage.url, storage.data_dir) == []
     db = storage.open()
     try:
         assert KeyStore(db).version() == 0
@@ -193,18 +198,4 @@ def test_servers_starting_together_on_a_new_sqlite_file_all_start(tmp_path: Path
     """SQLite refuses a WAL switch that races another connection's at once ("database is locked",
     no busy handler): about one round in fifteen of four openers hit it before the retry."""
     for round_ in range(40):
-        data_dir = tmp_path / f"round-{round_}"
-        errors: list[BaseException] = []
-
-        def open_and_close(where: Path = data_dir, errors: list[BaseException] = errors) -> None:
-            try:
-                open_database(None, where).close()
-            except BaseException as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=open_and_close) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert errors == [], f"round {round_}"
+        assert _open_at_once(None, tmp_path / f"round-{round_}") == [], f"round {round_}"
