@@ -22,7 +22,7 @@ from embedserve.backends.int8 import (
     smooth,
     smoothing_scales,
 )
-from embedserve.backends.onnx import OnnxBackend, _calibration_feeds
+from embedserve.backends.onnx import OnnxBackend, calibration_feeds
 from support import bundled_folder, min_cosine
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,7 +62,7 @@ def test_smoothing_changes_the_graph_but_not_what_it_computes(cache: Path, tmp_p
     model = onnx.load(str(source))
     nodes = int8_nodes(model)
     assert len(nodes) == 6 * 5  # Q, K, V, attention output and up-projection in each of 6 layers
-    ranges = activation_ranges(source, _calibration_feeds(spec), sorted({n.input[0] for n in nodes}))
+    ranges = activation_ranges(source, calibration_feeds(spec), sorted({n.input[0] for n in nodes}))
     assert len(ranges) == 6 * 3  # Q, K and V read one tensor
     assert max(float(r.max() / np.median(r)) for r in ranges.values()) > 10  # the outliers exist
     smooth(model, nodes, ranges)

@@ -1,6 +1,7 @@
 """ONNX Runtime backend for CPU: the model, its mask-driven pooler and its Dense head exported once to one
 ONNX graph (cached under the data dir, keyed by the weights' hash and everything else that shapes the
-graph), optionally dynamically quantized to int8, run with ORT's full graph optimizations."""
+graph), optionally quantized to int8 (activation-smoothed first: int8.py), run with ORT's full graph
+optimizations."""
 
 from __future__ import annotations
 
@@ -110,7 +111,7 @@ def _export(spec: ModelSpec, target: Path) -> None:
     torch_backend.close()
 
 
-def _calibration_feeds(spec: ModelSpec, batch: int = 32) -> list[dict[str, np.ndarray]]:
+def calibration_feeds(spec: ModelSpec, batch: int = 32) -> list[dict[str, np.ndarray]]:
     """The calibration text as the server would feed it: the model's tokenizer, its EOS rule and padding
     side, in length-sorted batches."""
     tok = tokenizer_factory(spec.folder, lower_case=spec.lower_case,
@@ -145,7 +146,7 @@ def ensure_graph(spec: ModelSpec, cache_dir: Path, quantize: Quantize) -> Path:
         if quantize == "int8":
             out.mkdir()
             log.info("model '%s': quantizing to int8 (%s)", spec.id, INT8_RECIPE)
-            quantize_int8(fp32, out / "model.onnx", _calibration_feeds(spec))
+            quantize_int8(fp32, out / "model.onnx", calibration_feeds(spec))
         else:
             fp32.parent.rename(out)
         try:
