@@ -119,7 +119,8 @@ def _precisions(size: int) -> None:
 
 
 def _renormalized(m: np.ndarray) -> np.ndarray:
-    return m / np.linalg.norm(m, axis=1, keepdims=True)
+    out: np.ndarray = m / np.linalg.norm(m, axis=1, keepdims=True)
+    return out
 
 
 if __name__ == "__main__":

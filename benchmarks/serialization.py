@@ -42,7 +42,7 @@ def main() -> None:
 
     def ours(fmt: str) -> Callable[[], bytes]:
         result = EmbeddingResult(vectors=vectors, encoding_format=fmt,  # type: ignore[arg-type]
-                                 prompt_tokens=args.inputs * 100)
+                                 prompt_tokens=args.inputs * 100, model_id="bench")
         return lambda: render_embeddings(result, "bench")
 
     def stdlib() -> bytes:
@@ -54,8 +54,9 @@ def main() -> None:
     def pydantic() -> bytes:
         data = [{"object": "embedding", "index": i, "embedding": row.tolist()}
                 for i, row in enumerate(vectors)]
-        return EmbeddingResponse(data=data, model="bench",  # type: ignore[arg-type]
-                                 usage={"prompt_tokens": 0, "total_tokens": 0}).model_dump_json().encode()
+        response = EmbeddingResponse(data=data, model="bench",
+                                     usage={"prompt_tokens": 0, "total_tokens": 0})
+        return response.model_dump_json().encode()
 
     rows = [("embedserve, float (orjson from float32)", *_best_ms(ours("float"), args.repeat)),
             ("embedserve, base64 (little-endian float32)", *_best_ms(ours("base64"), args.repeat)),

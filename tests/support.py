@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -35,7 +36,8 @@ class LiveServer:
     @property
     def state(self) -> AppState:
         """The running app's state (its metrics, registry, draining flag)."""
-        state: AppState = self.server.config.app.state.embedserve
+        app: Any = self.server.config.app
+        state: AppState = app.state.embedserve
         return state
 
 
