@@ -38,10 +38,10 @@ from corpus import build_corpus
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / ".bench"
 INFINITY_VENV = BENCH / "infinity"
+INFINITY_HF = BENCH / "infinity-hf"
 # Infinity 0.0.78 as it was released: newer optimum (2.x) drops the OptimizationConfig argument it
 # passes, so its optimum engine silently falls back to an unoptimized graph; optimum 1.24 pulls
 # `datasets`, whose newest pyarrow needs NumPy 2 while Infinity keeps NumPy 1.
-INFINITY_HF = BENCH / "infinity-hf"
 INFINITY_SPEC = ("infinity-emb[server,optimum,torch]==0.0.78", "optimum[onnxruntime]==1.24.0", "pyarrow<16")
 MODEL = "all-MiniLM-L6-v2"
 

@@ -19,8 +19,19 @@ import numpy as np
 from embedserve.api.app import create_app
 from embedserve.api.server import EmbedServer, build_server
 from embedserve.api.state import AppState
-from embedserve.catalog import Catalog, build_catalog, declared_entries
+from embedserve.catalog import (
+    Catalog,
+    ModelEntry,
+    ModelSpec,
+    build_catalog,
+    declared_entries,
+    locate,
+    read_spec,
+)
+from embedserve.scheduler.packing import collate
 from embedserve.settings import Settings
+from embedserve.tokenization import ensure_last, pad_id_of, tokenizer_factory
+from embedserve.types import TokenBatch
 
 
 @dataclass
@@ -98,6 +109,26 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     a = a / np.linalg.norm(a, axis=1, keepdims=True)
     b = b / np.linalg.norm(b, axis=1, keepdims=True)
     return float((a * b).sum(axis=1).min())
+
+
+#: Short, long, emoji and repeated text: one padded batch of very different lengths.
+MIXED_TEXTS = ["hi", "The quick brown fox jumps over the lazy dog.", "Zürich 🚀 " * 20,
+               "a somewhat longer sentence about bridges and the engineers who build them " * 3]
+
+
+def spec_of(folder: Path, **entry: Any) -> ModelSpec:
+    """The spec the server reads for a model folder (`entry`: models.toml fields)."""
+    located, where = locate(ModelEntry(source=str(folder), **entry), allow_download=False)
+    return read_spec(located, where)
+
+
+def batch_for(spec: ModelSpec, texts: list[str]) -> TokenBatch:
+    """`texts` tokenized and padded as the server batches them (EOS rule, padding side)."""
+    tok = tokenizer_factory(spec.folder)()
+    ids = [enc.ids for enc in tok.encode_batch(texts)]
+    if spec.eos_token is not None and (eos := tok.token_to_id(spec.eos_token)) is not None:
+        ids = ensure_last(ids, eos)
+    return collate(ids, pad_id_of(tok), spec.padding_side)
 
 
 def bundled_folder() -> Path:

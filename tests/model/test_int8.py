@@ -11,7 +11,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from test_onnx_backend import TEXTS, batch_for, spec_of
 
 from conftest import FamilyModels
 from embedserve.backends.int8 import (
@@ -23,7 +22,8 @@ from embedserve.backends.int8 import (
     smoothing_scales,
 )
 from embedserve.backends.onnx import OnnxBackend, calibration_feeds
-from support import bundled_folder, min_cosine
+from support import MIXED_TEXTS as TEXTS
+from support import batch_for, bundled_folder, min_cosine, spec_of
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,31 +12,9 @@ from conftest import FamilyModels
 from embedserve.backends import onnx as onnx_module
 from embedserve.backends.onnx import OnnxBackend, graph_key
 from embedserve.backends.torch import TorchBackend
-from embedserve.catalog import ModelEntry, ModelSpec, locate, read_spec
 from embedserve.errors import ModelLoadError
-from embedserve.scheduler.packing import collate
-from embedserve.tokenization import TokenizerPool, ensure_last, tokenizer_factory
-from support import bundled_folder, min_cosine
-
-TEXTS = ["hi", "The quick brown fox jumps over the lazy dog.", "Zürich 🚀 " * 20,
-         "a somewhat longer sentence about bridges and the engineers who build them " * 3]
-
-
-def spec_of(folder: Path, **entry: object) -> ModelSpec:
-    located, where = locate(ModelEntry(source=str(folder), **entry), allow_download=False)  # type: ignore[arg-type]
-    return read_spec(located, where)
-
-
-def batch_for(spec: ModelSpec, texts: list[str]):  # type: ignore[no-untyped-def]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(1) as executor:
-        pool = TokenizerPool(tokenizer_factory(spec.folder), executor, copies=1)
-        ids = pool.encode_sync(texts)
-        eos = pool.token_id(spec.eos_token) if spec.eos_token is not None else None
-        if eos is not None:
-            ids = ensure_last(ids, eos)
-        return collate(ids, pool.pad_id, spec.padding_side)
+from support import MIXED_TEXTS as TEXTS
+from support import batch_for, bundled_folder, min_cosine, spec_of
 
 
 @pytest.fixture(scope="module")

