@@ -56,23 +56,35 @@ def test_calibration_text_is_fixed_real_and_not_the_benchmark_corpus() -> None:
     assert not set(CALIBRATION_MODULES) & set(MODULES)
 
 
-def test_smoothing_changes_the_graph_but_not_what_it_computes(cache: Path, tmp_path: Path) -> None:
-    spec = spec_of(bundled_folder())
+@pytest.mark.parametrize("model", ["minilm", "qwen3"])
+def test_smoothing_changes_the_graph_but_not_what_it_computes(model: str, family_models: FamilyModels,
+                                                              cache: Path, tmp_path: Path) -> None:
+    spec = spec_of({"minilm": bundled_folder(), "qwen3": family_models.qwen3}[model])
     source = OnnxBackend(spec, cache_dir=cache).path
-    model = onnx.load(str(source))
-    nodes = int8_nodes(model)
-    assert len(nodes) == 6 * 5  # Q, K, V, attention output and up-projection in each of 6 layers
-    ranges = activation_ranges(source, calibration_feeds(spec), sorted({n.input[0] for n in nodes}))
-    assert len(ranges) == 6 * 3  # Q, K and V read one tensor
-    assert max(float(r.max() / np.median(r)) for r in ranges.values()) > 10  # the outliers exist
-    smooth(model, nodes, ranges)
+    proto = onnx.load(str(source))
+    nodes = int8_nodes(proto)
+    readers = sorted({n.input[0] for n in nodes})
+    if model == "minilm":
+        # Fused: per layer the Attention (QKV in one weight), the attention output and the up-projection,
+        # each reading its own tensor; down-projections stay float32.
+        assert [n.op_type for n in nodes] == ["Attention", "MatMul", "MatMul"] * 6
+        assert len(readers) == 6 * 3
+    else:
+        # Unfused (decoder): plain MatMuls; those reading one tensor share one smoothing.
+        assert {n.op_type for n in nodes} == {"MatMul"}
+    ranges = activation_ranges(source, calibration_feeds(spec), readers)
+    assert set(ranges) == set(readers)
+    if model == "minilm":
+        assert max(float(r.max() / np.median(r)) for r in ranges.values()) > 10  # the outliers exist
+    smooth(proto, nodes, ranges)
     smoothed = tmp_path / "smoothed.onnx"
-    onnx.save(model, str(smoothed), save_as_external_data=True, location="smoothed.onnx.data")
+    onnx.save(proto, str(smoothed), save_as_external_data=True, location="smoothed.onnx.data")
     batch = batch_for(spec, TEXTS)
     feed = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     before, after = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(["pooled"], feed)[0]
                      for p in (source, smoothed))
-    assert sum(n.op_type == "Mul" and n.name.startswith("embedserve_smooth") for n in model.graph.node) == 18
+    muls = [n for n in proto.graph.node if n.op_type == "Mul" and n.name.startswith("embedserve_smooth")]
+    assert len(muls) == len(readers)
     np.testing.assert_allclose(after, before, atol=1e-5)
 
 
@@ -86,5 +98,6 @@ def test_int8_stays_within_the_fidelity_bar_on_every_family(model: str, family_m
     assert int8.precision == "int8" and int8.description == "onnx cpu int8"
     ops = {n.op_type for n in onnx.load(str(int8.path), load_external_data=False).graph.node}
     assert "DynamicQuantizeLinear" in ops and "MatMulInteger" in ops
+    assert ("QAttention" in ops) == (model != "qwen3")  # encoders' fused attention is quantized too
     fp32 = OnnxBackend(spec, cache_dir=cache).forward(batch)
     assert min_cosine(int8.forward(batch), fp32) >= 0.99

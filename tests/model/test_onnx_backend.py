@@ -3,9 +3,11 @@ cached by the weights' hash), on every pooling kind, padding side and Dense head
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from conftest import FamilyModels
@@ -38,6 +40,49 @@ def test_onnx_matches_torch_on_a_mixed_length_batch(model: str, family_models: F
     np.testing.assert_allclose(onnx_out, torch_out, atol=1e-3)
     assert onnx_backend.description == "onnx cpu float32"
     assert onnx_backend.path.parent.parent == cache
+
+
+FUSED_OPS = {"Attention", "EmbedLayerNormalization", "SkipLayerNormalization", "BiasGelu"}
+
+
+@pytest.mark.parametrize(("model", "fused"), [
+    ("minilm", FUSED_OPS),
+    ("bge-m3", FUSED_OPS - {"EmbedLayerNormalization"}),  # RoBERTa's padding-offset positions: unfused
+    ("qwen3", set()),  # a decoder: the dynamo graph, unfused
+])
+def test_encoders_are_served_fused_and_decoders_as_traced(model: str, fused: set[str],
+                                                         family_models: FamilyModels, cache: Path) -> None:
+    folder = {"minilm": bundled_folder(), "bge-m3": family_models.bge_m3, "qwen3": family_models.qwen3}[model]
+    path = OnnxBackend(spec_of(folder), cache_dir=cache).path
+    ops = {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node}
+    assert ops & FUSED_OPS == fused
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+
+
+@pytest.mark.parametrize("failure", ["fusion raises", "fused graph disagrees"])
+def test_a_fusion_that_fails_or_disagrees_is_never_served(failure: str, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    if failure == "fusion raises":
+        def broken(*_: object) -> dict[str, int]:
+            raise RuntimeError("pattern mismatch")
+
+        monkeypatch.setattr(onnx_module, "fuse", broken)
+    else:
+        monkeypatch.setattr(onnx_module, "agreement", lambda *_: 0.5)
+    spec = spec_of(bundled_folder())
+    with caplog.at_level(logging.WARNING, logger="embedserve.backends.onnx"):
+        backend = OnnxBackend(spec, cache_dir=tmp_path)
+    reason = "pattern mismatch" if failure == "fusion raises" else "disagrees with its source (min cosine 0.5"
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("operator fusion skipped" in m and reason in m for m in messages)
+    ops = {node.op_type for node in onnx.load(str(backend.path), load_external_data=False).graph.node}
+    assert not ops & FUSED_OPS
+    assert sorted(p.name for p in backend.path.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert [p.name for p in tmp_path.iterdir()] == [backend.path.parent.name]  # no work files left
+    batch = batch_for(spec, TEXTS)
+    torch_out = TorchBackend(spec, device="cpu", dtype="float32").forward(batch)
+    assert min_cosine(backend.forward(batch), torch_out) >= 0.9999
 
 
 def test_the_graph_is_exported_once_and_reused(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,7 +1,7 @@
 """ONNX Runtime backend for CPU: the model, its mask-driven pooler and its Dense head exported once to one
 ONNX graph (cached under the data dir, keyed by the weights' hash and everything else that shapes the
-graph), optionally quantized to int8 (activation-smoothed first: int8.py), run with ORT's full graph
-optimizations."""
+graph), encoders' layers fused into ORT's transformer kernels (fusion.py), optionally quantized to int8
+(activation-smoothed first: int8.py), run with ORT's full graph optimizations."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from embedserve.backends.fusion import AGREEMENT, agreement, encoder_shape, fuse, outputs
 from embedserve.backends.int8 import RECIPE as INT8_RECIPE
 from embedserve.backends.int8 import calibration_texts, quantize_int8
 from embedserve.catalog import WEIGHT_FILES, ModelSpec, sha256_of
@@ -31,8 +32,9 @@ from embedserve.types import FloatMatrix, Quantize, TokenBatch
 log = logging.getLogger("embedserve.backends.onnx")
 
 # Bump when the exported graph changes for the same weights (pooling code, exporter settings, opset).
-GRAPH_VERSION = 1
+GRAPH_VERSION = 2  # 2: encoders fused (fusion.py)
 OPSET = 18
+TORCHSCRIPT_OPSET = 17  # encoders' export, the opset the fusions were measured on
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -66,7 +68,7 @@ def graph_key(spec: ModelSpec, quantize: Quantize) -> str:
             digest.update(_file_digest(path).encode())
         digest.update(f"{layer.in_features}:{layer.out_features}:{layer.activation}".encode())
     recipe = INT8_RECIPE if quantize == "int8" else quantize
-    digest.update(f"{spec.pooling}:{recipe}:{GRAPH_VERSION}:{OPSET}".encode())
+    digest.update(f"{spec.pooling}:{recipe}:{GRAPH_VERSION}:{OPSET}:{TORCHSCRIPT_OPSET}".encode())
     return digest.hexdigest()[:24]
 
 
@@ -91,16 +93,45 @@ def _quiet_exporter() -> Iterator[None]:
 
 
 def _export(spec: ModelSpec, target: Path) -> None:
-    """Trace the torch path (model + pooler + Dense) and write it as ONNX with dynamic batch and length."""
+    """Write the torch path (model + pooler + Dense) as ONNX with dynamic batch and length: encoders
+    fused (fusion.py), checked against the unfused graph on calibration text; decoders as dynamo traces
+    them. A fusion that fails or disagrees is logged and the unfused graph is served instead."""
+    shape = encoder_shape(spec.folder)
+    if shape is None:
+        _export_dynamo(spec, target)
+        return
+    plain = Path(tempfile.mkdtemp(prefix=".plain-", dir=target.parent)) / "model.onnx"
+    try:
+        _export_torchscript(spec, plain)
+        try:
+            fused = fuse(plain, target, shape)
+            feeds = calibration_feeds(spec)
+            check = [feeds[0], feeds[-1]]  # the shortest and the longest texts
+            score = min(agreement(a, b) for a, b in zip(outputs(plain, check), outputs(target, check),
+                                                        strict=True))
+            if score < AGREEMENT:
+                raise ValueError(f"the fused graph disagrees with its source (min cosine {score:.6f})")
+            log.info("model '%s': fused %s", spec.id, ", ".join(f"{n} {op}" for op, n in fused.items()))
+        except Exception as exc:
+            log.warning("model '%s': operator fusion skipped, serving the unfused graph: %s", spec.id, exc)
+            import onnx
+
+            target.unlink(missing_ok=True)
+            target.with_name(target.name + ".data").unlink(missing_ok=True)
+            onnx.save(onnx.load(str(plain)), str(target), save_as_external_data=True,
+                      location=target.name + ".data")
+    finally:
+        shutil.rmtree(plain.parent, ignore_errors=True)
+
+
+def _export_dynamo(spec: ModelSpec, target: Path) -> None:
     import torch
 
     from embedserve.backends.torch import TorchBackend
 
     torch_backend = TorchBackend(spec, device="cpu", dtype="float32")
     graph = torch_backend.graph().eval()
-    ids = torch.full((2, 16), 5, dtype=torch.int64)
-    mask = torch.ones_like(ids)
-    mask[1, 12:] = 0
+    ids, mask = _example(torch)
     batch, length = torch.export.Dim("batch"), torch.export.Dim("length")
     with torch.inference_mode(False), torch.no_grad(), _quiet_exporter():
         torch.onnx.export(
@@ -109,6 +140,31 @@ def _export(spec: ModelSpec, target: Path) -> None:
             dynamic_shapes={"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}},
             verbose=False)
     torch_backend.close()
+
+
+def _export_torchscript(spec: ModelSpec, target: Path) -> None:
+    """Eager attention through the TorchScript exporter: the operator pattern the fusions match."""
+    import torch
+
+    from embedserve.backends.torch import TorchBackend
+
+    torch_backend = TorchBackend(spec, device="cpu", dtype="float32", attention="eager")
+    graph = torch_backend.graph().eval()
+    axes = {0: "batch", 1: "length"}
+    with torch.inference_mode(False), torch.no_grad(), _quiet_exporter():
+        torch.onnx.export(
+            graph, _example(torch), str(target), dynamo=False, opset_version=TORCHSCRIPT_OPSET,
+            input_names=["input_ids", "attention_mask"], output_names=["pooled"],
+            dynamic_axes={"input_ids": axes, "attention_mask": axes, "pooled": {0: "batch"}})
+    torch_backend.close()
+
+
+def _example(torch: Any) -> tuple[Any, Any]:
+    """Two rows, the second padded: the trace sees a real mask."""
+    ids = torch.full((2, 16), 5, dtype=torch.int64)
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0
+    return ids, mask
 
 
 def calibration_feeds(spec: ModelSpec, batch: int = 32) -> list[dict[str, np.ndarray]]:

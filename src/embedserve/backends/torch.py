@@ -66,7 +66,8 @@ class _EmbeddingGraph(torch.nn.Module):
 
 
 class TorchBackend:
-    def __init__(self, spec: ModelSpec, *, device: str, dtype: str) -> None:
+    def __init__(self, spec: ModelSpec, *, device: str, dtype: str, attention: str = "sdpa") -> None:
+        """`attention`: transformers' implementation; "eager" only to export it for fusion (onnx.py)."""
         from transformers import AutoModel
         from transformers.utils import logging as hf_logging
 
@@ -77,7 +78,7 @@ class TorchBackend:
         self._dtype = resolve_dtype(dtype, self._device)
         try:
             model = AutoModel.from_pretrained(str(spec.folder), dtype=self._dtype,
-                                              attn_implementation="sdpa")
+                                              attn_implementation=attention)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"model '{spec.id}': cannot load weights from {spec.folder}: "
                                  f"{exc}") from exc

@@ -1,0 +1,99 @@
+"""Operator fusion for encoder graphs: ONNX Runtime's transformer optimizer rewrites each BERT-style layer
+into its fused CPU kernels (Attention, SkipLayerNormalization, BiasGelu, EmbedLayerNormalization), which
+run the layer in fewer, larger passes over memory: all-MiniLM-L6-v2 runs 1.15x faster in float32 and
+1.5x faster in int8 (design note 26).
+
+The optimizer recognises the TorchScript exporter's pattern of eager attention, so encoders are exported
+that way (backends/onnx.py); decoders (Qwen3) keep the unfused dynamo graph. The fused graph is checked
+against the graph it came from before it is used: a pattern matched wrongly is never served."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from embedserve.types import FloatMatrix
+
+log = logging.getLogger("embedserve.backends.fusion")
+
+# config.json `model_type`s whose layers ORT's "bert" fusions match (position ids may differ: RoBERTa's
+# embeddings then simply stay unfused).
+ENCODER_TYPES = frozenset({"bert", "roberta", "xlm-roberta"})
+# Minimum cosine between the fused graph's output and its source's, row by row (measured: 0.99999994).
+AGREEMENT = 0.99999
+
+
+@dataclass(frozen=True)
+class EncoderShape:
+    num_heads: int
+    hidden_size: int
+
+
+def encoder_shape(folder: Path) -> EncoderShape | None:
+    """The attention geometry of a model whose layers the fusions match, or None (not an encoder)."""
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if config.get("model_type") not in ENCODER_TYPES:
+        return None
+    return EncoderShape(int(config["num_attention_heads"]), int(config["hidden_size"]))
+
+
+def fuse(source: Path, target: Path, shape: EncoderShape) -> dict[str, int]:
+    """Write the fused graph of `source` to `target` (weights in `target`.data); return how many of each
+    fused operator it holds. The attention mask stays the raw [batch, length] mask, so any padding side
+    and any mask the batcher builds mean what they mean in the source graph."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions("bert")
+    options.use_raw_attention_mask(True)
+    with _quiet_optimizer():
+        model = optimize_model(str(source), model_type="bert", num_heads=shape.num_heads,
+                               hidden_size=shape.hidden_size, opt_level=0, optimization_options=options)
+        model.save_model_to_file(str(target), use_external_data_format=True)
+        stats: dict[str, int] = model.get_fused_operator_statistics()
+    return {op: count for op, count in stats.items() if count}
+
+
+@contextmanager
+def _quiet_optimizer() -> Iterator[None]:
+    """The optimizer logs every rewrite at INFO, from loggers named after its modules (imported both
+    as `fusion_base` and as `onnxruntime.transformers.fusion_base`); the caller logs one summary."""
+    import onnxruntime.transformers as package
+
+    stems = {path.stem for path in Path(package.__file__).parent.glob("*.py")}
+    loggers = [logging.getLogger(name) for stem in stems
+               for name in (stem, f"onnxruntime.transformers.{stem}")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def agreement(a: FloatMatrix, b: FloatMatrix) -> float:
+    """The smallest row-wise cosine between two output matrices."""
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    cos = (a64 * b64).sum(1) / np.maximum(np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1), 1e-30)
+    return float(cos.min())
+
+
+def outputs(path: Path, feeds: Sequence[dict[str, np.ndarray]]) -> list[FloatMatrix]:
+    """`pooled` of the graph at `path` on each feed, with ORT's full optimizations (as served)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        return [np.asarray(session.run(["pooled"], dict(feed))[0], dtype=np.float32) for feed in feeds]
+    finally:
+        del session
