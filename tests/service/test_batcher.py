@@ -270,8 +270,10 @@ def test_close_fails_waiting_items_with_service_unavailable() -> None:
         waiting = asyncio.create_task(batcher.embed([[3, 4], [5]]))
         await asyncio.sleep(0)
         assert batcher.queued == 2
+        closing = asyncio.create_task(batcher.close())  # closes at once, then waits for the running batch
+        await asyncio.sleep(0)
         backend.release.set()
-        await batcher.close()
+        await asyncio.wait_for(closing, GUARD_S)
         try:
             done, _ = await asyncio.wait({waiting}, timeout=ANSWER_S)
             assert waiting in done, "a waiting caller was never answered after close()"
@@ -325,14 +327,13 @@ def test_embed_after_close_is_service_unavailable() -> None:
 # ---- bounded wait under load ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("wait_ms", [GUARD_S * 1000, 0.0])
-def test_under_load_a_batch_waits_for_inputs_on_their_way(wait_ms: float) -> None:
+def test_under_load_a_batch_waits_for_inputs_on_their_way() -> None:
     """A runs; B arrives meanwhile; when A is done, C comes right after. With a wait, B and C share a
-    forward pass (the batch fills up, so nothing waits for the deadline); without, B goes alone."""
+    forward pass (the batch fills up, so nothing waits for the deadline)."""
 
     async def main() -> None:
         backend = GatedBackend()
-        async with started(backend, max_batch_items=2, max_batch_wait_ms=wait_ms) as batcher:
+        async with started(backend, max_batch_items=2, max_batch_wait_ms=GUARD_S * 1000) as batcher:
             a = asyncio.ensure_future(batcher.embed([[1]]))
             await forward_started(backend)
             b = asyncio.ensure_future(batcher.embed([[2]]))
@@ -343,7 +344,56 @@ def test_under_load_a_batch_waits_for_inputs_on_their_way(wait_ms: float) -> Non
             await asyncio.wait_for(b, GUARD_S)
             assert_own_vectors([[3]], c)
         assert backend.rows == [[1], [2], [3]]
-        assert [rows for rows, _ in backend.batches] == ([1, 2] if wait_ms else [1, 1, 1])
+        assert [rows for rows, _ in backend.batches] == [1, 2]
+
+    run(main())
+
+
+def test_without_a_wait_the_next_batch_starts_as_soon_as_the_model_is_free() -> None:
+    """A runs; B arrives meanwhile; nothing else comes. B is served right after A, alone."""
+
+    async def main() -> None:
+        backend = GatedBackend()
+        async with started(backend, max_batch_items=2, max_batch_wait_ms=0.0) as batcher:
+            a = asyncio.ensure_future(batcher.embed([[1]]))
+            await forward_started(backend)
+            b = asyncio.ensure_future(batcher.embed([[2]]))
+            await asyncio.sleep(0)
+            backend.release.set()
+            assert_own_vectors([[2]], await asyncio.wait_for(b, ANSWER_S))
+            await a
+        assert [rows for rows, _ in backend.batches] == [1, 1]
+
+    run(main())
+
+
+def test_the_model_thread_starts_the_next_batch_without_the_event_loop() -> None:
+    """The event loop can be busy (HTTP, rendering) while the model goes from one batch to the next: B
+    starts while the loop is blocked (a loop-driven batcher would wait for it, and this would time out)."""
+
+    class SecondSignals(GatedBackend):
+        def __init__(self) -> None:
+            super().__init__()
+            self.second = threading.Event()
+
+        def forward(self, batch: TokenBatch) -> FloatMatrix:
+            if not self._first:
+                self.second.set()
+            return super().forward(batch)
+
+    async def main() -> None:
+        backend = SecondSignals()
+        async with started(backend) as batcher:
+            a = asyncio.ensure_future(batcher.embed([[1]]))
+            await forward_started(backend)
+            b = asyncio.ensure_future(batcher.embed([[2]]))
+            for _ in range(3):  # B's task queues its input; the end of that turn hands it over
+                await asyncio.sleep(0)
+            backend.release.set()
+            # A blocking wait: the event loop is stuck here until the model thread starts B by itself.
+            assert backend.second.wait(GUARD_S), "the second batch waited for the event loop"
+            assert_own_vectors([[1]], await a)
+            assert_own_vectors([[2]], await b)
 
     run(main())
 

@@ -219,7 +219,10 @@ def ensure_graph(spec: ModelSpec, cache_dir: Path, quantize: Quantize) -> Path:
 
 
 class OnnxBackend:
-    def __init__(self, spec: ModelSpec, *, cache_dir: Path, quantize: Quantize = "none") -> None:
+    def __init__(self, spec: ModelSpec, *, cache_dir: Path, quantize: Quantize = "none",
+                 spin: bool = False) -> None:
+        """`spin`: ORT's default of busy-waiting intra-op threads, best when nothing else needs the
+        cores (the benchmark's in-process baseline); a server sets it off (below)."""
         import onnxruntime as ort
 
         self._spec = spec
@@ -229,6 +232,10 @@ class OnnxBackend:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.intra_op_num_threads = os.cpu_count() or 1
         options.inter_op_num_threads = 1
+        # Idle intra-op threads sleep instead of spinning: in a server the event loop, the tokenizer and
+        # the next batch's packing need those cores between forward passes (online load: +7% inputs/s,
+        # bulk within noise; design note 27).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         options.log_severity_level = 3  # errors only: ORT's warnings are not the operator's business
         try:
             self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
