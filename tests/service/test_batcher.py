@@ -106,6 +106,13 @@ async def forward_started(backend: GatedBackend) -> None:
     assert await asyncio.to_thread(backend.started.wait, GUARD_S), "the first forward never started"
 
 
+async def handed_over() -> None:
+    """Let just-created tasks queue their inputs and the batcher hand them to the model thread (it does
+    so at the end of the loop turn they arrived in): a few turns of the event loop, no timing."""
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
 def random_sequences(rng: random.Random, count: int, *, max_len: int = 40) -> list[list[int]]:
     return [[rng.randrange(1, 1000) for _ in range(rng.randint(1, max_len))] for _ in range(count)]
 
@@ -337,7 +344,7 @@ def test_under_load_a_batch_waits_for_inputs_on_their_way() -> None:
             a = asyncio.ensure_future(batcher.embed([[1]]))
             await forward_started(backend)
             b = asyncio.ensure_future(batcher.embed([[2]]))
-            await asyncio.sleep(0)
+            await handed_over()  # B waits while A runs: under load when A is done
             backend.release.set()
             await asyncio.wait_for(a, GUARD_S)
             c = await asyncio.wait_for(batcher.embed([[3]]), GUARD_S)
@@ -387,8 +394,7 @@ def test_the_model_thread_starts_the_next_batch_without_the_event_loop() -> None
             a = asyncio.ensure_future(batcher.embed([[1]]))
             await forward_started(backend)
             b = asyncio.ensure_future(batcher.embed([[2]]))
-            for _ in range(3):  # B's task queues its input; the end of that turn hands it over
-                await asyncio.sleep(0)
+            await handed_over()
             backend.release.set()
             # A blocking wait: the event loop is stuck here until the model thread starts B by itself.
             assert backend.second.wait(GUARD_S), "the second batch waited for the event loop"

@@ -53,7 +53,6 @@ class Batcher:
         # Shared with the model thread, under `_cond`.
         self._cond = threading.Condition()
         self._pending: list[WorkItem] = []
-        self._running: list[WorkItem] = []  # the batch in the model's hands right now
         self._closed = False
 
     @property
@@ -123,8 +122,8 @@ class Batcher:
                 or sum(item.length for item in self._pending) >= self._max_batch_tokens)
 
     def _next_batch(self, under_load: bool) -> list[WorkItem] | None:
-        """(Under `_cond`.) Wait for inputs, then for the batch to fill if a batch has just run; None
-        once closed."""
+        """(Under `_cond`.) Wait for inputs, then, under load, for the batch to fill; None once
+        closed."""
         while not self._closed:
             if not self._prune():
                 under_load = False
@@ -139,22 +138,20 @@ class Batcher:
                 continue
             batch, self._pending = take_batch(self._pending, self._max_batch_tokens,
                                               self._max_batch_items, self._max_padding)
-            self._running = batch
             return batch
         return None
 
     def _work(self) -> None:
-        under_load = False  # a batch has just run: more inputs are likely on their way
+        under_load = False
         while True:
             with self._cond:
                 batch = self._next_batch(under_load)
             if batch is None:
                 return
-            under_load = True
             vectors: FloatMatrix | None = None
-            started = time.perf_counter()
             try:
                 tokens = collate([item.ids for item in batch], self._pad_id, self._padding_side)
+                started = time.perf_counter()
                 vectors = self._backend.forward(tokens)
             except Exception:  # this batch's callers get a 500; the thread goes on serving
                 log.exception("forward pass failed for model '%s' (%d inputs)", self.name, len(batch))
@@ -163,8 +160,11 @@ class Batcher:
                 self._metrics.observe_batch(self.name, waits=[started - item.queued_at for item in batch],
                                             seconds=time.perf_counter() - started,
                                             real_tokens=tokens.real_tokens, slots=rows * length)
+            # Under load: inputs arrived while this batch ran, so more are likely on their way (its
+            # callers are about to send their next). Decided before the answers go out, so that a lone
+            # caller's next input, which can only follow its answer, is never made to wait.
             with self._cond:
-                self._running = []
+                under_load = bool(self._pending)
             assert self._loop is not None
             try:
                 self._loop.call_soon_threadsafe(self._deliver, batch, vectors)
