@@ -11,6 +11,7 @@ import onnx
 import pytest
 
 from conftest import FamilyModels
+from embedserve.backends import fusion as fusion_module
 from embedserve.backends import onnx as onnx_module
 from embedserve.backends.onnx import OnnxBackend, graph_key
 from embedserve.backends.torch import TorchBackend
@@ -59,8 +60,12 @@ def test_encoders_are_served_fused_and_decoders_as_traced(model: str, fused: set
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
 
 
-@pytest.mark.parametrize("failure", ["fusion raises", "fused graph disagrees"])
-def test_a_fusion_that_fails_or_disagrees_is_never_served(failure: str, tmp_path: Path,
+@pytest.mark.parametrize(("failure", "reason"), [
+    ("fusion raises", "pattern mismatch"),
+    ("fused graph disagrees", "disagrees with its source (min cosine 0.5"),
+    ("too little memory", "fusion needs ~0.7 GiB of memory and 0.0 GiB is available"),
+])
+def test_a_fusion_that_fails_or_disagrees_is_never_served(failure: str, reason: str, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch,
                                                           caplog: pytest.LogCaptureFixture) -> None:
     if failure == "fusion raises":
@@ -68,12 +73,13 @@ def test_a_fusion_that_fails_or_disagrees_is_never_served(failure: str, tmp_path
             raise RuntimeError("pattern mismatch")
 
         monkeypatch.setattr(onnx_module, "fuse", broken)
-    else:
+    elif failure == "fused graph disagrees":
         monkeypatch.setattr(onnx_module, "agreement", lambda *_: 0.5)
+    else:  # 8 x the 90 MB graph does not fit in 1 MB
+        monkeypatch.setattr(fusion_module, "available_memory", lambda: 2**20)
     spec = spec_of(bundled_folder())
     with caplog.at_level(logging.WARNING, logger="embedserve.backends.onnx"):
         backend = OnnxBackend(spec, cache_dir=tmp_path)
-    reason = "pattern mismatch" if failure == "fusion raises" else "disagrees with its source (min cosine 0.5"
     messages = [r.getMessage() for r in caplog.records]
     assert any("operator fusion skipped" in m and reason in m for m in messages)
     ops = {node.op_type for node in onnx.load(str(backend.path), load_external_data=False).graph.node}

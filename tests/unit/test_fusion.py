@@ -1,4 +1,5 @@
-"""Which models are fused (encoders, by config.json) and how agreement is scored: pure functions."""
+"""Which models are fused (encoders, by config.json), how agreement is scored, and when memory is too
+short to try: pure functions."""
 
 from __future__ import annotations
 
@@ -8,7 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedserve.backends.fusion import EncoderShape, agreement, encoder_shape
+from embedserve.backends import fusion
+from embedserve.backends.fusion import (
+    EncoderShape,
+    agreement,
+    available_memory,
+    encoder_shape,
+    memory_shortfall,
+)
 
 
 @pytest.mark.parametrize(("model_type", "expected"), [
@@ -31,3 +39,25 @@ def test_agreement_is_the_worst_row_cosine() -> None:
     assert agreement(a, -a) == pytest.approx(-1.0)
     zero = np.zeros_like(a)
     assert agreement(a, zero) == pytest.approx(0.0)  # a graph that outputs zeros never agrees
+
+
+def test_available_memory_is_memavailable_or_unknown(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24576000 kB\nMemFree:         1000 kB\nMemAvailable:   20000000 kB\n")
+    assert available_memory(meminfo) == 20_000_000 * 1024
+    meminfo.write_text("MemTotal:       24576000 kB\n")  # an old kernel
+    assert available_memory(meminfo) is None
+    assert available_memory(tmp_path / "missing") is None  # not Linux
+
+
+def test_fusion_is_refused_only_when_memory_is_known_to_be_short(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    graph = tmp_path / "model.onnx"
+    graph.write_bytes(b"x" * 1000)
+    (tmp_path / "weights.bin").write_bytes(b"x" * 3000)  # external tensors count too
+    monkeypatch.setattr(fusion, "available_memory", lambda: fusion.MEMORY_FACTOR * 4000)
+    assert memory_shortfall(graph) is None
+    monkeypatch.setattr(fusion, "available_memory", lambda: fusion.MEMORY_FACTOR * 4000 - 1)
+    assert memory_shortfall(graph) == "fusion needs ~0.0 GiB of memory and 0.0 GiB is available"
+    monkeypatch.setattr(fusion, "available_memory", lambda: None)
+    assert memory_shortfall(graph) is None

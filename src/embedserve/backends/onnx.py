@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from embedserve.backends.fusion import AGREEMENT, agreement, encoder_shape, fuse, outputs
+from embedserve.backends.fusion import AGREEMENT, agreement, encoder_shape, fuse, memory_shortfall, outputs
 from embedserve.backends.int8 import RECIPE as INT8_RECIPE
 from embedserve.backends.int8 import calibration_texts, quantize_int8
 from embedserve.catalog import WEIGHT_FILES, ModelSpec, sha256_of
@@ -104,6 +104,8 @@ def _export(spec: ModelSpec, target: Path) -> None:
     try:
         _export_torchscript(spec, plain)
         try:
+            if (shortfall := memory_shortfall(plain)) is not None:
+                raise MemoryError(shortfall)
             fused = fuse(plain, target, shape)
             feeds = calibration_feeds(spec)
             check = [feeds[0], feeds[-1]]  # the shortest and the longest texts
