@@ -26,6 +26,7 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 from corpus import build_corpus  # noqa: E402
 
+from embedserve.postprocess import min_cosine  # noqa: E402
 from embedserve.settings import Settings  # noqa: E402
 from support import live_server  # noqa: E402
 from tiny_models import (  # noqa: E402
@@ -48,8 +49,7 @@ def served(base: str, model: str, texts: list[str], **extra: object) -> np.ndarr
 
 
 def compare(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    cos = (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    return float(cos.min()), float(np.abs(a - b).max())
+    return min_cosine(a, b), float(np.abs(a - b).max())
 
 
 def main() -> None:

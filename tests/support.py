@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 
 from embedserve.api.app import create_app
 from embedserve.api.server import EmbedServer, build_server
@@ -102,13 +101,6 @@ def private_data_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / "onnx").symlink_to(shared, target_is_directory=True)
     return path
-
-
-def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """The smallest cosine between matching rows of two [N, D] matrices (normalized or not)."""
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return float((a * b).sum(axis=1).min())
 
 
 #: Short, long, emoji and repeated text: one padded batch of very different lengths.

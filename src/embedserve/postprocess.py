@@ -25,6 +25,12 @@ def l2_normalize(vectors: FloatMatrix) -> FloatMatrix:
     return out
 
 
+def min_cosine(a: FloatMatrix, b: FloatMatrix) -> float:
+    """The smallest cosine between matching rows of two [N, D] matrices (normalized or not; a zero row
+    agrees with nothing): how fidelity is scored, from the fusion check to the tests."""
+    return float((l2_normalize(a) * l2_normalize(b)).sum(axis=1).min())
+
+
 def finish(vectors: FloatMatrix, *, dimensions: int | None, normalize: bool) -> FloatMatrix:
     """The order matters: a truncated Matryoshka vector is re-normalized over what is kept."""
     out = truncate_dims(vectors.astype(np.float32, copy=False), dimensions)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -18,6 +19,8 @@ PaddingSide = Literal["left", "right"]
 EncodingFormat = Literal["float", "base64"]
 ModelStatus = Literal["loading", "ready", "failed"]
 FloatMatrix = npt.NDArray[np.float32]
+#: One ONNX session input: tensor name -> array (input_ids, attention_mask).
+Feeds = Mapping[str, np.ndarray]
 IntMatrix = npt.NDArray[np.int64]
 
 

@@ -19,7 +19,8 @@ import httpx
 import numpy as np
 import pytest
 
-from support import min_cosine, wait_until_ok
+from embedserve.postprocess import min_cosine
+from support import wait_until_ok
 
 MODEL = "all-MiniLM-L6-v2"
 SECRET = "sk-drain-secret-5c1e"

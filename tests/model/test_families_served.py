@@ -16,8 +16,9 @@ import pytest
 from openai import OpenAI
 
 from conftest import API_KEY, FamilyModels
+from embedserve.postprocess import min_cosine
 from embedserve.settings import Settings
-from support import LiveServer, live_server, min_cosine
+from support import LiveServer, live_server
 from tiny_models import (
     QWEN3_DEFAULT_TASK,
     bge_m3_reference,

@@ -22,8 +22,9 @@ from embedserve.backends.int8 import (
     smoothing_scales,
 )
 from embedserve.backends.onnx import OnnxBackend, calibration_feeds
+from embedserve.postprocess import min_cosine
 from support import MIXED_TEXTS as TEXTS
-from support import batch_for, bundled_folder, min_cosine, spec_of
+from support import batch_for, bundled_folder, spec_of
 
 ROOT = Path(__file__).resolve().parents[2]
 

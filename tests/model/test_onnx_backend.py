@@ -16,8 +16,9 @@ from embedserve.backends import onnx as onnx_module
 from embedserve.backends.onnx import OnnxBackend, graph_key
 from embedserve.backends.torch import TorchBackend
 from embedserve.errors import ModelLoadError
+from embedserve.postprocess import min_cosine
 from support import MIXED_TEXTS as TEXTS
-from support import batch_for, bundled_folder, min_cosine, spec_of
+from support import batch_for, bundled_folder, spec_of
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def test_a_fusion_that_fails_or_disagrees_is_never_served(failure: str, reason: 
 
         monkeypatch.setattr(onnx_module, "fuse", broken)
     elif failure == "fused graph disagrees":
-        monkeypatch.setattr(onnx_module, "agreement", lambda *_: 0.5)
+        monkeypatch.setattr(onnx_module, "min_cosine", lambda *_: 0.5)
     else:  # 8 x the 90 MB graph does not fit in 1 MB
         monkeypatch.setattr(fusion_module, "available_memory", lambda: 2**20)
     spec = spec_of(bundled_folder())

@@ -7,7 +7,7 @@ import base64
 import numpy as np
 import pytest
 
-from embedserve.postprocess import encode_vectors, finish, l2_normalize, to_base64, truncate_dims
+from embedserve.postprocess import encode_vectors, finish, l2_normalize, min_cosine, to_base64, truncate_dims
 
 
 def vectors(rows: int = 3, dims: int = 8, seed: int = 0) -> np.ndarray:
@@ -113,3 +113,14 @@ def test_encode_vectors_as_base64_gives_one_decodable_string_per_vector() -> Non
     for row, expected in zip(rows, v, strict=True):
         assert isinstance(row, str)
         np.testing.assert_array_equal(decode(row), expected)
+
+
+def test_min_cosine_is_the_worst_row() -> None:
+    a = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]], dtype=np.float32)
+    assert min_cosine(a, a * 7) == pytest.approx(1.0)
+    b = a.copy()
+    b[1] = [2.0, 0.0]  # one row turned a right angle
+    assert min_cosine(a, b) == pytest.approx(0.0, abs=1e-12)
+    assert min_cosine(a, -a) == pytest.approx(-1.0)
+    zero = np.zeros_like(a)
+    assert min_cosine(a, zero) == pytest.approx(0.0)  # a zero row agrees with nothing

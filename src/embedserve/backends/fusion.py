@@ -18,9 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embedserve.types import FloatMatrix
-
-log = logging.getLogger("embedserve.backends.fusion")
+from embedserve.types import Feeds, FloatMatrix
 
 # config.json `model_type`s whose layers ORT's "bert" fusions match (position ids may differ: RoBERTa's
 # embeddings then simply stay unfused).
@@ -108,14 +106,7 @@ def _quiet_optimizer() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def agreement(a: FloatMatrix, b: FloatMatrix) -> float:
-    """The smallest row-wise cosine between two output matrices."""
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    cos = (a64 * b64).sum(1) / np.maximum(np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1), 1e-30)
-    return float(cos.min())
-
-
-def outputs(path: Path, feeds: Sequence[dict[str, np.ndarray]]) -> list[FloatMatrix]:
+def outputs(path: Path, feeds: Sequence[Feeds]) -> list[FloatMatrix]:
     """`pooled` of the graph at `path` on each feed, with ORT's full optimizations (as served)."""
     import onnxruntime as ort
 

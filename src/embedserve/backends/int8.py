@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from embedserve.types import FloatMatrix
+from embedserve.types import Feeds, FloatMatrix
 
 # Part of the int8 graph's cache key: change it whenever the recipe below changes.
 RECIPE = "smoothquant-a0.7-v2"  # v2: fused Attention quantized too
@@ -39,8 +39,6 @@ CALIBRATION_MODULES = ("abc", "ast", "base64", "calendar", "csv", "datetime", "d
 
 # Fused Attention (encoders, fusion.py) becomes QAttention: its input quantized dynamically, QKV in int8.
 QUANTIZED_OPS = ("MatMul", "Attention")
-
-Feeds = Mapping[str, np.ndarray]
 
 
 def calibration_texts(count: int = CALIBRATION_TEXTS) -> list[str]:

@@ -13,21 +13,22 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from embedserve.backends.fusion import AGREEMENT, agreement, encoder_shape, fuse, memory_shortfall, outputs
+from embedserve.backends.fusion import AGREEMENT, EncoderShape, encoder_shape, fuse, memory_shortfall, outputs
 from embedserve.backends.int8 import RECIPE as INT8_RECIPE
 from embedserve.backends.int8 import calibration_texts, quantize_int8
 from embedserve.catalog import WEIGHT_FILES, ModelSpec, sha256_of
 from embedserve.errors import ModelLoadError
+from embedserve.postprocess import min_cosine
 from embedserve.scheduler.packing import collate
 from embedserve.tokenization import ensure_last, pad_id_of, tokenizer_factory
-from embedserve.types import FloatMatrix, Quantize, TokenBatch
+from embedserve.types import Feeds, FloatMatrix, Quantize, TokenBatch
 
 log = logging.getLogger("embedserve.backends.onnx")
 
@@ -92,32 +93,27 @@ def _quiet_exporter() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _export(spec: ModelSpec, target: Path) -> None:
+def _export(spec: ModelSpec, target: Path, feeds: Sequence[Feeds]) -> None:
     """Write the torch path (model + pooler + Dense) as ONNX with dynamic batch and length: encoders
-    fused (fusion.py), checked against the unfused graph on calibration text; decoders as dynamo traces
-    them. A fusion that fails or disagrees is logged and the unfused graph is served instead."""
+    fused (fusion.py) and checked against the unfused graph on the calibration `feeds`; decoders as
+    dynamo traces them. A fusion that fails, disagrees or would not fit in memory is logged and the
+    unfused graph is served instead."""
     shape = encoder_shape(spec.folder)
     if shape is None:
-        _export_dynamo(spec, target)
+        _trace(spec, target, for_fusion=False)
         return
     plain = Path(tempfile.mkdtemp(prefix=".plain-", dir=target.parent)) / "model.onnx"
     try:
-        _export_torchscript(spec, plain)
-        try:
-            if (shortfall := memory_shortfall(plain)) is not None:
-                raise MemoryError(shortfall)
-            fused = fuse(plain, target, shape)
-            feeds = calibration_feeds(spec)
-            check = [feeds[0], feeds[-1]]  # the shortest and the longest texts
-            score = min(agreement(a, b) for a, b in zip(outputs(plain, check), outputs(target, check),
-                                                        strict=True))
-            if score < AGREEMENT:
-                raise ValueError(f"the fused graph disagrees with its source (min cosine {score:.6f})")
-            log.info("model '%s': fused %s", spec.id, ", ".join(f"{n} {op}" for op, n in fused.items()))
-        except Exception as exc:
-            log.warning("model '%s': operator fusion skipped, serving the unfused graph: %s", spec.id, exc)
+        _trace(spec, plain, for_fusion=True)
+        if (reason := memory_shortfall(plain)) is None:
+            try:
+                reason = _fuse_checked(spec, plain, target, shape, feeds)
+            except Exception as exc:
+                reason = str(exc)
+        if reason is not None:
             import onnx
 
+            log.warning("model '%s': operator fusion skipped, serving the unfused graph: %s", spec.id, reason)
             target.unlink(missing_ok=True)
             target.with_name(target.name + ".data").unlink(missing_ok=True)
             onnx.save(onnx.load(str(plain)), str(target), save_as_external_data=True,
@@ -126,50 +122,48 @@ def _export(spec: ModelSpec, target: Path) -> None:
         shutil.rmtree(plain.parent, ignore_errors=True)
 
 
-def _export_dynamo(spec: ModelSpec, target: Path) -> None:
+def _fuse_checked(spec: ModelSpec, plain: Path, target: Path, shape: EncoderShape,
+                  feeds: Sequence[Feeds]) -> str | None:
+    """Fuse `plain` into `target`; None if the result agrees with its source on the shortest and the
+    longest calibration batch, else why not."""
+    fused = fuse(plain, target, shape)
+    check = [feeds[0], feeds[-1]]
+    score = min(min_cosine(a, b) for a, b in zip(outputs(plain, check), outputs(target, check), strict=True))
+    if score < AGREEMENT:
+        return f"the fused graph disagrees with its source (min cosine {score:.6f})"
+    log.info("model '%s': fused %s", spec.id, ", ".join(f"{n} {op}" for op, n in fused.items()))
+    return None
+
+
+def _trace(spec: ModelSpec, target: Path, *, for_fusion: bool) -> None:
+    """Export the torch path. For fusion: eager attention through the TorchScript exporter, the operator
+    pattern ORT's fusions match; otherwise SDPA through the dynamo exporter."""
     import torch
 
     from embedserve.backends.torch import TorchBackend
 
-    torch_backend = TorchBackend(spec, device="cpu", dtype="float32")
+    torch_backend = TorchBackend(spec, device="cpu", dtype="float32",
+                                 attention="eager" if for_fusion else "sdpa")
     graph = torch_backend.graph().eval()
-    ids, mask = _example(torch)
-    batch, length = torch.export.Dim("batch"), torch.export.Dim("length")
-    with torch.inference_mode(False), torch.no_grad(), _quiet_exporter():
-        torch.onnx.export(
-            graph, (ids, mask), str(target), dynamo=True, opset_version=OPSET, external_data=True,
-            input_names=["input_ids", "attention_mask"], output_names=["pooled"],
-            dynamic_shapes={"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}},
-            verbose=False)
-    torch_backend.close()
-
-
-def _export_torchscript(spec: ModelSpec, target: Path) -> None:
-    """Eager attention through the TorchScript exporter: the operator pattern the fusions match."""
-    import torch
-
-    from embedserve.backends.torch import TorchBackend
-
-    torch_backend = TorchBackend(spec, device="cpu", dtype="float32", attention="eager")
-    graph = torch_backend.graph().eval()
-    axes = {0: "batch", 1: "length"}
-    with torch.inference_mode(False), torch.no_grad(), _quiet_exporter():
-        torch.onnx.export(
-            graph, _example(torch), str(target), dynamo=False, opset_version=TORCHSCRIPT_OPSET,
-            input_names=["input_ids", "attention_mask"], output_names=["pooled"],
-            dynamic_axes={"input_ids": axes, "attention_mask": axes, "pooled": {0: "batch"}})
-    torch_backend.close()
-
-
-def _example(torch: Any) -> tuple[Any, Any]:
-    """Two rows, the second padded: the trace sees a real mask."""
-    ids = torch.full((2, 16), 5, dtype=torch.int64)
+    ids = torch.full((2, 16), 5, dtype=torch.int64)  # two rows, the second padded: a real mask
     mask = torch.ones_like(ids)
     mask[1, 12:] = 0
-    return ids, mask
+    names: dict[str, Any] = {"input_names": ["input_ids", "attention_mask"], "output_names": ["pooled"]}
+    if for_fusion:
+        axes = {0: "batch", 1: "length"}
+        options: dict[str, Any] = {
+            "dynamo": False, "opset_version": TORCHSCRIPT_OPSET,
+            "dynamic_axes": {"input_ids": axes, "attention_mask": axes, "pooled": {0: "batch"}}}
+    else:
+        dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("length")}
+        options = {"dynamo": True, "opset_version": OPSET, "external_data": True, "verbose": False,
+                   "dynamic_shapes": {"input_ids": dims, "attention_mask": dims}}
+    with torch.inference_mode(False), torch.no_grad(), _quiet_exporter():
+        torch.onnx.export(graph, (ids, mask), str(target), **names, **options)
+    torch_backend.close()
 
 
-def calibration_feeds(spec: ModelSpec, batch: int = 32) -> list[dict[str, np.ndarray]]:
+def calibration_feeds(spec: ModelSpec, batch: int = 32) -> list[Feeds]:
     """The calibration text as the server would feed it: the model's tokenizer, its EOS rule and padding
     side, in length-sorted batches."""
     tok = tokenizer_factory(spec.folder, lower_case=spec.lower_case,
@@ -178,7 +172,7 @@ def calibration_feeds(spec: ModelSpec, batch: int = 32) -> list[dict[str, np.nda
     if spec.eos_token is not None and (eos := tok.token_to_id(spec.eos_token)) is not None:
         ids = ensure_last(ids, eos)
     ids.sort(key=len)
-    feeds = []
+    feeds: list[Feeds] = []
     for start in range(0, len(ids), batch):
         tokens = collate(ids[start:start + batch], pad_id_of(tok), spec.padding_side)
         feeds.append({"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask})
@@ -199,12 +193,13 @@ def ensure_graph(spec: ModelSpec, cache_dir: Path, quantize: Quantize) -> Path:
         fp32 = work / "fp32" / "model.onnx"
         fp32.parent.mkdir()
         log.info("model '%s': exporting to ONNX (once; cached in %s)", spec.id, final.parent)
-        _export(spec, fp32)
+        feeds = calibration_feeds(spec)  # checks the fusion, calibrates int8
+        _export(spec, fp32, feeds)
         out = work / "out"
         if quantize == "int8":
             out.mkdir()
             log.info("model '%s': quantizing to int8 (%s)", spec.id, INT8_RECIPE)
-            quantize_int8(fp32, out / "model.onnx", calibration_feeds(spec))
+            quantize_int8(fp32, out / "model.onnx", feeds)
         else:
             fp32.parent.rename(out)
         try:

@@ -46,7 +46,6 @@ class Batcher:
         self._max_queued = max_queued
         self._metrics = metrics
         self._seq = itertools.count()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         # Event-loop side: inputs queued in this turn of the loop, handed over at its end.
         self._arrivals: list[WorkItem] = []
@@ -65,8 +64,8 @@ class Batcher:
 
     def start(self) -> None:
         if self._thread is None:
-            self._loop = asyncio.get_running_loop()
-            self._thread = threading.Thread(target=self._work, name=f"embedserve-{self.name}", daemon=True)
+            self._thread = threading.Thread(target=self._work, args=(asyncio.get_running_loop(),),
+                                            name=f"embedserve-{self.name}", daemon=True)
             self._thread.start()
 
     async def embed(self, sequences: Sequence[list[int]]) -> FloatMatrix:
@@ -96,12 +95,10 @@ class Batcher:
         return np.stack(vectors)
 
     def _hand_over(self) -> None:
-        """(Event loop, once per turn with arrivals.) Give this turn's inputs to the model thread."""
+        """(Event loop, once per turn with arrivals.) Give this turn's inputs to the model thread. (After
+        close() there are none: it took them, and embed() refuses new ones.)"""
         arrivals, self._arrivals = self._arrivals, []
         with self._cond:
-            if self._closed:  # close() has answered what it saw; these came after
-                self._fail(arrivals)
-                return
             self._pending.extend(arrivals)
             self._cond.notify()
 
@@ -141,7 +138,7 @@ class Batcher:
             return batch
         return None
 
-    def _work(self) -> None:
+    def _work(self, loop: asyncio.AbstractEventLoop) -> None:
         under_load = False
         while True:
             with self._cond:
@@ -165,9 +162,8 @@ class Batcher:
             # caller's next input, which can only follow its answer, is never made to wait.
             with self._cond:
                 under_load = bool(self._pending)
-            assert self._loop is not None
             try:
-                self._loop.call_soon_threadsafe(self._deliver, batch, vectors)
+                loop.call_soon_threadsafe(self._deliver, batch, vectors)
             except RuntimeError:  # the event loop is gone: nobody is waiting any more
                 return
 
@@ -183,11 +179,6 @@ class Batcher:
             else:
                 item.future.set_result(vectors[i])
 
-    def _fail(self, items: Sequence[WorkItem]) -> None:
-        for item in items:
-            if not item.future.done():
-                item.future.set_exception(ServiceUnavailable(f"model '{self.name}' shut down"))
-
     async def close(self) -> None:
         """Stop packing; fail whatever still waits; wait for the batch in the model's hands (its
         callers get its vectors); release the model thread."""
@@ -196,6 +187,8 @@ class Batcher:
             waiting = [*self._arrivals, *self._pending]
             self._arrivals, self._pending = [], []
             self._cond.notify_all()
-        self._fail(waiting)
+        for item in waiting:
+            if not item.future.done():
+                item.future.set_exception(ServiceUnavailable(f"model '{self.name}' shut down"))
         if self._thread is not None:  # its last delivery is scheduled before the join returns
             await asyncio.to_thread(self._thread.join)
