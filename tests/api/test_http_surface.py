@@ -159,6 +159,17 @@ def test_model_retrieve_unknown_is_404_model_not_found(server: LiveServer) -> No
     assert error_of(response)["code"] == "model_not_found"
 
 
+@pytest.mark.parametrize("model_id", ["%0A0", "a%0Ab", "%0D%0A", "x%0A"])
+def test_model_ids_with_control_characters_reach_the_route(server: LiveServer, model_id: str) -> None:
+    # Found by the fuzzer: a newline escaped the route's pattern, so these were 404 before auth.
+    response = httpx.get(f"{server.v1}/models/{model_id}")
+    assert response.status_code == 401
+    assert error_of(response)["code"] == "invalid_api_key"
+    response = httpx.get(f"{server.v1}/models/{model_id}", headers=AUTH)
+    assert response.status_code == 404
+    assert error_of(response)["code"] == "model_not_found"
+
+
 def test_openapi_document_describes_the_embeddings_route(server: LiveServer) -> None:
     doc = httpx.get(f"{server.base_url}/openapi.json").json()
     post = doc["paths"]["/v1/embeddings"]["post"]

@@ -6,6 +6,7 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Depends, Request
+from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.responses import Response
 
 from embedserve.api.auth import admit, authenticate
@@ -25,6 +26,19 @@ from embedserve.protocol import (
 )
 from embedserve.types import Caller, Principal
 from embedserve.validation import parse_embedding_request, parse_json
+
+
+class AnyTextConvertor(PathConvertor):
+    """Starlette's `{name:path}` is `.*`, which stops at a newline: `GET /v1/models/%0A0` matched no
+    route and got a 404 before authentication ran. `{name:any}` takes every character, so a request
+    without a key is 401 and an unknown id with one is the route's own 404 model_not_found.
+    (Registered through Starlette's documented hook: FastAPI compiles an included route's path
+    again, so a route subclass with its own pattern would not survive `include_router`.)"""
+
+    regex = "(?s:.*)"
+
+
+register_url_convertor("any", AnyTextConvertor())
 
 router = APIRouter()
 
@@ -80,7 +94,7 @@ async def list_models(request: Request) -> Response:
     return _json({"object": "list", "data": cards})
 
 
-@router.get("/v1/models/{model_id:path}", dependencies=[Depends(authenticate)],
+@router.get("/v1/models/{model_id:any}", dependencies=[Depends(authenticate)],
             response_model=ModelCard, responses=_ERRORS)
 async def retrieve_model(request: Request, model_id: str) -> Response:
     registry = _state(request).registry
