@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 from embedserve.backends.base import Backend
+from embedserve.backends.threads import default_workers, usable_cores
 from embedserve.catalog import Catalog, ModelSpec
 from embedserve.errors import ModelLoadError, ModelNotReady, ServiceUnavailable
 from embedserve.metrics import Metrics
 from embedserve.scheduler.batcher import Batcher
-from embedserve.scheduler.packing import collate, max_padding_for
+from embedserve.scheduler.packing import batch_limits, collate
 from embedserve.settings import Settings
 from embedserve.tokenization import (
     TokenizerPool,
@@ -74,7 +75,12 @@ def make_backend(spec: ModelSpec, settings: Settings) -> Backend:
     if chosen == "onnx":
         from embedserve.backends.onnx import OnnxBackend  # onnxruntime is imported only when needed
 
-        return OnnxBackend(spec, cache_dir=settings.data_dir / "onnx", quantize=quantize)
+        workers = settings.model_workers or default_workers(usable_cores())
+        return OnnxBackend(spec, cache_dir=settings.data_dir / "onnx", quantize=quantize,
+                           workers=workers)
+    if settings.model_workers not in (None, 1):
+        raise ModelLoadError(f"model '{spec.id}': --model-workers applies to the onnx backend; torch "
+                             "runs one forward pass at a time (its CPU threads are process-wide)")
     from embedserve.backends.torch import TorchBackend  # torch is imported only when needed
 
     return TorchBackend(spec, device=device, dtype=dtype)
@@ -96,12 +102,13 @@ def load_runtime(spec: ModelSpec, settings: Settings, tokenizer_executor: Thread
     backend = make_backend(spec, settings)
     warm = tokenizer.encode_sync(["warm up", "a somewhat longer warm-up sentence for the model"])
     backend.forward(collate(warm, tokenizer.pad_id, spec.padding_side))
+    limits = batch_limits(backend.device, backend.threads, max_tokens=settings.max_batch_tokens,
+                          max_wait_ms=settings.max_batch_wait_ms)
     batcher = Batcher(spec.id, backend, pad_id=tokenizer.pad_id, padding_side=spec.padding_side,
-                      max_batch_tokens=settings.max_batch_tokens,
-                      max_batch_items=settings.max_batch_items,
-                      max_batch_wait_ms=settings.max_batch_wait_ms,
-                      max_padding=max_padding_for(backend.device),
-                      max_queued=settings.max_queued_inputs, metrics=metrics)
+                      max_batch_tokens=limits.max_tokens, max_batch_items=settings.max_batch_items,
+                      max_batch_wait_ms=limits.max_wait_ms, max_padding=limits.max_padding,
+                      max_queued=settings.max_queued_inputs, workers=backend.workers,
+                      metrics=metrics)
     return ModelRuntime(spec=spec, tokenizer=tokenizer, backend=backend, batcher=batcher, eos_id=eos_id,
                         load_seconds=time.perf_counter() - started)
 
@@ -166,14 +173,15 @@ class ModelRegistry:
                 self._metrics.model_loaded(spec.id, runtime.load_seconds)
                 self._metrics.track_queue(spec.id, runtime.batcher.queue_depth)
             backend = runtime.backend
-            log.info("model '%s' ready: %d dims, max %d tokens, pooling %s, %s, loaded in %.1f s",
-                     spec.id, spec.dimensions, spec.max_input_tokens, spec.pooling,
-                     backend.description, runtime.load_seconds,
+            log.info("model '%s' ready: %d dims, max %d tokens, pooling %s, %s, %d worker(s) x %d "
+                     "thread(s), "
+                     "loaded in %.1f s", spec.id, spec.dimensions, spec.max_input_tokens, spec.pooling,
+                     backend.description, backend.workers, backend.threads, runtime.load_seconds,
                      extra={"event": "model_ready", "model": spec.id, "dimensions": spec.dimensions,
                             "max_input_tokens": spec.max_input_tokens, "pooling": spec.pooling,
                             "backend": backend.kind, "device": backend.device,
-                            "precision": backend.precision,
-                            "load_seconds": round(runtime.load_seconds, 3)})
+                            "precision": backend.precision, "workers": backend.workers,
+                            "threads": backend.threads, "load_seconds": round(runtime.load_seconds, 3)})
 
     async def close(self) -> None:
         for runtime in self._runtimes.values():

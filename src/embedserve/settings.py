@@ -61,9 +61,11 @@ class Settings(BaseSettings):
     truncate: bool = False
 
     # Batching.
-    max_batch_tokens: int = Field(16_384, ge=1)
+    # None: the device's default (scheduler.packing.batch_limits; backends.threads).
+    max_batch_tokens: int | None = Field(None, ge=1)
     max_batch_items: int = Field(256, ge=1)
-    max_batch_wait_ms: float = Field(2.0, ge=0, le=1000)
+    max_batch_wait_ms: float | None = Field(None, ge=0, le=1000)
+    model_workers: int | None = Field(None, ge=1)
     tokenizer_threads: int = Field(2, ge=1)
 
     # Backpressure and HTTP limits.

@@ -44,6 +44,37 @@ def test_onnx_matches_torch_on_a_mixed_length_batch(model: str, family_models: F
     assert onnx_backend.path.parent.parent == cache
 
 
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_concurrent_forward_passes_on_one_session_each_get_their_own_vectors(workers: int,
+                                                                            cache: Path) -> None:
+    """`workers` passes at once on the one session (as the batcher's threads run them), each on
+    cores // workers intra-op threads; every pass gives exactly what a lone pass gives."""
+    import threading
+
+    from embedserve.backends.threads import threads_per_worker, usable_cores
+
+    spec = spec_of(bundled_folder())
+    backend = OnnxBackend(spec, cache_dir=cache, workers=workers)
+    assert (backend.workers, backend.threads) == (workers, threads_per_worker(usable_cores(), workers))
+    batches = [batch_for(spec, TEXTS[i:] + TEXTS[:i]) for i in range(2 * workers)]
+    alone = [backend.forward(batch) for batch in batches]
+    together: list[np.ndarray | None] = [None] * len(batches)
+    barrier = threading.Barrier(len(batches), timeout=60)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        together[i] = backend.forward(batches[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(batches))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    for expected, got in zip(alone, together, strict=True):
+        assert got is not None
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
 FUSED_OPS = {"Attention", "EmbedLayerNormalization", "SkipLayerNormalization", "BiasGelu"}
 
 

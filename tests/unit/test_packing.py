@@ -10,10 +10,15 @@ import numpy as np
 import pytest
 
 from embedserve.scheduler.packing import (
+    CPU_BATCH_TOKENS_PER_THREAD,
+    CPU_BATCH_WAIT_MS,
     CPU_MAX_PADDING,
+    GPU_BATCH_TOKENS,
+    GPU_BATCH_WAIT_MS,
     MAX_PADDING,
+    BatchLimits,
+    batch_limits,
     collate,
-    max_padding_for,
     take_batch,
 )
 from embedserve.types import WorkItem
@@ -164,8 +169,26 @@ def test_a_batch_of_several_items_never_pads_beyond_the_tolerance(loop: asyncio.
         assert len(batch) == 1 or padded_cost(batch) <= (1 + max_padding) * real
 
 
-def test_cpu_batches_tolerate_less_padding_than_gpu_batches() -> None:
-    assert max_padding_for("cpu") == CPU_MAX_PADDING < max_padding_for("cuda") == MAX_PADDING
+def test_cpu_batches_are_smaller_tighter_and_never_wait_unlike_gpu_batches() -> None:
+    cpu, cuda = batch_limits("cpu", 1), batch_limits("cuda", 1)
+    assert cpu == BatchLimits(max_tokens=CPU_BATCH_TOKENS_PER_THREAD, max_wait_ms=CPU_BATCH_WAIT_MS,
+                              max_padding=CPU_MAX_PADDING)
+    assert cuda == BatchLimits(max_tokens=GPU_BATCH_TOKENS, max_wait_ms=GPU_BATCH_WAIT_MS,
+                               max_padding=MAX_PADDING)
+    assert cpu.max_tokens < cuda.max_tokens and cpu.max_padding < cuda.max_padding
+    assert cpu.max_wait_ms == 0 < cuda.max_wait_ms
+
+
+def test_a_cpu_pass_on_more_threads_takes_more_tokens() -> None:
+    assert batch_limits("cpu", 4).max_tokens == 4 * batch_limits("cpu", 1).max_tokens
+    assert batch_limits("cuda", 4).max_tokens == batch_limits("cuda", 1).max_tokens
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_explicit_batch_settings_win_over_the_device_defaults(device: str) -> None:
+    limits = batch_limits(device, 2, max_tokens=999, max_wait_ms=7.5)
+    assert (limits.max_tokens, limits.max_wait_ms) == (999, 7.5)
+    assert batch_limits(device, 2, max_wait_ms=0.0).max_wait_ms == 0.0  # an explicit 0 is kept
 
 
 def test_a_tighter_tolerance_pads_less_over_a_whole_queue(loop: asyncio.AbstractEventLoop) -> None:

@@ -1,6 +1,6 @@
 """The Backend protocol: one forward pass over a padded TokenBatch, returning one pooled float32 vector
-per row (after any Dense head, before normalization). Implementations run on the model's executor
-thread, never on the event loop."""
+per row (after any Dense head, before normalization). Implementations run on the model's batcher
+threads (up to `workers` calls at once), never on the event loop."""
 
 from __future__ import annotations
 
@@ -22,6 +22,11 @@ class Backend(Protocol):
     precision: str
     #: What serves, for the model listing and the start-up log (e.g. "torch cpu float32").
     description: str
+    #: Forward passes that may run at once: the batcher runs one thread per worker (onnx on CPU: several
+    #: passes share one session; torch: 1).
+    workers: int
+    #: Threads one forward pass uses on CPU (the batcher sizes CPU batches by it).
+    threads: int
 
     def forward(self, batch: TokenBatch) -> FloatMatrix:
         """[B, T] ids and mask -> [B, D] float32 pooled vectors."""

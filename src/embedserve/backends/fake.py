@@ -10,13 +10,15 @@ from embedserve.types import FloatMatrix, TokenBatch
 
 
 class FakeBackend:
-    def __init__(self, *, dimensions: int = 16, vocab_size: int = 1000, seed: int = 0) -> None:
+    def __init__(self, *, dimensions: int = 16, vocab_size: int = 1000, seed: int = 0,
+                 workers: int = 1) -> None:
         rng = np.random.default_rng(seed)
         self._table = rng.standard_normal((vocab_size, dimensions)).astype(np.float32)  # [V, D]
         self.dimensions = dimensions
         self.vocab_size = vocab_size
         self.kind, self.device, self.precision = "fake", "cpu", "float32"
         self.description = "fake cpu float32"
+        self.workers, self.threads = workers, 1
         self.batches: list[tuple[int, int]] = []  # (rows, padded length) of every forward, for tests
         self.real_tokens: list[int] = []  # real (unpadded) tokens of every forward
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -23,6 +22,7 @@ import numpy as np
 from embedserve.backends.fusion import AGREEMENT, EncoderShape, encoder_shape, fuse, memory_shortfall, outputs
 from embedserve.backends.int8 import RECIPE as INT8_RECIPE
 from embedserve.backends.int8 import calibration_texts, quantize_int8
+from embedserve.backends.threads import threads_per_worker, usable_cores
 from embedserve.catalog import WEIGHT_FILES, ModelSpec, sha256_of
 from embedserve.errors import ModelLoadError
 from embedserve.postprocess import min_cosine
@@ -217,9 +217,11 @@ def ensure_graph(spec: ModelSpec, cache_dir: Path, quantize: Quantize) -> Path:
 
 class OnnxBackend:
     def __init__(self, spec: ModelSpec, *, cache_dir: Path, quantize: Quantize = "none",
-                 spin: bool = False) -> None:
-        """`spin`: ORT's default of busy-waiting intra-op threads, best when nothing else needs the
-        cores (the benchmark's in-process baseline); a server sets it off (below)."""
+                 workers: int = 1, spin: bool = False) -> None:
+        """`workers`: forward passes that run at once on the one session (ORT's Run is thread-safe), each
+        on usable_cores() // workers intra-op threads (backends.threads). `spin`: ORT's default of
+        busy-waiting intra-op threads, best when nothing else needs the cores (the benchmark's
+        in-process baseline); a server sets it off (below)."""
         import onnxruntime as ort
 
         self._spec = spec
@@ -227,7 +229,9 @@ class OnnxBackend:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.intra_op_num_threads = os.cpu_count() or 1
+        self.workers = workers
+        self.threads = threads_per_worker(usable_cores(), workers)
+        options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         # Idle intra-op threads sleep instead of spinning: in a server the event loop, the tokenizer and
         # the next batch's packing need those cores between forward passes (online load: +7% inputs/s,

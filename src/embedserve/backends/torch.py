@@ -90,6 +90,9 @@ class TorchBackend:
         self.precision = str(self._dtype).removeprefix("torch.")
         self.vocab_size = int(self._model.get_input_embeddings().weight.shape[0])
         self.description = f"torch {self.device} {self.precision}"
+        # One pass at a time: torch's CPU threads are process-wide and a CUDA stream is one queue.
+        self.workers = 1
+        self.threads = torch.get_num_threads() if self.device == "cpu" else 1
 
     def graph(self) -> torch.nn.Module:
         """The whole forward pass as one module, (input_ids, attention_mask) -> pooled: what the ONNX

@@ -1,13 +1,15 @@
-"""Per-model dynamic batcher: every input of every request is one WorkItem; the model's own thread packs
-waiting items (scheduler.packing), runs each batch and starts the next one at once, without a round trip
-through the event loop (which, busy with HTTP, left the model idle ~3 ms between batches: 20% of the
-online load's time). The event loop only queues inputs and receives vectors.
+"""Per-model dynamic batcher: every input of every request is one WorkItem; the model's own threads (one
+per backend worker: `Backend.workers` passes may run at once) each pack waiting items
+(scheduler.packing), run the batch and start the next one at once, without a round trip through the
+event loop (which, busy with HTTP, left the model idle ~3 ms between batches: 20% of the online load's
+time). The event loop only queues inputs and receives vectors.
 
-Inputs queued during one turn of the event loop are handed to the model thread together at its end, so
+Inputs queued during one turn of the event loop are handed to the model threads together at its end, so
 the inputs of requests that arrive together share a forward pass. There is no added wait when the queue
-is idle. Under load (a batch has just finished and inputs are waiting), the model thread waits at most
+is idle. Under load (a batch has just finished and inputs are waiting), a model thread waits at most
 `max_batch_wait_ms` for the batch to fill: the callers whose answers just went out are typically sending
-their next input, and one full batch beats a small one followed by another. Admission is bounded
+their next input, and on a GPU one full batch beats a small one followed by another (on CPU the default
+is no wait: scheduler.packing.batch_limits). Admission is bounded
 (`max_queued`): a request that would overfill the queue is refused at once with 503."""
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ class Batcher:
     def __init__(self, name: str, backend: Backend, *, pad_id: int, padding_side: PaddingSide,
                  max_batch_tokens: int, max_batch_items: int, max_batch_wait_ms: float = 0.0,
                  max_padding: float = MAX_PADDING, max_queued: int | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 workers: int = 1, metrics: Metrics | None = None) -> None:
         self.name = name
         self._backend = backend
         self._pad_id = pad_id
@@ -46,7 +48,8 @@ class Batcher:
         self._max_queued = max_queued
         self._metrics = metrics
         self._seq = itertools.count()
-        self._thread: threading.Thread | None = None
+        self._workers = workers
+        self._threads: list[threading.Thread] = []
         # Event-loop side: inputs queued in this turn of the loop, handed over at its end.
         self._arrivals: list[WorkItem] = []
         # Shared with the model thread, under `_cond`.
@@ -63,10 +66,13 @@ class Batcher:
         return self.queued
 
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._work, args=(asyncio.get_running_loop(),),
-                                            name=f"embedserve-{self.name}", daemon=True)
-            self._thread.start()
+        if not self._threads:
+            loop = asyncio.get_running_loop()
+            self._threads = [threading.Thread(target=self._work, args=(loop,), daemon=True,
+                                              name=f"embedserve-{self.name}-{i}")
+                             for i in range(self._workers)]
+            for thread in self._threads:
+                thread.start()
 
     async def embed(self, sequences: Sequence[list[int]]) -> FloatMatrix:
         """Embed id sequences; returns [N, D] in the order given. If the caller is cancelled (client
@@ -135,6 +141,8 @@ class Batcher:
                 continue
             batch, self._pending = take_batch(self._pending, self._max_batch_tokens,
                                               self._max_batch_items, self._max_padding)
+            if self._pending:  # more than this batch was waiting: an idle worker can take it
+                self._cond.notify()
             return batch
         return None
 
@@ -190,5 +198,5 @@ class Batcher:
         for item in waiting:
             if not item.future.done():
                 item.future.set_exception(ServiceUnavailable(f"model '{self.name}' shut down"))
-        if self._thread is not None:  # its last delivery is scheduled before the join returns
-            await asyncio.to_thread(self._thread.join)
+        for thread in self._threads:  # its last delivery is scheduled before the join returns
+            await asyncio.to_thread(thread.join)
