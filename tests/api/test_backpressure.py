@@ -24,6 +24,9 @@ from support import LiveServer, live_server
 
 MODEL = "all-MiniLM-L6-v2"
 GUARD_S = 60
+#: One forward pass at a time, so that a batch held at the gate holds the model and what comes next
+#: stays queued (a second worker would take it).
+ONE = {"model_workers": 1}
 
 
 class Gate:
@@ -101,7 +104,7 @@ def assert_error(response: httpx.Response, status: int, code: str) -> None:
 
 def test_a_full_queue_answers_503_at_once_and_the_queued_requests_still_complete(
         gate: Gate, pool: ThreadPoolExecutor) -> None:
-    settings = Settings(max_queued_inputs=8, max_inputs_per_request=4)
+    settings = Settings(max_queued_inputs=8, max_inputs_per_request=4, **ONE)
     with live_server(settings) as live:
         gate.armed = True
         first = pool.submit(post, live, [f"first {i}" for i in range(4)])
@@ -128,7 +131,7 @@ def test_a_client_that_disconnects_takes_its_queued_inputs_with_it(
         gate: Gate, pool: ThreadPoolExecutor) -> None:
     from test_operations import scrape, value
 
-    with live_server(Settings()) as live:
+    with live_server(Settings(**ONE)) as live:
         gate.armed = True
         first = pool.submit(post, live, ["first in line"])
         assert gate.entered.wait(GUARD_S)
@@ -153,7 +156,7 @@ def test_a_client_that_disconnects_takes_its_queued_inputs_with_it(
 
 def test_a_request_past_its_deadline_gets_503_and_its_queued_inputs_never_run(
         gate: Gate, pool: ThreadPoolExecutor) -> None:
-    with live_server(Settings(request_timeout=1.0)) as live:
+    with live_server(Settings(request_timeout=1.0, **ONE)) as live:
         gate.armed = True
         first = pool.submit(post, live, ["held on the model"])
         assert gate.entered.wait(GUARD_S)
