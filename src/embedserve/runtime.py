@@ -107,8 +107,7 @@ def load_runtime(spec: ModelSpec, settings: Settings, tokenizer_executor: Thread
     batcher = Batcher(spec.id, backend, pad_id=tokenizer.pad_id, padding_side=spec.padding_side,
                       max_batch_tokens=limits.max_tokens, max_batch_items=settings.max_batch_items,
                       max_batch_wait_ms=limits.max_wait_ms, max_padding=limits.max_padding,
-                      max_queued=settings.max_queued_inputs, workers=backend.workers,
-                      metrics=metrics)
+                      max_queued=settings.max_queued_inputs, metrics=metrics)
     return ModelRuntime(spec=spec, tokenizer=tokenizer, backend=backend, batcher=batcher, eos_id=eos_id,
                         load_seconds=time.perf_counter() - started)
 
@@ -173,10 +172,10 @@ class ModelRegistry:
                 self._metrics.model_loaded(spec.id, runtime.load_seconds)
                 self._metrics.track_queue(spec.id, runtime.batcher.queue_depth)
             backend = runtime.backend
-            log.info("model '%s' ready: %d dims, max %d tokens, pooling %s, %s, %d worker(s) x %d "
-                     "thread(s), "
-                     "loaded in %.1f s", spec.id, spec.dimensions, spec.max_input_tokens, spec.pooling,
-                     backend.description, backend.workers, backend.threads, runtime.load_seconds,
+            log.info("model '%s' ready: %d dims, max %d tokens, pooling %s, %s, %d worker(s) x "
+                     "%d thread(s), loaded in %.1f s", spec.id, spec.dimensions,
+                     spec.max_input_tokens, spec.pooling, backend.description, backend.workers,
+                     backend.threads, runtime.load_seconds,
                      extra={"event": "model_ready", "model": spec.id, "dimensions": spec.dimensions,
                             "max_input_tokens": spec.max_input_tokens, "pooling": spec.pooling,
                             "backend": backend.kind, "device": backend.device,

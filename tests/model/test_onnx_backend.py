@@ -4,6 +4,7 @@ cached by the weights' hash), on every pooling kind, padding side and Dense head
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from conftest import FamilyModels
 from embedserve.backends import fusion as fusion_module
 from embedserve.backends import onnx as onnx_module
 from embedserve.backends.onnx import OnnxBackend, graph_key
+from embedserve.backends.threads import threads_per_worker, usable_cores
 from embedserve.backends.torch import TorchBackend
 from embedserve.errors import ModelLoadError
 from embedserve.postprocess import min_cosine
@@ -49,10 +51,6 @@ def test_concurrent_forward_passes_on_one_session_each_get_their_own_vectors(wor
                                                                             cache: Path) -> None:
     """`workers` passes at once on the one session (as the batcher's threads run them), each on
     cores // workers intra-op threads; every pass gives exactly what a lone pass gives."""
-    import threading
-
-    from embedserve.backends.threads import threads_per_worker, usable_cores
-
     spec = spec_of(bundled_folder())
     backend = OnnxBackend(spec, cache_dir=cache, workers=workers)
     assert (backend.workers, backend.threads) == (workers, threads_per_worker(usable_cores(), workers))

@@ -45,8 +45,8 @@ def assert_own_vectors(sequences: list[list[int]], vectors: FloatMatrix) -> None
 class RecordingBackend(FakeBackend):
     """Also records the real ids of every row of every forward pass."""
 
-    def __init__(self) -> None:
-        super().__init__(seed=SEED)
+    def __init__(self, workers: int = 1) -> None:
+        super().__init__(seed=SEED, workers=workers)
         self.rows: list[list[int]] = []
 
     def forward(self, batch: TokenBatch) -> FloatMatrix:
@@ -89,10 +89,10 @@ class FailingBackend(RecordingBackend):
 async def started(backend: FakeBackend, *, max_batch_tokens: int = 4096, max_batch_items: int = 64,
                   padding_side: PaddingSide = "right", pad_id: int = 0,
                   max_batch_wait_ms: float = 0.0, max_padding: float = MAX_PADDING,
-                  workers: int = 1) -> AsyncIterator[Batcher]:
+                  ) -> AsyncIterator[Batcher]:
     batcher = Batcher("fake", backend, pad_id=pad_id, padding_side=padding_side,
                       max_batch_tokens=max_batch_tokens, max_batch_items=max_batch_items,
-                      max_batch_wait_ms=max_batch_wait_ms, max_padding=max_padding, workers=workers)
+                      max_batch_wait_ms=max_batch_wait_ms, max_padding=max_padding)
     batcher.start()
     try:
         yield batcher
@@ -127,8 +127,8 @@ def test_concurrent_callers_each_get_exactly_their_own_vectors(padding_side: Pad
     async def main() -> None:
         rng = random.Random(1)
         requests = [random_sequences(rng, rng.randint(1, 6)) for _ in range(60)]
-        async with started(FakeBackend(seed=SEED), max_batch_tokens=512, max_batch_items=16,
-                           padding_side=padding_side, pad_id=pad_id, workers=workers) as batcher:
+        async with started(FakeBackend(seed=SEED, workers=workers), max_batch_tokens=512,
+                           max_batch_items=16, padding_side=padding_side, pad_id=pad_id) as batcher:
             results = await asyncio.gather(*(batcher.embed(seqs) for seqs in requests))
         for seqs, vectors in zip(requests, results, strict=True):
             assert_own_vectors(seqs, vectors)
@@ -141,9 +141,8 @@ def test_one_call_with_2048_sequences_returns_them_in_order(workers: int) -> Non
     async def main() -> None:
         rng = random.Random(2)
         sequences = random_sequences(rng, 2048, max_len=64)
-        backend = FakeBackend(seed=SEED)
-        async with started(backend, max_batch_tokens=2048, max_batch_items=64,
-                           workers=workers) as batcher:
+        backend = FakeBackend(seed=SEED, workers=workers)
+        async with started(backend, max_batch_tokens=2048, max_batch_items=64) as batcher:
             vectors = await batcher.embed(sequences)
         assert_own_vectors(sequences, vectors)
         assert vectors.dtype == np.float32
@@ -156,9 +155,9 @@ class MeetingBackend(RecordingBackend):
     """Every forward pass waits (bounded) until `parties` passes are running at once: it completes only
     if the batcher really runs that many side by side, and raises otherwise."""
 
-    def __init__(self, parties: int) -> None:
-        super().__init__()
-        self.barrier = threading.Barrier(parties, timeout=GUARD_S)
+    def __init__(self, workers: int, parties: int, timeout_s: float = GUARD_S) -> None:
+        super().__init__(workers=workers)
+        self.barrier = threading.Barrier(parties, timeout=timeout_s)
 
     def forward(self, batch: TokenBatch) -> FloatMatrix:
         self.barrier.wait()
@@ -168,9 +167,9 @@ class MeetingBackend(RecordingBackend):
 @pytest.mark.parametrize("workers", [2, 3])
 def test_each_worker_runs_its_own_batch_at_the_same_time(workers: int) -> None:
     async def main() -> None:
-        backend = MeetingBackend(parties=workers)
+        backend = MeetingBackend(workers=workers, parties=workers)
         sequences = [[i + 1] for i in range(4 * workers)]
-        async with started(backend, max_batch_items=1, workers=workers) as batcher:
+        async with started(backend, max_batch_items=1) as batcher:
             results = await asyncio.gather(*(batcher.embed([seq]) for seq in sequences))
         for seq, vectors in zip(sequences, results, strict=True):
             assert_own_vectors([seq], vectors)
@@ -184,9 +183,8 @@ def test_one_worker_never_runs_two_batches_at_once() -> None:
     times out) rather than vectors. This is what makes the test above able to fail."""
 
     async def main() -> None:
-        backend = MeetingBackend(parties=2)
-        backend.barrier = threading.Barrier(2, timeout=0.2)
-        async with started(backend, max_batch_items=1, workers=1) as batcher:
+        backend = MeetingBackend(workers=1, parties=2, timeout_s=0.2)
+        async with started(backend, max_batch_items=1) as batcher:
             results = await asyncio.gather(batcher.embed([[1]]), batcher.embed([[2]]),
                                            return_exceptions=True)
         assert all(isinstance(result, InternalError) for result in results)

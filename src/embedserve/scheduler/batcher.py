@@ -9,8 +9,8 @@ the inputs of requests that arrive together share a forward pass. There is no ad
 is idle. Under load (a batch has just finished and inputs are waiting), a model thread waits at most
 `max_batch_wait_ms` for the batch to fill: the callers whose answers just went out are typically sending
 their next input, and on a GPU one full batch beats a small one followed by another (on CPU the default
-is no wait: scheduler.packing.batch_limits). Admission is bounded
-(`max_queued`): a request that would overfill the queue is refused at once with 503."""
+is no wait: scheduler.packing.batch_limits). Admission is bounded (`max_queued`): a request that would
+overfill the queue is refused at once with 503."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class Batcher:
     def __init__(self, name: str, backend: Backend, *, pad_id: int, padding_side: PaddingSide,
                  max_batch_tokens: int, max_batch_items: int, max_batch_wait_ms: float = 0.0,
                  max_padding: float = MAX_PADDING, max_queued: int | None = None,
-                 workers: int = 1, metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None) -> None:
         self.name = name
         self._backend = backend
         self._pad_id = pad_id
@@ -48,11 +48,10 @@ class Batcher:
         self._max_queued = max_queued
         self._metrics = metrics
         self._seq = itertools.count()
-        self._workers = workers
         self._threads: list[threading.Thread] = []
         # Event-loop side: inputs queued in this turn of the loop, handed over at its end.
         self._arrivals: list[WorkItem] = []
-        # Shared with the model thread, under `_cond`.
+        # Shared with the model threads, under `_cond`.
         self._cond = threading.Condition()
         self._pending: list[WorkItem] = []
         self._closed = False
@@ -70,7 +69,7 @@ class Batcher:
             loop = asyncio.get_running_loop()
             self._threads = [threading.Thread(target=self._work, args=(loop,), daemon=True,
                                               name=f"embedserve-{self.name}-{i}")
-                             for i in range(self._workers)]
+                             for i in range(self._backend.workers)]
             for thread in self._threads:
                 thread.start()
 

@@ -19,10 +19,10 @@ from embedserve.types import PaddingSide, TokenBatch, WorkItem
 #: forward pass costs about the same for a wide batch as for a narrow one, so filling it matters more
 #: than a little padding.
 MAX_PADDING = 0.25
-#: On CPU every padded slot costs as much as a real token and a forward call costs little (about 1.8 ms
-#: for all-MiniLM-L6-v2 on 2 cores, the time of ~4 tokens), so batches stay within 5% padding: replaying
-#: the bulk benchmark load through `take_batch` computes 1.23x the real tokens at 0.25 and 1.04x at 0.05
-#: (in-process sorted batches of 32: 1.04x).
+#: On CPU every padded slot costs as much as a real token and a forward call costs little (about 2 ms
+#: for all-MiniLM-L6-v2, the time of ~4 tokens on 2 threads, ~8 on one), so batches stay within 5%
+#: padding: replaying the bulk benchmark load through `take_batch` computes 1.23x the real tokens at
+#: 0.25 and 1.04x at 0.05 (in-process sorted batches of 32: 1.04x).
 CPU_MAX_PADDING = 0.05
 #: Token slots per forward pass on a GPU, and how long a batch may wait to fill under load: a wide batch
 #: costs about what a narrow one does there.
