@@ -10,9 +10,11 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.telemetry import TelemetryConfig
 
 from embedserve import __version__
 from embedserve.api.errors import install_error_handlers
+from embedserve.api.fastpath import EmbeddingsFastPath
 from embedserve.api.manage import router as manage_router
 from embedserve.api.middleware import RequestContextMiddleware
 from embedserve.api.routes import router
@@ -21,6 +23,11 @@ from embedserve.catalog import Catalog
 from embedserve.settings import Settings
 
 log = logging.getLogger("embedserve.app")
+
+#: FastAPI's own OpenTelemetry hooks, off: the server's observability is its Prometheus metrics and
+#: JSON access log, and FastAPI otherwise asks the global OTel providers on every request whether
+#: they are configured.
+NO_FASTAPI_TELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
 
 
 def create_app(settings: Settings, catalog: Catalog,
@@ -54,9 +61,10 @@ def create_app(settings: Settings, catalog: Catalog,
 
     app = FastAPI(title="embedserve", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible text-embeddings API", docs_url="/docs",
-                  redoc_url=None)
+                  redoc_url=None, telemetry=NO_FASTAPI_TELEMETRY)
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(manage_router)
+    app.add_middleware(EmbeddingsFastPath)  # inside the request context: ids, draining, accounting
     app.add_middleware(RequestContextMiddleware)
     return app

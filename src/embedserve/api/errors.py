@@ -50,13 +50,19 @@ def from_http_exception(exc: StarletteHTTPException, method: str, path: str) -> 
     return InternalError(str(exc.detail))
 
 
+def answer_error(exc: EmbedServeError, request_id: str) -> Response:
+    """The response for an EmbedServeError raised while serving a request: its own, except for a fault
+    of ours (5xx without Retry-After), which is logged and answered with the generic 500."""
+    if exc.status >= 500 and not exc.headers():  # a fault of ours, not a "come back later"
+        log.error("request failed: %s", exc.message, exc_info=exc)
+        return error_response(internal_error(request_id))
+    return error_response(exc)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def on_embedserve_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, EmbedServeError)
-        if exc.status >= 500 and not exc.headers():  # a fault of ours, not a "come back later"
-            log.error("request failed: %s", exc.message, exc_info=exc)
-            return error_response(internal_error(request.state.request_id))
-        return error_response(exc)
+        return answer_error(exc, request.state.request_id)
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)

@@ -61,22 +61,27 @@ def _principal(request: Request) -> Principal:
     return principal
 
 
+#: The hot route: served by api.fastpath (no FastAPI dependency solving per request); registered here too,
+#: so that the OpenAPI document describes it and FastAPI serves it wherever the fast path is not in front.
+EMBEDDINGS_PATH = "/v1/embeddings"
+
+
 @router.post(
-    "/v1/embeddings",
-    dependencies=[Depends(admit)],
+    EMBEDDINGS_PATH,
     response_model=EmbeddingResponse,
     responses=_ERRORS,
     openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": EmbeddingRequest.model_json_schema()}}}},
 )
 async def create_embeddings(request: Request) -> Response:
+    principal = await admit(request)  # the key and its request rate, before any body work
     state = _state(request)
     settings = state.settings
     deadline = request.state.started + settings.request_timeout
     body = await before(deadline, settings.request_timeout, read_body(request, settings.max_body_bytes))
     job = parse_embedding_request(parse_json(body), max_inputs=settings.max_inputs_per_request)
     request.state.model = job.model
-    caller = Caller(principal=_principal(request), request_id=request.state.request_id,
+    caller = Caller(principal=principal, request_id=request.state.request_id,
                     started=request.state.started)
     result = await bounded(request, state.service.embed(job, caller),
                            deadline=deadline, timeout_s=settings.request_timeout)
