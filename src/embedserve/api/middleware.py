@@ -114,6 +114,9 @@ class RequestContextMiddleware:
         model = state.registry.catalog.canonical_id(info.get("model") or "") or "-"
         status = status or 499  # no response started: the client left first
         state.metrics.observe_request(route, model, status, seconds)
+        level = logging.DEBUG if probe else logging.INFO
+        if not log.isEnabledFor(level):  # (--log-level warning: no line, so no fields to build)
+            return
         principal = info.get("principal")
         fields = {"event": "request", "request_id": info["request_id"], "method": scope["method"],
                   "route": route, "status": status,
@@ -121,7 +124,7 @@ class RequestContextMiddleware:
                   "key_prefix": getattr(principal, "prefix", None),
                   "model": None if model == "-" else model, "inputs": info.get("inputs"),
                   "tokens": info.get("tokens")}
-        log.log(logging.DEBUG if probe else logging.INFO, "%s %s %d %.1fms%s", scope["method"],
+        log.log(level, "%s %s %d %.1fms%s", scope["method"],
                 scope["path"], status, seconds * 1000,
                 "".join(f" {k}={v}" for k in ("model", "inputs", "tokens", "key_id", "key_prefix")
                         if (v := fields[k]) is not None),
