@@ -294,7 +294,8 @@ def _report(rows: list[Row], corpus: list[str], total_tokens: int, runs: int) ->
     infinity_bulk = [n for n in by if n.startswith("infinity") and "bulk" in n]
     best = max(infinity_bulk, key=lambda n: by[n].median("tokens_s"), default="")
     infinity_online = [n for n in by if n.startswith("infinity") and "online" in n]
-    best_online = max(infinity_online, key=lambda n: by[n].median("tokens_s"), default="")
+    # "Half of Infinity's p99": its engine with the lowest online p99, whichever is faster.
+    best_online = min(infinity_online, key=lambda n: by[n].median("p99"), default="")
     targets = [
         ("embedserve bulk / in-process ORT fp32 (tokens/s)",
          ratio("embedserve fp32 bulk", "onnxruntime fp32 in-process"), ">= 0.90"),
@@ -304,7 +305,7 @@ def _report(rows: list[Row], corpus: list[str], total_tokens: int, runs: int) ->
          ratio("embedserve fp32 bulk", best) if best else "-", ">= 2.5"),
         ("embedserve online / embedserve bulk", ratio("embedserve fp32 online", "embedserve fp32 bulk"),
          ">= 0.80"),
-        (f"embedserve online p99 / best Infinity online p99 ({best_online or 'n/a'})",
+        (f"embedserve online p99 / lowest Infinity online p99 ({best_online or 'n/a'})",
          ratio("embedserve fp32 online", best_online, "p99") if best_online else "-", "<= 0.50"),
         ("embedserve int8 bulk / embedserve fp32 bulk",
          ratio("embedserve int8 bulk", "embedserve fp32 bulk"), ">= 1.4"),
