@@ -102,6 +102,7 @@ class WorkItem:
     seq: int
     future: asyncio.Future[FloatMatrix] = field(repr=False)
     queued_at: float = 0.0  # time.perf_counter() when it joined the queue
+    request: int | None = None  # the `seq` of its request's first input (None: a request of its own)
 
     @property
     def length(self) -> int:

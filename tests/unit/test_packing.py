@@ -19,6 +19,7 @@ from embedserve.scheduler.packing import (
     BatchLimits,
     batch_limits,
     collate,
+    last_waiting,
     take_batch,
 )
 from embedserve.types import WorkItem
@@ -33,11 +34,15 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 
 def make_items(loop: asyncio.AbstractEventLoop, lengths: Sequence[int],
-               seqs: Sequence[int] | None = None) -> list[WorkItem]:
-    """Items with the given lengths; seq defaults to the list position (the first is the oldest)."""
+               seqs: Sequence[int] | None = None,
+               requests: Sequence[int | None] | None = None) -> list[WorkItem]:
+    """Items with the given lengths; seq defaults to the list position (the first is the oldest).
+    By default all are inputs of one request (request 0), free to be packed in any order; pass
+    `requests` (None: a one-input request) to see the rule that protects a request's last input."""
     seqs = range(len(lengths)) if seqs is None else seqs
-    return [WorkItem(ids=[seq % 100 + 1] * length, seq=seq, future=loop.create_future())
-            for length, seq in zip(lengths, seqs, strict=True)]
+    requests = [0] * len(lengths) if requests is None else requests
+    return [WorkItem(ids=[seq % 100 + 1] * length, seq=seq, future=loop.create_future(), request=request)
+            for length, seq, request in zip(lengths, seqs, requests, strict=True)]
 
 
 def padded_cost(batch: Sequence[WorkItem]) -> int:
@@ -172,11 +177,12 @@ def test_a_batch_of_several_items_never_pads_beyond_the_tolerance(loop: asyncio.
 def test_cpu_batches_are_smaller_tighter_and_never_wait_unlike_gpu_batches() -> None:
     cpu, cuda = batch_limits("cpu", 1), batch_limits("cuda", 1)
     assert cpu == BatchLimits(max_tokens=CPU_BATCH_TOKENS_PER_THREAD, max_wait_ms=CPU_BATCH_WAIT_MS,
-                              max_padding=CPU_MAX_PADDING)
+                              max_padding=CPU_MAX_PADDING, protect_last=True)
     assert cuda == BatchLimits(max_tokens=GPU_BATCH_TOKENS, max_wait_ms=GPU_BATCH_WAIT_MS,
                                max_padding=MAX_PADDING)
     assert cpu.max_tokens < cuda.max_tokens and cpu.max_padding < cuda.max_padding
     assert cpu.max_wait_ms == 0 < cuda.max_wait_ms
+    assert cpu.protect_last and not cuda.protect_last  # on a GPU a wider batch costs little more
 
 
 def test_a_cpu_pass_on_more_threads_takes_more_tokens() -> None:
@@ -241,3 +247,61 @@ def test_collate_of_equal_lengths_has_no_padding(side: str) -> None:
     np.testing.assert_array_equal(batch.input_ids, [[1, 2], [3, 4]])
     assert batch.attention_mask.all()
     assert batch.real_tokens == 4
+
+
+# ---- a request's last waiting input is never overtaken by a younger request's input ----------------
+
+
+def test_one_input_requests_are_not_overtaken_by_younger_ones_of_their_length(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """Online callers: the two younger 200-token inputs would batch with the oldest, but the 5-token
+    callers between them would then wait behind a batch they are older than."""
+    pending = make_items(loop, [200, 5, 5, 5, 200, 200], requests=[None] * 6)
+    batch, rest = take_batch(pending, token_budget=600, max_items=16, protect_last=True)
+    assert batch == [pending[0]]
+    assert_partition(pending, batch, rest)
+
+
+def test_one_input_requests_in_arrival_order_still_share_a_batch(loop: asyncio.AbstractEventLoop) -> None:
+    pending = make_items(loop, [4, 4, 4, 4, 40], requests=[None] * 5)
+    batch, rest = take_batch(pending, token_budget=100, max_items=8, protect_last=True)
+    assert sorted(item.seq for item in batch) == [0, 1, 2, 3]
+    assert rest == [pending[4]]
+
+
+def test_an_input_whose_request_has_others_waiting_may_be_overtaken(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """Request 0 waits for both of its inputs anyway: request 2's input may go before its short one."""
+    pending = make_items(loop, [50, 5, 50], requests=[0, 0, None])
+    batch, rest = take_batch(pending, token_budget=1000, max_items=8, protect_last=True)
+    assert sorted(item.seq for item in batch) == [0, 2]
+    assert rest == [pending[1]]
+
+
+def test_a_younger_input_waits_when_it_would_pass_a_lone_input(loop: asyncio.AbstractEventLoop) -> None:
+    pending = make_items(loop, [50, 5, 50], requests=[0, None, None])
+    batch, _ = take_batch(pending, token_budget=1000, max_items=8, protect_last=True)
+    assert batch == [pending[0]]
+
+
+def test_last_waiting_counts_inputs_per_request(loop: asyncio.AbstractEventLoop) -> None:
+    pending = make_items(loop, [1, 1, 1, 1, 1], requests=[None, 7, 7, 9, None])
+    assert last_waiting(pending, pending[0]) == [3, 4]  # request 7 has two waiting; 0 is the oldest
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_no_batch_leaves_behind_an_older_last_input(loop: asyncio.AbstractEventLoop, seed: int) -> None:
+    rng = random.Random(seed)
+    n = rng.randint(1, 30)
+    lengths = [rng.randint(1, 64) for _ in range(n)]
+    requests: list[int | None] = [rng.choice([None, 0, 1, 2]) for _ in range(n)]
+    pending = make_items(loop, lengths, seqs=rng.sample(range(1000), n), requests=requests)
+    batch, rest = take_batch(pending, token_budget=rng.choice([64, 256, 1024]), max_items=16,
+                             protect_last=True)
+    assert_partition(pending, batch, rest)
+    assert min(pending, key=lambda item: item.seq) in batch
+    youngest = max(item.seq for item in batch)
+    oldest = min(pending, key=lambda item: item.seq)
+    for seq in last_waiting(pending, oldest):
+        if seq < youngest:
+            assert any(item.seq == seq for item in batch), (lengths, requests)

@@ -35,7 +35,8 @@ log = logging.getLogger("embedserve.batcher")
 class Batcher:
     def __init__(self, name: str, backend: Backend, *, pad_id: int, padding_side: PaddingSide,
                  max_batch_tokens: int, max_batch_items: int, max_batch_wait_ms: float = 0.0,
-                 max_padding: float = MAX_PADDING, max_queued: int | None = None,
+                 max_padding: float = MAX_PADDING, protect_last: bool = False,
+                 max_queued: int | None = None,
                  metrics: Metrics | None = None) -> None:
         self.name = name
         self._backend = backend
@@ -45,6 +46,7 @@ class Batcher:
         self._max_batch_items = max_batch_items
         self._max_wait_s = max_batch_wait_ms / 1000
         self._max_padding = max_padding
+        self._protect_last = protect_last
         self._max_queued = max_queued
         self._metrics = metrics
         self._seq = itertools.count()
@@ -86,8 +88,9 @@ class Batcher:
                              f"{self._max_queued}); retry shortly.", retry_after_s=1)
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
-        items = [WorkItem(ids=ids, seq=next(self._seq), future=loop.create_future(), queued_at=now)
-                 for ids in sequences]
+        seqs = [next(self._seq) for _ in sequences]
+        items = [WorkItem(ids=ids, seq=seq, future=loop.create_future(), queued_at=now, request=seqs[0])
+                 for ids, seq in zip(sequences, seqs, strict=True)]
         if not self._arrivals:
             loop.call_soon(self._hand_over)
         self._arrivals.extend(items)
@@ -139,7 +142,8 @@ class Batcher:
                 under_load = False  # waited once; whatever is there now goes
                 continue
             batch, self._pending = take_batch(self._pending, self._max_batch_tokens,
-                                              self._max_batch_items, self._max_padding)
+                                              self._max_batch_items, self._max_padding,
+                                              protect_last=self._protect_last)
             if self._pending:  # more than this batch was waiting: an idle worker can take it
                 self._cond.notify()
             return batch

@@ -3,7 +3,8 @@
 A batch costs `len(batch) * longest` token slots (padding included). We always serve the oldest
 waiting input (no starvation) and surround it with the inputs closest to it in length, choosing the
 window that embeds the most real tokens among those that fit the budget and waste at most
-`max_padding` of their real tokens on padding."""
+`max_padding` of their real tokens on padding. A request's last waiting input is never overtaken by a
+younger request's input: it is what its caller waits for (design note 30)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ class BatchLimits:
     max_tokens: int  # token slots per forward pass, padding included
     max_wait_ms: float  # under load, how long the next batch may wait to fill
     max_padding: float  # padding slots allowed per real token
+    #: A request's last waiting input is never overtaken (CPU: every input added lengthens the pass).
+    protect_last: bool = False
 
 
 def batch_limits(device: str, threads: int, *, max_tokens: int | None = None,
@@ -55,18 +58,46 @@ def batch_limits(device: str, threads: int, *, max_tokens: int | None = None,
         return BatchLimits(
             max_tokens=max_tokens if max_tokens is not None else CPU_BATCH_TOKENS_PER_THREAD * threads,
             max_wait_ms=max_wait_ms if max_wait_ms is not None else CPU_BATCH_WAIT_MS,
-            max_padding=CPU_MAX_PADDING)
+            max_padding=CPU_MAX_PADDING, protect_last=True)
     return BatchLimits(max_tokens=max_tokens if max_tokens is not None else GPU_BATCH_TOKENS,
                        max_wait_ms=max_wait_ms if max_wait_ms is not None else GPU_BATCH_WAIT_MS,
                        max_padding=MAX_PADDING)
 
 
 def take_batch(pending: Sequence[WorkItem], token_budget: int, max_items: int,
-               max_padding: float = MAX_PADDING) -> tuple[list[WorkItem], list[WorkItem]]:
+               max_padding: float = MAX_PADDING, *,
+               protect_last: bool = False) -> tuple[list[WorkItem], list[WorkItem]]:
     """Split `pending` into (next batch, the rest). The batch is never empty if `pending` is not;
-    an input longer than the budget goes alone."""
+    an input longer than the budget goes alone. `protect_last`: no input younger than a request's
+    last waiting input goes without it (on CPU, where each input added lengthens the pass)."""
     if not pending:
         return [], []
+    by_age = sorted(pending, key=lambda item: item.seq)
+    last = last_waiting(pending, by_age[0]) if protect_last else []
+    if not last:
+        return _best_window(pending, token_budget, max_items, max_padding)
+    # The batch may hold inputs younger than a request's last waiting input only if it holds that
+    # input too: try "everything older than the k-th such input, the k-1 before it included",
+    # k = 1, 2, ..., while those k-1 fit in the best window, and keep the window with the most tokens.
+    best: list[WorkItem] = []
+    best_real = 0
+    position = {item.seq: i for i, item in enumerate(by_age)}
+    for k, bound in enumerate([*last, None]):
+        candidates = by_age if bound is None else by_age[:position[bound]]
+        batch, _ = _best_window(candidates, token_budget, max_items, max_padding)
+        chosen = {item.seq for item in batch}
+        if not all(seq in chosen for seq in last[:k]):
+            break
+        real = sum(item.length for item in batch)
+        if not best or real > best_real:
+            best, best_real = batch, real
+    chosen = {item.seq for item in best}
+    return best, [item for item in pending if item.seq not in chosen]
+
+
+def _best_window(pending: Sequence[WorkItem], token_budget: int, max_items: int,
+                 max_padding: float) -> tuple[list[WorkItem], list[WorkItem]]:
+    """The batch around the oldest of `pending` (not empty), and the rest."""
     ordered = sorted(pending, key=lambda item: (item.length, item.seq))  # by length, stable by age
     lengths = [max(item.length, 1) for item in ordered]
     anchor = min(range(len(ordered)), key=lambda i: ordered[i].seq)
@@ -99,6 +130,19 @@ def take_batch(pending: Sequence[WorkItem], token_budget: int, max_items: int,
     batch = ordered[best_lo:best_hi]
     rest = ordered[:best_lo] + ordered[best_hi:]
     return batch, rest
+
+
+def last_waiting(pending: Sequence[WorkItem], oldest: WorkItem) -> list[int]:
+    """The `seq`s, oldest first, of the waiting inputs other than `oldest` that are the last their
+    request still waits for: a younger input that goes before one of them makes its caller wait
+    longer. (An input whose request has others waiting may be overtaken: its caller waits for those
+    anyway.)"""
+    waiting: dict[int, int] = {}
+    for item in pending:
+        key = item.seq if item.request is None else item.request
+        waiting[key] = waiting.get(key, 0) + 1
+    return sorted(item.seq for item in pending if item is not oldest
+                  and waiting[item.seq if item.request is None else item.request] == 1)
 
 
 def collate(sequences: Sequence[Sequence[int]], pad_id: int, side: PaddingSide) -> TokenBatch:
