@@ -105,9 +105,7 @@ def load_runtime(spec: ModelSpec, settings: Settings, tokenizer_executor: Thread
     limits = batch_limits(backend.device, backend.threads, max_tokens=settings.max_batch_tokens,
                           max_wait_ms=settings.max_batch_wait_ms)
     batcher = Batcher(spec.id, backend, pad_id=tokenizer.pad_id, padding_side=spec.padding_side,
-                      max_batch_tokens=limits.max_tokens, max_batch_items=settings.max_batch_items,
-                      max_batch_wait_ms=limits.max_wait_ms, max_padding=limits.max_padding,
-                      protect_last=limits.protect_last,
+                      limits=limits, max_batch_items=settings.max_batch_items,
                       max_queued=settings.max_queued_inputs, metrics=metrics)
     return ModelRuntime(spec=spec, tokenizer=tokenizer, backend=backend, batcher=batcher, eos_id=eos_id,
                         load_seconds=time.perf_counter() - started)

@@ -108,6 +108,11 @@ class WorkItem:
     def length(self) -> int:
         return len(self.ids)
 
+    @property
+    def caller(self) -> int:
+        """Which request it belongs to: inputs with the same value share one caller's answer."""
+        return self.seq if self.request is None else self.request
+
 
 @dataclass(frozen=True, slots=True)
 class TokenBatch:

@@ -17,7 +17,7 @@ import pytest
 from embedserve.backends.fake import FakeBackend
 from embedserve.errors import InternalError, ServiceUnavailable
 from embedserve.scheduler.batcher import Batcher
-from embedserve.scheduler.packing import CPU_MAX_PADDING, MAX_PADDING
+from embedserve.scheduler.packing import CPU_MAX_PADDING, MAX_PADDING, BatchLimits
 from embedserve.types import FloatMatrix, PaddingSide, TokenBatch
 
 SEED = 0
@@ -91,8 +91,9 @@ async def started(backend: FakeBackend, *, max_batch_tokens: int = 4096, max_bat
                   max_batch_wait_ms: float = 0.0, max_padding: float = MAX_PADDING,
                   ) -> AsyncIterator[Batcher]:
     batcher = Batcher("fake", backend, pad_id=pad_id, padding_side=padding_side,
-                      max_batch_tokens=max_batch_tokens, max_batch_items=max_batch_items,
-                      max_batch_wait_ms=max_batch_wait_ms, max_padding=max_padding)
+                      limits=BatchLimits(max_tokens=max_batch_tokens, max_wait_ms=max_batch_wait_ms,
+                                         max_padding=max_padding),
+                      max_batch_items=max_batch_items)
     batcher.start()
     try:
         yield batcher
@@ -312,8 +313,8 @@ def test_every_caller_sharing_a_failed_batch_gets_internal_error() -> None:
 def test_close_fails_waiting_items_with_service_unavailable() -> None:
     async def main() -> None:
         backend = GatedBackend()
-        batcher = Batcher("fake", backend, pad_id=0, padding_side="right", max_batch_tokens=4096,
-                          max_batch_items=64)
+        batcher = Batcher("fake", backend, pad_id=0, padding_side="right", max_batch_items=64,
+                          limits=BatchLimits(max_tokens=4096, max_wait_ms=0.0, max_padding=MAX_PADDING))
         batcher.start()
         running = asyncio.create_task(batcher.embed([[1, 2]]))
         await forward_started(backend)
@@ -343,8 +344,8 @@ def test_close_fails_waiting_items_with_service_unavailable() -> None:
 def test_close_answers_the_caller_whose_batch_is_running() -> None:
     async def main() -> None:
         backend = GatedBackend()
-        batcher = Batcher("fake", backend, pad_id=0, padding_side="right", max_batch_tokens=4096,
-                          max_batch_items=64)
+        batcher = Batcher("fake", backend, pad_id=0, padding_side="right", max_batch_items=64,
+                          limits=BatchLimits(max_tokens=4096, max_wait_ms=0.0, max_padding=MAX_PADDING))
         batcher.start()
         running = asyncio.create_task(batcher.embed([[1, 2]]))
         await forward_started(backend)

@@ -26,7 +26,7 @@ import numpy as np
 from embedserve.backends.base import Backend
 from embedserve.errors import InternalError, Overloaded, ServiceUnavailable
 from embedserve.metrics import Metrics
-from embedserve.scheduler.packing import MAX_PADDING, collate, take_batch
+from embedserve.scheduler.packing import BatchLimits, collate, take_batch
 from embedserve.types import FloatMatrix, PaddingSide, WorkItem
 
 log = logging.getLogger("embedserve.batcher")
@@ -34,19 +34,16 @@ log = logging.getLogger("embedserve.batcher")
 
 class Batcher:
     def __init__(self, name: str, backend: Backend, *, pad_id: int, padding_side: PaddingSide,
-                 max_batch_tokens: int, max_batch_items: int, max_batch_wait_ms: float = 0.0,
-                 max_padding: float = MAX_PADDING, protect_last: bool = False,
-                 max_queued: int | None = None,
+                 limits: BatchLimits, max_batch_items: int, max_queued: int | None = None,
                  metrics: Metrics | None = None) -> None:
+        """`limits`: the device's packing rules (scheduler.packing.batch_limits)."""
         self.name = name
         self._backend = backend
         self._pad_id = pad_id
         self._padding_side: PaddingSide = padding_side
-        self._max_batch_tokens = max_batch_tokens
+        self._limits = limits
         self._max_batch_items = max_batch_items
-        self._max_wait_s = max_batch_wait_ms / 1000
-        self._max_padding = max_padding
-        self._protect_last = protect_last
+        self._max_wait_s = limits.max_wait_ms / 1000
         self._max_queued = max_queued
         self._metrics = metrics
         self._seq = itertools.count()
@@ -124,7 +121,7 @@ class Batcher:
     def _would_fill(self) -> bool:
         """Enough waiting for a full batch (padding ignored: a cheap, optimistic test)."""
         return (len(self._pending) >= self._max_batch_items
-                or sum(item.length for item in self._pending) >= self._max_batch_tokens)
+                or sum(item.length for item in self._pending) >= self._limits.max_tokens)
 
     def _next_batch(self, under_load: bool) -> list[WorkItem] | None:
         """(Under `_cond`.) Wait for inputs, then, under load, for the batch to fill; None once
@@ -141,9 +138,9 @@ class Batcher:
                     self._cond.wait(remaining)
                 under_load = False  # waited once; whatever is there now goes
                 continue
-            batch, self._pending = take_batch(self._pending, self._max_batch_tokens,
-                                              self._max_batch_items, self._max_padding,
-                                              protect_last=self._protect_last)
+            limits = self._limits
+            batch, self._pending = take_batch(self._pending, limits.max_tokens, self._max_batch_items,
+                                              limits.max_padding, protect_last=limits.protect_last)
             if self._pending:  # more than this batch was waiting: an idle worker can take it
                 self._cond.notify()
             return batch

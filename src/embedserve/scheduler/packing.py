@@ -8,6 +8,7 @@ younger request's input: it is what its caller waits for (design note 30)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
@@ -137,12 +138,8 @@ def last_waiting(pending: Sequence[WorkItem], oldest: WorkItem) -> list[int]:
     request still waits for: a younger input that goes before one of them makes its caller wait
     longer. (An input whose request has others waiting may be overtaken: its caller waits for those
     anyway.)"""
-    waiting: dict[int, int] = {}
-    for item in pending:
-        key = item.seq if item.request is None else item.request
-        waiting[key] = waiting.get(key, 0) + 1
-    return sorted(item.seq for item in pending if item is not oldest
-                  and waiting[item.seq if item.request is None else item.request] == 1)
+    waiting = Counter(item.caller for item in pending)
+    return sorted(item.seq for item in pending if item is not oldest and waiting[item.caller] == 1)
 
 
 def collate(sequences: Sequence[Sequence[int]], pad_id: int, side: PaddingSide) -> TokenBatch:
