@@ -160,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tokenizer-threads", type=int, default=s)
     serve.add_argument("--max-queued-inputs", type=int, default=s,
                        help="inputs that may wait per model; beyond it requests get 503 at once")
+    serve.add_argument("--max-queue-wait", type=float, default=s, metavar="SECONDS",
+                       help="a request that would wait longer than this for the work queued ahead of "
+                            "it gets 503 at once (default 10)")
+    serve.add_argument("--max-batch-memory", default=s, metavar="SIZE",
+                       help="memory the forward passes running at once may hold, e.g. 8GiB (default: "
+                            "half the memory left once the models are loaded)")
     serve.add_argument("--request-timeout", type=float, default=s, metavar="SECONDS",
                        help="a request not answered by then gets 503 and its queued inputs are dropped")
     serve.add_argument("--shutdown-grace", type=float, default=s, metavar="SECONDS",

@@ -1,6 +1,11 @@
 """Per-key rate limits: a token bucket per key for requests per minute and one for tokens per minute
 (pure arithmetic on an injected clock), and OpenAI's x-ratelimit-* headers. Everything runs on the event
-loop's thread, so no lock is needed; the limiter lives in AppState, and limits are per process."""
+loop's thread, so no lock is needed; the limiter lives in AppState, and limits are per process.
+
+A request's tokens are held before it is tokenized, from an upper estimate of its size, and settled
+with the exact count once tokenized; a request that may not fit is tokenized only until it passes the
+key's whole limit, so a key never makes the server tokenize more than its limit for nothing (design
+note 31)."""
 
 from __future__ import annotations
 
@@ -69,6 +74,17 @@ def format_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
+@dataclass(slots=True)
+class TokenHold:
+    """Tokens taken from a key's bucket for one request, before and after it is tokenized. `stop_at`:
+    tokenization stops once the request passes it (the key's whole limit), when the hold may not
+    cover the request; None when it surely does (or the key is unlimited)."""
+
+    principal: Principal
+    taken: float = 0.0
+    stop_at: int | None = None
+
+
 class RateLimiter:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
@@ -89,47 +105,79 @@ class RateLimiter:
         return bucket
 
     def admit_request(self, principal: Principal) -> None:
-        """Before any body work: take one request, and refuse early when the token bucket is empty."""
+        """Before any body work: take one request (also for a request that is refused later: its work
+        counts). Its tokens are checked once its size is known (`hold_tokens`)."""
         requests = self._bucket(principal, "requests")
-        if requests is not None:
-            wait = requests.wait_s(1)
-            assert wait is not None  # capacity >= 1
-            if wait > 0:
-                raise RateLimitExceeded(
-                    f"Rate limit reached for requests: this key may send {principal.rpm} requests per "
-                    f"minute. Retry in {format_duration(wait)}.", limit="requests", retry_after_s=wait)
-        tokens = self._bucket(principal, "tokens")
-        if tokens is not None and tokens.level < 1:
-            wait = tokens.wait_s(1) or 0.0
-            raise RateLimitExceeded(
-                f"Rate limit reached for tokens: this key may use {principal.tpm} tokens per minute. "
-                f"Retry in {format_duration(wait)}.", limit="tokens", retry_after_s=wait)
-        if requests is not None:
-            requests.level -= 1
-
-    def take_tokens(self, principal: Principal, count: int) -> None:
-        """Once the request's tokens are counted, before the model runs."""
-        tokens = self._bucket(principal, "tokens")
-        if tokens is None:
+        if requests is None:
             return
-        wait = tokens.wait_s(count)
-        if wait is None:
+        wait = requests.wait_s(1)
+        assert wait is not None  # capacity >= 1
+        if wait > 0:
             raise RateLimitExceeded(
-                f"Request too large: it holds {count} tokens, more than this key's limit of "
-                f"{principal.tpm} tokens per minute. Split the input into smaller requests.",
-                limit="tokens", retry_after_s=None)
+                f"Rate limit reached for requests: this key may send {principal.rpm} requests per "
+                f"minute. Retry in {format_duration(wait)}.", limit="requests", retry_after_s=wait)
+        requests.level -= 1
+
+    def hold_tokens(self, principal: Principal, estimate: int) -> TokenHold:
+        """Before tokenizing: take `estimate` (an upper bound of the request's tokens) when the bucket
+        surely covers it; otherwise take what it holds (so that the key's other requests in flight see
+        it gone) and have tokenization stop once the request passes the key's whole limit."""
+        bucket = self._bucket(principal, "tokens")
+        if bucket is None:
+            return TokenHold(principal)
+        if estimate <= bucket.level:
+            bucket.level -= estimate
+            return TokenHold(principal, taken=estimate)
+        taken = max(0.0, bucket.level)
+        bucket.level -= taken
+        return TokenHold(principal, taken=taken, stop_at=int(bucket.capacity))
+
+    def settle(self, hold: TokenHold, count: int) -> None:
+        """The request holds exactly `count` tokens: keep exactly those (giving back the rest of the
+        estimate), or take what is missing, or refuse it (429, the hold given back)."""
+        bucket = self._bucket(hold.principal, "tokens")
+        if bucket is None:
+            return
+        if count <= hold.taken:
+            bucket.level = min(bucket.capacity, bucket.level + hold.taken - count)
+            hold.taken = count
+            return
+        self.release(hold)
+        self._refuse(hold.principal, bucket, count)
+        bucket.level -= count
+        hold.taken = count
+
+    def over_limit(self, hold: TokenHold, at_least: int) -> RateLimitExceeded:
+        """Tokenization stopped at `hold.stop_at`: the request holds more than the key's whole limit.
+        The hold is given back."""
+        self.release(hold)
+        return self._too_large(hold.principal, at_least, exact=False)
+
+    def release(self, hold: TokenHold) -> None:
+        """Give back a request's tokens: it was refused, or the model never embedded them."""
+        bucket = self._bucket(hold.principal, "tokens")
+        if bucket is not None:
+            bucket.level = min(bucket.capacity, bucket.level + hold.taken)
+        hold.taken = 0.0
+
+    def _refuse(self, principal: Principal, bucket: Bucket, count: int) -> None:
+        """429 unless `count` tokens are in the bucket now."""
+        wait = bucket.wait_s(count)
+        if wait is None:
+            raise self._too_large(principal, count, exact=True)
         if wait > 0:
             raise RateLimitExceeded(
                 f"Rate limit reached for tokens: this request needs {count} tokens and this key may use "
-                f"{principal.tpm} per minute ({math.floor(tokens.level)} left now). Retry in "
+                f"{principal.tpm} per minute ({math.floor(bucket.level)} left now). Retry in "
                 f"{format_duration(wait)}.", limit="tokens", retry_after_s=wait)
-        tokens.level -= count
 
-    def refund_tokens(self, principal: Principal, count: int) -> None:
-        """Tokens of a request that failed after taking them (the model never embedded them)."""
-        tokens = self._bucket(principal, "tokens")
-        if tokens is not None:
-            tokens.level = min(tokens.capacity, tokens.level + count)
+    @staticmethod
+    def _too_large(principal: Principal, count: int, *, exact: bool) -> RateLimitExceeded:
+        holds = f"{count}" if exact else f"at least {count}"
+        return RateLimitExceeded(
+            f"Request too large: it holds {holds} tokens, more than this key's limit of "
+            f"{principal.tpm} tokens per minute. Split the input into smaller requests.",
+            limit="tokens", retry_after_s=None)
 
     def headers(self, principal: Principal) -> list[tuple[str, str]]:
         """x-ratelimit-{limit,remaining,reset}-{requests,tokens} for each limit the key has."""

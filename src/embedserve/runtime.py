@@ -5,11 +5,14 @@ each model is loaded and warmed up."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from embedserve.backends.base import Backend
 from embedserve.backends.threads import default_workers, usable_cores
@@ -17,6 +20,7 @@ from embedserve.catalog import Catalog, ModelSpec
 from embedserve.errors import ModelLoadError, ModelNotReady, ServiceUnavailable
 from embedserve.metrics import Metrics
 from embedserve.scheduler.batcher import Batcher
+from embedserve.scheduler.memory import DEFAULT_SHARE, MemoryBudget, MemoryModel, fit
 from embedserve.scheduler.packing import batch_limits, collate
 from embedserve.settings import Settings
 from embedserve.tokenization import (
@@ -28,6 +32,9 @@ from embedserve.types import BackendName, DeviceName, DtypeName, ModelStatus, Qu
 
 log = logging.getLogger("embedserve.runtime")
 
+#: The longest calibration pass at load (tokens): long enough to see attention's quadratic term on a
+#: large model, short enough to cost a few seconds there on CPU.
+CALIBRATION_TOKENS = 512
 
 
 @dataclass(slots=True)
@@ -86,12 +93,43 @@ def make_backend(spec: ModelSpec, settings: Settings) -> Backend:
     return TorchBackend(spec, device=device, dtype=dtype)
 
 
+def shape_floor(folder: Path) -> MemoryModel:
+    """Pure but for reading config.json: what a pass must hold at least by the model's shapes (two
+    float32 hidden states per token, one float32 attention-score matrix per head), which a calibration
+    that found memory already free in the heap cannot undercut."""
+    try:
+        config: dict[str, Any] = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return MemoryModel()
+    text = config.get("text_config", config)
+    hidden, heads = int(text.get("hidden_size", 0)), int(text.get("num_attention_heads", 0))
+    return MemoryModel(per_token=2 * 4 * hidden, per_square=4 * heads)
+
+
+def calibrate(backend: Backend, spec: ModelSpec, ids: list[int], pad_id: int) -> tuple[MemoryModel, float]:
+    """Blocking, at load: the memory model of this backend's passes (fitted to the peaks of passes
+    of two lengths) and its throughput on them (tokens per second of one pass)."""
+    longest = min(spec.max_input_tokens, CALIBRATION_TOKENS)
+    samples: list[tuple[int, int, float]] = []
+    tokens = seconds = 0.0
+    for length in sorted({max(8, longest // 2), longest}):
+        row = (ids * (length // max(len(ids), 1) + 1))[:length]
+        started = time.perf_counter()
+        peak = backend.peak_memory(collate([row], pad_id, spec.padding_side))
+        seconds += time.perf_counter() - started
+        tokens += length
+        if peak is not None:
+            samples.append((1, length, float(peak)))
+    return fit(samples, shape_floor(spec.folder)), tokens / max(seconds, 1e-9)
+
+
 def load_runtime(spec: ModelSpec, settings: Settings, tokenizer_executor: ThreadPoolExecutor,
-                 metrics: Metrics | None = None) -> ModelRuntime:
-    """Blocking: read the tokenizer, load the weights, run one warm-up batch."""
+                 metrics: Metrics | None = None,
+                 budgets: Callable[[str], MemoryBudget] | None = None) -> ModelRuntime:
+    """Blocking: read the tokenizer, load the weights, run one warm-up batch, calibrate the memory
+    model and throughput of its passes. `budgets`: the memory budget of a device ("cpu", "cuda")."""
     started = time.perf_counter()
-    build = tokenizer_factory(spec.folder, lower_case=spec.lower_case,
-                              truncate_to=spec.max_input_tokens if settings.truncate else None)
+    build = tokenizer_factory(spec.folder, lower_case=spec.lower_case)
     tokenizer = TokenizerPool(build, tokenizer_executor, copies=settings.tokenizer_threads)
     eos_id = None
     if spec.eos_token is not None:
@@ -102,11 +140,17 @@ def load_runtime(spec: ModelSpec, settings: Settings, tokenizer_executor: Thread
     backend = make_backend(spec, settings)
     warm = tokenizer.encode_sync(["warm up", "a somewhat longer warm-up sentence for the model"])
     backend.forward(collate(warm, tokenizer.pad_id, spec.padding_side))
+    memory, tokens_per_s = calibrate(backend, spec, warm[1], tokenizer.pad_id)
+    budget = None if budgets is None else budgets(backend.device)
+    if budget is not None:
+        budget.cap_to(DEFAULT_SHARE * backend.memory_available())
     limits = batch_limits(backend.device, backend.threads, max_tokens=settings.max_batch_tokens,
                           max_wait_ms=settings.max_batch_wait_ms)
     batcher = Batcher(spec.id, backend, pad_id=tokenizer.pad_id, padding_side=spec.padding_side,
                       limits=limits, max_batch_items=settings.max_batch_items,
-                      max_queued=settings.max_queued_inputs, metrics=metrics)
+                      max_queued=settings.max_queued_inputs, metrics=metrics,
+                      max_queue_wait_s=settings.max_queue_wait, tokens_per_s=tokens_per_s,
+                      memory=memory, budget=budget)
     return ModelRuntime(spec=spec, tokenizer=tokenizer, backend=backend, batcher=batcher, eos_id=eos_id,
                         load_seconds=time.perf_counter() - started)
 
@@ -122,6 +166,14 @@ class ModelRegistry:
         self._runtimes: dict[str, ModelRuntime] = {}
         self._status: dict[str, ModelStatus] = {spec.id: "loading" for spec in catalog.specs}
         self._errors: dict[str, str] = {}
+        # The memory the passes running at once may hold, per device, shared by the models on it.
+        self._budgets: dict[str, MemoryBudget] = {}
+
+    def budget(self, device: str) -> MemoryBudget:
+        if device not in self._budgets:
+            explicit = self._settings.max_batch_memory
+            self._budgets[device] = MemoryBudget(explicit, explicit=explicit is not None)
+        return self._budgets[device]
 
     def status(self, spec: ModelSpec) -> ModelStatus:
         return self._status[spec.id]
@@ -155,7 +207,8 @@ class ModelRegistry:
         for spec in self.catalog.specs:
             try:
                 runtime = await asyncio.to_thread(load_runtime, spec, self._settings,
-                                                  self._tokenizer_executor, self._metrics)
+                                                  self._tokenizer_executor, self._metrics,
+                                                  self.budget)
             except Exception as exc:  # a model that fails to load must not take the others down
                 self._status[spec.id] = "failed"
                 self._errors[spec.id] = str(exc)

@@ -1,7 +1,9 @@
 """EmbeddingService.embed(): the one place where the order of the pipeline is written
-(resolve for the caller's key -> check against the model -> choose the prompt -> tokenize -> end with EOS
-where the model pools on it -> check lengths -> take the tokens from the key's rate limit -> batch ->
-finish -> one usage record)."""
+(resolve for the caller's key -> check against the model -> choose the prompt -> hold the request's
+estimated tokens from the key's limit -> admit it to the model's queue -> tokenize, bounded by its
+limits -> end with EOS where the model pools on it -> check lengths -> settle the exact tokens ->
+batch -> finish -> one usage record). Everything before tokenizing is cheap, so a request is refused
+before its work is done, not after."""
 
 from __future__ import annotations
 
@@ -11,10 +13,10 @@ from embedserve.errors import InvalidInputType
 from embedserve.metrics import Metrics
 from embedserve.postprocess import finish
 from embedserve.prompts import choose_prefix
-from embedserve.ratelimit import RateLimiter
-from embedserve.runtime import ModelRegistry
+from embedserve.ratelimit import RateLimiter, TokenHold
+from embedserve.runtime import ModelRegistry, ModelRuntime
 from embedserve.settings import Settings
-from embedserve.tokenization import ensure_last
+from embedserve.tokenization import Stop, TokenLimits, ensure_last
 from embedserve.types import Caller, EmbeddingJob, EmbeddingResult, UsageRecord
 from embedserve.usage import UsageLedger
 from embedserve.validation import check_dimensions, check_lengths, check_token_ids
@@ -40,30 +42,24 @@ class EmbeddingService:
                                input_type=job.input_type, instruction=job.instruction)
         runtime = self._registry.runtime(spec)
         if job.texts is not None:
-            started = time.perf_counter()
-            sequences = await runtime.tokenizer.encode(job.texts, prefix)
-            self._metrics.observe_tokenize(spec.id, time.perf_counter() - started)
+            estimate = runtime.tokenizer.upper_bound(job.texts, prefix, spec.max_input_tokens)
         else:
-            assert job.token_ids is not None
             if prefix and job.input_type is not None:
                 raise InvalidInputType(
                     f"input_type {job.input_type!r} puts {prefix!r} in front of the text on the model "
                     f"'{job.model}', which token ids cannot take: send text, or include the prefix's "
                     "tokens in the ids and leave out input_type.", param="input_type")
-            check_token_ids(job.token_ids, vocab_size=runtime.vocab_size, model=job.model)
-            sequences = [list(ids) for ids in job.token_ids]
-        if runtime.eos_id is not None:
-            sequences = ensure_last(sequences, runtime.eos_id)
-        sequences = check_lengths(sequences, model=job.model, max_tokens=spec.max_input_tokens,
-                                  truncate=self._settings.truncate,
-                                  max_total=self._settings.max_tokens_per_request,
-                                  keep_last=runtime.eos_id is not None)
-        prompt_tokens = sum(len(ids) for ids in sequences)
-        self._limiter.take_tokens(caller.principal, prompt_tokens)
+            check_token_ids(job.token_ids or (), vocab_size=runtime.vocab_size, model=job.model)
+            estimate = sum(len(ids) + 1 for ids in job.token_ids or ())
+        hold = self._limiter.hold_tokens(caller.principal, estimate)
         try:
-            pooled = await runtime.batcher.embed(sequences)  # [N, D]
-        except BaseException:  # not embedded (overload, shutdown, cancelled, a fault): not counted
-            self._limiter.refund_tokens(caller.principal, prompt_tokens)
+            with runtime.batcher.admit(job.count, estimate) as admission:
+                sequences = await self._sequences(job, prefix, runtime, hold)
+                prompt_tokens = sum(len(ids) for ids in sequences)
+                self._limiter.settle(hold, prompt_tokens)
+                pooled = await runtime.batcher.embed(sequences, admission)  # [N, D]
+        except BaseException:  # refused, or not embedded (overload, shutdown, cancelled): not counted
+            self._limiter.release(hold)
             raise
         vectors = finish(pooled, dimensions=job.dimensions, normalize=spec.normalize)
         self._metrics.observe_embedded(spec.id, caller.principal.key_id, len(sequences), prompt_tokens)
@@ -74,3 +70,31 @@ class EmbeddingService:
             price_per_million=spec.price_per_million_input_tokens))
         return EmbeddingResult(vectors=vectors, encoding_format=job.encoding_format,
                                prompt_tokens=prompt_tokens, model_id=spec.id)
+
+    async def _sequences(self, job: EmbeddingJob, prefix: str, runtime: ModelRuntime,
+                         hold: TokenHold) -> list[list[int]]:
+        """The id sequences to embed, checked against every limit: tokenized (stopping at the first
+        limit broken) or the given ids."""
+        spec, settings = runtime.spec, self._settings
+        fits = runtime.batcher.longest_that_fits()
+        stopped: Stop | None = None
+        if job.texts is not None:
+            refuse_above = min(fits, spec.max_input_tokens) if fits is not None else None
+            limits = TokenLimits(per_input=spec.max_input_tokens, truncate=settings.truncate,
+                                 total=settings.max_tokens_per_request, budget=hold.stop_at,
+                                 refuse_above=refuse_above)
+            started = time.perf_counter()
+            tokenized = await runtime.tokenizer.encode(job.texts, prefix, limits)
+            self._metrics.observe_tokenize(spec.id, time.perf_counter() - started)
+            sequences, stopped = tokenized.sequences, tokenized.stopped
+        else:
+            sequences = [list(ids) for ids in job.token_ids or ()]
+        if runtime.eos_id is not None:
+            sequences = ensure_last(sequences, runtime.eos_id)
+        sequences = check_lengths(sequences, model=job.model, max_tokens=spec.max_input_tokens,
+                                  truncate=settings.truncate, max_total=settings.max_tokens_per_request,
+                                  keep_last=runtime.eos_id is not None, fits=fits,
+                                  partial=stopped is not None)
+        if stopped is Stop.BUDGET:
+            raise self._limiter.over_limit(hold, sum(len(ids) for ids in sequences))
+        return sequences

@@ -20,6 +20,26 @@ def default_data_dir() -> Path:
     return Path(".embedserve")
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+               "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4,
+               "tib": 1024**4}
+
+
+def parse_size(value: object) -> object:
+    """`8GiB`, `512MB`, `1.5G` or a plain number of bytes -> bytes (other values pass through for
+    pydantic to refuse)."""
+    if isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        number = text.rstrip("kmgtib")
+        unit = text[len(number):]
+        try:
+            if unit in _SIZE_UNITS:
+                return int(float(number) * _SIZE_UNITS[unit])
+        except ValueError:
+            pass
+    return value
+
+
 def _split_csv(value: object) -> object:
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
@@ -70,6 +90,10 @@ class Settings(BaseSettings):
 
     # Backpressure and HTTP limits.
     max_queued_inputs: int = Field(8192, ge=1)  # per model; beyond it 503 at once
+    # Seconds of work that may be queued ahead of a request (tokens over the measured throughput).
+    max_queue_wait: float = Field(10.0, gt=0)
+    # Bytes the forward passes running at once may hold; None: half the memory left once loaded.
+    max_batch_memory: int | None = Field(None, ge=1 << 20)
     request_timeout: float = Field(120.0, gt=0)  # seconds from the request's arrival to its answer
     shutdown_grace: float = Field(30.0, ge=0)  # seconds in-flight requests get after SIGTERM
     header_timeout: float = Field(10.0, gt=0)  # seconds a client gets to send a request's head
@@ -82,6 +106,11 @@ class Settings(BaseSettings):
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("max_batch_memory", mode="before")
+    @classmethod
+    def _size(cls, value: object) -> object:
+        return parse_size(value)
 
     @model_validator(mode="after")
     def _queue_holds_a_request(self) -> Settings:

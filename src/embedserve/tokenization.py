@@ -1,6 +1,13 @@
-"""Tokenization off the event loop: a shared thread pool, and for each model as many copies of its fast
-tokenizer as there are tokenizer threads, each built exactly as transformers builds it (a copy made by
-serializing one tokenizer can break ties between equally scored Unigram segmentations differently)."""
+"""Tokenization off the event loop, bounded by the request's limits: a shared thread pool, and for each
+model as many copies of its fast tokenizer as there are tokenizer threads, each built exactly as
+transformers builds it (a copy made by serializing one tokenizer can break ties between equally scored
+Unigram segmentations differently).
+
+A request is tokenized in chunks, one chunk per trip to the pool (so concurrent requests take turns),
+and stops at the first input over the model's limit, or once the request passes its token total or its
+key's budget: the work done on a request that will be refused is bounded by its limits, not by its
+size. A text far longer than the model's limit is tokenized only as far as its limit needs (a window of
+its first characters, widened while it is not enough), not in full (design note 31)."""
 
 from __future__ import annotations
 
@@ -9,9 +16,24 @@ import queue
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
+
+#: Characters per token assumed for a text's first window: generous (English is ~4.5 per token, code
+#: ~3), so one window nearly always decides, and still bounded (a 256-token model reads ~2k characters
+#: of a 1 MB text).
+WINDOW_CHARS_PER_TOKEN = 8
+#: Words at a window's end whose tokens are not trusted: the window may have cut the last word (and a
+#: cut can change how the word before it normalizes or splits, as in Qwen's `.\n\n`).
+UNTRUSTED_WORDS = 2
+#: One trip to the tokenizer threads holds at most this many inputs and about this many characters
+#: (~10 ms of work): small enough that a request queued behind a large one waits one chunk, not the
+#: whole request, large enough that the trips cost nothing next to the work.
+CHUNK_INPUTS = 256
+CHUNK_CHARS = 32_768
 
 
 def tokenizer_factory(folder: Path, *, lower_case: bool = False,
@@ -41,6 +63,131 @@ def tokenizer_factory(folder: Path, *, lower_case: bool = False,
     return build
 
 
+@dataclass(frozen=True, slots=True)
+class Framing:
+    """The special tokens the tokenizer's post-processor puts around every text (all-MiniLM-L6-v2:
+    [CLS] ... [SEP] = 101 ... 102; bge-m3: <s> ... </s>; the original Qwen3 release: none)."""
+
+    head: tuple[int, ...]
+    tail: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.head) + len(self.tail)
+
+    def frame(self, content: Sequence[int]) -> list[int]:
+        return [*self.head, *content, *self.tail]
+
+    def frames(self, ids: Sequence[int]) -> bool:
+        """Whether `ids` carry this framing (always true for a tokenizer that adds none)."""
+        n, h, t = len(ids), len(self.head), len(self.tail)
+        return n >= self.size and tuple(ids[:h]) == self.head and tuple(ids[n - t:]) == self.tail
+
+
+_PROBES = ("a", "hello world", "Zürich 🚀 x")
+
+
+def framing_of(tok: Tokenizer) -> Framing | None:
+    """The framing, when every probe text encodes as framing + its bare tokens; None for a
+    post-processor that does something else (such a model is tokenized whole, the old way)."""
+    bare = [tok.encode(text, add_special_tokens=False).ids for text in _PROBES]
+    full = [tok.encode(text).ids for text in _PROBES]
+    first, content = full[0], bare[0]
+    start = next((i for i in range(len(first) - len(content) + 1)
+                  if first[i:i + len(content)] == content), None)
+    if start is None:
+        return None
+    framing = Framing(head=tuple(first[:start]), tail=tuple(first[start + len(content):]))
+    if all(framing.frame(b) == f for b, f in zip(bare, full, strict=True)):
+        return framing
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLimits:
+    """What tokenizing one request may run to. `per_input` is the model's limit: longer inputs are cut
+    to it when `truncate`, else tokenization stops at the first input longer than `refuse_above` (the
+    model's limit, or less when the memory budget fits less). `total` and `budget` (the key's tokens per
+    minute, None when unlimited) stop it once the request's tokens pass them."""
+
+    per_input: int
+    truncate: bool
+    total: int
+    budget: int | None = None
+    refuse_above: int | None = None  # None: per_input
+
+
+class Stop(Enum):
+    """Why tokenization stopped before the last input (the counts it saw are then lower bounds)."""
+
+    INPUT = "input"  # the last sequence is longer than the limit (it may be only the start of the input)
+    TOTAL = "total"  # the request's tokens passed `TokenLimits.total`
+    BUDGET = "budget"  # ... passed the key's budget
+
+
+@dataclass(frozen=True, slots=True)
+class Tokenized:
+    sequences: list[list[int]]  # the inputs tokenized, in order: all of them unless `stopped`
+    stopped: Stop | None = None
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(ids) for ids in self.sequences)
+
+
+def scan(sequences: Sequence[list[int]], limits: TokenLimits, seen: int) -> tuple[int, Stop | None]:
+    """Pure: how many of `sequences` (following `seen` tokens of the same request) pass, and why the
+    rest do not. The first sequence that breaks a limit is counted in: it is the evidence."""
+    refuse_above = limits.refuse_above if limits.refuse_above is not None else limits.per_input
+    total = seen
+    for i, ids in enumerate(sequences):
+        total += len(ids)
+        if len(ids) > refuse_above:
+            return i + 1, Stop.INPUT
+        if total > limits.total:
+            return i + 1, Stop.TOTAL
+        if limits.budget is not None and total > limits.budget:
+            return i + 1, Stop.BUDGET
+    return len(sequences), None
+
+
+def chunks(texts: Sequence[str], window: int) -> Iterator[tuple[int, int]]:
+    """Pure: consecutive [start, end) ranges of `texts` for one trip each (a text longer than
+    `window`, tokenized by windows, goes alone)."""
+    start = 0
+    while start < len(texts):
+        end, chars = start, 0
+        while end < len(texts) and end - start < CHUNK_INPUTS:
+            size = min(len(texts[end]), window)
+            if end > start and (chars + size > CHUNK_CHARS or len(texts[end]) > window):
+                break
+            chars += size
+            end += 1
+            if len(texts[end - 1]) > window:
+                break
+        yield start, end
+        start = end
+
+
+def upper_bound(texts: Sequence[str], prefix: str, *, per_input: int, framing_size: int) -> int:
+    """Pure: at most how many tokens `texts` make, before tokenizing them: every token holds at least
+    one UTF-8 byte of its text (WordPiece, byte-level BPE, Unigram with byte fallback), plus the
+    framing, a Metaspace `▁` and an appended EOS, and no input counts more than the model's limit."""
+    extra = (len(prefix.encode()) if prefix else 0) + framing_size + 2
+    return sum(min(per_input, (len(t) if t.isascii() else len(t.encode())) + extra) for t in texts)
+
+
+def trusted_prefix(encoding: Encoding) -> list[int]:
+    """The tokens of a window that the whole text has too: all but those of its last words."""
+    words = [w for w in encoding.word_ids if w is not None]
+    if not words:
+        return []
+    last = max(words) - UNTRUSTED_WORDS + 1
+    ids = encoding.ids
+    kept = next((i for i, w in enumerate(encoding.word_ids) if w is not None and w >= last), len(ids))
+    return ids[:kept]
+
+
 class TokenizerPool:
     """Encodes texts for one model on the shared tokenizer threads. Holds `copies` tokenizers (one per
     thread: a `tokenizers.Tokenizer` must not be used by two threads at once); a call borrows one."""
@@ -55,6 +202,7 @@ class TokenizerPool:
         probe = tokenizers[0]
         self.vocab_size = probe.get_vocab_size(with_added_tokens=True)
         self.pad_id = pad_id_of(probe)
+        self.framing = framing_of(probe) if probe.truncation is None else None
         self._probe = probe
 
     @contextmanager
@@ -76,9 +224,77 @@ class TokenizerPool:
             encodings = tok.encode_batch(prefixed, add_special_tokens=True)
         return [enc.ids for enc in encodings]
 
-    async def encode(self, texts: Sequence[str], prefix: str = "") -> list[list[int]]:
+    def upper_bound(self, texts: Sequence[str], prefix: str, per_input: int) -> int:
+        size = self.framing.size if self.framing is not None else 0
+        return upper_bound(texts, prefix, per_input=per_input, framing_size=size)
+
+    async def encode(self, texts: Sequence[str], prefix: str, limits: TokenLimits) -> Tokenized:
+        """Tokenize `texts` chunk by chunk, stopping at the first limit they break (see Stop); inputs
+        over the model's limit are cut to it when `limits.truncate`."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.encode_sync, texts, prefix)
+        if self.framing is None:  # a post-processor we cannot frame ourselves: whole texts, one trip
+            sequences = await loop.run_in_executor(self._executor, self._encode_whole, texts, prefix,
+                                                   limits.per_input if limits.truncate else None)
+            kept, stop = scan(sequences, limits, 0)
+            return Tokenized(sequences[:kept], stop)
+        window = self._window(limits)
+        out: list[list[int]] = []
+        seen = 0
+        for start, end in chunks(texts, window):
+            part = await loop.run_in_executor(self._executor, self._encode_chunk, texts[start:end],
+                                              prefix, limits, window)
+            kept, stop = scan(part, limits, seen)
+            out += part[:kept]
+            seen += sum(len(ids) for ids in part[:kept])
+            if stop is not None:
+                return Tokenized(out, stop)
+        return Tokenized(out)
+
+    def _encode_whole(self, texts: Sequence[str], prefix: str, truncate_to: int | None) -> list[list[int]]:
+        """(A tokenizer thread.) The tokenizer's own pipeline on whole texts, truncation included."""
+        prefixed = [prefix + t for t in texts] if prefix else list(texts)
+        with self._borrow() as tok:
+            if truncate_to is not None:
+                tok.enable_truncation(truncate_to)
+            try:
+                encodings = tok.encode_batch(prefixed, add_special_tokens=True)
+            finally:
+                tok.no_truncation()
+        return [enc.ids for enc in encodings]
+
+    def _window(self, limits: TokenLimits) -> int:
+        return (limits.per_input + 1) * WINDOW_CHARS_PER_TOKEN
+
+    def _encode_chunk(self, texts: Sequence[str], prefix: str, limits: TokenLimits,
+                      window: int) -> list[list[int]]:
+        """(A tokenizer thread.) Framed ids of each text, content cut to the limit when truncating;
+        a text longer than `window` characters is read only as far as the limit needs."""
+        assert self.framing is not None
+        framing = self.framing
+        cap = limits.per_input - framing.size  # content tokens that fit
+        with self._borrow() as tok:
+            if len(texts) == 1 and len(texts[0]) > window:
+                contents = [self._encode_long(tok, prefix + texts[0], cap, window)]
+            else:
+                prefixed = [prefix + t for t in texts] if prefix else list(texts)
+                contents = [enc.ids for enc in tok.encode_batch(prefixed, add_special_tokens=False)]
+        if limits.truncate:
+            contents = [ids[:max(cap, 0)] for ids in contents]
+        return [framing.frame(ids) for ids in contents]
+
+    @staticmethod
+    def _encode_long(tok: Tokenizer, text: str, cap: int, window: int) -> list[int]:
+        """The content tokens of a long text, or only as many of its first ones as show that it has
+        more than `cap` (at least cap + 1; the whole text when it has fewer). The window grows
+        (doubling) while its trusted tokens do not reach past `cap`."""
+        size = window
+        while size < len(text):
+            trusted = trusted_prefix(tok.encode(text[:size], add_special_tokens=False))
+            if len(trusted) > cap:
+                return trusted
+            size *= 2
+        ids: list[int] = tok.encode(text, add_special_tokens=False).ids
+        return ids
 
 
 def pad_id_of(tok: Tokenizer) -> int:

@@ -145,22 +145,32 @@ def check_token_ids(arrays: Sequence[Sequence[int]], *, vocab_size: int, model: 
 
 
 def check_lengths(sequences: list[list[int]], *, model: str, max_tokens: int, truncate: bool,
-                  max_total: int, keep_last: bool = False) -> list[list[int]]:
+                  max_total: int, keep_last: bool = False, fits: int | None = None,
+                  partial: bool = False) -> list[list[int]]:
     """Per-input context limit (or cut, when the server truncates; `keep_last` keeps the final token,
-    e.g. the EOS a model pools on), then the per-request total."""
+    e.g. the EOS a model pools on), then what the memory budget fits (`fits`: the longest input whose
+    forward pass fits it), then the per-request total. `partial`: tokenization stopped early, so the
+    last length and the total are only lower bounds."""
     out = sequences
     for i, ids in enumerate(sequences):
+        at_least = "at least " if partial and i == len(sequences) - 1 else ""
         if len(ids) > max_tokens:
             if not truncate:
                 raise ContextLengthExceeded(
-                    f"input[{i}] is {len(ids)} tokens long, but the model '{model}' accepts at most "
-                    f"{max_tokens} tokens per input. Shorten or split it.", param="input")
+                    f"input[{i}] is {at_least}{len(ids)} tokens long, but the model '{model}' accepts at "
+                    f"most {max_tokens} tokens per input. Shorten or split it.", param="input")
             if out is sequences:
                 out = list(sequences)
-            out[i] = [*ids[:max_tokens - 1], ids[-1]] if keep_last else ids[:max_tokens]
+            ids = out[i] = [*ids[:max_tokens - 1], ids[-1]] if keep_last else ids[:max_tokens]
+        if fits is not None and len(ids) > fits:
+            raise ContextLengthExceeded(
+                f"input[{i}] is {at_least}{len(ids)} tokens long, but this server's memory budget for a "
+                f"forward pass (--max-batch-memory) fits inputs of at most {fits} tokens on the model "
+                f"'{model}'. Shorten or split it.", param="input")
     total = sum(len(ids) for ids in out)
     if total > max_total:
-        raise TooManyTokens(f"The request holds {total} tokens in all; at most {max_total} are "
+        at_least = "at least " if partial else ""
+        raise TooManyTokens(f"The request holds {at_least}{total} tokens in all; at most {max_total} are "
                             "allowed per request. Split it into smaller requests.", param="input")
     return out
 

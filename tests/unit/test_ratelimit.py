@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from embedserve.errors import RateLimitExceeded
-from embedserve.ratelimit import Bucket, RateLimiter, format_duration
+from embedserve.ratelimit import Bucket, RateLimiter, TokenHold, format_duration
 from embedserve.types import Principal
 
 
@@ -62,42 +62,82 @@ def test_a_full_minute_of_requests_may_be_spent_at_once_then_one_per_refill(cloc
     limiter.admit_request(key)
 
 
-def test_tokens_are_taken_after_counting_and_a_short_bucket_says_how_long_to_wait(clock: Clock) -> None:
+def take(limiter: RateLimiter, key: Principal, count: int, estimate: int | None = None) -> TokenHold:
+    """A request of `count` tokens as the service runs it: held from its estimate, then settled."""
+    hold = limiter.hold_tokens(key, count if estimate is None else estimate)
+    limiter.settle(hold, count)
+    return hold
+
+
+def test_tokens_are_held_from_the_estimate_then_settled_to_the_exact_count(clock: Clock) -> None:
+    limiter, key = RateLimiter(clock), limited(tpm=600)
+    hold = limiter.hold_tokens(key, 400)  # surely fits: taken before tokenizing, nothing to stop at
+    assert (hold.taken, hold.stop_at) == (400, None)
+    assert dict(limiter.headers(key))["x-ratelimit-remaining-tokens"] == "200"
+    limiter.settle(hold, 90)  # the exact count: the rest of the estimate comes back
+    assert hold.taken == 90
+    assert dict(limiter.headers(key))["x-ratelimit-remaining-tokens"] == "510"
+
+
+def test_a_short_bucket_says_how_long_to_wait_for_the_exact_count(clock: Clock) -> None:
     limiter, key = RateLimiter(clock), limited(tpm=600)  # 10 tokens per second
-    limiter.take_tokens(key, 590)
+    take(limiter, key, 590)
+    hold = limiter.hold_tokens(key, 5000)  # may not fit: takes what is left, stops past the limit
+    assert (hold.taken, hold.stop_at) == (pytest.approx(10), 600)
     with pytest.raises(RateLimitExceeded) as refused:
-        limiter.take_tokens(key, 20)
+        limiter.settle(hold, 20)
     assert refused.value.type == "tokens"
     assert refused.value.retry_after_s == pytest.approx(1.0)
     assert "20 tokens" in refused.value.message and "600" in refused.value.message
+    assert hold.taken == 0 and dict(limiter.headers(key))["x-ratelimit-remaining-tokens"] == "10"
     clock.now += 1.0
-    limiter.take_tokens(key, 20)
+    take(limiter, key, 20, estimate=5000)
 
 
-def test_an_empty_token_bucket_refuses_before_the_body_is_read(clock: Clock) -> None:
-    limiter, key = RateLimiter(clock), limited(tpm=60)
-    limiter.take_tokens(key, 60)
+def test_concurrent_requests_of_a_key_cannot_hold_the_same_tokens(clock: Clock) -> None:
+    limiter, key = RateLimiter(clock), limited(tpm=100)
+    first = limiter.hold_tokens(key, 80)
+    second = limiter.hold_tokens(key, 80)  # only 20 are left for it
+    assert first.taken == 80 and second.taken == pytest.approx(20) and second.stop_at == 100
+    limiter.release(first)
+    limiter.settle(second, 15)
+    assert dict(limiter.headers(key))["x-ratelimit-remaining-tokens"] == "85"
+
+
+def test_an_empty_token_bucket_does_not_refuse_before_the_request_is_known(clock: Clock) -> None:
+    limiter, key = RateLimiter(clock), limited(rpm=10, tpm=60)
+    take(limiter, key, 60)
+    limiter.admit_request(key)  # its size decides: a request too large for the key is told so
     with pytest.raises(RateLimitExceeded) as refused:
-        limiter.admit_request(key)
-    assert refused.value.type == "tokens"
-    assert refused.value.retry_after_s == pytest.approx(1.0)
+        take(limiter, key, 61)
+    assert refused.value.headers() == {"x-should-retry": "false"}
 
 
 def test_a_request_larger_than_the_whole_limit_is_refused_without_a_retry_hint(clock: Clock) -> None:
     limiter, key = RateLimiter(clock), limited(tpm=100)
     with pytest.raises(RateLimitExceeded) as refused:
-        limiter.take_tokens(key, 101)
+        take(limiter, key, 101)
     assert refused.value.retry_after_s is None
     assert refused.value.headers() == {"x-should-retry": "false"}
     assert "Split" in refused.value.message
-    limiter.take_tokens(key, 100)  # nothing was taken by the refusal
+    take(limiter, key, 100)  # nothing was taken by the refusal
 
 
-def test_refunded_tokens_come_back_but_never_above_the_limit(clock: Clock) -> None:
+def test_tokenization_stopped_past_the_limit_is_too_large_and_gives_the_hold_back(clock: Clock) -> None:
     limiter, key = RateLimiter(clock), limited(tpm=100)
-    limiter.take_tokens(key, 80)
-    limiter.refund_tokens(key, 80)
-    limiter.refund_tokens(key, 80)
+    take(limiter, key, 30)
+    hold = limiter.hold_tokens(key, 10_000)
+    refused = limiter.over_limit(hold, 101)
+    assert refused.headers() == {"x-should-retry": "false"}
+    assert "at least 101 tokens" in refused.message
+    assert dict(limiter.headers(key))["x-ratelimit-remaining-tokens"] == "70"
+
+
+def test_released_tokens_come_back_but_never_above_the_limit(clock: Clock) -> None:
+    limiter, key = RateLimiter(clock), limited(tpm=100)
+    hold = take(limiter, key, 80)
+    limiter.release(hold)
+    limiter.release(hold)
     assert dict(limiter.headers(key))["x-ratelimit-remaining-tokens"] == "100"
 
 
@@ -113,14 +153,14 @@ def test_unlimited_keys_are_never_refused_and_get_no_headers(clock: Clock) -> No
     limiter, key = RateLimiter(clock), limited()
     for _ in range(10_000):
         limiter.admit_request(key)
-    limiter.take_tokens(key, 10**9)
+    take(limiter, key, 10**9)
     assert limiter.headers(key) == []
 
 
 def test_headers_give_limit_remaining_and_time_to_full_for_each_limit_the_key_has(clock: Clock) -> None:
     limiter, key = RateLimiter(clock), limited(rpm=60, tpm=6000)
     limiter.admit_request(key)
-    limiter.take_tokens(key, 1500)
+    take(limiter, key, 1500)
     assert dict(limiter.headers(key)) == {
         "x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "59",
         "x-ratelimit-reset-requests": "1s",
@@ -134,10 +174,10 @@ def test_headers_give_limit_remaining_and_time_to_full_for_each_limit_the_key_ha
 
 def test_a_changed_limit_keeps_what_was_spent(clock: Clock) -> None:
     limiter = RateLimiter(clock)
-    limiter.take_tokens(limited(tpm=100), 60)
+    take(limiter, limited(tpm=100), 60)
     raised = limited(tpm=1000)
     assert dict(limiter.headers(raised))["x-ratelimit-remaining-tokens"] == "940"
     lowered = limited(tpm=50)
     assert dict(limiter.headers(lowered))["x-ratelimit-remaining-tokens"] == "0"
     with pytest.raises(RateLimitExceeded):
-        limiter.take_tokens(lowered, 1)
+        take(limiter, lowered, 1)

@@ -39,7 +39,8 @@ async def authenticate(request: Request) -> Principal:
 
 
 async def admit(request: Request) -> Principal:
-    """Authenticate, then take one request from the key's requests-per-minute (429 when empty)."""
+    """Authenticate, then take one request from the key's requests-per-minute (429 when empty): a
+    request refused later, by validation, still counts."""
     principal = await authenticate(request)
     state: AppState = request.app.state.embedserve
     state.limiter.admit_request(principal)

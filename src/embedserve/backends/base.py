@@ -32,4 +32,13 @@ class Backend(Protocol):
         """[B, T] ids and mask -> [B, D] float32 pooled vectors."""
         ...
 
+    def peak_memory(self, batch: TokenBatch) -> int | None:
+        """Run `batch` once and return the bytes its pass held at the peak, above the level before it
+        (None where the device cannot tell): what the memory model is fitted to at load."""
+        ...
+
+    def memory_available(self) -> int:
+        """Bytes still free where the passes run (the host's memory, or the GPU's)."""
+        ...
+
     def close(self) -> None: ...

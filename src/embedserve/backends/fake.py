@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from embedserve.scheduler.memory import MemoryModel
 from embedserve.types import FloatMatrix, TokenBatch
 
 
 class FakeBackend:
     def __init__(self, *, dimensions: int = 16, vocab_size: int = 1000, seed: int = 0,
-                 workers: int = 1) -> None:
+                 workers: int = 1, memory: MemoryModel | None = None,
+                 free_memory: int = 1 << 40) -> None:
+        """`memory`: what `peak_memory` reports a pass to cost (default: nothing); `free_memory`: what
+        `memory_available` reports."""
         rng = np.random.default_rng(seed)
         self._table = rng.standard_normal((vocab_size, dimensions)).astype(np.float32)  # [V, D]
         self.dimensions = dimensions
@@ -21,6 +25,8 @@ class FakeBackend:
         self.workers, self.threads = workers, 1
         self.batches: list[tuple[int, int]] = []  # (rows, padded length) of every forward, for tests
         self.real_tokens: list[int] = []  # real (unpadded) tokens of every forward
+        self.memory = memory or MemoryModel()
+        self.free_memory = free_memory
 
     def forward(self, batch: TokenBatch) -> FloatMatrix:
         self.batches.append(batch.shape)
@@ -34,6 +40,14 @@ class FakeBackend:
         """The vector these ids get when they are alone in a batch (no padding, no neighbours)."""
         out: FloatMatrix = self._table[np.asarray(ids)].mean(axis=0).astype(np.float32)
         return out
+
+    def peak_memory(self, batch: TokenBatch) -> int | None:
+        self.forward(batch)
+        rows, length = batch.shape
+        return int(self.memory.peak(rows, length))
+
+    def memory_available(self) -> int:
+        return self.free_memory
 
     def close(self) -> None:
         return None

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from embedserve.backends.memory import available, peak_during
 from embedserve.backends.pooling import pool
 from embedserve.catalog import DenseLayer, ModelSpec
 from embedserve.errors import ModelLoadError
@@ -107,6 +108,21 @@ class TorchBackend:
         pooled = self._dense(pool(self._spec.pooling, hidden, mask))  # [B, D]
         out: FloatMatrix = pooled.float().cpu().numpy().astype(np.float32, copy=False)
         return out
+
+    def peak_memory(self, batch: TokenBatch) -> int | None:
+        if self._device.type != "cuda":
+            return peak_during(lambda: self.forward(batch))
+        torch.cuda.synchronize(self._device)
+        before = torch.cuda.memory_allocated(self._device)
+        torch.cuda.reset_peak_memory_stats(self._device)
+        self.forward(batch)
+        return max(0, int(torch.cuda.max_memory_allocated(self._device)) - before)
+
+    def memory_available(self) -> int:
+        if self._device.type != "cuda":
+            return available()
+        free, _total = torch.cuda.mem_get_info(self._device)
+        return int(free)
 
     def close(self) -> None:
         del self._model

@@ -9,34 +9,78 @@ the inputs of requests that arrive together share a forward pass. There is no ad
 is idle. Under load (a batch has just finished and inputs are waiting), a model thread waits at most
 `max_batch_wait_ms` for the batch to fill: the callers whose answers just went out are typically sending
 their next input, and on a GPU one full batch beats a small one followed by another (on CPU the default
-is no wait: scheduler.packing.batch_limits). Admission is bounded (`max_queued`): a request that would
-overfill the queue is refused at once with 503."""
+is no wait: scheduler.packing.batch_limits).
+
+Admission comes before any work (`admit`, called before tokenization): a request that would overfill
+the queue (`max_queued` inputs), or whose expected wait (the tokens queued ahead of it over the
+model's measured throughput) is beyond `max_queue_wait_s`, is refused at once with 503; an admitted
+request's inputs and estimated tokens count against those bounds while it is tokenized. A batch also
+fits the memory budget that the passes running at once share (scheduler.memory): an input waits for
+room, and nothing younger overtakes it meanwhile (design notes 31, 32)."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Sequence
+from types import TracebackType
 
 import numpy as np
 
 from embedserve.backends.base import Backend
+from embedserve.backends.memory import trim
 from embedserve.errors import InternalError, Overloaded, ServiceUnavailable
 from embedserve.metrics import Metrics
-from embedserve.scheduler.packing import BatchLimits, collate, take_batch
+from embedserve.scheduler.memory import MemoryBudget, MemoryModel
+from embedserve.scheduler.packing import BatchLimits, MemoryRoom, collate, take_batch
 from embedserve.types import FloatMatrix, PaddingSide, WorkItem
 
 log = logging.getLogger("embedserve.batcher")
+
+#: After a pass estimated above this, the heap's free pages go back to the system, so that one long
+#: input does not leave the process gigabytes larger for good.
+TRIM_ABOVE_BYTES = 256 << 20
+#: How much each pass moves the throughput estimate (weighted by its duration).
+RATE_DECAY = 0.9
+
+
+class Admission:
+    """A request's place in the queue from admission until its inputs join it (or it fails): its
+    inputs and estimated tokens count against the queue's bounds meanwhile. Released once."""
+
+    def __init__(self, batcher: Batcher, inputs: int, tokens: int) -> None:
+        self._batcher = batcher
+        self.inputs = inputs
+        self.tokens = tokens
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._batcher._reserved_inputs -= self.inputs
+            self._batcher._reserved_tokens -= self.tokens
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.release()
 
 
 class Batcher:
     def __init__(self, name: str, backend: Backend, *, pad_id: int, padding_side: PaddingSide,
                  limits: BatchLimits, max_batch_items: int, max_queued: int | None = None,
-                 metrics: Metrics | None = None) -> None:
-        """`limits`: the device's packing rules (scheduler.packing.batch_limits)."""
+                 metrics: Metrics | None = None, max_queue_wait_s: float | None = None,
+                 tokens_per_s: float | None = None, memory: MemoryModel | None = None,
+                 budget: MemoryBudget | None = None) -> None:
+        """`limits`: the device's packing rules (scheduler.packing.batch_limits). `tokens_per_s`: the
+        model's throughput measured at load, until passes measure it. `memory`, `budget`: a pass's
+        estimated peak and the memory the passes running at once may hold."""
         self.name = name
         self._backend = backend
         self._pad_id = pad_id
@@ -45,19 +89,81 @@ class Batcher:
         self._max_batch_items = max_batch_items
         self._max_wait_s = limits.max_wait_ms / 1000
         self._max_queued = max_queued
+        self._max_queue_wait_s = max_queue_wait_s
         self._metrics = metrics
+        self._memory = memory or MemoryModel()
+        self._budget = budget
+        self._cond = threading.Condition()
+        if budget is not None:  # a pass of another model that gives memory back wakes our threads
+            budget.watch(self._cond)
         self._seq = itertools.count()
         self._threads: list[threading.Thread] = []
-        # Event-loop side: inputs queued in this turn of the loop, handed over at its end.
+        # Event-loop side: inputs queued in this turn of the loop, handed over at its end, and the
+        # admitted requests not queued yet (being tokenized).
         self._arrivals: list[WorkItem] = []
-        # Shared with the model threads, under `_cond`.
-        self._cond = threading.Condition()
+        self._arrival_tokens = 0
+        self._reserved_inputs = 0
+        self._reserved_tokens = 0
+        # Shared with the model threads, under `_cond` (read without it by the loop: one int each).
         self._pending: list[WorkItem] = []
+        self._pending_tokens = 0
         self._closed = False
+        # Throughput: tokens and seconds of recent passes, each decayed by RATE_DECAY per pass.
+        self._rate_tokens = float(tokens_per_s or 0.0)
+        self._rate_seconds = 1.0 if tokens_per_s else 0.0
 
     @property
     def queued(self) -> int:
-        return len(self._arrivals) + len(self._pending)
+        return len(self._arrivals) + len(self._pending) + self._reserved_inputs
+
+    @property
+    def queued_tokens(self) -> int:
+        """Tokens waiting, and estimated for the admitted requests being tokenized."""
+        return self._arrival_tokens + self._pending_tokens + self._reserved_tokens
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Measured throughput, all workers together; None before anything measured it."""
+        if self._rate_seconds <= 0:
+            return None
+        return self._rate_tokens / self._rate_seconds * self._backend.workers
+
+    def expected_wait_s(self) -> float:
+        """How long a request admitted now would wait for the tokens ahead of it."""
+        rate = self.tokens_per_s
+        return 0.0 if not rate else self.queued_tokens / rate
+
+    @property
+    def memory(self) -> MemoryModel:
+        return self._memory
+
+    def longest_that_fits(self) -> int | None:
+        """The longest input whose pass fits the whole memory budget (None: no budget)."""
+        if self._budget is None or math.isinf(self._budget.capacity):
+            return None
+        return self._memory.longest_that_fits(self._budget.capacity)
+
+    def admit(self, inputs: int, tokens: int) -> Admission:
+        """Before any work on a request of `inputs` inputs and at most `tokens` tokens: its place in
+        the queue, or Overloaded at once (the queue is full, or the wait ahead of it too long)."""
+        if self._closed:
+            raise ServiceUnavailable(f"model '{self.name}' is shutting down")
+        queued = self.queued
+        if self._max_queued is not None and queued + inputs > self._max_queued:
+            if self._metrics is not None:
+                self._metrics.observe_rejected(self.name, "queue_full", inputs)
+            raise Overloaded(f"The model '{self.name}' has {queued} inputs queued (limit "
+                             f"{self._max_queued}); retry shortly.", retry_after_s=1)
+        wait = self.expected_wait_s()
+        if self._max_queue_wait_s is not None and wait > self._max_queue_wait_s:
+            if self._metrics is not None:
+                self._metrics.observe_rejected(self.name, "queue_wait", inputs)
+            retry = max(1, math.ceil(wait - self._max_queue_wait_s))
+            raise Overloaded(f"The model '{self.name}' has about {wait:.0f} s of work queued (limit "
+                             f"{self._max_queue_wait_s:g} s); retry in {retry} s.", retry_after_s=retry)
+        self._reserved_inputs += inputs
+        self._reserved_tokens += tokens
+        return Admission(self, inputs, tokens)
 
     def queue_depth(self) -> int:
         """Inputs waiting (for the metrics gauge, read at scrape time)."""
@@ -72,17 +178,16 @@ class Batcher:
             for thread in self._threads:
                 thread.start()
 
-    async def embed(self, sequences: Sequence[list[int]]) -> FloatMatrix:
-        """Embed id sequences; returns [N, D] in the order given. If the caller is cancelled (client
-        gone), its items that have not reached the model are dropped."""
+    async def embed(self, sequences: Sequence[list[int]], admission: Admission | None = None,
+                    ) -> FloatMatrix:
+        """Embed id sequences; returns [N, D] in the order given. `admission`: the request's place,
+        taken by `admit` before its tokenization (without one, it is admitted here). If the caller is
+        cancelled (client gone), its items that have not reached the model are dropped."""
+        if admission is None:
+            admission = self.admit(len(sequences), sum(len(ids) for ids in sequences))
+        admission.release()  # its inputs take their place now
         if self._closed:
             raise ServiceUnavailable(f"model '{self.name}' is shutting down")
-        queued = self.queued
-        if self._max_queued is not None and queued + len(sequences) > self._max_queued:
-            if self._metrics is not None:
-                self._metrics.observe_rejected(self.name, "queue_full", len(sequences))
-            raise Overloaded(f"The model '{self.name}' has {queued} inputs queued (limit "
-                             f"{self._max_queued}); retry shortly.", retry_after_s=1)
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         seqs = [next(self._seq) for _ in sequences]
@@ -91,6 +196,7 @@ class Batcher:
         if not self._arrivals:
             loop.call_soon(self._hand_over)
         self._arrivals.extend(items)
+        self._arrival_tokens += sum(len(ids) for ids in sequences)
         try:
             vectors = await asyncio.gather(*(item.future for item in items))
         except BaseException:
@@ -103,8 +209,10 @@ class Batcher:
         """(Event loop, once per turn with arrivals.) Give this turn's inputs to the model thread. (After
         close() there are none: it took them, and embed() refuses new ones.)"""
         arrivals, self._arrivals = self._arrivals, []
+        tokens, self._arrival_tokens = self._arrival_tokens, 0
         with self._cond:
             self._pending.extend(arrivals)
+            self._pending_tokens += tokens
             self._cond.notify()
 
     # ---- the model thread ------------------------------------------------------------------------
@@ -113,19 +221,21 @@ class Batcher:
         """(Under `_cond`.) Drop items whose caller has gone (client disconnected, deadline passed);
         True if anything is still waiting."""
         kept = [item for item in self._pending if not item.future.cancelled()]
-        if len(kept) != len(self._pending) and self._metrics is not None:
-            self._metrics.observe_rejected(self.name, "cancelled", len(self._pending) - len(kept))
+        if len(kept) != len(self._pending):
+            self._pending_tokens = sum(item.length for item in kept)
+            if self._metrics is not None:
+                self._metrics.observe_rejected(self.name, "cancelled", len(self._pending) - len(kept))
         self._pending = kept
         return bool(self._pending)
 
     def _would_fill(self) -> bool:
         """Enough waiting for a full batch (padding ignored: a cheap, optimistic test)."""
         return (len(self._pending) >= self._max_batch_items
-                or sum(item.length for item in self._pending) >= self._limits.max_tokens)
+                or self._pending_tokens >= self._limits.max_tokens)
 
-    def _next_batch(self, under_load: bool) -> list[WorkItem] | None:
-        """(Under `_cond`.) Wait for inputs, then, under load, for the batch to fill; None once
-        closed."""
+    def _next_batch(self, under_load: bool) -> tuple[list[WorkItem], float] | None:
+        """(Under `_cond`.) Wait for inputs, then, under load, for the batch to fill, and for memory
+        room for its pass: -> (batch, the memory reserved for it); None once closed."""
         while not self._closed:
             if not self._prune():
                 under_load = False
@@ -139,32 +249,60 @@ class Batcher:
                 under_load = False  # waited once; whatever is there now goes
                 continue
             limits = self._limits
-            batch, self._pending = take_batch(self._pending, limits.max_tokens, self._max_batch_items,
-                                              limits.max_padding, protect_last=limits.protect_last)
+            room = None if self._budget is None else self._room()
+            batch, rest = take_batch(self._pending, limits.max_tokens, self._max_batch_items,
+                                     limits.max_padding, protect_last=limits.protect_last, memory=room)
+            cost = self._memory.peak(len(batch), max((item.length for item in batch), default=0))
+            if not batch or (self._budget is not None and not self._budget.try_reserve(cost)):
+                self._cond.wait()  # a pass in flight holds the memory: woken when it gives it back
+                continue
+            self._pending = rest
+            self._pending_tokens -= sum(item.length for item in batch)
             if self._pending:  # more than this batch was waiting: an idle worker can take it
                 self._cond.notify()
-            return batch
+            return batch, cost
         return None
+
+    def _room(self) -> MemoryRoom:
+        """(Under `_cond`, with a budget.) The memory the next pass may hold. When no pass holds any,
+        the oldest input always fits: it passed admission under a budget that may have shrunk since
+        (a default budget follows the memory left as models load), and nothing would ever free more."""
+        assert self._budget is not None
+        room = self._budget.room()
+        if self._budget.in_use <= 0:
+            oldest = min(self._pending, key=lambda item: item.seq)
+            room = max(room, self._memory.peak(1, oldest.length))
+        return MemoryRoom(self._memory, room)
 
     def _work(self, loop: asyncio.AbstractEventLoop) -> None:
         under_load = False
         while True:
             with self._cond:
-                batch = self._next_batch(under_load)
-            if batch is None:
+                taken = self._next_batch(under_load)
+            if taken is None:
                 return
+            batch, cost = taken
             vectors: FloatMatrix | None = None
+            started = seconds = 0.0
             try:
                 tokens = collate([item.ids for item in batch], self._pad_id, self._padding_side)
                 started = time.perf_counter()
                 vectors = self._backend.forward(tokens)
+                seconds = time.perf_counter() - started
             except Exception:  # this batch's callers get a 500; the thread goes on serving
                 log.exception("forward pass failed for model '%s' (%d inputs)", self.name, len(batch))
+            finally:
+                if self._budget is not None:
+                    self._budget.release(cost)
+                if cost > TRIM_ABOVE_BYTES:
+                    trim()
+            if vectors is not None:
+                self._measured(tokens.real_tokens, seconds)
             if self._metrics is not None and vectors is not None:
                 rows, length = tokens.shape
                 self._metrics.observe_batch(self.name, waits=[started - item.queued_at for item in batch],
-                                            seconds=time.perf_counter() - started,
-                                            real_tokens=tokens.real_tokens, slots=rows * length)
+                                            seconds=seconds, real_tokens=tokens.real_tokens,
+                                            slots=rows * length)
             # Under load: inputs arrived while this batch ran, so more are likely on their way (its
             # callers are about to send their next). Decided before the answers go out, so that a lone
             # caller's next input, which can only follow its answer, is never made to wait.
@@ -174,6 +312,12 @@ class Batcher:
                 loop.call_soon_threadsafe(self._deliver, batch, vectors)
             except RuntimeError:  # the event loop is gone: nobody is waiting any more
                 return
+
+    def _measured(self, tokens: int, seconds: float) -> None:
+        """(A model thread.) Fold one pass into the throughput estimate, weighted by its duration."""
+        with self._cond:
+            self._rate_tokens = self._rate_tokens * RATE_DECAY + tokens
+            self._rate_seconds = self._rate_seconds * RATE_DECAY + seconds
 
     # ---- back on the event loop ------------------------------------------------------------------
 
@@ -194,6 +338,7 @@ class Batcher:
             self._closed = True
             waiting = [*self._arrivals, *self._pending]
             self._arrivals, self._pending = [], []
+            self._arrival_tokens = self._pending_tokens = 0
             self._cond.notify_all()
         for item in waiting:
             if not item.future.done():

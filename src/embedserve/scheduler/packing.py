@@ -4,7 +4,8 @@ A batch costs `len(batch) * longest` token slots (padding included). We always s
 waiting input (no starvation) and surround it with the inputs closest to it in length, choosing the
 window that embeds the most real tokens among those that fit the budget and waste at most
 `max_padding` of their real tokens on padding. A request's last waiting input is never overtaken by a
-younger request's input: it is what its caller waits for (design note 30)."""
+younger request's input: it is what its caller waits for (design note 30). A batch also fits the memory
+that is free for it, by the model's memory estimate (scheduler.memory, design note 32)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from itertools import accumulate
 
 import numpy as np
 
+from embedserve.scheduler.memory import MemoryModel
 from embedserve.types import PaddingSide, TokenBatch, WorkItem
 
 #: Padding slots allowed per real token in a batch (0.25: at most 20% of a batch is padding). On a GPU a
@@ -65,18 +67,32 @@ def batch_limits(device: str, threads: int, *, max_tokens: int | None = None,
                        max_padding=MAX_PADDING)
 
 
+@dataclass(frozen=True, slots=True)
+class MemoryRoom:
+    """What a batch's pass may hold at its peak: `room` bytes, by the model's estimate."""
+
+    model: MemoryModel
+    room: float
+
+    def rows(self, length: int) -> int:
+        return self.model.rows_that_fit(length, self.room)
+
+
 def take_batch(pending: Sequence[WorkItem], token_budget: int, max_items: int,
-               max_padding: float = MAX_PADDING, *,
-               protect_last: bool = False) -> tuple[list[WorkItem], list[WorkItem]]:
-    """Split `pending` into (next batch, the rest). The batch is never empty if `pending` is not;
-    an input longer than the budget goes alone. `protect_last`: no input younger than a request's
-    last waiting input goes without it (on CPU, where each input added lengthens the pass)."""
+               max_padding: float = MAX_PADDING, *, protect_last: bool = False,
+               memory: MemoryRoom | None = None) -> tuple[list[WorkItem], list[WorkItem]]:
+    """Split `pending` into (next batch, the rest). The batch is never empty if `pending` is not,
+    unless the oldest input does not fit the memory room now (it waits for room; nothing overtakes
+    it); an input longer than the budget goes alone. `protect_last`: no input younger than a
+    request's last waiting input goes without it (on CPU, where each input added lengthens the pass)."""
     if not pending:
         return [], []
     by_age = sorted(pending, key=lambda item: item.seq)
+    if memory is not None and memory.rows(by_age[0].length) < 1:
+        return [], list(pending)
     last = last_waiting(pending, by_age[0]) if protect_last else []
     if not last:
-        return _best_window(pending, token_budget, max_items, max_padding)
+        return _best_window(pending, token_budget, max_items, max_padding, memory)
     # The batch may hold inputs younger than a request's last waiting input only if it holds that
     # input too: try "everything older than the k-th such input, the k-1 before it included",
     # k = 1, 2, ..., while those k-1 fit in the best window, and keep the window with the most tokens.
@@ -85,7 +101,7 @@ def take_batch(pending: Sequence[WorkItem], token_budget: int, max_items: int,
     position = {item.seq: i for i, item in enumerate(by_age)}
     for k, bound in enumerate([*last, None]):
         candidates = by_age if bound is None else by_age[:position[bound]]
-        batch, _ = _best_window(candidates, token_budget, max_items, max_padding)
+        batch, _ = _best_window(candidates, token_budget, max_items, max_padding, memory)
         chosen = {item.seq for item in batch}
         if not all(seq in chosen for seq in last[:k]):
             break
@@ -96,9 +112,10 @@ def take_batch(pending: Sequence[WorkItem], token_budget: int, max_items: int,
     return best, [item for item in pending if item.seq not in chosen]
 
 
-def _best_window(pending: Sequence[WorkItem], token_budget: int, max_items: int,
-                 max_padding: float) -> tuple[list[WorkItem], list[WorkItem]]:
-    """The batch around the oldest of `pending` (not empty), and the rest."""
+def _best_window(pending: Sequence[WorkItem], token_budget: int, max_items: int, max_padding: float,
+                 memory: MemoryRoom | None = None) -> tuple[list[WorkItem], list[WorkItem]]:
+    """The batch around the oldest of `pending` (not empty; the oldest fits `memory`), and the
+    rest."""
     ordered = sorted(pending, key=lambda item: (item.length, item.seq))  # by length, stable by age
     lengths = [max(item.length, 1) for item in ordered]
     anchor = min(range(len(ordered)), key=lambda i: ordered[i].seq)
@@ -113,6 +130,8 @@ def _best_window(pending: Sequence[WorkItem], token_budget: int, max_items: int,
     # monotonically: binary-search the leftmost lo that is not wasteful.
     for hi in range(anchor + 1, len(ordered) + 1):
         capacity = min(max_items, token_budget // lengths[hi - 1])
+        if memory is not None:
+            capacity = min(capacity, memory.rows(lengths[hi - 1]))
         lo_min = max(0, hi - capacity)
         if lo_min > anchor:
             break  # longer right ends only shrink the capacity further
