@@ -34,6 +34,9 @@ class Metrics:
                                          buckets=LATENCY_BUCKETS, registry=r)
         self.tokenize_seconds = Histogram("embedserve_tokenize_duration_seconds", "Tokenization time of "
                                           "one request", ("model",), buckets=LATENCY_BUCKETS, registry=r)
+        self.tokenized = Counter("embedserve_tokenized_tokens", "Tokens the tokenizer made, for requests "
+                                 "served or refused (its work, which limits bound)", ("model",),
+                                 registry=r)
         self.queue_seconds = Histogram("embedserve_queue_wait_seconds", "Time an input waited in the "
                                        "batcher before its forward pass started", ("model",),
                                        buckets=LATENCY_BUCKETS, registry=r)
@@ -71,8 +74,9 @@ class Metrics:
         self.requests.labels(route, model, str(status)).inc()
         self.request_seconds.labels(route).observe(seconds)
 
-    def observe_tokenize(self, model: str, seconds: float) -> None:
+    def observe_tokenize(self, model: str, seconds: float, tokens: int = 0) -> None:
         self.tokenize_seconds.labels(model).observe(seconds)
+        self.tokenized.labels(model).inc(tokens)
 
     def observe_batch(self, model: str, *, waits: Sequence[float], seconds: float, real_tokens: int,
                       slots: int) -> None:

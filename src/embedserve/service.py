@@ -1,9 +1,9 @@
 """EmbeddingService.embed(): the one place where the order of the pipeline is written
 (resolve for the caller's key -> check against the model -> choose the prompt -> hold the request's
-estimated tokens from the key's limit -> admit it to the model's queue -> tokenize, bounded by its
-limits -> end with EOS where the model pools on it -> check lengths -> settle the exact tokens ->
-batch -> finish -> one usage record). Everything before tokenizing is cheap, so a request is refused
-before its work is done, not after."""
+estimated tokens from the key's limit -> admit it to the model's queue -> tokenize, stopping at the
+first limit it breaks -> end with EOS where the model pools on it -> check lengths -> settle the exact
+tokens -> batch -> finish -> one usage record). Everything before tokenizing is cheap, so a request is
+refused before its work is done, not after."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ class EmbeddingService:
             estimate = sum(len(ids) + 1 for ids in job.token_ids or ())
         hold = self._limiter.hold_tokens(caller.principal, estimate)
         try:
-            with runtime.batcher.admit(job.count, estimate) as admission:
+            with runtime.batcher.admit(job.count) as admission:
                 sequences = await self._sequences(job, prefix, runtime, hold)
                 prompt_tokens = sum(len(ids) for ids in sequences)
                 self._limiter.settle(hold, prompt_tokens)
@@ -85,7 +85,7 @@ class EmbeddingService:
                                  refuse_above=refuse_above)
             started = time.perf_counter()
             tokenized = await runtime.tokenizer.encode(job.texts, prefix, limits)
-            self._metrics.observe_tokenize(spec.id, time.perf_counter() - started)
+            self._metrics.observe_tokenize(spec.id, time.perf_counter() - started, tokenized.produced)
             sequences, stopped = tokenized.sequences, tokenized.stopped
         else:
             sequences = [list(ids) for ids in job.token_ids or ()]

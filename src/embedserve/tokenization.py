@@ -129,6 +129,7 @@ class Stop(Enum):
 class Tokenized:
     sequences: list[list[int]]  # the inputs tokenized, in order: all of them unless `stopped`
     stopped: Stop | None = None
+    produced: int = 0  # tokens the tokenizer made for this request, those after a stop included
 
     @property
     def tokens(self) -> int:
@@ -236,19 +237,20 @@ class TokenizerPool:
             sequences = await loop.run_in_executor(self._executor, self._encode_whole, texts, prefix,
                                                    limits.per_input if limits.truncate else None)
             kept, stop = scan(sequences, limits, 0)
-            return Tokenized(sequences[:kept], stop)
+            return Tokenized(sequences[:kept], stop, sum(len(ids) for ids in sequences))
         window = self._window(limits)
         out: list[list[int]] = []
-        seen = 0
+        seen = produced = 0
         for start, end in chunks(texts, window):
             part = await loop.run_in_executor(self._executor, self._encode_chunk, texts[start:end],
                                               prefix, limits, window)
+            produced += sum(len(ids) for ids in part)
             kept, stop = scan(part, limits, seen)
             out += part[:kept]
             seen += sum(len(ids) for ids in part[:kept])
             if stop is not None:
-                return Tokenized(out, stop)
-        return Tokenized(out)
+                return Tokenized(out, stop, produced)
+        return Tokenized(out, None, produced)
 
     def _encode_whole(self, texts: Sequence[str], prefix: str, truncate_to: int | None) -> list[list[int]]:
         """(A tokenizer thread.) The tokenizer's own pipeline on whole texts, truncation included."""

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from embedserve.backends.fake import FakeBackend
-from embedserve.errors import InternalError, ServiceUnavailable
+from embedserve.errors import InternalError, Overloaded, ServiceUnavailable
 from embedserve.scheduler.batcher import Batcher
+from embedserve.scheduler.memory import MemoryBudget, MemoryModel
 from embedserve.scheduler.packing import CPU_MAX_PADDING, MAX_PADDING, BatchLimits
 from embedserve.types import FloatMatrix, PaddingSide, TokenBatch
 
@@ -89,11 +90,13 @@ class FailingBackend(RecordingBackend):
 async def started(backend: FakeBackend, *, max_batch_tokens: int = 4096, max_batch_items: int = 64,
                   padding_side: PaddingSide = "right", pad_id: int = 0,
                   max_batch_wait_ms: float = 0.0, max_padding: float = MAX_PADDING,
-                  ) -> AsyncIterator[Batcher]:
+                  **options: Any) -> AsyncIterator[Batcher]:
+    """`options`: the batcher's admission and memory settings (max_queued, max_queue_wait_s,
+    tokens_per_s, memory, budget)."""
     batcher = Batcher("fake", backend, pad_id=pad_id, padding_side=padding_side,
                       limits=BatchLimits(max_tokens=max_batch_tokens, max_wait_ms=max_batch_wait_ms,
                                          max_padding=max_padding),
-                      max_batch_items=max_batch_items)
+                      max_batch_items=max_batch_items, **options)
     batcher.start()
     try:
         yield batcher
@@ -458,5 +461,122 @@ def test_an_idle_queue_never_waits(sequential: int) -> None:
             for i in range(sequential):
                 vectors = await asyncio.wait_for(batcher.embed([[i + 1, 7]]), ANSWER_S)
                 assert_own_vectors([[i + 1, 7]], vectors)
+
+    run(main())
+
+
+# ---- admission -----------------------------------------------------------------------------------
+
+
+def test_an_admitted_request_holds_its_place_in_the_queue_until_its_inputs_join_it() -> None:
+    async def main() -> None:
+        async with started(RecordingBackend(), max_queued=10) as batcher:
+            admission = batcher.admit(8)  # being tokenized: its inputs already count
+            assert batcher.queued == 8
+            with pytest.raises(Overloaded) as refused:
+                batcher.admit(3)
+            assert "limit 10" in refused.value.message and refused.value.headers()["Retry-After"] == "1"
+            vectors = await batcher.embed([[1, 2]] * 8, admission)
+            assert vectors.shape == (8, 16) and batcher.queued == 0
+            with batcher.admit(10):  # a request refused after admission gives its place back
+                pass
+            assert batcher.queued == 0
+
+    run(main())
+
+
+def test_a_request_whose_wait_would_pass_the_limit_is_refused_at_once_with_that_wait() -> None:
+    async def main() -> None:
+        backend = GatedBackend()
+        # 100 tokens a second until passes measure it: 1,000 tokens queued are ~10 s of work.
+        async with started(backend, max_queue_wait_s=2.0, tokens_per_s=100.0) as batcher:
+            running = asyncio.create_task(batcher.embed([[1, 2]]))
+            await forward_started(backend)
+            waiting = asyncio.create_task(batcher.embed([[5] * 250] * 4))
+            await handed_over()
+            assert batcher.queued_tokens == 1000
+            assert batcher.expected_wait_s() == pytest.approx(10.0)
+            with pytest.raises(Overloaded) as refused:
+                batcher.admit(1)
+            assert refused.value.code == "server_overloaded"
+            assert refused.value.headers()["Retry-After"] == "8"  # until the wait is back under 2 s
+            assert "10 s of work" in refused.value.message
+            backend.release.set()
+            await asyncio.wait_for(asyncio.gather(running, waiting), GUARD_S)
+            batcher.admit(1).release()  # the queue drained: admitted again
+
+    run(main())
+
+
+def test_throughput_is_measured_from_the_passes_that_ran() -> None:
+    async def main() -> None:
+        async with started(RecordingBackend(workers=2), tokens_per_s=1.0) as batcher:
+            for _ in range(40):
+                await batcher.embed([[7] * 30] * 4)
+            rate = batcher.tokens_per_s
+            assert rate is not None and rate > 1000, "the fake backend embeds millions of tokens a second"
+
+    run(main())
+
+
+class Meter:
+    """What the passes running at once hold, by the memory model the batcher packs by, and its peak."""
+
+    def __init__(self, model: MemoryModel) -> None:
+        self.model = model
+        self.lock = threading.Lock()
+        self.holding = 0.0
+        self.peak = 0.0
+
+
+class MeteredBackend(RecordingBackend):
+    """Adds each pass to a meter (several backends may share one) while it runs, slowly enough that
+    passes of several workers overlap."""
+
+    def __init__(self, meter: Meter, workers: int = 1) -> None:
+        super().__init__(workers=workers)
+        self.meter = meter
+
+    def forward(self, batch: TokenBatch) -> FloatMatrix:
+        rows, length = batch.shape
+        cost, meter = self.meter.model.peak(rows, length), self.meter
+        with meter.lock:
+            meter.holding += cost
+            meter.peak = max(meter.peak, meter.holding)
+        try:
+            threading.Event().wait(0.002)
+            return super().forward(batch)
+        finally:
+            with meter.lock:
+                meter.holding -= cost
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_passes_running_at_once_never_hold_more_than_the_memory_budget(workers: int) -> None:
+    async def main() -> None:
+        meter = Meter(MemoryModel(per_token=1000.0, per_square=10.0))
+        budget = MemoryBudget(meter.model.peak(3, 300), explicit=True)
+        rng = random.Random(workers)
+        requests = [random_sequences(rng, rng.randint(1, 5), max_len=300) for _ in range(40)]
+        async with started(MeteredBackend(meter, workers), memory=meter.model, budget=budget) as batcher:
+            results = await asyncio.wait_for(asyncio.gather(*(batcher.embed(r) for r in requests)),
+                                             GUARD_S * 3)
+        for sequences, vectors in zip(requests, results, strict=True):
+            assert_own_vectors(sequences, vectors)
+        assert 0 < meter.peak <= budget.capacity
+        assert budget.in_use == 0
+
+    run(main())
+
+
+def test_two_models_share_one_budget() -> None:
+    async def main() -> None:
+        meter = Meter(MemoryModel(per_token=1000.0))
+        budget = MemoryBudget(meter.model.peak(1, 100) * 1.5, explicit=True)  # one pass of 100 at a time
+        async with started(MeteredBackend(meter), memory=meter.model, budget=budget) as a, \
+                started(MeteredBackend(meter), memory=meter.model, budget=budget) as b:
+            await asyncio.wait_for(asyncio.gather(*(batcher.embed([[3] * 100])
+                                                    for batcher in (a, b) for _ in range(20))), GUARD_S)
+        assert 0 < meter.peak <= budget.capacity, "two passes ran at once on a budget for one"
 
     run(main())

@@ -17,11 +17,13 @@ from embedserve.scheduler.packing import (
     GPU_BATCH_WAIT_MS,
     MAX_PADDING,
     BatchLimits,
+    MemoryRoom,
     batch_limits,
     collate,
     last_waiting,
     take_batch,
 )
+from embedserve.scheduler.memory import MemoryModel
 from embedserve.types import WorkItem
 
 
@@ -305,3 +307,39 @@ def test_no_batch_leaves_behind_an_older_last_input(loop: asyncio.AbstractEventL
     for seq in last_waiting(pending, oldest):
         if seq < youngest:
             assert any(item.seq == seq for item in batch), (lengths, requests)
+
+
+# ---- memory ---------------------------------------------------------------------------------------
+
+#: 1 KB per token slot plus 10 bytes per row and squared length.
+MEMORY = MemoryModel(per_token=1000.0, per_square=10.0)
+
+
+def test_a_batch_fits_the_memory_room(loop: asyncio.AbstractEventLoop) -> None:
+    pending = make_items(loop, [100] * 20)
+    room = MemoryRoom(MEMORY, MEMORY.peak(5, 100))
+    batch, rest = take_batch(pending, 16_384, 256, memory=room)
+    assert len(batch) == 5 and len(rest) == 15
+    assert MEMORY.peak(len(batch), 100) <= room.room
+
+
+def test_the_oldest_input_that_does_not_fit_the_room_waits_and_nothing_overtakes_it(
+        loop: asyncio.AbstractEventLoop) -> None:
+    pending = make_items(loop, [400, 10, 10, 10])  # the oldest is long, the others would fit
+    room = MemoryRoom(MEMORY, MEMORY.peak(1, 399))
+    batch, rest = take_batch(pending, 16_384, 256, memory=room)
+    assert batch == [] and rest == pending
+    batch, _ = take_batch(pending, 16_384, 256, protect_last=True, memory=room)
+    assert batch == []
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_queues_never_pack_past_the_memory_room(loop: asyncio.AbstractEventLoop, seed: int) -> None:
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 600) for _ in range(rng.randint(1, 60))]
+    pending = make_items(loop, lengths, requests=[rng.choice([None, 0, 1]) for _ in lengths])
+    room = MemoryRoom(MEMORY, rng.uniform(MEMORY.peak(1, 600), MEMORY.peak(40, 600)))
+    while pending:
+        batch, pending = take_batch(pending, 4096, 64, protect_last=bool(seed % 2), memory=room)
+        assert batch, "every input here fits the room alone"
+        assert MEMORY.peak(len(batch), max(item.length for item in batch)) <= room.room

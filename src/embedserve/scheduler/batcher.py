@@ -14,7 +14,8 @@ is no wait: scheduler.packing.batch_limits).
 Admission comes before any work (`admit`, called before tokenization): a request that would overfill
 the queue (`max_queued` inputs), or whose expected wait (the tokens queued ahead of it over the
 model's measured throughput) is beyond `max_queue_wait_s`, is refused at once with 503; an admitted
-request's inputs and estimated tokens count against those bounds while it is tokenized. A batch also
+request's inputs count against the queue's bound while it is tokenized, and its wait is checked again
+once its tokens are known and join the queue. A batch also
 fits the memory budget that the passes running at once share (scheduler.memory): an input waits for
 room, and nothing younger overtakes it meanwhile (design notes 31, 32)."""
 
@@ -50,19 +51,17 @@ RATE_DECAY = 0.9
 
 class Admission:
     """A request's place in the queue from admission until its inputs join it (or it fails): its
-    inputs and estimated tokens count against the queue's bounds meanwhile. Released once."""
+    inputs count against the queue's bound meanwhile. Released once."""
 
-    def __init__(self, batcher: Batcher, inputs: int, tokens: int) -> None:
+    def __init__(self, batcher: Batcher, inputs: int) -> None:
         self._batcher = batcher
         self.inputs = inputs
-        self.tokens = tokens
         self._held = True
 
     def release(self) -> None:
         if self._held:
             self._held = False
             self._batcher._reserved_inputs -= self.inputs
-            self._batcher._reserved_tokens -= self.tokens
 
     def __enter__(self) -> Admission:
         return self
@@ -103,7 +102,6 @@ class Batcher:
         self._arrivals: list[WorkItem] = []
         self._arrival_tokens = 0
         self._reserved_inputs = 0
-        self._reserved_tokens = 0
         # Shared with the model threads, under `_cond` (read without it by the loop: one int each).
         self._pending: list[WorkItem] = []
         self._pending_tokens = 0
@@ -118,8 +116,8 @@ class Batcher:
 
     @property
     def queued_tokens(self) -> int:
-        """Tokens waiting, and estimated for the admitted requests being tokenized."""
-        return self._arrival_tokens + self._pending_tokens + self._reserved_tokens
+        """Tokens waiting for the model."""
+        return self._arrival_tokens + self._pending_tokens
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -143,9 +141,9 @@ class Batcher:
             return None
         return self._memory.longest_that_fits(self._budget.capacity)
 
-    def admit(self, inputs: int, tokens: int) -> Admission:
-        """Before any work on a request of `inputs` inputs and at most `tokens` tokens: its place in
-        the queue, or Overloaded at once (the queue is full, or the wait ahead of it too long)."""
+    def admit(self, inputs: int) -> Admission:
+        """Before any work on a request of `inputs` inputs: its place in the queue, or Overloaded at
+        once (the queue is full, or the wait ahead of it too long)."""
         if self._closed:
             raise ServiceUnavailable(f"model '{self.name}' is shutting down")
         queued = self.queued
@@ -154,16 +152,18 @@ class Batcher:
                 self._metrics.observe_rejected(self.name, "queue_full", inputs)
             raise Overloaded(f"The model '{self.name}' has {queued} inputs queued (limit "
                              f"{self._max_queued}); retry shortly.", retry_after_s=1)
+        self._check_wait(inputs)
+        self._reserved_inputs += inputs
+        return Admission(self, inputs)
+
+    def _check_wait(self, inputs: int) -> None:
         wait = self.expected_wait_s()
         if self._max_queue_wait_s is not None and wait > self._max_queue_wait_s:
             if self._metrics is not None:
                 self._metrics.observe_rejected(self.name, "queue_wait", inputs)
             retry = max(1, math.ceil(wait - self._max_queue_wait_s))
-            raise Overloaded(f"The model '{self.name}' has about {wait:.0f} s of work queued (limit "
+            raise Overloaded(f"The model '{self.name}' has about {wait:.0f} s of work queued ahead (limit "
                              f"{self._max_queue_wait_s:g} s); retry in {retry} s.", retry_after_s=retry)
-        self._reserved_inputs += inputs
-        self._reserved_tokens += tokens
-        return Admission(self, inputs, tokens)
 
     def queue_depth(self) -> int:
         """Inputs waiting (for the metrics gauge, read at scrape time)."""
@@ -184,10 +184,11 @@ class Batcher:
         taken by `admit` before its tokenization (without one, it is admitted here). If the caller is
         cancelled (client gone), its items that have not reached the model are dropped."""
         if admission is None:
-            admission = self.admit(len(sequences), sum(len(ids) for ids in sequences))
+            admission = self.admit(len(sequences))
         admission.release()  # its inputs take their place now
         if self._closed:
             raise ServiceUnavailable(f"model '{self.name}' is shutting down")
+        self._check_wait(len(sequences))  # requests tokenized side by side may have queued meanwhile
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         seqs = [next(self._seq) for _ in sequences]
