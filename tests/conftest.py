@@ -6,14 +6,18 @@ from hermetic import HF_HOME  # first: switches the hub off before anything impo
 
 # isort: split
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from openai import OpenAI
 
+import embedserve.runtime
 from embedserve.db import PostgresDatabase, SqliteDatabase, open_database
 from embedserve.settings import Settings
+from gates import Gate
 from postgres import PostgresCluster, postgres_cluster
 from support import LiveServer, build_tiny_st_model, live_server, private_data_dir
 
@@ -173,3 +177,27 @@ def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
         cluster: PostgresCluster = request.getfixturevalue("postgres")
         return Storage("postgresql", data_dir, cluster.fresh_database())
     return Storage("sqlite", data_dir, None)
+
+
+# ---- live servers whose forward passes a test holds ----------------------------------------------
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> Gate:
+    """Every backend built while the test runs has its forward pass behind this gate."""
+    gate = Gate()
+    real_make = embedserve.runtime.make_backend
+
+    def make(*args: Any, **kwargs: Any) -> Any:
+        backend = real_make(*args, **kwargs)
+        backend.forward = gate.wrap(backend.forward)
+        return backend
+
+    monkeypatch.setattr(embedserve.runtime, "make_backend", make)
+    return gate
+
+
+@pytest.fixture
+def pool() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(8) as executor:
+        yield executor

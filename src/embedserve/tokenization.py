@@ -34,6 +34,10 @@ UNTRUSTED_WORDS = 2
 #: whole request, large enough that the trips cost nothing next to the work.
 CHUNK_INPUTS = 256
 CHUNK_CHARS = 32_768
+#: Near the request's total or its key's budget, a trip holds about this many characters per token
+#: still allowed: few enough that it rarely passes the limit by much (text has 1 to 5 characters per
+#: token), so trips shrink geometrically towards it and stop within a few tokens past it.
+TRIP_CHARS_PER_TOKEN = 2
 
 
 def tokenizer_factory(folder: Path, *, lower_case: bool = False,
@@ -152,20 +156,27 @@ def scan(sequences: Sequence[list[int]], limits: TokenLimits, seen: int) -> tupl
     return len(sequences), None
 
 
-def chunks(texts: Sequence[str], window: int) -> Iterator[tuple[int, int]]:
-    """Pure: consecutive [start, end) ranges of `texts` for one trip each (a text longer than
-    `window`, tokenized by windows, goes alone)."""
+def next_chunk(texts: Sequence[str], start: int, window: int, max_chars: int = CHUNK_CHARS) -> int:
+    """Pure: where the trip that starts at `start` ends: at most CHUNK_INPUTS texts and about
+    `max_chars` characters (the first text always goes); a text longer than `window`, read by
+    windows, goes alone."""
+    end, chars = start, 0
+    while end < len(texts) and end - start < CHUNK_INPUTS:
+        long = len(texts[end]) > window
+        if end > start and (long or chars + len(texts[end]) > max_chars):
+            break
+        chars += min(len(texts[end]), window)
+        end += 1
+        if long:
+            break
+    return end
+
+
+def chunks(texts: Sequence[str], window: int, max_chars: int = CHUNK_CHARS) -> Iterator[tuple[int, int]]:
+    """Pure: consecutive [start, end) ranges of `texts`, one trip each."""
     start = 0
     while start < len(texts):
-        end, chars = start, 0
-        while end < len(texts) and end - start < CHUNK_INPUTS:
-            size = min(len(texts[end]), window)
-            if end > start and (chars + size > CHUNK_CHARS or len(texts[end]) > window):
-                break
-            chars += size
-            end += 1
-            if len(texts[end - 1]) > window:
-                break
+        end = next_chunk(texts, start, window, max_chars)
         yield start, end
         start = end
 
@@ -240,8 +251,12 @@ class TokenizerPool:
             return Tokenized(sequences[:kept], stop, sum(len(ids) for ids in sequences))
         window = self._window(limits)
         out: list[list[int]] = []
-        seen = produced = 0
-        for start, end in chunks(texts, window):
+        start = seen = produced = 0
+        while start < len(texts):
+            # Near the total or the key's budget, trips shrink to what may still fit, so that a
+            # request over them is found a few tokens past the limit, not a whole chunk past it.
+            left = min(limits.total, limits.budget if limits.budget is not None else limits.total) - seen
+            end = next_chunk(texts, start, window, min(CHUNK_CHARS, (left + 1) * TRIP_CHARS_PER_TOKEN))
             part = await loop.run_in_executor(self._executor, self._encode_chunk, texts[start:end],
                                               prefix, limits, window)
             produced += sum(len(ids) for ids in part)
@@ -250,6 +265,7 @@ class TokenizerPool:
             seen += sum(len(ids) for ids in part[:kept])
             if stop is not None:
                 return Tokenized(out, stop, produced)
+            start = end
         return Tokenized(out, None, produced)
 
     def _encode_whole(self, texts: Sequence[str], prefix: str, truncate_to: int | None) -> list[list[int]]:

@@ -6,69 +6,20 @@ tests decide when a batch may run (it then runs for real)."""
 from __future__ import annotations
 
 import socket
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import httpx
 import numpy as np
 import orjson
-import pytest
 
-import embedserve.runtime
 from embedserve.settings import Settings
-from embedserve.types import FloatMatrix, TokenBatch
+from gates import ONE, Gate
 from support import LiveServer, live_server
 
 MODEL = "all-MiniLM-L6-v2"
 GUARD_S = 60
-#: One forward pass at a time, so that a batch held at the gate holds the model and what comes next
-#: stays queued (a second worker would take it).
-ONE = {"model_workers": 1}
-
-
-class Gate:
-    """Holds every forward pass (after the load's warm-up) until opened; records the id rows that
-    reached the model."""
-
-    def __init__(self) -> None:
-        self.armed = False
-        self.opened = threading.Event()
-        self.entered = threading.Event()
-        self.seen: list[list[int]] = []
-
-    def wrap(self, forward: Callable[[TokenBatch], FloatMatrix]) -> Callable[[TokenBatch], FloatMatrix]:
-        def gated(batch: TokenBatch) -> FloatMatrix:
-            if self.armed:
-                self.seen.extend([int(i) for i, m in zip(row, mask, strict=True) if m]
-                                 for row, mask in zip(batch.input_ids, batch.attention_mask, strict=True))
-                self.entered.set()
-                assert self.opened.wait(GUARD_S), "the test never opened the gate"
-            return forward(batch)
-
-        return gated
-
-
-@pytest.fixture
-def gate(monkeypatch: pytest.MonkeyPatch) -> Gate:
-    gate = Gate()
-    real_make = embedserve.runtime.make_backend
-
-    def make(*args: Any, **kwargs: Any) -> Any:
-        backend = real_make(*args, **kwargs)
-        backend.forward = gate.wrap(backend.forward)
-        return backend
-
-    monkeypatch.setattr(embedserve.runtime, "make_backend", make)
-    return gate
-
-
-@pytest.fixture
-def pool() -> Iterator[ThreadPoolExecutor]:
-    with ThreadPoolExecutor(8) as executor:
-        yield executor
 
 
 def post(live: LiveServer, inputs: list[str]) -> httpx.Response:

@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import pytest
 
+from embedserve.scheduler.memory import MemoryModel
 from embedserve.scheduler.packing import (
     CPU_BATCH_TOKENS_PER_THREAD,
     CPU_BATCH_WAIT_MS,
@@ -23,7 +24,6 @@ from embedserve.scheduler.packing import (
     last_waiting,
     take_batch,
 )
-from embedserve.scheduler.memory import MemoryModel
 from embedserve.types import WorkItem
 
 

@@ -24,4 +24,5 @@ async def read_body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise _too_large(limit)
         chunks.append(chunk)
+    request.state.body_bytes = size  # the request middleware trims the heap after large bodies
     return b"".join(chunks)

@@ -43,16 +43,22 @@ async def bounded(request: Request, work: Coroutine[Any, Any, T], *, deadline: f
     disconnects (ClientDisconnected) or the deadline passes (RequestTimedOut)."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
+    done: set[asyncio.Future[Any]] = set()
     try:
         done, _ = await asyncio.wait({task, watcher}, timeout=max(0.0, deadline - time.perf_counter()),
                                      return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)  # the cancellation drops its queued inputs
+        if watcher in done:
+            raise ClientDisconnected("The client closed the connection before the answer was ready.")
+        raise timed_out(timeout_s)
     finally:
         watcher.cancel()
         if not task.done():
             task.cancel()
-    if task in done:
-        return task.result()
-    await asyncio.gather(task, return_exceptions=True)  # the cancellation has dropped its queued inputs
-    if watcher in done:
-        raise ClientDisconnected("The client closed the connection before the answer was ready.")
-    raise timed_out(timeout_s)
+        # An error raised from the task holds this frame (its traceback), and the frame the task, whose
+        # error it is: a cycle that keeps the whole request (its body, its texts) alive until the cyclic
+        # collector's rare full pass. 16 refused 3 MB requests held ~100 MiB that way.
+        del task, watcher, done

@@ -29,6 +29,8 @@ log = logging.getLogger("embedserve.access")
 _SANE_ID = re.compile(r"^[\x21-\x7e]{1,200}$")  # visible ASCII, bounded
 #: Probes and scrapes: answered while draining, not counted in flight, logged at debug level.
 PROBES = frozenset({"/health", "/ready", "/metrics"})
+#: Bodies from this size on are followed by a heap trim (AppState.after_large_body).
+LARGE_BODY_BYTES = 1 << 20
 
 
 def pick_request_id(headers: list[tuple[bytes, bytes]]) -> str:
@@ -104,6 +106,8 @@ class RequestContextMiddleware:
         finally:
             if not probe:
                 state.request_finished()
+            if info.get("body_bytes", 0) >= LARGE_BODY_BYTES:
+                state.after_large_body()
             self._account(state, scope, info, status, time.perf_counter() - started, probe)
             request_id_var.reset(token)
 
