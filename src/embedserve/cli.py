@@ -255,7 +255,7 @@ def _print_json(value: Any) -> None:
 
 def _keys(settings: Settings, args: argparse.Namespace) -> int:
     from embedserve.db import open_database
-    from embedserve.keys import KeyRecord, KeyStore, key_json, load_pepper, parse_key_fields
+    from embedserve.keys import KeyChanges, KeyRecord, KeyStore, key_json, load_pepper, parse_key_fields
     from embedserve.timestamps import iso
 
     def describe(record: KeyRecord) -> str:
@@ -266,6 +266,7 @@ def _keys(settings: Settings, args: argparse.Namespace) -> int:
                 f"  admin={'yes' if doc['admin'] else 'no'}")
 
     payload: dict[str, Any] = {}
+    changes = KeyChanges()
     if args.action in ("create", "update"):
         if args.name is not None:
             payload["name"] = args.name
@@ -279,12 +280,13 @@ def _keys(settings: Settings, args: argparse.Namespace) -> int:
             payload["expires_at"] = None if args.expires.lower() == "never" else args.expires
         if args.admin is not None:
             payload["admin"] = args.admin
+        # a bad value is refused before the database is opened: it is neither created nor touched
+        changes = parse_key_fields(payload, creating=args.action == "create")
     db = open_database(settings.database_url, settings.data_dir)
     try:
         store = KeyStore(db)
         if args.action == "create":
-            fields = parse_key_fields(payload, creating=True)
-            record, secret = store.create(load_pepper(settings.key_pepper, settings.data_dir), fields)
+            record, secret = store.create(load_pepper(settings.key_pepper, settings.data_dir), changes)
             if args.json:
                 _print_json({**key_json(record), "key": secret})
             else:
@@ -313,7 +315,7 @@ def _keys(settings: Settings, args: argparse.Namespace) -> int:
             elif args.action == "revoke":
                 record = store.revoke(args.id)
             else:
-                record = store.update(args.id, parse_key_fields(payload, creating=False))
+                record = store.update(args.id, changes)
             if args.json:
                 _print_json(key_json(record))
             else:
