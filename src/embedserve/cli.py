@@ -217,12 +217,11 @@ def _serve(settings: Settings) -> int:
     first = catalog.specs[0].id
 
     def announce(state: AppState) -> None:
-        text = banner(settings, first, open_server=state.keys.open)
         if settings.log_format == "json":  # every stderr line stays one JSON object
-            log.info(text, extra={"event": "ready",
-                                  "base_url": f"http://{settings.host}:{settings.port}/v1"})
+            base = f"http://{settings.host}:{settings.port}/v1"
+            log.info("embedserve is ready on %s", base, extra={"event": "ready", "base_url": base})
         else:
-            print(text, file=sys.stderr, flush=True)
+            print(banner(settings, first, open_server=state.keys.open), file=sys.stderr, flush=True)
 
     app = create_app(settings, catalog, on_ready=announce)
     server = build_server(app, settings)
