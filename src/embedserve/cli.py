@@ -223,12 +223,11 @@ def _serve(settings: Settings) -> int:
     first = catalog.specs[0].id
 
     def announce(state: AppState) -> None:
-        text = banner(settings, first, open_server=state.keys.open)
         if settings.log_format == "json":  # every stderr line stays one JSON object
-            log.info(text, extra={"event": "ready",
-                                  "base_url": f"http://{settings.host}:{settings.port}/v1"})
+            base = f"http://{settings.host}:{settings.port}/v1"
+            log.info("embedserve is ready on %s", base, extra={"event": "ready", "base_url": base})
         else:
-            print(text, file=sys.stderr, flush=True)
+            print(banner(settings, first, open_server=state.keys.open), file=sys.stderr, flush=True)
 
     app = create_app(settings, catalog, on_ready=announce)
     server = build_server(app, settings)
@@ -261,7 +260,7 @@ def _print_json(value: Any) -> None:
 
 def _keys(settings: Settings, args: argparse.Namespace) -> int:
     from embedserve.db import open_database
-    from embedserve.keys import KeyRecord, KeyStore, key_json, load_pepper, parse_key_fields
+    from embedserve.keys import KeyChanges, KeyRecord, KeyStore, key_json, load_pepper, parse_key_fields
     from embedserve.timestamps import iso
 
     def describe(record: KeyRecord) -> str:
@@ -272,6 +271,7 @@ def _keys(settings: Settings, args: argparse.Namespace) -> int:
                 f"  admin={'yes' if doc['admin'] else 'no'}")
 
     payload: dict[str, Any] = {}
+    changes = KeyChanges()
     if args.action in ("create", "update"):
         if args.name is not None:
             payload["name"] = args.name
@@ -285,12 +285,13 @@ def _keys(settings: Settings, args: argparse.Namespace) -> int:
             payload["expires_at"] = None if args.expires.lower() == "never" else args.expires
         if args.admin is not None:
             payload["admin"] = args.admin
+        # a bad value is refused before the database is opened: it is neither created nor touched
+        changes = parse_key_fields(payload, creating=args.action == "create")
     db = open_database(settings.database_url, settings.data_dir)
     try:
         store = KeyStore(db)
         if args.action == "create":
-            fields = parse_key_fields(payload, creating=True)
-            record, secret = store.create(load_pepper(settings.key_pepper, settings.data_dir), fields)
+            record, secret = store.create(load_pepper(settings.key_pepper, settings.data_dir), changes)
             if args.json:
                 _print_json({**key_json(record), "key": secret})
             else:
@@ -319,7 +320,7 @@ def _keys(settings: Settings, args: argparse.Namespace) -> int:
             elif args.action == "revoke":
                 record = store.revoke(args.id)
             else:
-                record = store.update(args.id, parse_key_fields(payload, creating=False))
+                record = store.update(args.id, changes)
             if args.json:
                 _print_json(key_json(record))
             else:

@@ -13,7 +13,7 @@ from typing import Any, Literal, cast, get_args
 
 from embedserve.db import Database
 from embedserve.errors import InvalidRequest, InvalidType
-from embedserve.timestamps import iso, parse_time
+from embedserve.timestamps import END, RENDERED_START, iso, parse_time
 from embedserve.types import UsageRecord
 
 log = logging.getLogger("embedserve.usage")
@@ -141,9 +141,17 @@ def parse_query(params: Mapping[str, object]) -> UsageQuery:
 
 
 def _day_sql(db: Database) -> str:
+    """The UTC day of `u.created_at`, total like timestamps.day(): a time past the years 1..9999 (which
+    only a row written by hand could hold) is the nearest end of them, NaN (PostgreSQL only) NULL,
+    where PostgreSQL's to_timestamp would fail the whole report and SQLite's strftime give NULL."""
     if db.dialect == "postgresql":
-        return "to_char(to_timestamp(u.created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
-    return "strftime('%Y-%m-%d', u.created_at, 'unixepoch')"
+        nan = "u.created_at = 'NaN'"
+        day = "to_char(to_timestamp(u.created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+    else:
+        nan = "0 = 1"  # SQLite stores a NaN as NULL
+        day = "strftime('%Y-%m-%d', u.created_at, 'unixepoch')"
+    return (f"CASE WHEN {nan} THEN NULL WHEN u.created_at < {RENDERED_START:.0f} THEN '0001-01-01' "
+            f"WHEN u.created_at >= {END:.0f} THEN '9999-12-31' ELSE {day} END")
 
 
 def report(db: Database, query: UsageQuery) -> dict[str, Any]:

@@ -32,6 +32,7 @@ SMALL = "tiny-cls-dense"
 PRICE = 0.13  # per million input tokens, of MODEL
 STATIC = "sk-static-unlimited"
 ADMIN = "sk-static-admin"
+ISO_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 RATE_HEADERS = {f"x-ratelimit-{what}-{kind}" for what in ("limit", "remaining", "reset")
                 for kind in ("requests", "tokens")}
 
@@ -272,6 +273,61 @@ def test_bad_key_bodies_are_400_naming_the_field(keyed: KeyedServer, body: Any, 
                                                  code: str) -> None:
     response = httpx.post(f"{keyed.live.v1}/keys", headers=auth(ADMIN), json=body)
     openai_error(response, 400, code, "invalid_request_error", param)
+
+
+OUT_OF_RANGE = ["9999-12-31T23:00:00-05:00", "99999999999999999999999d", "999999999d",
+                "9999-12-31T23:59:59-12:00", "0001-01-01T00:00:00+14:00", "1969-12-31T23:59:59Z",
+                "9" * 5000 + "d"]
+TIME_RANGE = "1970-01-01T00:00:00Z to 9999-12-31T23:59:59Z"
+
+
+def still_serves(keyed: KeyedServer) -> None:
+    listed = get(keyed, "/v1/keys", ADMIN)
+    assert listed.status_code == 200, listed.text
+    for key in listed.json()["data"]:
+        assert key["expires_at"] is None or ISO_TIME.match(key["expires_at"]), key
+    assert get(keyed, "/v1/usage", ADMIN).status_code == 200
+    assert embed(keyed, STATIC, {"model": MODEL, "input": "x"}).status_code == 200
+
+
+@pytest.mark.parametrize("when", OUT_OF_RANGE)
+def test_a_new_key_expiring_outside_1970_to_9999_is_400_naming_the_range_and_is_not_created(
+        keyed: KeyedServer, when: str) -> None:
+    name = f"out-of-range {when[:30]}"
+    version = keyed.store.version()
+    response = httpx.post(f"{keyed.live.v1}/keys", headers=auth(ADMIN),
+                          json={"name": name, "expires_at": when})
+    error = openai_error(response, 400, "invalid_value", "invalid_request_error", "expires_at")
+    assert TIME_RANGE in error["message"]
+    assert keyed.store.version() == version
+    assert not any(record.name == name for record in keyed.store.list_keys())
+    still_serves(keyed)
+
+
+@pytest.mark.parametrize("when", OUT_OF_RANGE[:3])
+def test_changing_an_expiry_to_outside_the_range_is_400_and_changes_nothing(
+        keyed: KeyedServer, when: str) -> None:
+    record, _ = keyed.create(f"kept {when[:30]}", expires_at=2e9)
+    response = httpx.patch(f"{keyed.live.v1}/keys/{record.id}", headers=auth(ADMIN),
+                           json={"expires_at": when, "rpm": 5})
+    error = openai_error(response, 400, "invalid_value", "invalid_request_error", "expires_at")
+    assert TIME_RANGE in error["message"]
+    assert keyed.store.get(record.id) == record
+    still_serves(keyed)
+
+
+@pytest.mark.parametrize(("query", "param"), [
+    ("since=9999-12-31T23:59:59-12:00", "since"),
+    ("since=0001-01-01T00:00:00%2B14:00", "since"),
+    ("until=9999-12-31T23:00:00-05:00", "until"),
+    ("since=2025-01-01&until=0001-01-01T00:00:00%2B14:00", "until"),
+])
+def test_a_usage_window_outside_1970_to_9999_is_400_naming_the_parameter_and_the_range(
+        keyed: KeyedServer, query: str, param: str) -> None:
+    error = openai_error(get(keyed, f"/v1/usage?{query}", ADMIN), 400, "invalid_value",
+                         "invalid_request_error", param)
+    assert TIME_RANGE in error["message"]
+    still_serves(keyed)
 
 
 def test_an_unknown_key_id_is_404_key_not_found(keyed: KeyedServer) -> None:

@@ -101,6 +101,40 @@ def test_cli_errors_are_one_line_without_a_traceback(tmp_path: Path, args: tuple
     assert len([line for line in result.stderr.splitlines() if "error" in line]) == 1
 
 
+TIME_RANGE = "from 1970-01-01T00:00:00Z to 9999-12-31T23:59:59Z"
+
+
+@pytest.mark.parametrize("when", ["999999999d", "99999999999999999999999d", "9999-12-31T23:00:00-05:00",
+                                  "0001-01-01T00:00:00+14:00"])
+def test_keys_create_expiring_outside_1970_to_9999_exits_2_with_one_line_and_writes_nothing(
+        tmp_path: Path, when: str) -> None:
+    result = cli(tmp_path, "keys", "create", "--name", "x", "--expires", when)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [f"embedserve: error: 'expires_at' must be a time {TIME_RANGE} "
+                                          f"(UTC); got {when!r}."]
+    assert not (tmp_path / "embedserve.db").exists()  # refused before the database was opened
+    assert cli_json(tmp_path, "keys", "list") == []
+
+
+def test_keys_update_to_an_expiry_past_9999_exits_2_and_changes_nothing(tmp_path: Path) -> None:
+    key = cli_json(tmp_path, "keys", "create", "--name", "a", "--expires", "30d")
+    result = cli(tmp_path, "keys", "update", key["id"], "--expires", "999999999d", "--rpm", "5")
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert TIME_RANGE in result.stderr and "Traceback" not in result.stderr
+    assert cli_json(tmp_path, "keys", "show", key["id"]) == {k: v for k, v in key.items() if k != "key"}
+
+
+@pytest.mark.parametrize(("flag", "when"), [("--since", "9999-12-31T23:59:59-12:00"),
+                                            ("--since", "0001-01-01T00:00:00+14:00"),
+                                            ("--until", "9999-12-31T23:00:00-05:00")])
+def test_usage_outside_1970_to_9999_exits_2_with_one_line(tmp_path: Path, flag: str, when: str) -> None:
+    result = cli(tmp_path, "usage", flag, when)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [f"embedserve: error: '{flag[2:]}' must be a time {TIME_RANGE} "
+                                          f"(UTC); got {when!r}."]
+
+
 def test_usage_on_an_empty_ledger_is_a_zero_total(tmp_path: Path) -> None:
     doc = cli_json(tmp_path, "usage")
     assert doc == {"object": "usage_report", "group_by": None,

@@ -2,7 +2,8 @@
 puts it on every response and log line; adds the headers a handler asked for on whatever response goes
 out (`scope["state"]["response_headers"]`, a callable: a limited key's x-ratelimit-*); turns requests
 away while the server drains; counts requests in flight; records the request's metrics and writes its
-access-log line (never the input text, never a key: its id and non-secret prefix); and turns any
+access-log line (never the input text, never a key: its id and non-secret prefix; the path as sent
+and the bounded user agent, whose control characters the log formatters escape); and turns any
 exception that escaped the routes into the generic 500 (traceback in the log only)."""
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ _SANE_ID = re.compile(r"^[\x21-\x7e]{1,200}$")  # visible ASCII, bounded
 PROBES = frozenset({"/health", "/ready", "/metrics"})
 #: Bodies from this size on are followed by a heap trim (AppState.after_large_body).
 LARGE_BODY_BYTES = 1 << 20
+USER_AGENT_CHARS = 256  # kept of a client's User-Agent in the access line
 
 
 def pick_request_id(headers: list[tuple[bytes, bytes]]) -> str:
@@ -40,6 +42,27 @@ def pick_request_id(headers: list[tuple[bytes, bytes]]) -> str:
             if _SANE_ID.match(candidate):
                 return candidate
     return uuid.uuid4().hex
+
+
+def logged_path(scope: Scope) -> str:
+    """The path as the client sent it (percent-escapes kept, no query string): it holds neither a
+    space nor a control character, so it can forge no field and no line of the log."""
+    raw = scope.get("raw_path")
+    return raw.decode("latin-1") if isinstance(raw, bytes) else str(scope["path"])
+
+
+def user_agent(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The User-Agent header, bounded (the log formatters escape its control characters)."""
+    for name, value in headers:
+        if name == b"user-agent":
+            text = value.decode("latin-1")  # as ASGI decodes headers
+            return text if len(text) <= USER_AGENT_CHARS else text[:USER_AGENT_CHARS - 3] + "..."
+    return None
+
+
+def _quoted(text: str) -> str:
+    """For the text line's `user_agent="..."`: a quote inside cannot end the field early."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _route_template(scope: Scope) -> str:
@@ -99,7 +122,7 @@ class RequestContextMiddleware:
             else:
                 await self.app(scope, receive, send_with_id)
         except Exception:
-            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            log.exception("unhandled error on %s %s", scope["method"], logged_path(scope))
             if status:  # the response has started: nothing sane can be sent any more
                 raise
             await refuse(internal_error(request_id))
@@ -127,9 +150,11 @@ class RequestContextMiddleware:
                   "latency_ms": round(seconds * 1000, 1), "key_id": getattr(principal, "key_id", None),
                   "key_prefix": getattr(principal, "prefix", None),
                   "model": None if model == "-" else model, "inputs": info.get("inputs"),
-                  "tokens": info.get("tokens")}
-        log.log(level, "%s %s %d %.1fms%s", scope["method"],
-                scope["path"], status, seconds * 1000,
+                  "tokens": info.get("tokens"), "user_agent": user_agent(scope["headers"])}
+        agent = fields["user_agent"]
+        log.log(level, "%s %s %d %.1fms%s%s", scope["method"],
+                logged_path(scope), status, seconds * 1000,
                 "".join(f" {k}={v}" for k in ("model", "inputs", "tokens", "key_id", "key_prefix")
                         if (v := fields[k]) is not None),
+                "" if agent is None else f" user_agent={_quoted(agent)}",
                 extra=fields)
