@@ -213,6 +213,20 @@ class HeaderTimeout(EmbedServeError):
     code = "header_timeout"
 
 
+class MalformedRequest(InvalidRequest):
+    """The bytes are not an HTTP/1.1 request the parser accepts: a bad Content-Length, Content-Length
+    with Transfer-Encoding, a bad chunk size, a control character in a header, a method it does not
+    know, an HTTP/2 preface or a TLS handshake. The connection is closed after the answer."""
+
+    code = "invalid_http_request"
+
+
+class WebSocketNotSupported(InvalidRequest):
+    """An `Upgrade: websocket` request: the server speaks plain HTTP/1.1 only."""
+
+    code = "websocket_not_supported"
+
+
 # ---- 500 ------------------------------------------------------------------------------------------
 
 
