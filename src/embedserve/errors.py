@@ -198,6 +198,11 @@ class ShuttingDown(ServiceUnavailable):
     code = "shutting_down"
 
 
+class DatabaseUnavailable(ServiceUnavailable):
+    """The key store and usage ledger's database cannot be reached or opened (a server answers 503
+    `service_unavailable` on the routes that need it; the CLI exits 1)."""
+
+
 # ---- refused by the HTTP layer before the request reaches the app ---------------------------------
 
 
