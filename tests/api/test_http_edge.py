@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from embedserve.logs import RequestIdFilter
 from embedserve.settings import Settings
-from rawhttp import RawResponse, connect, exchange, read_response
+from rawhttp import RawResponse, connect, exchange, read_response, read_until_closed
 from support import LiveServer, live_server
 
 MODEL = "all-MiniLM-L6-v2"
@@ -125,6 +125,17 @@ def test_valid_requests_pipelined_before_a_bad_one_get_their_own_answers_first(
     assert len({first.headers["x-request-id"], second.headers["x-request-id"],
                 refusal.headers["x-request-id"]}) == 3
     assert_still_serving(edge)
+
+
+def test_a_request_answered_before_its_body_gets_one_answer_when_the_body_turns_out_malformed(
+        server: LiveServer) -> None:
+    with connect(server) as sock:  # no key: 401 before the body is read
+        sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        answer = read_response(sock)
+        sock.sendall(b"zz\r\n" + EMBED + b"\r\n0\r\n\r\n")
+        assert read_until_closed(sock) == b""  # no second answer to the same request; closed
+    assert answer.status == 401
+    assert answer.json()["error"]["code"] == "invalid_api_key"
 
 
 # ---- HEAD ---------------------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ def assert_still_serving(live: LiveServer) -> None:
                          ids=["nothing", "half-a-head"])
 def test_a_request_head_that_never_completes_gets_408_and_the_connection_closes(
         guarded: LiveServer, sent: bytes) -> None:
+    before = refused(guarded, 408)
     with connect(guarded) as sock:
         sock.sendall(sent)
         started = time.monotonic()
@@ -67,7 +68,10 @@ def test_a_request_head_that_never_completes_gets_408_and_the_connection_closes(
     assert status == 408
     assert headers["connection"] == "close"
     assert headers["content-type"] == "application/json"
+    assert re.fullmatch(r"[0-9a-f]{32}", headers["x-request-id"])
     assert_openai_error(body, "header_timeout")
+    # A connection that never sent a byte made no request (a browser's spare connection): not counted.
+    assert refused(guarded, 408) == before + (1 if sent else 0)
     assert_still_serving(guarded)
 
 
@@ -109,6 +113,8 @@ ONE_READ_HEADS = {  # each a complete head, sent in one write (so it arrives in 
                                               for i in range(MAX_HEADER_BYTES // 330 + 2))),
     "a long query string": _head(b"/health?q=" + b"c" * (MAX_HEADER_BYTES + 1000)),
     "a 100 KB URL": _head(b"/" + b"d" * 100_000),
+    # Mostly unread when the server answers: closing at once reset the connection, and the 431 was lost.
+    "a 1 MB URL": _head(b"/" + b"d" * 1_000_000),
 }
 
 
@@ -123,6 +129,20 @@ def test_a_head_over_the_limit_in_one_write_gets_431_and_the_connection_closes(
     assert re.fullmatch(r"[0-9a-f]{32}", response.headers["x-request-id"])
     assert_openai_error(response.json(), "headers_too_large")
     assert refused(guarded, 431) == before + 1
+    assert_still_serving(guarded)
+
+
+def test_a_head_begun_behind_another_request_and_finished_in_a_later_read_is_counted_whole(
+        guarded: LiveServer) -> None:
+    with connect(guarded) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"  # answered, then the next head begins
+                     b"GET /health HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"g" * (MAX_HEADER_BYTES - 200))
+        time.sleep(0.3)  # (a read of its own)
+        sock.sendall(b"g" * 400 + b"\r\n\r\n")
+        first, refusal = split_responses(read_until_closed(sock))
+    assert first.status == 200
+    assert refusal.status == 431
+    assert_openai_error(refusal.json(), "headers_too_large")
     assert_still_serving(guarded)
 
 

@@ -66,7 +66,7 @@ def create_app(settings: Settings, catalog: Catalog,
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(manage_router)
-    # HTTP edge (design note 39): `/v1/embeddings/` is a 404 like any unknown path, not a redirect;
+    # Design note 40: `/v1/embeddings/` is a 404 like any unknown path, not a redirect;
     # HEAD is served wherever GET is.
     app.router.redirect_slashes = False
     app.add_middleware(HeadAsGet)

@@ -11,6 +11,7 @@ import logging
 import socket
 import uuid
 from collections import deque
+from itertools import chain
 from types import FrameType
 from typing import Any
 
@@ -46,15 +47,15 @@ def _app_state(app: Any) -> AppState | None:
 
 
 class _HeadRefused(Exception):
-    """Raised from a parser callback to stop parsing a request head that has been refused."""
+    """Raised from a parser callback to stop parsing a request that has been refused."""
 
 
 class GuardedProtocol(HttpToolsProtocol):
     """httptools' protocol, keeping the HTTP edge's promises (design notes 21 and 39):
 
     - the request head (request line and headers) must arrive within `header_timeout_s` (else 408) and
-      stay under `max_header_bytes` (else 431), counted on what the parser reports (URL, header names
-      and values) however the bytes arrive, and on the raw bytes of a head still incomplete;
+      stay under `max_header_bytes` (else 431), counted on what the parser read (URL, header names and
+      values) however the bytes arrived, and on the raw bytes of a head still incomplete;
     - whatever the parser refuses (uvicorn answers text/plain), and WebSocket upgrades (the server does
       not speak WebSocket; Starlette answered an empty 403), get an OpenAI error body with a fresh
       X-Request-ID, then the connection closes;
@@ -67,8 +68,10 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._head_bytes = 0  # raw bytes received since the head began, while it is incomplete
-        self._head_seen = 0  # URL and header bytes the parser reported for this head
+        # Raw bytes read while the head is incomplete: a lower bound (a read it began in the middle of is
+        # left out, since that read's other bytes belong to the request before), and an upper bound.
+        self._head_bytes = self._head_bound = 0
+        self._reading = 0  # the size of the read being parsed
         self._head_started = self.loop.time()
         self._head_timer: asyncio.TimerHandle | None = None
         self._refusal: EmbedServeError | None = None  # answered once the responses before it are out
@@ -82,7 +85,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def _start_head(self) -> None:
         self._awaiting_head = True
-        self._head_bytes = self._head_seen = 0
+        self._head_bytes, self._head_bound = 0, self._reading
         self._head_started = self.loop.time()
         self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
 
@@ -102,12 +105,6 @@ class GuardedProtocol(HttpToolsProtocol):
         return HeadersTooLarge(f"The request line and headers are larger than the server's limit of "
                                f"{self.max_header_bytes} bytes.")
 
-    def _count_head(self, size: int) -> None:
-        self._head_seen += size
-        if self._head_seen > self.max_header_bytes:
-            self._refuse(self._too_large())
-            raise _HeadRefused  # stops the parser: the rest of this head is never buffered
-
     # ---- parser callbacks ---------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
@@ -115,16 +112,15 @@ class GuardedProtocol(HttpToolsProtocol):
         if not self._awaiting_head:  # the next request on a kept-alive connection
             self._start_head()
 
-    def on_url(self, url: bytes) -> None:
-        self._count_head(len(url))
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_head(len(name) + len(value))
-        super().on_header(name, value)
-
     def on_headers_complete(self) -> None:
         self._end_head()
+        # What the parser read of the head (URL, header names and values), however it arrived (a head
+        # still incomplete is bounded by its raw bytes in data_received, so at most a read is buffered).
+        # Summed only when the bytes received could hold that much: a normal head costs a comparison.
+        if self._head_bound > self.max_header_bytes and \
+                len(self.url) + sum(map(len, chain.from_iterable(self.headers))) > self.max_header_bytes:
+            self._refuse(self._too_large())
+            raise _HeadRefused  # stops the parser; no cycle was made for this request
         if self._get_upgrade() == b"websocket":
             self._refuse(WebSocketNotSupported("This server does not speak WebSocket; send plain HTTP "
                                                "requests (POST /v1/embeddings)."))
@@ -155,6 +151,8 @@ class GuardedProtocol(HttpToolsProtocol):
         self._unset_keepalive_if_required()
         if self._awaiting_head:
             self._head_bytes += len(data)
+            self._head_bound += len(data)
+        self._reading = len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -199,13 +197,17 @@ class GuardedProtocol(HttpToolsProtocol):
             return
         self._refusal = exc
         cycle = self.cycle
-        if cycle is not None and cycle.more_body and not cycle.response_complete:
-            # The fault is in this request's own body: drop the request, its answer is the refusal.
+        if cycle is not None and cycle.more_body:  # the fault is in this request's own body
+            if cycle.response_started:  # its app answered it already (before reading the body)
+                self._answered = True  # one answer per request: close after the app's
+                if cycle.response_complete:
+                    self.transport.close()
+                else:
+                    cycle.keep_alive = False
+                return
+            # Drop the request; its answer is the refusal.
             if any(queued is cycle for queued, _ in self.pipeline):
                 self.pipeline = deque(item for item in self.pipeline if item[0] is not cycle)
-            elif cycle.response_started:  # its app answered already, in part: no way to add ours
-                self.transport.close()
-                return
             cycle.disconnected = True  # its app reads http.disconnect, and what it sends is dropped
             cycle.message_event.set()
         self._answer_refusal()
@@ -241,16 +243,20 @@ class GuardedProtocol(HttpToolsProtocol):
         self.loop.call_later(LINGER_S, self.transport.close)
 
     def _report(self, exc: EmbedServeError, request_id: str) -> None:
-        """The refusal's log line and its count in embedserve_requests_total (route "-", model "-")."""
-        seconds = self.loop.time() - self._head_started
+        """The refusal's log line and its count in embedserve_requests_total (route "-", model "-").
+        A connection that never sent a byte (a browser's spare connection, a port scan) made no request:
+        its 408 is logged at debug level and not counted."""
+        silent = self._first_bytes is None
         state = _app_state(self.config.app)
-        if state is not None:
+        if state is not None and not silent:
+            seconds = self.loop.time() - self._head_started
             state.metrics.observe_request(REFUSED_ROUTE, "-", exc.status, seconds)
         token = request_id_var.set(request_id)
         try:
             client = f"{self.client[0]}:{self.client[1]}" if self.client else "-"
-            log.info("refused %d %s from %s: %s", exc.status, exc.code, client, exc.message,
-                     extra={"event": "refused", "status": exc.status, "code": exc.code, "client": client})
+            log.log(logging.DEBUG if silent else logging.INFO, "refused %d %s from %s: %s", exc.status,
+                    exc.code, client, exc.message,
+                    extra={"event": "refused", "status": exc.status, "code": exc.code, "client": client})
         finally:
             request_id_var.reset(token)
 
