@@ -150,17 +150,19 @@ class SqliteDatabase:
     def create_schema(self) -> None:
         try:
             conn = self._connect()
-        except sqlite3.Error as exc:
+        except sqlite3.OperationalError as exc:  # cannot open the file, read-only, locked
             raise _unreachable(f"cannot open the database {self.where}: {exc}") from None
+        except sqlite3.Error as exc:  # e.g. "file is not a database": the path names the wrong file
+            raise ConfigError(f"cannot open the database {self.where}: {exc}") from None
         try:
             self._enter_wal(conn)
             conn.executescript("BEGIN IMMEDIATE;\n"
                                + _TABLES.format(id_column="INTEGER PRIMARY KEY",
                                                 version=SCHEMA_VERSION)
                                + "\nCOMMIT;")
-        except sqlite3.OperationalError as exc:  # cannot open, read-only, locked past the busy timeout
+        except sqlite3.OperationalError as exc:
             raise _unreachable(f"cannot set up the database {self.where}: {exc}") from None
-        except sqlite3.Error as exc:  # e.g. "file is not a database": the path names the wrong file
+        except sqlite3.Error as exc:
             raise ConfigError(f"cannot set up the database {self.where}: {exc}") from None
         finally:
             conn.close()
