@@ -80,6 +80,7 @@ class Metrics:
                           self.batch_inputs, self.batch_tokens):
             histogram.labels(model)
         self.batch_padding.labels(model)
+        self.tokenized.labels(model)
         for reason in REJECT_REASONS:
             self.rejected.labels(model, reason)
         self.queue_depth.labels(model).set(0)

@@ -127,6 +127,7 @@ MODEL_SERIES = [
         "tokenize_duration_seconds", "queue_wait_seconds", "inference_duration_seconds", "batch_size_inputs",
         "batch_tokens")),
     ("embedserve_batch_padding_tokens_total", {}),
+    ("embedserve_tokenized_tokens_total", {}),
     ("embedserve_queue_depth_inputs", {}),
     ("embedserve_model_ready", {}),
     *(("embedserve_rejected_inputs_total", {"reason": reason}) for reason in REJECT_REASONS),
