@@ -579,6 +579,14 @@ def declared_entries(model_args: Iterable[str], models_file: Path | None) -> lis
 
 # ---- the served set -------------------------------------------------------------------------------
 
+#: How much of an unknown model name an error message repeats (the name is the client's, of any size).
+ECHO_CHARS = 64
+
+
+def echo_name(name: str) -> str:
+    """Pure: `name` as an error message may repeat it, at most ECHO_CHARS characters and an ellipsis."""
+    return name if len(name) <= ECHO_CHARS else name[:ECHO_CHARS] + "..."
+
 
 class Catalog:
     """The immutable set of served models, addressable by id or alias."""
@@ -596,11 +604,14 @@ class Catalog:
 
     def resolve(self, name: str, principal: Principal = ANONYMOUS) -> ModelSpec:
         """An id or alias -> its spec. A model the caller's key may not use is as unknown as a model
-        that does not exist (same 404, same message: nothing is revealed)."""
+        that does not exist (same 404, same message: it lists only the ids the key may use)."""
         spec = self._by_name.get(name)
         if spec is None or not principal.may_use(spec.names):
-            raise ModelNotFound(f"The model '{name}' does not exist or you do not have access to it.",
-                                param="model")
+            usable = [s.id for s in self.specs_for(principal)]
+            offer = (f" Models you may use: {', '.join(usable)}." if usable
+                     else " Your key may use none of the models served here.")
+            raise ModelNotFound(f"The model '{echo_name(name)}' does not exist or you do not have access "
+                                f"to it.{offer}", param="model")
         return spec
 
     def canonical_id(self, name: str) -> str | None:

@@ -1,7 +1,7 @@
 """Command line: flags -> Settings, then `serve` (the HTTP server), `models` (what would be served),
 `keys` (create, list, show, update, revoke API keys) or `usage` (reports from the ledger). Failures print
-one line, never a traceback: exit 2 for a bad flag, setting or catalog, 1 for an unknown key or an
-unreachable database."""
+one line, never a traceback: exit 2 for a bad flag, setting, catalog or value, 1 for an unknown key id
+or a database that cannot be reached."""
 
 from __future__ import annotations
 
@@ -237,7 +237,7 @@ def _serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     server.run()
-    return 0
+    return 0 if server.started else 1  # the lifespan failed (uvicorn logged why)
 
 
 def _check_store(settings: Settings) -> None:
@@ -248,8 +248,6 @@ def _check_store(settings: Settings) -> None:
     db = open_database(settings.database_url, settings.data_dir)
     try:
         KeyStore(db).check_pepper(load_pepper(settings.key_pepper, settings.data_dir))
-    except ServiceUnavailable as exc:
-        raise ConfigError(exc.message) from None
     finally:
         db.close()
 

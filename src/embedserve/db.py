@@ -12,7 +12,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from embedserve.errors import ConfigError, ServiceUnavailable
+from embedserve.errors import ConfigError, DatabaseUnavailable, ServiceUnavailable
 
 Dialect = Literal["sqlite", "postgresql"]
 BUSY_TIMEOUT_S = 30.0  # how long a SQLite connection waits for another one's lock
@@ -79,8 +79,14 @@ class Database(Protocol):
     def close(self) -> None: ...
 
 
-def _unavailable(where: str, exc: Exception) -> ServiceUnavailable:
-    return ServiceUnavailable(f"The database ({where}) is unavailable: {exc}", retry_after_s=5)
+def _unavailable(where: str, exc: Exception) -> DatabaseUnavailable:
+    return DatabaseUnavailable(f"The database ({where}) is unavailable: {exc}", retry_after_s=5)
+
+
+def _unreachable(message: str) -> DatabaseUnavailable:
+    """At start-up: the database named by the settings cannot be reached, opened or set up (the CLI
+    exits 1), as opposed to a setting that is wrong in itself (ConfigError, exit 2)."""
+    return DatabaseUnavailable(message, retry_after_s=5)
 
 
 # ---- SQLite -----------------------------------------------------------------------------------------
@@ -144,7 +150,9 @@ class SqliteDatabase:
     def create_schema(self) -> None:
         try:
             conn = self._connect()
-        except sqlite3.Error as exc:
+        except sqlite3.OperationalError as exc:  # cannot open the file, read-only, locked
+            raise _unreachable(f"cannot open the database {self.where}: {exc}") from None
+        except sqlite3.Error as exc:  # e.g. "file is not a database": the path names the wrong file
             raise ConfigError(f"cannot open the database {self.where}: {exc}") from None
         try:
             self._enter_wal(conn)
@@ -152,6 +160,8 @@ class SqliteDatabase:
                                + _TABLES.format(id_column="INTEGER PRIMARY KEY",
                                                 version=SCHEMA_VERSION)
                                + "\nCOMMIT;")
+        except sqlite3.OperationalError as exc:
+            raise _unreachable(f"cannot set up the database {self.where}: {exc}") from None
         except sqlite3.Error as exc:
             raise ConfigError(f"cannot set up the database {self.where}: {exc}") from None
         finally:
@@ -232,7 +242,7 @@ class PostgresDatabase:
         except (psycopg.Error, PoolTimeout) as exc:
             self._pool.close()
             reason = " ".join(str(exc).split()) or type(exc).__name__
-            raise ConfigError(f"cannot connect to the database {self.where}: {reason}") from None
+            raise _unreachable(f"cannot connect to the database {self.where}: {reason}") from None
 
     @contextmanager
     def transaction(self, write: bool = True) -> Iterator[Cursor]:
@@ -255,7 +265,7 @@ class PostgresDatabase:
                     if statement.strip():
                         tx.execute(statement)
         except ServiceUnavailable as exc:
-            raise ConfigError(f"cannot set up the database {self.where}: {exc.message}") from None
+            raise _unreachable(f"cannot set up the database {self.where}: {exc.message}") from None
 
     def close(self) -> None:
         self._pool.close()
@@ -263,7 +273,8 @@ class PostgresDatabase:
 
 def open_database(url: str | None, data_dir: Path) -> SqliteDatabase | PostgresDatabase:
     """`url`: None (SQLite in the data dir), `sqlite:///PATH` or `postgresql://...`. Creates the
-    schema when it is missing; raises ConfigError when the database cannot be reached or set up."""
+    schema when it is missing. Raises DatabaseUnavailable when the database cannot be reached, opened
+    or set up, ConfigError when the settings name no usable database (bad URL, wrong schema version)."""
     database: SqliteDatabase | PostgresDatabase
     if url is None or not url.strip():
         database = SqliteDatabase(data_dir / SQLITE_FILE)

@@ -198,6 +198,11 @@ class ShuttingDown(ServiceUnavailable):
     code = "shutting_down"
 
 
+class DatabaseUnavailable(ServiceUnavailable):
+    """The key store and usage ledger's database cannot be reached or opened (a server answers 503
+    `service_unavailable` on the routes that need it; the CLI exits 1)."""
+
+
 # ---- refused by the HTTP layer before the request reaches the app ---------------------------------
 
 
@@ -211,6 +216,20 @@ class HeaderTimeout(EmbedServeError):
     status = 408
     type = "invalid_request_error"
     code = "header_timeout"
+
+
+class MalformedRequest(InvalidRequest):
+    """The bytes are not an HTTP/1.1 request the parser accepts: a bad Content-Length, Content-Length
+    with Transfer-Encoding, a bad chunk size, a control character in a header, a method it does not
+    know, an HTTP/2 preface or a TLS handshake. The connection is closed after the answer."""
+
+    code = "invalid_http_request"
+
+
+class WebSocketNotSupported(InvalidRequest):
+    """An `Upgrade: websocket` request: the server speaks plain HTTP/1.1 only."""
+
+    code = "websocket_not_supported"
 
 
 # ---- 500 ------------------------------------------------------------------------------------------

@@ -18,6 +18,10 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 BATCH_TOKEN_BUCKETS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: The route whose requests name a model (api.routes.EMBEDDINGS_PATH; a test pins that they agree).
+EMBEDDINGS_ROUTE = "/v1/embeddings"
+#: Why the batcher refuses or drops inputs (`embedserve_rejected_inputs_total{reason}`).
+REJECT_REASONS = ("queue_full", "queue_wait", "cancelled")
 
 
 class Metrics:
@@ -67,6 +71,22 @@ class Metrics:
                                  "or after a failed load", ("model",), registry=r)
         # process_resident_memory_bytes and friends, under our prefix.
         ProcessCollector(namespace="embedserve", registry=r)
+
+    def declare_model(self, model: str) -> None:
+        """Create every series labelled with `model` at zero, before its first request: a scrape right
+        after start lists them, and rate() over a counter's first increase is not lost (Prometheus
+        practice). The load time and per-key counters appear when there is something to report."""
+        for histogram in (self.tokenize_seconds, self.queue_seconds, self.inference_seconds,
+                          self.batch_inputs, self.batch_tokens):
+            histogram.labels(model)
+        self.batch_padding.labels(model)
+        self.tokenized.labels(model)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(model, reason)
+        self.queue_depth.labels(model).set(0)
+        self.model_ready.labels(model).set(0)
+        self.requests.labels(EMBEDDINGS_ROUTE, model, "200")
+        self.request_seconds.labels(EMBEDDINGS_ROUTE)
 
     # ---- observations --------------------------------------------------------------------------
 

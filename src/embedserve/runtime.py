@@ -168,6 +168,9 @@ class ModelRegistry:
         self._errors: dict[str, str] = {}
         # The memory the passes running at once may hold, per device, shared by the models on it.
         self._budgets: dict[str, MemoryBudget] = {}
+        if metrics is not None:
+            for spec in catalog.specs:
+                metrics.declare_model(spec.id)
 
     def budget(self, device: str) -> MemoryBudget:
         if device not in self._budgets:

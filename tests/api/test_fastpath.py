@@ -16,6 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from embedserve.api.app import create_app
 from embedserve.api.fastpath import EmbeddingsFastPath
+from embedserve.api.head import HeadAsGet
 from embedserve.api.middleware import RequestContextMiddleware
 from embedserve.api.routes import EMBEDDINGS_PATH, create_embeddings
 from embedserve.catalog import Catalog
@@ -123,8 +124,9 @@ def test_other_exceptions_propagate_to_the_request_context_middleware() -> None:
 
 def test_the_app_puts_the_fast_path_inside_the_request_context() -> None:
     """Request ids, draining, accounting and the generic 500 wrap the fast path too; by default it
-    serves the handler FastAPI documents."""
+    serves the handler FastAPI documents. HEAD handling sits inside it: POST /v1/embeddings never meets
+    it."""
     app = create_app(Settings(), Catalog([]))
-    assert [m.cls for m in app.user_middleware] == [RequestContextMiddleware, EmbeddingsFastPath]
+    assert [m.cls for m in app.user_middleware] == [RequestContextMiddleware, EmbeddingsFastPath, HeadAsGet]
     assert EmbeddingsFastPath(Recorder()).handler is create_embeddings
     assert EMBEDDINGS_PATH in app.openapi()["paths"]

@@ -159,6 +159,19 @@ def test_model_retrieve_unknown_is_404_model_not_found(server: LiveServer) -> No
     assert error_of(response)["code"] == "model_not_found"
 
 
+def test_a_one_megabyte_model_name_gets_a_short_404_listing_the_models(server: LiveServer) -> None:
+    response = httpx.post(f"{server.v1}/embeddings", json={"model": "z" * 2**20, "input": "x"},
+                          headers=AUTH, timeout=60)
+    assert response.status_code == 404
+    assert len(response.content) < 1024
+    error = error_of(response)
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert "'" + "z" * 64 + "...'" in error["message"]
+    assert f"Models you may use: {MODEL}, minilm-mrl, minilm-prompted, tiny-cls-dense." in error["message"]
+    assert httpx.post(f"{server.v1}/embeddings", json={"model": MODEL, "input": "x"},
+                      headers=AUTH).status_code == 200
+
+
 @pytest.mark.parametrize("model_id", ["%0A0", "a%0Ab", "%0D%0A", "x%0A"])
 def test_model_ids_with_control_characters_reach_the_route(server: LiveServer, model_id: str) -> None:
     # Found by the fuzzer: a newline escaped the route's pattern, so these were 404 before auth.

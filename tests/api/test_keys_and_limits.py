@@ -188,6 +188,7 @@ def test_a_model_limited_key_gets_404_model_not_found_for_other_models(keyed: Ke
     unknown = openai_error(embed(keyed, secret, {"model": "no-such-model", "input": "x"}), 404,
                            "model_not_found", "invalid_request_error", "model")
     assert error["message"] == unknown["message"].replace("no-such-model", MODEL)  # reveals nothing
+    assert f"Models you may use: {SMALL}." in error["message"]  # only the key's own
     openai_error(get(keyed, f"/v1/models/{MODEL}", secret), 404, "model_not_found",
                  "invalid_request_error", "model")
     assert get(keyed, f"/v1/models/{SMALL}", secret).status_code == 200

@@ -1,9 +1,11 @@
-"""What an operator sees: /metrics counters move by exactly the requests sent, and the access log carries
-the request's fields (never its text, never its key)."""
+"""What an operator sees: /metrics counters move by exactly the requests sent, every model's series are
+listed from the start, and the access log carries the request's fields (never its text, never its
+key)."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import httpx
 import pytest
@@ -11,7 +13,9 @@ from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import API_KEY
-from support import LiveServer
+from embedserve.metrics import EMBEDDINGS_ROUTE, REJECT_REASONS, Metrics
+from embedserve.settings import Settings
+from support import LiveServer, live_server
 
 MODEL = "all-MiniLM-L6-v2"
 ROUTE = "/v1/embeddings"
@@ -113,3 +117,57 @@ def test_the_access_line_has_the_requests_fields_and_never_its_text_or_key(
     text = JsonFormatter().format(record) + record.getMessage()
     assert "zebra-canary" not in text
     assert API_KEY not in text
+
+
+# ---- series exist from the start ----------------------------------------------------------------------
+
+#: (name, extra labels) of every series labelled with a model that a scrape must list before any request.
+MODEL_SERIES = [
+    *((f"embedserve_{name}_count", {}) for name in (
+        "tokenize_duration_seconds", "queue_wait_seconds", "inference_duration_seconds", "batch_size_inputs",
+        "batch_tokens")),
+    ("embedserve_batch_padding_tokens_total", {}),
+    ("embedserve_tokenized_tokens_total", {}),
+    ("embedserve_queue_depth_inputs", {}),
+    ("embedserve_model_ready", {}),
+    *(("embedserve_rejected_inputs_total", {"reason": reason}) for reason in REJECT_REASONS),
+    ("embedserve_requests_total", {"route": ROUTE, "status": "200"}),
+]
+
+
+def test_every_model_labelled_series_is_listed_right_after_ready(tmp_path: Path,
+                                                                 tiny_dense_model: Path) -> None:
+    catalog = tmp_path / "models.toml"
+    catalog.write_text(f'[[models]]\nsource = "{MODEL}"\n\n'
+                       f'[[models]]\nid = "tiny"\nsource = "{tiny_dense_model}"\n')
+    with live_server(Settings(models_file=catalog)) as live:  # returns once /ready is 200
+        samples = scrape(live)
+    for model in (MODEL, "tiny"):
+        for name, labels in MODEL_SERIES:
+            assert (name, frozenset({"model": model, **labels}.items())) in samples, (name, model)
+        assert value(samples, "embedserve_model_ready", model=model) == 1
+        assert value(samples, "embedserve_queue_depth_inputs", model=model) == 0
+        assert value(samples, "embedserve_requests_total", route=ROUTE, model=model, status="200") == 0
+        for reason in REJECT_REASONS:
+            assert value(samples, "embedserve_rejected_inputs_total", model=model, reason=reason) == 0
+
+
+def test_a_model_still_loading_is_listed_with_model_ready_0() -> None:
+    from embedserve.catalog import build_catalog, declared_entries
+    from embedserve.runtime import ModelRegistry
+
+    metrics = Metrics()
+    catalog = build_catalog(declared_entries([MODEL], None), allow_download=False)
+    ModelRegistry(catalog, Settings(), metrics)  # created, nothing loaded yet
+    samples = {(s.name, frozenset(s.labels.items())): s.value
+               for family in text_string_to_metric_families(metrics.exposition().decode())
+               for s in family.samples}
+    for name, labels in MODEL_SERIES:
+        assert (name, frozenset({"model": MODEL, **labels}.items())) in samples, name
+    assert value(samples, "embedserve_model_ready", model=MODEL) == 0
+
+
+def test_the_metrics_name_the_route_that_serves_embeddings() -> None:
+    from embedserve.api.routes import EMBEDDINGS_PATH
+
+    assert EMBEDDINGS_ROUTE == EMBEDDINGS_PATH == ROUTE

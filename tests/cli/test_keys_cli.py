@@ -153,6 +153,38 @@ def test_a_different_pepper_stops_the_server_with_one_line(tmp_path: Path) -> No
     assert "another key pepper" in result.stderr and "Traceback" not in result.stderr
 
 
+def _unreachable(tmp_path: Path, kind: str) -> str:
+    """A --database-url that names a database nothing can open."""
+    if kind == "postgresql":
+        return f"postgresql://embedserve@127.0.0.1:{_free_port()}/embedserve"  # nothing listens there
+    (tmp_path / "a-directory").mkdir()
+    return f"sqlite:///{tmp_path / 'a-directory'}"  # SQLite cannot open a directory as its file
+
+
+@pytest.mark.parametrize("kind", ["postgresql", "sqlite"])
+@pytest.mark.parametrize("command", [("serve", "--port", "0"), ("keys", "list"),
+                                     ("keys", "create", "--name", "x"), ("usage",)],
+                         ids=["serve", "keys list", "keys create", "usage"])
+def test_a_database_that_cannot_be_reached_exits_1_with_one_line(tmp_path: Path, command: tuple[str, ...],
+                                                                 kind: str) -> None:
+    result = cli(tmp_path, *command, "--database-url", _unreachable(tmp_path, kind))
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("embedserve: error: ") and "database" in lines[0]
+
+
+@pytest.mark.parametrize("command", [("serve", "--port", "0"), ("keys", "list"), ("usage",)],
+                         ids=["serve", "keys", "usage"])
+def test_a_database_url_naming_a_file_that_is_no_database_is_a_bad_value_exit_2(
+        tmp_path: Path, command: tuple[str, ...]) -> None:
+    (tmp_path / "notes.txt").write_text("these are not the tables you are looking for\n" * 100)
+    result = cli(tmp_path, *command, "--database-url", f"sqlite:///{tmp_path / 'notes.txt'}")
+    assert result.returncode == 2, result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1, result.stderr
+    assert "not a database" in result.stderr
+
+
 # ---- durability with a real server process ----------------------------------------------------------
 
 

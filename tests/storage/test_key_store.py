@@ -13,7 +13,7 @@ import pytest
 
 from conftest import Storage
 from embedserve.db import open_database
-from embedserve.errors import AuthenticationFailed, ConfigError, KeyNotFound
+from embedserve.errors import AuthenticationFailed, ConfigError, DatabaseUnavailable, KeyNotFound
 from embedserve.keys import KeyChanges, KeyRing, KeyStore, key_digest, key_json
 from embedserve.types import ANONYMOUS
 
@@ -187,10 +187,11 @@ def test_the_schema_is_created_once_even_by_several_processes_at_once(storage: S
         db.close()
 
 
-def test_an_unreachable_or_unknown_database_url_is_one_config_error(tmp_path: Path) -> None:
+def test_an_unknown_database_url_is_a_config_error_and_an_unreachable_one_database_unavailable(
+        tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="postgresql://"):
         open_database("mysql://somewhere/db", tmp_path)
-    with pytest.raises(ConfigError, match="cannot connect"):
+    with pytest.raises(DatabaseUnavailable, match="cannot connect"):  # the CLI exits 1, not 2
         open_database("postgresql://nobody@127.0.0.1:1/none?connect_timeout=1", tmp_path)
 
 

