@@ -21,13 +21,15 @@ log = logging.getLogger("embedserve.usage")
 GroupBy = Literal["key", "model", "day"]
 MAX_PENDING = 1_000_000  # records held while the database is unreachable (about 200 MB); then the oldest go
 _INSERT = ("INSERT INTO usage_records (key_id, model, prompt_tokens, inputs, request_id, created_at, "
-           "latency_ms, price_per_million) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+           "latency_ms, price_per_million, record_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+           "ON CONFLICT (record_id) DO NOTHING")
 
 
-def write_records(db: Database, records: Sequence[UsageRecord]) -> None:
-    """Blocking: one transaction for the whole batch."""
+def write_records(db: Database, records: Sequence[UsageRecord]) -> int:
+    """Blocking: one transaction for the whole batch. A record whose id the ledger already has is skipped:
+    a retry of a write that committed unseen, or a journal replayed again. -> how many were new."""
     with db.transaction() as tx:
-        tx.executemany(_INSERT, [astuple(record) for record in records])
+        return tx.executemany(_INSERT, [astuple(record) for record in records])
 
 
 class UsageLedger:
