@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "SQLite in --data-dir)")
     serve.add_argument("--usage-flush-interval", type=float, default=s, metavar="SECONDS",
                        help="how often usage records are written (a crash loses at most this much)")
+    serve.add_argument("--usage-journal", type=Path, default=s, metavar="PATH",
+                       help="where usage records the database would not take at shutdown wait for the "
+                            "next start (default <data-dir>/usage-journal.jsonl)")
     serve.add_argument("--backend", choices=["auto", "torch", "onnx"], default=s,
                        help="auto: ONNX Runtime on CPU, torch on CUDA")
     serve.add_argument("--quantize", choices=["none", "int8"], default=s,
@@ -224,7 +227,8 @@ def _serve(settings: Settings) -> int:
         else:
             print(text, file=sys.stderr, flush=True)
 
-    app = create_app(settings, catalog, on_ready=announce)
+    lost: list[int] = []
+    app = create_app(settings, catalog, on_ready=announce, on_closed=lost.append)
     server = build_server(app, settings)
     # The server drains on SIGTERM/SIGINT, then re-raises the signal under the handlers it found at
     # start. No-op handlers there make a graceful stop end with exit status 0, as a supervisor
@@ -232,14 +236,20 @@ def _serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     server.run()
-    return 0
+    # 0 only when the app's shutdown ran to its end with every usage record in the database or the
+    # journal; 1 when records were lost (the ledger's log line says how many), when the app never
+    # started, or when a second signal cut the shutdown short (its records were never written).
+    return 0 if server.started and lost == [0] else 1
 
 
 def _check_store(settings: Settings) -> None:
-    """Before binding: the database opens (schema created) and the pepper matches its keys."""
+    """Before binding: the database opens (schema created or migrated), the pepper matches its keys and
+    the usage journal can be written."""
     from embedserve.db import open_database
+    from embedserve.journal import UsageJournal
     from embedserve.keys import KeyStore, load_pepper
 
+    UsageJournal(settings.usage_journal_path).check()
     db = open_database(settings.database_url, settings.data_dir)
     try:
         KeyStore(db).check_pepper(load_pepper(settings.key_pepper, settings.data_dir))
