@@ -1,7 +1,7 @@
 """Command line: flags -> Settings, then `serve` (the HTTP server), `models` (what would be served),
 `keys` (create, list, show, update, revoke API keys) or `usage` (reports from the ledger). Failures print
 one line, never a traceback: exit 2 for a bad flag, setting or catalog, 1 for an unknown key or an
-unreachable database."""
+unreachable database (and for a `serve` that lost usage records)."""
 
 from __future__ import annotations
 
