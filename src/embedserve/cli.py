@@ -1,7 +1,7 @@
 """Command line: flags -> Settings, then `serve` (the HTTP server), `models` (what would be served),
 `keys` (create, list, show, update, revoke API keys) or `usage` (reports from the ledger). Failures print
 one line, never a traceback: exit 2 for a bad flag, setting, catalog or value, 1 for an unknown key id
-or a database that cannot be reached."""
+or a database that cannot be reached (and for a `serve` that lost usage records)."""
 
 from __future__ import annotations
 
@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "SQLite in --data-dir)")
     serve.add_argument("--usage-flush-interval", type=float, default=s, metavar="SECONDS",
                        help="how often usage records are written (a crash loses at most this much)")
+    serve.add_argument("--usage-journal", type=Path, default=s, metavar="PATH",
+                       help="where usage records the database would not take at shutdown wait for the "
+                            "next start (default <data-dir>/usage-journal.jsonl)")
     serve.add_argument("--backend", choices=["auto", "torch", "onnx"], default=s,
                        help="auto: ONNX Runtime on CPU, torch on CUDA")
     serve.add_argument("--quantize", choices=["none", "int8"], default=s,
@@ -229,7 +232,8 @@ def _serve(settings: Settings) -> int:
         else:
             print(banner(settings, first, open_server=state.keys.open), file=sys.stderr, flush=True)
 
-    app = create_app(settings, catalog, on_ready=announce)
+    lost: list[int] = []
+    app = create_app(settings, catalog, on_ready=announce, on_closed=lost.append)
     server = build_server(app, settings)
     # The server drains on SIGTERM/SIGINT, then re-raises the signal under the handlers it found at
     # start. No-op handlers there make a graceful stop end with exit status 0, as a supervisor
@@ -237,14 +241,20 @@ def _serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     server.run()
-    return 0 if server.started else 1  # the lifespan failed (uvicorn logged why)
+    # 0 only when the app's shutdown ran to its end with every usage record in the database or the
+    # journal; 1 when records were lost (the ledger's log line says how many), when the app never
+    # started, or when a second signal cut the shutdown short (its records were never written).
+    return 0 if server.started and lost == [0] else 1
 
 
 def _check_store(settings: Settings) -> None:
-    """Before binding: the database opens (schema created) and the pepper matches its keys."""
+    """Before binding: the database opens (schema created or migrated), the pepper matches its keys and
+    the usage journal can be written."""
     from embedserve.db import open_database
+    from embedserve.journal import UsageJournal
     from embedserve.keys import KeyStore, load_pepper
 
+    UsageJournal(settings.usage_journal_path).check()
     db = open_database(settings.database_url, settings.data_dir)
     try:
         KeyStore(db).check_pepper(load_pepper(settings.key_pepper, settings.data_dir))

@@ -1,6 +1,7 @@
 """The server's database behind one narrow interface: SQLite (WAL, the embedded default, a file under
 the data dir) or PostgreSQL (by URL, for replicas sharing one key store and ledger). SQL is written once
-with `?` placeholders; the schema is created on first use. Blocking: call it from a thread."""
+with `?` placeholders; the schema is created on first use and an older one migrated in place. Blocking:
+call it from a thread."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from embedserve.errors import ConfigError, DatabaseUnavailable, ServiceUnavailab
 
 Dialect = Literal["sqlite", "postgresql"]
 BUSY_TIMEOUT_S = 30.0  # how long a SQLite connection waits for another one's lock
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: usage_records.record_id (design note 35)
 SQLITE_FILE = "embedserve.db"
 _PG_SCHEMA_LOCK = 0x656D6265  # pg_advisory_xact_lock key: replicas starting together create it once
 
@@ -49,7 +50,8 @@ CREATE TABLE IF NOT EXISTS usage_records (
     request_id TEXT NOT NULL,
     created_at DOUBLE PRECISION NOT NULL,  -- unix seconds, when the response was ready
     latency_ms DOUBLE PRECISION NOT NULL,
-    price_per_million DOUBLE PRECISION NOT NULL  -- the model's price when it was used
+    price_per_million DOUBLE PRECISION NOT NULL,  -- the model's price when it was used
+    record_id TEXT                         -- made by the server, unique; NULL only in rows from version 1
 );
 CREATE INDEX IF NOT EXISTS usage_records_created_at ON usage_records (created_at);
 CREATE INDEX IF NOT EXISTS usage_records_key_created_at ON usage_records (key_id, created_at);
@@ -63,7 +65,9 @@ class Cursor(Protocol):
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int: ...
 
-    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+        """-> the rows changed, all statements together."""
+        ...
 
     def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]: ...
 
@@ -78,6 +82,35 @@ class Database(Protocol):
 
     def close(self) -> None: ...
 
+
+#: Version -> what brings a database of that version to the next (run under the schema lock).
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: ("ALTER TABLE usage_records ADD COLUMN record_id TEXT",),
+}
+#: Created once the table has its latest columns: a replayed or retried record is written once at most.
+_INDEXES = ("CREATE UNIQUE INDEX IF NOT EXISTS usage_records_record_id ON usage_records (record_id)",)
+
+
+def _statements(script: str) -> list[str]:
+    return [s for s in re.sub(r"--[^\n]*", "", script).split(";") if s.strip()]
+
+
+def _set_up(tx: Cursor, id_column: str) -> None:
+    """Create what is missing, then migrate an older schema in place, in the caller's transaction (which
+    holds the schema lock, so replicas starting together migrate once). A newer schema is left alone for
+    check_schema_version to refuse."""
+    for statement in _statements(_TABLES.format(id_column=id_column, version=SCHEMA_VERSION)):
+        tx.execute(statement)
+    (version,), = tx.fetchall("SELECT schema_version FROM embedserve_meta WHERE id = 1")
+    if version > SCHEMA_VERSION:
+        return
+    for step in range(version, SCHEMA_VERSION):
+        for statement in _MIGRATIONS[step]:
+            tx.execute(statement)
+    for statement in _INDEXES:
+        tx.execute(statement)
+    if version != SCHEMA_VERSION:
+        tx.execute("UPDATE embedserve_meta SET schema_version = ? WHERE id = 1", (SCHEMA_VERSION,))
 
 def _unavailable(where: str, exc: Exception) -> DatabaseUnavailable:
     return DatabaseUnavailable(f"The database ({where}) is unavailable: {exc}", retry_after_s=5)
@@ -99,8 +132,8 @@ class _SqliteCursor:
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         return self._conn.execute(sql, tuple(params)).rowcount
 
-    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        self._conn.executemany(sql, rows)
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+        return self._conn.executemany(sql, rows).rowcount
 
     def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return list(self._conn.execute(sql, tuple(params)).fetchall())
@@ -156,16 +189,15 @@ class SqliteDatabase:
             raise ConfigError(f"cannot open the database {self.where}: {exc}") from None
         try:
             self._enter_wal(conn)
-            conn.executescript("BEGIN IMMEDIATE;\n"
-                               + _TABLES.format(id_column="INTEGER PRIMARY KEY",
-                                                version=SCHEMA_VERSION)
-                               + "\nCOMMIT;")
+            conn.execute("BEGIN IMMEDIATE")  # the schema lock: one process creates or migrates
+            _set_up(_SqliteCursor(conn), id_column="INTEGER PRIMARY KEY")
+            conn.execute("COMMIT")
         except sqlite3.OperationalError as exc:
             raise _unreachable(f"cannot set up the database {self.where}: {exc}") from None
         except sqlite3.Error as exc:
             raise ConfigError(f"cannot set up the database {self.where}: {exc}") from None
         finally:
-            conn.close()
+            conn.close()  # uncommitted work is rolled back
 
     @staticmethod
     def _enter_wal(conn: sqlite3.Connection) -> None:
@@ -201,8 +233,9 @@ class _PgCursor:
         self._cursor.execute(_pg_sql(sql), tuple(params))
         return int(self._cursor.rowcount)
 
-    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
         self._cursor.executemany(_pg_sql(sql), rows)
+        return int(self._cursor.rowcount)
 
     def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         self._cursor.execute(_pg_sql(sql), tuple(params))
@@ -259,11 +292,7 @@ class PostgresDatabase:
         try:
             with self.transaction() as tx:
                 tx.execute(f"SELECT pg_advisory_xact_lock({_PG_SCHEMA_LOCK})")
-                script = _TABLES.format(id_column="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
-                                        version=SCHEMA_VERSION)
-                for statement in re.sub(r"--[^\n]*", "", script).split(";"):
-                    if statement.strip():
-                        tx.execute(statement)
+                _set_up(tx, id_column="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY")
         except ServiceUnavailable as exc:
             raise _unreachable(f"cannot set up the database {self.where}: {exc.message}") from None
 

@@ -28,6 +28,7 @@ from embedserve.errors import (
     KeyNotFound,
     MissingParameter,
 )
+from embedserve.health import Health
 from embedserve.timestamps import iso, parse_time
 from embedserve.types import ANONYMOUS, Principal
 
@@ -361,6 +362,7 @@ class KeyRing:
         self._managed: Mapping[bytes, _Entry] = {}
         self._any_managed = False
         self.version = -1
+        self.health = Health()  # of the refreshes: a success is a poll that reached the key store
 
     @property
     def open(self) -> bool:
@@ -384,15 +386,14 @@ class KeyRing:
 
     def refresh_sync(self) -> bool:
         """Blocking: reload the snapshot when the counter moved. -> whether it did."""
-        if self._store.version() == self.version:
-            return False
-        version, rows = self._store.snapshot()
-        self.load(version, rows)
-        return True
+        changed = self._store.version() != self.version
+        if changed:
+            self.load(*self._store.snapshot())
+        self.health.succeeded(self._clock())
+        return changed
 
     async def run(self, interval_s: float = REFRESH_INTERVAL_S) -> None:
         """Poll the change counter until cancelled. A database outage keeps the last snapshot."""
-        failing = False
         while True:
             await asyncio.sleep(interval_s)
             try:
@@ -401,13 +402,12 @@ class KeyRing:
                     self.load(*await asyncio.to_thread(self._store.snapshot))
                     log.info("API keys reloaded (version %d, %d managed keys)", self.version,
                              len(self._managed))
-                if failing:
-                    log.info("the key store is reachable again")
-                failing = False
             except Exception as exc:
-                if not failing:
+                if self.health.failed():
                     log.error("cannot refresh API keys, serving the last snapshot: %s", exc)
-                failing = True
+            else:
+                if self.health.succeeded(self._clock()):
+                    log.info("the key store is reachable again")
 
     def authenticate(self, key: str) -> Principal:
         """The presented Bearer key -> its Principal, or AuthenticationFailed."""

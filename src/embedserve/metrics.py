@@ -4,10 +4,14 @@ catalog model ids, status codes and key ids, never raw paths or client-supplied 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from embedserve.health import Health
 
 #: Latency buckets in seconds: 1 ms to 2 min (an 8192-token input on 2 CPU cores takes seconds).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -125,5 +129,33 @@ class Metrics:
     def model_failed(self, model: str) -> None:
         self.model_ready.labels(model).set(0)
 
+    def track_health(self, pending: Callable[[], int], *, ledger: Health, keys: Health) -> None:
+        self.registry.register(_HealthCollector(pending, ledger, keys))
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _HealthCollector(Collector):
+    """The usage ledger's and the key ring's health, read at each scrape from the objects that /health
+    reads too (their owners count; nothing here is updated twice)."""
+
+    def __init__(self, pending: Callable[[], int], ledger: Health, keys: Health) -> None:
+        self._pending, self._ledger, self._keys = pending, ledger, keys
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("embedserve_usage_pending_records", "Usage records not written to the "
+                                "database yet", value=self._pending())
+        yield CounterMetricFamily("embedserve_usage_write_failures", "Failed writes of usage records "
+                                  "(each retry counts)", value=self._ledger.failures)
+        yield CounterMetricFamily("embedserve_keys_refresh_failures", "Failed polls of the key store",
+                                  value=self._keys.failures)
+        for name, help_text, health in (
+                ("embedserve_usage_last_write_timestamp_seconds", "Unix time the usage ledger last had "
+                 "nothing left to write (a write succeeded, or there was none to do)", self._ledger),
+                ("embedserve_keys_last_refresh_timestamp_seconds", "Unix time of the last poll that "
+                 "reached the key store", self._keys)):
+            family = GaugeMetricFamily(name, help_text)
+            if health.last_success is not None:
+                family.add_metric([], health.last_success)
+            yield family

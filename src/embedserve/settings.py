@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from embedserve.types import BackendName, DeviceName, DtypeName, Quantize
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
+USAGE_JOURNAL_FILE = "usage-journal.jsonl"  # under data_dir unless usage_journal says otherwise
 
 
 def default_data_dir() -> Path:
@@ -73,6 +74,9 @@ class Settings(BaseSettings):
     # password, hence repr=False).
     database_url: str | None = Field(None, repr=False)
     usage_flush_interval: float = Field(1.0, gt=0, le=60)  # seconds; the crash-loss bound
+    # Where records the database would not take at shutdown wait for the next start (default: in
+    # data_dir, which may be the very file system that failed: hence a setting).
+    usage_journal: Path | None = None
 
     # Request limits.
     max_inputs_per_request: int = Field(2048, ge=1)
@@ -119,6 +123,10 @@ class Settings(BaseSettings):
                              f"max_inputs_per_request ({self.max_inputs_per_request}): a request that "
                              "fits no queue could never be served")
         return self
+
+    @property
+    def usage_journal_path(self) -> Path:
+        return self.usage_journal or self.data_dir / USAGE_JOURNAL_FILE
 
     @property
     def model_args(self) -> list[str]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -60,6 +62,13 @@ class Caller:
     started: float
 
 
+def new_record_id() -> str:
+    """32 hex digits: the time in nanoseconds, then 64 random bits. Unique without coordination between
+    replicas, and in time order, so that the ledger's unique index grows at its end as the table does
+    (random ids cut SQLite's write rate by a quarter to a half once the table is large; design note 35)."""
+    return f"{time.time_ns():016x}{secrets.token_hex(8)}"
+
+
 @dataclass(frozen=True, slots=True)
 class UsageRecord:
     """One successful /v1/embeddings request, as the ledger keeps it (keyed by key id, never the key)."""
@@ -72,6 +81,8 @@ class UsageRecord:
     created_at: float  # unix seconds
     latency_ms: float
     price_per_million: float  # the model's price per million input tokens at the time
+    #: Made here, unique: what makes a retried or replayed write count once (clients reuse request ids).
+    record_id: str = field(default_factory=new_record_id)
 
 
 @dataclass(frozen=True, slots=True)

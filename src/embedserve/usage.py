@@ -1,83 +1,132 @@
 """The usage ledger: one record per successful /v1/embeddings request, buffered in memory and written in
 batches off the event loop every flush interval (a crash loses at most that interval's records; a clean
-shutdown writes them all), and the reports read from it (`embedserve usage`, GET /v1/usage)."""
+shutdown writes them all, to the journal when the database will not take them), and the reports read
+from it (`embedserve usage`, GET /v1/usage)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import astuple, dataclass
 from typing import Any, Literal, cast, get_args
 
 from embedserve.db import Database
 from embedserve.errors import InvalidRequest, InvalidType
+from embedserve.health import Health
+from embedserve.journal import Replayed, UsageJournal
 from embedserve.timestamps import END, RENDERED_START, iso, parse_time
 from embedserve.types import UsageRecord
 
 log = logging.getLogger("embedserve.usage")
 
 GroupBy = Literal["key", "model", "day"]
-MAX_PENDING = 1_000_000  # records held while the database is unreachable (about 200 MB); then the oldest go
+MAX_PENDING = 1_000_000  # records held while the database is unreachable (about 200 MB); then the journal
+RETRY_PAUSE_S = (0.05, 1.0)  # shutdown retries: the first pause, doubled up to the second
+FIRST_TRY_S = 1.0  # the shutdown's first write may take this long even when the drain used the grace
 _INSERT = ("INSERT INTO usage_records (key_id, model, prompt_tokens, inputs, request_id, created_at, "
-           "latency_ms, price_per_million) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+           "latency_ms, price_per_million, record_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+           "ON CONFLICT (record_id) DO NOTHING")
 
 
-def write_records(db: Database, records: Sequence[UsageRecord]) -> None:
-    """Blocking: one transaction for the whole batch."""
+def write_records(db: Database, records: Sequence[UsageRecord]) -> int:
+    """Blocking: one transaction for the whole batch. A record whose id the ledger already has is skipped:
+    a retry of a write that committed unseen, or a journal replayed again. -> how many were new."""
     with db.transaction() as tx:
-        tx.executemany(_INSERT, [astuple(record) for record in records])
+        return tx.executemany(_INSERT, [astuple(record) for record in records])
+
+
+def replay_journal(db: Database, journal: UsageJournal) -> Replayed:
+    """Blocking: the journal's records into the ledger, once (see UsageJournal.replay)."""
+    replayed = journal.replay(lambda records: write_records(db, records))
+    if replayed.records:
+        log.info("usage ledger: replayed %d records from the journal %s (%d new, %d already written)",
+                 replayed.records, journal.path, replayed.new, replayed.records - replayed.new)
+    if replayed.rejected:
+        log.error("usage ledger: %d lines of the journal %s were no usage record; kept in %s",
+                  replayed.rejected, journal.path, journal.rejected_path)
+    return replayed
 
 
 class UsageLedger:
     """`record()` appends on the event loop (no I/O); `run()` writes the pending records every
-    `flush_interval_s` in a worker thread; `close()` writes what is left."""
+    `flush_interval_s` in a worker thread; `close()` writes what is left, or journals it."""
 
-    def __init__(self, db: Database, flush_interval_s: float, max_pending: int = MAX_PENDING) -> None:
+    def __init__(self, db: Database, flush_interval_s: float, journal: UsageJournal,
+                 max_pending: int = MAX_PENDING, clock: Callable[[], float] = time.time) -> None:
         self._db = db
         self._interval = flush_interval_s
+        self._journal = journal
         self._max_pending = max_pending
+        self._clock = clock
         self._pending: list[UsageRecord] = []
+        self._writing: Sequence[UsageRecord] = ()  # the batch a write in a thread holds
+        self._journaled = False  # records went to the journal in this run: replay it once writes work
         self._lock = asyncio.Lock()
-        self._failing = False
+        #: A success: a flush that left nothing waiting. Failing: records wait for the database.
+        self.health = Health(last_success=clock())
+        self.lost = 0  # records neither the database nor the journal took
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        """Records not written yet (waiting, or in the write under way)."""
+        return len(self._pending) + len(self._writing)
 
     def record(self, record: UsageRecord) -> None:
         self._pending.append(record)
-        if len(self._pending) > self._max_pending:
-            dropped = len(self._pending) - self._max_pending
-            del self._pending[:dropped]
-            log.error("usage ledger: %d records dropped: the database has been unreachable too long",
-                      dropped)
 
     async def flush(self) -> int:
-        """Write every pending record. -> how many. On failure they stay pending for the next try.
-        Shielded: a caller cancelled mid-write (the flusher at shutdown) leaves the write to finish and
-        its outcome decides, so a batch is never both written and put back to be written again."""
+        """Write every pending record. -> how many. On failure they stay pending for the next try, beyond
+        `max_pending` the oldest go to the journal. Shielded: a caller cancelled mid-write (the flusher at
+        shutdown) leaves the write to finish and its outcome decides, so a batch is never both written and
+        put back to be written again."""
         return await asyncio.shield(self._flush())
 
     async def _flush(self) -> int:
         async with self._lock:
             batch, self._pending = self._pending, []
-            if not batch:
-                return 0
+            self._writing = batch
             try:
-                await asyncio.to_thread(write_records, self._db, batch)
+                if batch:
+                    await asyncio.to_thread(write_records, self._db, batch)
+                if self._journaled:  # the database is back: what the overflow journaled goes in too
+                    await asyncio.to_thread(replay_journal, self._db, self._journal)
+                    self._journaled = False
             except Exception as exc:
+                # Should only the journal's replay have failed, the batch is written again: its record
+                # ids make that harmless.
+                self._writing = ()
                 self._pending[:0] = batch
-                if not self._failing:
+                if self.health.failed():
                     log.error("usage ledger: cannot write %d records, keeping them to retry: %s",
-                              len(batch), exc)
-                    self._failing = True
+                              len(self._pending), exc)
+                await self._spill()
                 raise
-            if self._failing:
+            finally:
+                self._writing = ()
+            if self.health.succeeded(self._clock()):
                 log.info("usage ledger: writing again")
-                self._failing = False
             return len(batch)
+
+    async def _spill(self) -> None:
+        """Beyond `max_pending`, the oldest records go to the journal (lost only if it fails too)."""
+        excess = len(self._pending) - self._max_pending
+        if excess <= 0:
+            return
+        oldest = self._pending[:excess]
+        try:
+            await asyncio.to_thread(self._journal.append, oldest)
+        except OSError as exc:
+            self.lost += excess
+            log.error("usage ledger: %d usage records LOST: the database is unreachable and the journal "
+                      "%s cannot be written: %s", excess, self._journal.path, exc)
+        else:
+            self._journaled = True
+            log.warning("usage ledger: %d records moved to the journal %s (the database has been "
+                        "unreachable too long)", excess, self._journal.path)
+        del self._pending[:excess]
 
     async def run(self) -> None:
         """Flush every interval until cancelled."""
@@ -86,19 +135,45 @@ class UsageLedger:
             with contextlib.suppress(Exception):  # logged by flush(); the records wait for the next round
                 await self.flush()
 
-    async def close(self, attempts: int = 3) -> None:
-        """Clean shutdown: write everything pending (retrying a little if the database is away)."""
-        for attempt in range(attempts):
-            try:
-                written = await self.flush()
-            except Exception:
-                if attempt + 1 < attempts:
-                    await asyncio.sleep(1)
-                continue
-            if written:
-                log.info("usage ledger: wrote the last %d records", written)
-            return
-        log.error("usage ledger: %d records could not be written at shutdown", len(self._pending))
+    async def close(self, deadline: float) -> int:
+        """Clean shutdown: write everything pending, retrying with backoff until `deadline` (monotonic
+        seconds; the first try gets FIRST_TRY_S at least, so that a drain that used the whole grace does
+        not send a working database's records to the journal). Then append what is still pending to the
+        journal, with the batch of a write still under way (should that write commit after all, the
+        replay skips its records). -> the records lost in this run, 0 unless the journal failed too."""
+        self._journaled = False  # the next start replays the journal: no retrying that until the deadline
+        pause, least = RETRY_PAUSE_S[0], FIRST_TRY_S
+        while True:
+            attempt = asyncio.ensure_future(self.flush())
+            await asyncio.wait([attempt], timeout=max(deadline - time.monotonic(), least))
+            if attempt.done() and attempt.exception() is None:
+                if attempt.result():
+                    log.info("usage ledger: wrote the last %d records", attempt.result())
+                return self._report_lost()
+            if not attempt.done() or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(min(pause, deadline - time.monotonic()))
+            pause, least = min(pause * 2, RETRY_PAUSE_S[1]), RETRY_PAUSE_S[0]
+        records = [*self._writing, *self._pending]
+        self._pending, self._writing = [], ()
+        if not records:
+            return self._report_lost()
+        try:
+            await asyncio.to_thread(self._journal.append, records)
+        except OSError as exc:
+            self.lost += len(records)
+            log.error("usage ledger: %d usage records LOST in this run: the database (%s) and the journal "
+                      "%s both failed: %s", self.lost, self._db.where, self._journal.path, exc)
+            return self.lost
+        log.warning("usage ledger: %d records the database (%s) would not take were written to the journal "
+                    "%s; the next start replays them", len(records), self._db.where, self._journal.path)
+        return self._report_lost()
+
+    def _report_lost(self) -> int:
+        if self.lost:
+            log.error("usage ledger: %d usage records LOST in this run: the journal %s could not be "
+                      "written during the outage", self.lost, self._journal.path)
+        return self.lost
 
 
 # ---- reports --------------------------------------------------------------------------------------

@@ -67,9 +67,19 @@ def test_sdk_with_a_wrong_key_raises_authentication_error(server: LiveServer) ->
     assert caught.value.code == "invalid_api_key"
 
 
-def test_health_and_ready_need_no_key(server: LiveServer) -> None:
-    assert httpx.get(f"{server.base_url}/health").json() == {"status": "ok"}
-    assert httpx.get(f"{server.base_url}/ready").json() == {"status": "ready"}
+def test_health_and_ready_need_no_key_and_detail_the_ledger_and_the_key_store(server: LiveServer) -> None:
+    health = httpx.get(f"{server.base_url}/health").json()
+    ready = httpx.get(f"{server.base_url}/ready").json()
+    assert health["status"] == "ok" and ready["status"] == "ready"
+    for body in (health, ready):
+        ledger, keys = body["checks"]["ledger"], body["checks"]["keys"]
+        assert set(ledger) == {"status", "pending_records", "write_failures", "last_write"}
+        assert (ledger["status"], ledger["write_failures"]) == ("ok", 0)
+        assert ledger["pending_records"] >= 0
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", ledger["last_write"])
+        assert set(keys) == {"status", "refresh_failures", "last_refresh"}
+        assert (keys["status"], keys["refresh_failures"]) == ("ok", 0)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", keys["last_refresh"])
 
 
 # ---- request ids ------------------------------------------------------------------------------------

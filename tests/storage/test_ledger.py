@@ -5,12 +5,15 @@ reports group, filter and price them exactly."""
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
 from conftest import Storage
 from embedserve.db import Database
+from embedserve.journal import UsageJournal
 from embedserve.keys import KeyChanges, KeyStore
 from embedserve.timestamps import parse_time
 from embedserve.types import UsageRecord
@@ -33,11 +36,11 @@ def count(db: Database) -> int:
     return int(n)
 
 
-def test_records_are_written_at_the_flush_and_not_before(storage: Storage) -> None:
+def test_records_are_written_at_the_flush_and_not_before(storage: Storage, tmp_path: Path) -> None:
     db = storage.open()
     try:
         async def scenario() -> None:
-            ledger = UsageLedger(db, flush_interval_s=60)
+            ledger = UsageLedger(db, flush_interval_s=60, journal=UsageJournal(tmp_path / "journal"))
             for i in range(250):
                 ledger.record(rec("key_a", "m", i + 1))
             assert ledger.pending == 250 and count(db) == 0
@@ -55,18 +58,18 @@ def test_records_are_written_at_the_flush_and_not_before(storage: Storage) -> No
 
 
 def test_the_background_flush_writes_within_the_interval_and_close_writes_the_rest(
-        storage: Storage) -> None:
+        storage: Storage, tmp_path: Path) -> None:
     db = storage.open()
     try:
         async def scenario() -> None:
-            ledger = UsageLedger(db, flush_interval_s=0.2)
+            ledger = UsageLedger(db, flush_interval_s=0.2, journal=UsageJournal(tmp_path / "journal"))
             task = asyncio.create_task(ledger.run())
             ledger.record(rec("key_a", "m", 5))
             await asyncio.sleep(0.6)
             assert count(db) == 1
             task.cancel()
             ledger.record(rec("key_a", "m", 6))
-            await ledger.close()
+            await ledger.close(deadline=time.monotonic() + 10)
             assert count(db) == 2
 
         asyncio.run(scenario())
@@ -74,17 +77,18 @@ def test_the_background_flush_writes_within_the_interval_and_close_writes_the_re
         db.close()
 
 
-def test_a_flush_cancelled_mid_write_neither_loses_nor_doubles_records(storage: Storage) -> None:
+def test_a_flush_cancelled_mid_write_neither_loses_nor_doubles_records(storage: Storage,
+                                                                       tmp_path: Path) -> None:
     db = storage.open()
     try:
         async def scenario() -> None:
-            ledger = UsageLedger(db, flush_interval_s=60)
+            ledger = UsageLedger(db, flush_interval_s=60, journal=UsageJournal(tmp_path / "journal"))
             for i in range(2000):
                 ledger.record(rec("key_a", "m", i + 1))
             flushing = asyncio.create_task(ledger.flush())
             await asyncio.sleep(0.001)  # the write is under way in its thread
             flushing.cancel()  # as the flusher task is at shutdown
-            await ledger.close()
+            await ledger.close(deadline=time.monotonic() + 10)
 
         asyncio.run(scenario())
         assert count(db) == 2000
@@ -92,11 +96,11 @@ def test_a_flush_cancelled_mid_write_neither_loses_nor_doubles_records(storage: 
         db.close()
 
 
-def test_a_failed_write_keeps_the_records_for_the_next_flush(storage: Storage) -> None:
+def test_a_failed_write_keeps_the_records_for_the_next_flush(storage: Storage, tmp_path: Path) -> None:
     db = storage.open()
     try:
         async def scenario() -> None:
-            ledger = UsageLedger(db, flush_interval_s=60)
+            ledger = UsageLedger(db, flush_interval_s=60, journal=UsageJournal(tmp_path / "journal"))
             ledger.record(rec("key_a", "m", 5))
             with db.transaction() as tx:  # a real failure: the table is gone for a while
                 tx.execute("ALTER TABLE usage_records RENAME TO usage_records_away")

@@ -1,6 +1,6 @@
 """create_app(settings, catalog) -> the ASGI app. The lifespan opens AppState (database, keys), starts
 loading the models in the background (so /health answers while they load) and closes everything on
-shutdown, the usage ledger's last flush included."""
+shutdown, the usage ledger's last flush included (`on_closed` learns how many records were lost)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ NO_FASTAPI_TELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "lo
 
 
 def create_app(settings: Settings, catalog: Catalog,
-               on_ready: Callable[[AppState], None] | None = None) -> FastAPI:
+               on_ready: Callable[[AppState], None] | None = None,
+               on_closed: Callable[[int], None] | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = await AppState.open(settings, catalog)
@@ -58,7 +59,9 @@ def create_app(settings: Settings, catalog: Catalog,
         finally:
             loading.cancel()
             await asyncio.gather(loading, return_exceptions=True)
-            await state.close()
+            lost = await state.close()
+            if on_closed is not None:
+                on_closed(lost)
 
     app = FastAPI(title="embedserve", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible text-embeddings API", docs_url="/docs",

@@ -108,20 +108,22 @@ async def retrieve_model(request: Request, model_id: str) -> Response:
 
 
 @router.get("/health")
-async def health() -> Response:
-    """Liveness: the process serves HTTP."""
-    return _json({"status": "ok"})
+async def health(request: Request) -> Response:
+    """Liveness: the process serves HTTP. `checks`: the usage ledger and the key store, for people and
+    alerts; a degraded one never fails the probe."""
+    return _json({"status": "ok", "checks": _state(request).checks()})
 
 
 @router.get("/ready", responses=_ERRORS)
 async def ready(request: Request) -> Response:
-    """Readiness: every model is loaded and warmed up."""
+    """Readiness: every model is loaded and warmed up. A degraded ledger or key store stays ready (the
+    embeddings are served): it shows in `checks`."""
     state = _state(request)
     if state.draining:
         raise ShuttingDown("Not ready: the server is shutting down.", retry_after_s=5)
     if not state.registry.ready:
         raise ModelNotReady(f"Not ready: {state.registry.not_ready_reason()}", retry_after_s=2)
-    return _json({"status": "ready"})
+    return _json({"status": "ready", "checks": state.checks()})
 
 
 @router.get("/metrics")

@@ -7,18 +7,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from embedserve.backends.memory import trim
 from embedserve.catalog import Catalog
 from embedserve.db import Database, open_database
+from embedserve.journal import UsageJournal
 from embedserve.keys import KeyRing, KeyStore, load_pepper
 from embedserve.metrics import Metrics
 from embedserve.ratelimit import RateLimiter
 from embedserve.runtime import ModelRegistry
 from embedserve.service import EmbeddingService
 from embedserve.settings import Settings
-from embedserve.usage import UsageLedger
+from embedserve.timestamps import iso
+from embedserve.usage import UsageLedger, replay_journal
 
 log = logging.getLogger("embedserve.app")
 
@@ -34,8 +38,8 @@ class AppState:
     ledger: UsageLedger
     service: EmbeddingService
     metrics: Metrics
-    #: Set on SIGTERM: /ready answers 503 and new requests are turned away while in-flight ones finish.
-    draining: bool = False
+    #: When the drain began (monotonic seconds), None while serving; see `draining`.
+    drain_started: float | None = None
     #: Requests being served (probes and /metrics excluded); `idle` is set whenever it is 0.
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -48,6 +52,29 @@ class AppState:
     def __post_init__(self) -> None:
         self.idle.set()
         self.metrics.in_flight.set_function(lambda: self.in_flight)
+        self.metrics.track_health(lambda: self.ledger.pending, ledger=self.ledger.health,
+                                  keys=self.keys.health)
+
+    @property
+    def draining(self) -> bool:
+        """Set on SIGTERM: /ready answers 503 and new requests are turned away while in-flight ones
+        finish. The first set starts the shutdown's clock (`close`)."""
+        return self.drain_started is not None
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        if not value:
+            self.drain_started = None
+        elif self.drain_started is None:
+            self.drain_started = time.monotonic()
+
+    def checks(self) -> dict[str, Any]:
+        """The health detail of /health and /ready: the ledger's writes and the key ring's refreshes."""
+        ledger, keys = self.ledger.health, self.keys.health
+        return {"ledger": {"status": ledger.status, "pending_records": self.ledger.pending,
+                           "write_failures": ledger.failures, "last_write": iso(ledger.last_success)},
+                "keys": {"status": keys.status, "refresh_failures": keys.failures,
+                         "last_refresh": iso(keys.last_success)}}
 
     def request_started(self) -> None:
         self.in_flight += 1
@@ -76,9 +103,11 @@ class AppState:
 
     @classmethod
     async def open(cls, settings: Settings, catalog: Catalog) -> AppState:
-        """Open the database (creating the schema), check the pepper, load the keys: a server never
-        answers a request before it knows every key."""
+        """Open the database (creating or migrating the schema), check the pepper, load the keys, replay
+        the usage journal: a server never answers a request before it knows every key, and a usage
+        report never misses what the last shutdown journaled."""
         db = await asyncio.to_thread(open_database, settings.database_url, settings.data_dir)
+        journal = UsageJournal(settings.usage_journal_path)
         try:
             pepper = await asyncio.to_thread(load_pepper, settings.key_pepper, settings.data_dir)
             if db.dialect == "postgresql" and not settings.key_pepper:
@@ -89,13 +118,15 @@ class AppState:
             await asyncio.to_thread(store.check_pepper, pepper)
             keys = KeyRing(store, pepper, api_keys=settings.api_keys, admin_keys=settings.admin_keys)
             await asyncio.to_thread(keys.refresh_sync)
+            await asyncio.to_thread(journal.check)
+            await asyncio.to_thread(replay_journal, db, journal)
         except BaseException:
             await asyncio.to_thread(db.close)
             raise
         metrics = Metrics()
         registry = ModelRegistry(catalog, settings, metrics)
         limiter = RateLimiter()
-        ledger = UsageLedger(db, settings.usage_flush_interval)
+        ledger = UsageLedger(db, settings.usage_flush_interval, journal)
         return cls(settings=settings, registry=registry, db=db, key_store=store, keys=keys,
                    limiter=limiter, ledger=ledger, metrics=metrics,
                    service=EmbeddingService(registry, settings, metrics, limiter, ledger))
@@ -104,12 +135,18 @@ class AppState:
         self.tasks += [asyncio.create_task(self.keys.run(), name="refresh-keys"),
                        asyncio.create_task(self.ledger.run(), name="flush-usage")]
 
-    async def close(self) -> None:
+    async def close(self) -> int:
+        """-> the usage records lost (0 unless the database and the journal both failed). The ledger
+        gets until `shutdown_grace` after the drain began (after now without a drain): the whole
+        shutdown stays within the one grace a supervisor is told about (design note 35)."""
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.registry.close()
-        await self.ledger.close()  # after the last request: every record is written
+        began = time.monotonic() if self.drain_started is None else self.drain_started
+        # After the last request: every record it made is pending.
+        lost = await self.ledger.close(deadline=began + self.settings.shutdown_grace)
         await asyncio.to_thread(self.db.close)
+        return lost
