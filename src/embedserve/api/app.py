@@ -17,6 +17,7 @@ from embedserve.api.errors import install_error_handlers
 from embedserve.api.fastpath import EmbeddingsFastPath
 from embedserve.api.manage import router as manage_router
 from embedserve.api.middleware import RequestContextMiddleware
+from embedserve.api.openapi import install_document
 from embedserve.api.routes import router
 from embedserve.api.state import AppState
 from embedserve.catalog import Catalog
@@ -65,6 +66,7 @@ def create_app(settings: Settings, catalog: Catalog,
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(manage_router)
+    install_document(app)
     app.add_middleware(EmbeddingsFastPath)  # inside the request context: ids, draining, accounting
     app.add_middleware(RequestContextMiddleware)
     return app
