@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from fastapi.telemetry import TelemetryConfig
 
 from embedserve import __version__
+from embedserve.api.docs import router as docs_router
 from embedserve.api.errors import install_error_handlers
 from embedserve.api.fastpath import EmbeddingsFastPath
 from embedserve.api.manage import router as manage_router
@@ -60,12 +61,14 @@ def create_app(settings: Settings, catalog: Catalog,
             await asyncio.gather(loading, return_exceptions=True)
             await state.close()
 
+    # docs_url=None: /docs is api.docs's page, whose Swagger UI files come from a package, not a CDN.
     app = FastAPI(title="embedserve", version=__version__, lifespan=lifespan,
-                  description="OpenAI-compatible text-embeddings API", docs_url="/docs",
+                  description="OpenAI-compatible text-embeddings API", docs_url=None,
                   redoc_url=None, telemetry=NO_FASTAPI_TELEMETRY)
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(manage_router)
+    app.include_router(docs_router)
     install_document(app)
     app.add_middleware(EmbeddingsFastPath)  # inside the request context: ids, draining, accounting
     app.add_middleware(RequestContextMiddleware)
