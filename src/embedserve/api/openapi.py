@@ -68,7 +68,7 @@ def error_responses(*errors: type[EmbedServeError], probe: bool = False) -> dict
         entry: dict[str, Any] = {"model": ErrorResponse,
                                  "description": f"{HTTPStatus(status).phrase}: {_codes(classes)}"}
         if status in _HEADERS:
-            entry["headers"] = _HEADERS[status]
+            entry["headers"] = copy.deepcopy(_HEADERS[status])
         responses[status] = entry
     return responses
 
@@ -93,7 +93,8 @@ def finish_document(document: dict[str, Any]) -> dict[str, Any]:
     """FastAPI's document -> the one the server serves (a new dict; `document` is left as it was)."""
     finished = copy.deepcopy(document)
     _drop_validation_schemas(finished)
-    finished.setdefault("components", {}).setdefault("securitySchemes", {})[BEARER] = _SECURITY_SCHEME
+    schemes = finished.setdefault("components", {}).setdefault("securitySchemes", {})
+    schemes[BEARER] = copy.deepcopy(_SECURITY_SCHEME)
     for path, operations in finished.get("paths", {}).items():
         if path.startswith(KEYED_PREFIX):
             for operation in operations.values():
