@@ -1,5 +1,6 @@
 """schemathesis fuzzes a live server from its own OpenAPI document (schema-valid and invalid requests,
-with and without a key): never a 5xx, every error OpenAI-shaped, and the server healthy afterwards."""
+with and without a key): never a 5xx, every error OpenAI-shaped, every answer one the document lists for
+its operation (status, media type, body schema, required headers), and the server healthy afterwards."""
 
 from __future__ import annotations
 
@@ -10,6 +11,12 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from embedserve.api.app import create_app
 from embedserve.catalog import Catalog
@@ -60,6 +67,10 @@ def test_generated_requests_never_get_a_5xx_and_every_error_is_openai_shaped(
         assert response.status_code >= 400  # nothing under /v1/ without a key
         if case.method.upper() == case.operation.method.upper():
             assert response.status_code == 401  # (another method gets 405 before auth runs)
+    # The document's promises: the statuses listed per operation are all it answers (so a new error
+    # path must be documented), with the listed body schema and required headers (Retry-After on 503).
+    case.validate_response(response, checks=[status_code_conformance, content_type_conformance,
+                                             response_schema_conformance, response_headers_conformance])
 
 
 def test_after_fuzzing_the_server_is_healthy_and_serves(fuzz_server: LiveServer) -> None:

@@ -13,11 +13,13 @@ from fastapi import FastAPI
 from fastapi.telemetry import TelemetryConfig
 
 from embedserve import __version__
+from embedserve.api.docs import router as docs_router
 from embedserve.api.errors import install_error_handlers
 from embedserve.api.fastpath import EmbeddingsFastPath
 from embedserve.api.head import HeadAsGet
 from embedserve.api.manage import router as manage_router
 from embedserve.api.middleware import RequestContextMiddleware
+from embedserve.api.openapi import install_document
 from embedserve.api.routes import router
 from embedserve.api.state import AppState
 from embedserve.catalog import Catalog
@@ -63,12 +65,15 @@ def create_app(settings: Settings, catalog: Catalog,
             if on_closed is not None:
                 on_closed(lost)
 
+    # docs_url=None: /docs is api.docs's page, whose Swagger UI files come from a package, not a CDN.
     app = FastAPI(title="embedserve", version=__version__, lifespan=lifespan,
-                  description="OpenAI-compatible text-embeddings API", docs_url="/docs",
+                  description="OpenAI-compatible text-embeddings API", docs_url=None,
                   redoc_url=None, telemetry=NO_FASTAPI_TELEMETRY)
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(manage_router)
+    app.include_router(docs_router)
+    install_document(app)
     # Design note 40: `/v1/embeddings/` is a 404 like any unknown path, not a redirect;
     # HEAD is served wherever GET is.
     app.router.redirect_slashes = False

@@ -12,17 +12,28 @@ from starlette.responses import Response
 
 from embedserve.api.auth import require_admin
 from embedserve.api.body import read_body
+from embedserve.api.openapi import error_responses
 from embedserve.api.state import AppState
+from embedserve.errors import (
+    AuthenticationFailed,
+    InvalidJSON,
+    InvalidRequest,
+    InvalidType,
+    KeyNotFound,
+    MissingParameter,
+    PayloadTooLarge,
+    PermissionDenied,
+    ServiceUnavailable,
+)
 from embedserve.keys import key_json, parse_key_fields
-from embedserve.protocol import ErrorResponse
 from embedserve.usage import parse_query, report
 from embedserve.validation import parse_json
 
 router = APIRouter(dependencies=[Depends(require_admin)])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 500, 503)
-}
+#: What each route can answer besides its success (the database's outage is a 503).
+_ADMIN = (AuthenticationFailed, PermissionDenied, ServiceUnavailable)
+_BODY = (InvalidRequest, InvalidJSON, InvalidType, MissingParameter, PayloadTooLarge)
 _MAX_BODY = 64 * 1024
 
 
@@ -40,13 +51,13 @@ async def _changed(state: AppState) -> None:
     await asyncio.to_thread(state.keys.refresh_sync)
 
 
-@router.get("/v1/keys", responses=_ERRORS)
+@router.get("/v1/keys", responses=error_responses(*_ADMIN))
 async def list_keys(request: Request) -> Response:
     records = await asyncio.to_thread(_state(request).key_store.list_keys)
     return _json({"object": "list", "data": [key_json(r) for r in records]})
 
 
-@router.post("/v1/keys", status_code=201, responses=_ERRORS)
+@router.post("/v1/keys", status_code=201, responses=error_responses(*_BODY, *_ADMIN))
 async def create_key(request: Request) -> Response:
     """Create a key. The response is the only place its secret (`key`) ever appears."""
     state = _state(request)
@@ -56,12 +67,12 @@ async def create_key(request: Request) -> Response:
     return _json({**key_json(record), "key": secret}, status=201)
 
 
-@router.get("/v1/keys/{key_id}", responses=_ERRORS)
+@router.get("/v1/keys/{key_id}", responses=error_responses(KeyNotFound, *_ADMIN))
 async def show_key(request: Request, key_id: str) -> Response:
     return _json(key_json(await asyncio.to_thread(_state(request).key_store.get, key_id)))
 
 
-@router.patch("/v1/keys/{key_id}", responses=_ERRORS)
+@router.patch("/v1/keys/{key_id}", responses=error_responses(*_BODY, KeyNotFound, *_ADMIN))
 async def update_key(request: Request, key_id: str) -> Response:
     state = _state(request)
     changes = parse_key_fields(parse_json(await read_body(request, _MAX_BODY)), creating=False)
@@ -70,7 +81,7 @@ async def update_key(request: Request, key_id: str) -> Response:
     return _json(key_json(record))
 
 
-@router.delete("/v1/keys/{key_id}", responses=_ERRORS)
+@router.delete("/v1/keys/{key_id}", responses=error_responses(KeyNotFound, *_ADMIN))
 async def revoke_key(request: Request, key_id: str) -> Response:
     """Revoke (the key stays listed, with `revoked_at`, so its usage keeps a name)."""
     state = _state(request)
@@ -79,7 +90,7 @@ async def revoke_key(request: Request, key_id: str) -> Response:
     return _json(key_json(record))
 
 
-@router.get("/v1/usage", responses=_ERRORS)
+@router.get("/v1/usage", responses=error_responses(InvalidRequest, InvalidType, *_ADMIN))
 async def usage(request: Request) -> Response:
     """Usage report: `key`, `model`, `since`, `until` (ISO dates or date-times, UTC unless given),
     `group_by` (key | model | day)."""

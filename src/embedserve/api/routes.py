@@ -12,13 +12,22 @@ from starlette.responses import Response
 from embedserve.api.auth import admit, authenticate
 from embedserve.api.body import read_body
 from embedserve.api.lifetime import before, bounded
+from embedserve.api.openapi import error_responses, with_subclasses
 from embedserve.api.state import AppState
-from embedserve.errors import ModelNotReady, ShuttingDown
+from embedserve.errors import (
+    AuthenticationFailed,
+    InvalidRequest,
+    ModelNotFound,
+    ModelNotReady,
+    PayloadTooLarge,
+    RateLimitExceeded,
+    ServiceUnavailable,
+    ShuttingDown,
+)
 from embedserve.metrics import CONTENT_TYPE
 from embedserve.protocol import (
     EmbeddingRequest,
     EmbeddingResponse,
-    ErrorResponse,
     ModelCard,
     ModelList,
     model_card,
@@ -41,10 +50,6 @@ class AnyTextConvertor(PathConvertor):
 register_url_convertor("any", AnyTextConvertor())
 
 router = APIRouter()
-
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 429, 500, 503)
-}
 
 
 def _state(request: Request) -> AppState:
@@ -69,7 +74,8 @@ EMBEDDINGS_PATH = "/v1/embeddings"
 @router.post(
     EMBEDDINGS_PATH,
     response_model=EmbeddingResponse,
-    responses=_ERRORS,
+    responses=error_responses(*with_subclasses(InvalidRequest), AuthenticationFailed, ModelNotFound,
+                              PayloadTooLarge, RateLimitExceeded, *with_subclasses(ServiceUnavailable)),
     openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": EmbeddingRequest.model_json_schema()}}}},
 )
@@ -91,7 +97,7 @@ async def create_embeddings(request: Request) -> Response:
 
 
 @router.get("/v1/models", dependencies=[Depends(authenticate)], response_model=ModelList,
-            responses=_ERRORS)
+            responses=error_responses(AuthenticationFailed))
 async def list_models(request: Request) -> Response:
     registry = _state(request).registry
     cards = [model_card(spec, registry.status(spec), registry.backend_description(spec))
@@ -100,21 +106,21 @@ async def list_models(request: Request) -> Response:
 
 
 @router.get("/v1/models/{model_id:any}", dependencies=[Depends(authenticate)],
-            response_model=ModelCard, responses=_ERRORS)
+            response_model=ModelCard, responses=error_responses(AuthenticationFailed, ModelNotFound))
 async def retrieve_model(request: Request, model_id: str) -> Response:
     registry = _state(request).registry
     spec = registry.catalog.resolve(model_id, _principal(request))
     return _json(model_card(spec, registry.status(spec), registry.backend_description(spec)))
 
 
-@router.get("/health")
+@router.get("/health", responses=error_responses(probe=True))
 async def health(request: Request) -> Response:
     """Liveness: the process serves HTTP. `checks`: the usage ledger and the key store, for people and
     alerts; a degraded one never fails the probe."""
     return _json({"status": "ok", "checks": _state(request).checks()})
 
 
-@router.get("/ready", responses=_ERRORS)
+@router.get("/ready", responses=error_responses(ModelNotReady, ShuttingDown, probe=True))
 async def ready(request: Request) -> Response:
     """Readiness: every model is loaded and warmed up. A degraded ledger or key store stays ready (the
     embeddings are served): it shows in `checks`."""
@@ -126,7 +132,13 @@ async def ready(request: Request) -> Response:
     return _json({"status": "ready", "checks": state.checks()})
 
 
-@router.get("/metrics")
+#: (A plain Response class: FastAPI would otherwise list the error bodies under text/plain too.)
+_METRICS_TEXT: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}},
+}
+
+
+@router.get("/metrics", response_class=Response, responses={**_METRICS_TEXT, **error_responses(probe=True)})
 async def metrics(request: Request) -> Response:
     """Prometheus text exposition of this server's metrics."""
     return Response(_state(request).metrics.exposition(), media_type=CONTENT_TYPE)
