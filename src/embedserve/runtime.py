@@ -93,17 +93,18 @@ def make_backend(spec: ModelSpec, settings: Settings) -> Backend:
     return TorchBackend(spec, device=device, dtype=dtype)
 
 
-def shape_floor(folder: Path) -> MemoryModel:
-    """Pure but for reading config.json: what a pass must hold at least by the model's shapes (two
-    float32 hidden states per token, one float32 attention-score matrix per head), which a calibration
-    that found memory already free in the heap cannot undercut."""
+def shape_floor(folder: Path, attention_copies: int) -> MemoryModel:
+    """Pure but for reading config.json: what a pass holds at least by the model's shapes: two float32
+    hidden states per token, and `attention_copies` float32 [heads, T, T] score matrices per row. The
+    calibration's short passes cannot see the second term (a pass's peak is its largest step, and below
+    ~1k tokens that is a feed-forward one), which dominates long inputs: design note 32."""
     try:
         config: dict[str, Any] = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return MemoryModel()
     text = config.get("text_config", config)
     hidden, heads = int(text.get("hidden_size", 0)), int(text.get("num_attention_heads", 0))
-    return MemoryModel(per_token=2 * 4 * hidden, per_square=4 * heads)
+    return MemoryModel(per_token=2 * 4 * hidden, per_square=4 * heads * attention_copies)
 
 
 def calibrate(backend: Backend, spec: ModelSpec, ids: list[int], pad_id: int) -> tuple[MemoryModel, float]:
@@ -120,7 +121,8 @@ def calibrate(backend: Backend, spec: ModelSpec, ids: list[int], pad_id: int) ->
         tokens += length
         if peak is not None:
             samples.append((1, length, float(peak)))
-    return fit(samples, shape_floor(spec.folder)), tokens / max(seconds, 1e-9)
+    floor = shape_floor(spec.folder, backend.attention_copies)
+    return fit(samples, floor), tokens / max(seconds, 1e-9)
 
 
 def load_runtime(spec: ModelSpec, settings: Settings, tokenizer_executor: ThreadPoolExecutor,

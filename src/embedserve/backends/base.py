@@ -27,6 +27,9 @@ class Backend(Protocol):
     workers: int
     #: Threads one forward pass uses on CPU (the batcher sizes CPU batches by it).
     threads: int
+    #: Float32 [heads, T, T] attention-score matrices a pass holds at once per row, at its peak: what
+    #: its memory grows with on long inputs (runtime.shape_floor).
+    attention_copies: int
 
     def forward(self, batch: TokenBatch) -> FloatMatrix:
         """[B, T] ids and mask -> [B, D] float32 pooled vectors."""

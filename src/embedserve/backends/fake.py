@@ -23,6 +23,7 @@ class FakeBackend:
         self.kind, self.device, self.precision = "fake", "cpu", "float32"
         self.description = "fake cpu float32"
         self.workers, self.threads = workers, 1
+        self.attention_copies = 0  # it has no attention: `memory` is all it costs
         self.batches: list[tuple[int, int]] = []  # (rows, padded length) of every forward, for tests
         self.real_tokens: list[int] = []  # real (unpadded) tokens of every forward
         self.memory = memory or MemoryModel()

@@ -216,6 +216,24 @@ def ensure_graph(spec: ModelSpec, cache_dir: Path, quantize: Quantize) -> Path:
     return final
 
 
+#: Score matrices held at once, at the peak of a pass, per row (measured on the tiny checkpoints' graphs
+#: at 2-8k tokens: fused ~1.0, unfused ~4.4 per head; the real models' figures, 4.6 GB for bge-m3 and
+#: more than 22 GB for Qwen3-Embedding-0.6B at 8,192 tokens, agree). ORT's fused Attention kernel
+#: computes one [heads, T, T] softmax in place; the exported decoders' attention is MatMul, scale,
+#: mask add and Softmax, each its own [heads, T, T] tensor, and the mask's.
+FUSED_ATTENTION_COPIES = 1
+UNFUSED_ATTENTION_COPIES = 5
+
+
+def attention_copies(path: Path) -> int:
+    """How many score matrices a pass of the graph at `path` holds at once (fused or not)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    fused = any(node.op_type in ("Attention", "QAttention") for node in graph.node)
+    return FUSED_ATTENTION_COPIES if fused else UNFUSED_ATTENTION_COPIES
+
+
 class OnnxBackend:
     def __init__(self, spec: ModelSpec, *, cache_dir: Path, quantize: Quantize = "none",
                  workers: int = 1, spin: bool = False) -> None:
@@ -254,6 +272,7 @@ class OnnxBackend:
         self.vocab_size = self._vocab_size(spec)
         self.description = f"onnx cpu {self.precision}"
         self.path = path
+        self.attention_copies = attention_copies(path)
 
     @staticmethod
     def _vocab_size(spec: ModelSpec) -> int:

@@ -94,6 +94,8 @@ class TorchBackend:
         # One pass at a time: torch's CPU threads are process-wide and a CUDA stream is one queue.
         self.workers = 1
         self.threads = torch.get_num_threads() if self.device == "cpu" else 1
+        # SDPA's memory-efficient kernels hold less than one score matrix: one is an upper bound.
+        self.attention_copies = 1
 
     def graph(self) -> torch.nn.Module:
         """The whole forward pass as one module, (input_ids, attention_mask) -> pooled: what the ONNX
