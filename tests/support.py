@@ -72,7 +72,7 @@ def live_server(settings: Settings, catalog: Catalog | None = None,
     answers 200 (`/health` to see the server while its models load)."""
     if catalog is None:
         entries = declared_entries(settings.model_args, settings.models_file)
-        catalog = build_catalog(entries, allow_download=False)
+        catalog = build_catalog(entries, allow_download=False, aliases=settings.aliases)
     app = create_app(settings, catalog)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -473,3 +473,8 @@ def qwen3_reference_appending_eos(folder: Path, texts: list[str], *, max_length:
         att.append(1)
     batch = tokenizer.pad(batch, padding=True, return_tensors="pt")
     return _embed(folder, batch, _last_token_pool)
+
+
+def training_corpus() -> tuple[str, ...]:
+    """The built-in corpus the tokenizers here are trained on."""
+    return _corpus()

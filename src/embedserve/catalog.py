@@ -11,7 +11,7 @@ import logging
 import re
 import time
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, cast, get_args
@@ -36,6 +36,7 @@ from embedserve.types import (
     Pooling,
     Principal,
     Quantize,
+    TiktokenName,
 )
 
 log = logging.getLogger("embedserve.catalog")
@@ -87,6 +88,7 @@ class ModelEntry:
     quantize: Quantize | None = None  # None: the server's --quantize
     sha256: str | None = None
     price_per_million_input_tokens: float = 0.0  # what the usage reports charge; output tokens are free
+    tiktoken_ids: TiktokenName | None = None  # None: the server's --tiktoken-ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +129,7 @@ class ModelSpec:
     device: DeviceName = "auto"
     quantize: Quantize | None = None
     price_per_million_input_tokens: float = 0.0
+    tiktoken_ids: TiktokenName | None = None  # token ids not the model's own are read as this encoding's
     owned_by: str = "embedserve"
     created: int = 0
 
@@ -171,7 +174,7 @@ def _tuple_of_ints(value: Any, where: str) -> tuple[int, ...]:
 _ENTRY_KEYS = {"id", "source", "aliases", "pooling", "normalize", "max_input_tokens",
                "matryoshka_dimensions", "prompts", "default_prompt_name", "family", "instruction",
                "query_template", "backend", "dtype", "device", "quantize", "sha256",
-               "price_per_million_input_tokens"}
+               "price_per_million_input_tokens", "tiktoken_ids"}
 _FAMILY_CHOICES = ("auto", "none", *FAMILIES)
 
 
@@ -219,6 +222,9 @@ def load_models_file(path: Path) -> list[ModelEntry]:
         if prompts is not None and (not isinstance(prompts, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in prompts.items())):
             raise ConfigError(f"{where}: 'prompts' must be a table of strings")
+        encoding = table.get("tiktoken_ids")
+        if encoding is not None and encoding not in get_args(TiktokenName):
+            raise ConfigError(f"{where}: tiktoken_ids must be one of {list(get_args(TiktokenName))}")
         price = table.get("price_per_million_input_tokens", 0.0)
         if isinstance(price, bool) or not isinstance(price, int | float) or not 0 <= price < float("inf"):
             raise ConfigError(f"{where}: price_per_million_input_tokens must be a number >= 0")
@@ -241,6 +247,7 @@ def load_models_file(path: Path) -> list[ModelEntry]:
             quantize=cast(Quantize | None, table.get("quantize")),
             sha256=table.get("sha256"),
             price_per_million_input_tokens=float(price),
+            tiktoken_ids=cast(TiktokenName | None, encoding),
         ))
     return entries
 
@@ -565,6 +572,7 @@ def read_spec(entry: ModelEntry, folder: Path) -> ModelSpec:
         device=entry.device,
         quantize=entry.quantize,
         price_per_million_input_tokens=entry.price_per_million_input_tokens,
+        tiktoken_ids=entry.tiktoken_ids,
         owned_by=_owner(entry.source),
         created=int(time.time()),
     )
@@ -628,7 +636,32 @@ class Catalog:
         return [spec for spec in self._specs.values() if principal.may_use(spec.names)]
 
 
-def build_catalog(entries: Iterable[ModelEntry], *, allow_download: bool) -> Catalog:
+def parse_alias(arg: str) -> tuple[str, str]:
+    """`--alias NAME=MODEL` -> (NAME, MODEL)."""
+    name, sep, model = arg.partition("=")
+    if not sep or not name.strip() or not model.strip():
+        raise ConfigError(f"--alias {arg!r}: expected NAME=MODEL, e.g. "
+                          "text-embedding-3-small=all-MiniLM-L6-v2")
+    return name.strip(), model.strip()
+
+
+def add_aliases(specs: Sequence[ModelSpec], aliases: Iterable[str]) -> list[ModelSpec]:
+    """Pure: the specs with each `--alias NAME=MODEL` added to MODEL's names (a served id or alias),
+    so that clients with a fixed default model name (`text-embedding-3-small`) reach it. Only a name:
+    nothing about the model changes (its family was read from its own names)."""
+    out = list(specs)
+    for arg in aliases:
+        name, model = parse_alias(arg)
+        index = next((i for i, spec in enumerate(out) if model in spec.names), None)
+        if index is None:
+            raise ConfigError(f"--alias {arg!r}: no served model is called {model!r} (served: "
+                              f"{', '.join(spec.id for spec in out)})")
+        out[index] = replace(out[index], aliases=(*out[index].aliases, name))
+    return out
+
+
+def build_catalog(entries: Iterable[ModelEntry], *, allow_download: bool,
+                  aliases: Iterable[str] = ()) -> Catalog:
     """Locate and read every declared model. Fails fast, before any weights are loaded."""
     specs = []
     for entry in entries:
@@ -636,4 +669,4 @@ def build_catalog(entries: Iterable[ModelEntry], *, allow_download: bool) -> Cat
         specs.append(read_spec(located, folder))
     if not specs:
         raise ConfigError("no models to serve")
-    return Catalog(specs)
+    return Catalog(add_aliases(specs, aliases))

@@ -43,6 +43,9 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
                         help="a catalog declaring several models ([[models]] tables)")
     parser.add_argument("--allow-download", action="store_true", default=s,
                         help="fetch missing weights from the Hugging Face hub")
+    parser.add_argument("--alias", dest="aliases", action="append", default=s, metavar="NAME=MODEL",
+                        help="another name for a served model, e.g. text-embedding-3-small=all-MiniLM-L6-v2 "
+                             "(repeatable)")
 
 
 def _store_flags(parser: argparse.ArgumentParser, *, pepper: bool) -> None:
@@ -139,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="auto: ONNX Runtime on CPU, torch on CUDA")
     serve.add_argument("--quantize", choices=["none", "int8"], default=s,
                        help="int8: dynamically quantized ONNX graph (CPU)")
+    serve.add_argument("--tiktoken-ids", choices=["cl100k_base", "o200k_base"], default=s,
+                       help="read token-id inputs that are not the model's own as this tiktoken "
+                            "encoding's (LangChain's default), tokenizing their text with the model's own "
+                            "tokenizer (per model: tiktoken_ids in the models file)")
+    serve.add_argument("--tiktoken-file", type=Path, default=s, metavar="PATH",
+                       help="the encoding's .tiktoken ranks file (default: tiktoken's cache, "
+                            "TIKTOKEN_CACHE_DIR)")
     serve.add_argument("--data-dir", type=Path, default=s,
                        help="the server's state: SQLite database, key pepper, ONNX cache under onnx/ "
                             "(default ./.embedserve)")
@@ -195,9 +205,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _catalog(settings: Settings) -> Catalog:
-
     entries = declared_entries(settings.model_args, settings.models_file)
-    return build_catalog(entries, allow_download=settings.allow_download)
+    return build_catalog(entries, allow_download=settings.allow_download, aliases=settings.aliases)
 
 
 def banner(settings: Settings, model: str, *, open_server: bool) -> str:
@@ -223,6 +232,7 @@ def _serve(settings: Settings) -> int:
 
     catalog = _catalog(settings)
     _check_store(settings)
+    _check_tiktoken(settings, catalog)
     first = catalog.specs[0].id
 
     def announce(state: AppState) -> None:
@@ -245,6 +255,18 @@ def _serve(settings: Settings) -> int:
     # journal; 1 when records were lost (the ledger's log line says how many), when the app never
     # started, or when a second signal cut the shutdown short (its records were never written).
     return 0 if server.started and lost == [0] else 1
+
+
+def _check_tiktoken(settings: Settings, catalog: Catalog) -> None:
+    """Before binding: every tiktoken encoding a model reads is on disk (never downloaded)."""
+    from embedserve.tiktoken_ids import locate
+
+    for spec in catalog.specs:
+        if (name := settings.tiktoken_for(spec.tiktoken_ids)) is not None:
+            try:
+                locate(name, settings.tiktoken_file)
+            except ConfigError as exc:
+                raise ConfigError(f"model '{spec.id}': {exc.message}") from None
 
 
 def _check_store(settings: Settings) -> None:

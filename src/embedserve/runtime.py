@@ -12,8 +12,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from embedserve import tiktoken_ids
 from embedserve.backends.base import Backend
 from embedserve.backends.threads import default_workers, usable_cores
 from embedserve.catalog import Catalog, ModelSpec
@@ -30,6 +31,9 @@ from embedserve.tokenization import (
 )
 from embedserve.types import BackendName, DeviceName, DtypeName, ModelStatus, Quantize
 
+if TYPE_CHECKING:
+    import tiktoken
+
 log = logging.getLogger("embedserve.runtime")
 
 #: The longest calibration pass at load (tokens): long enough to see attention's quadratic term on a
@@ -45,6 +49,8 @@ class ModelRuntime:
     batcher: Batcher
     eos_id: int | None  # appended to sequences that do not end with it (see ModelSpec.eos_token)
     load_seconds: float
+    #: Token ids that are not the model's own are read as this encoding's (tiktoken_ids), else None.
+    tiktoken: tiktoken.Encoding | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -139,6 +145,8 @@ def load_runtime(spec: ModelSpec, settings: Settings, tokenizer_executor: Thread
         if eos_id is None:
             raise ModelLoadError(f"model '{spec.id}': its tokenizer has no {spec.eos_token!r} token, "
                                  f"which {spec.family} pools on")
+    encoding = settings.tiktoken_for(spec.tiktoken_ids)
+    foreign = None if encoding is None else tiktoken_ids.load(encoding, settings.tiktoken_file)
     backend = make_backend(spec, settings)
     warm = tokenizer.encode_sync(["warm up", "a somewhat longer warm-up sentence for the model"])
     backend.forward(collate(warm, tokenizer.pad_id, spec.padding_side))
@@ -154,7 +162,8 @@ def load_runtime(spec: ModelSpec, settings: Settings, tokenizer_executor: Thread
                       max_queue_wait_s=settings.max_queue_wait, tokens_per_s=tokens_per_s,
                       memory=memory, budget=budget)
     return ModelRuntime(spec=spec, tokenizer=tokenizer, backend=backend, batcher=batcher, eos_id=eos_id,
-                        load_seconds=time.perf_counter() - started)
+                        load_seconds=time.perf_counter() - started,
+                        tiktoken=foreign)
 
 
 class ModelRegistry:

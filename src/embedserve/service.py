@@ -1,5 +1,6 @@
 """EmbeddingService.embed(): the one place where the order of the pipeline is written
-(resolve for the caller's key -> check against the model -> choose the prompt -> hold the request's
+(resolve for the caller's key -> check against the model -> choose the prompt -> read token ids as the
+model's own, or as the text a tiktoken encoding's stand for -> hold the request's
 estimated tokens from the key's limit -> admit it to the model's queue -> tokenize, stopping at the
 first limit it breaks -> end with EOS where the model pools on it -> check lengths -> settle the exact
 tokens -> batch -> finish -> one usage record). Everything before tokenizing is cheap, so a request is
@@ -8,7 +9,9 @@ refused before its work is done, not after."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
+from embedserve import tiktoken_ids
 from embedserve.errors import InvalidInputType
 from embedserve.metrics import Metrics
 from embedserve.postprocess import finish
@@ -19,7 +22,7 @@ from embedserve.settings import Settings
 from embedserve.tokenization import Stop, TokenLimits, ensure_last
 from embedserve.types import Caller, EmbeddingJob, EmbeddingResult, UsageRecord
 from embedserve.usage import UsageLedger
-from embedserve.validation import check_dimensions, check_lengths, check_token_ids
+from embedserve.validation import check_dimensions, check_framing, check_lengths, check_token_ids
 
 
 class EmbeddingService:
@@ -41,6 +44,8 @@ class EmbeddingService:
                                default_instruction=spec.default_instruction,
                                input_type=job.input_type, instruction=job.instruction)
         runtime = self._registry.runtime(spec)
+        if job.token_ids is not None:
+            job = await self._own_ids(job, runtime)
         if job.texts is not None:
             estimate = runtime.tokenizer.upper_bound(job.texts, prefix, spec.max_input_tokens)
         else:
@@ -49,7 +54,6 @@ class EmbeddingService:
                     f"input_type {job.input_type!r} puts {prefix!r} in front of the text on the model "
                     f"'{job.model}', which token ids cannot take: send text, or include the prefix's "
                     "tokens in the ids and leave out input_type.", param="input_type")
-            check_token_ids(job.token_ids or (), vocab_size=runtime.vocab_size, model=job.model)
             estimate = sum(len(ids) + 1 for ids in job.token_ids or ())
         hold = self._limiter.hold_tokens(caller.principal, estimate)
         try:
@@ -70,6 +74,24 @@ class EmbeddingService:
             price_per_million=spec.price_per_million_input_tokens))
         return EmbeddingResult(vectors=vectors, encoding_format=job.encoding_format,
                                prompt_tokens=prompt_tokens, model_id=spec.id)
+
+    @staticmethod
+    async def _own_ids(job: EmbeddingJob, runtime: ModelRuntime) -> EmbeddingJob:
+        """Token ids as the model will read them: its own (framed as its tokenizer frames every text,
+        inside its vocabulary), or, on a model that takes a tiktoken encoding's ids (tiktoken_ids),
+        the text that ids not its own stand for, tokenized from here on like any text."""
+        arrays = job.token_ids or ()
+        framing = runtime.tokenizer.framing
+        framed = framing is not None and framing.size > 0
+        own = framed and framing is not None and all(framing.frames(ids) for ids in arrays)
+        if runtime.tiktoken is not None and not own:
+            texts = await runtime.tokenizer.in_thread(tiktoken_ids.decode, runtime.tiktoken, arrays)
+            return replace(job, texts=tuple(texts), token_ids=None)
+        if framed and framing is not None and not own:
+            check_framing(arrays, head=framing.head, tail=framing.tail, model=job.model,
+                          shown=runtime.tokenizer.shown(framing))
+        check_token_ids(arrays, vocab_size=runtime.vocab_size, model=job.model)
+        return job
 
     async def _sequences(self, job: EmbeddingJob, prefix: str, runtime: ModelRuntime,
                          hold: TokenHold) -> list[list[int]]:

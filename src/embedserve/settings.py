@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from embedserve.types import BackendName, DeviceName, DtypeName, Quantize
+from embedserve.types import BackendName, DeviceName, DtypeName, Quantize, TiktokenName
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 USAGE_JOURNAL_FILE = "usage-journal.jsonl"  # under data_dir unless usage_journal says otherwise
@@ -57,6 +57,12 @@ class Settings(BaseSettings):
     models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     models_file: Path | None = None
     allow_download: bool = False
+    # `--alias NAME=MODEL`: more names for a served model (clients' defaults, text-embedding-3-small).
+    aliases: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Token-id inputs that are not the model's own are read as this tiktoken encoding's (LangChain's
+    # default); its ranks come from tiktoken's cache or `tiktoken_file`.
+    tiktoken_ids: TiktokenName | None = None
+    tiktoken_file: Path | None = None
     backend: BackendName = "auto"
     device: DeviceName = "auto"
     dtype: DtypeName = "auto"
@@ -106,7 +112,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
 
-    @field_validator("models", "api_keys", "admin_keys", mode="before")
+    @field_validator("models", "aliases", "api_keys", "admin_keys", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
@@ -127,6 +133,10 @@ class Settings(BaseSettings):
     @property
     def usage_journal_path(self) -> Path:
         return self.usage_journal or self.data_dir / USAGE_JOURNAL_FILE
+
+    def tiktoken_for(self, model: TiktokenName | None) -> TiktokenName | None:
+        """The tiktoken encoding whose ids a model reads: its own setting, else the server's."""
+        return model or self.tiktoken_ids
 
     @property
     def model_args(self) -> list[str]:

@@ -19,8 +19,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Any, TypeVar
 
 from tokenizers import Encoding, Tokenizer
+
+T = TypeVar("T")
 
 #: Characters per token assumed for a text's first window: generous (English is ~4.5 per token, code
 #: ~3), so one window nearly always decides, and still bounded (a 256-token model reads ~2k characters
@@ -224,6 +227,17 @@ class TokenizerPool:
             yield tok
         finally:
             self._free.put(tok)
+
+    async def in_thread(self, work: Callable[..., T], *args: Any) -> T:
+        """Run `work` on the tokenizer threads (text work that is too long for the event loop)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, work, *args)
+
+    def shown(self, framing: Framing) -> str:
+        """The framing as a message shows it: `[CLS] (101) ... [SEP] (102)`."""
+        def name(ids: tuple[int, ...]) -> str:
+            return " ".join(f"{self._probe.id_to_token(i)} ({i})" for i in ids)
+
+        return f"{name(framing.head)} ... {name(framing.tail)}".strip()
 
     def token_id(self, token: str) -> int | None:
         found = self._probe.token_to_id(token)

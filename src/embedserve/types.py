@@ -19,6 +19,8 @@ DeviceName = Literal["auto", "cpu", "cuda"]
 DtypeName = Literal["auto", "float32", "float16", "bfloat16"]
 PaddingSide = Literal["left", "right"]
 EncodingFormat = Literal["float", "base64"]
+#: tiktoken encodings whose token ids a model may accept (tiktoken_ids).
+TiktokenName = Literal["cl100k_base", "o200k_base"]
 ModelStatus = Literal["loading", "ready", "failed"]
 FloatMatrix = npt.NDArray[np.float32]
 #: One ONNX session input: tensor name -> array (input_ids, attention_mask).

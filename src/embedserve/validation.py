@@ -26,6 +26,12 @@ from embedserve.errors import (
 )
 from embedserve.types import EmbeddingJob, EncodingFormat
 
+#: What a 400 for token ids that cannot be the model's own says to do.
+FOREIGN_IDS_HINT = ("They look like another tokenizer's ids: LangChain's OpenAIEmbeddings, for one, "
+                    "sends tiktoken's unless it is created with check_embedding_ctx_length=False. Send the "
+                    "text, or the model's own ids (what its tokenizer makes of the text, special tokens "
+                    "included).")
+
 INPUT_SHAPES = ("a string, an array of strings, an array of integers (token ids) or an array of "
                 "arrays of integers")
 
@@ -141,7 +147,20 @@ def check_token_ids(arrays: Sequence[Sequence[int]], *, vocab_size: int, model: 
         if bad is not None:
             raise InvalidTokenId(
                 f"input[{i}] holds token id {bad}, outside the vocabulary of the model '{model}' "
-                f"(valid ids are 0 to {vocab_size - 1}).", param="input")
+                f"(valid ids are 0 to {vocab_size - 1}). {FOREIGN_IDS_HINT}", param="input")
+
+
+def check_framing(arrays: Sequence[Sequence[int]], *, head: Sequence[int], tail: Sequence[int],
+                  shown: str, model: str) -> None:
+    """Every id array carries the special tokens the model's tokenizer puts around every text
+    (`shown`: how to say them, e.g. "[CLS] (101) ... [SEP] (102)"): without them, the ids are not
+    the model's own, and would embed as something else than any text."""
+    for i, ids in enumerate(arrays):
+        if tuple(ids[:len(head)]) != tuple(head) or tuple(ids[len(ids) - len(tail):]) != tuple(tail) \
+                or len(ids) < len(head) + len(tail):
+            raise InvalidTokenId(
+                f"input[{i}] is not framed as {shown}, as every sequence of the model '{model}' is. "
+                f"{FOREIGN_IDS_HINT}", param="input")
 
 
 def check_lengths(sequences: list[list[int]], *, model: str, max_tokens: int, truncate: bool,
