@@ -152,6 +152,46 @@ def test_a_missing_encoding_stops_the_server_at_start_with_one_line(tmp_path: Pa
     assert "TIKTOKEN_CACHE_DIR" in lines[0] and "--tiktoken-file" in lines[0]
 
 
+# ---- LangChain's OpenAIEmbeddings itself -------------------------------------------------------------
+
+
+@pytest.fixture
+def langchain_tiktoken(encoding: tuple[tiktoken.Encoding, Path], monkeypatch: pytest.MonkeyPatch,
+                       ) -> tiktoken.Encoding:
+    """The client's cl100k_base is the small encoding trained here (tiktoken would download OpenAI's;
+    the client machine is offline too): set in tiktoken's registry, where LangChain looks it up."""
+    import tiktoken.registry
+
+    enc, _ = encoding
+    monkeypatch.setitem(tiktoken.registry.ENCODINGS, "cl100k_base", enc)
+    return enc
+
+
+def langchain(live: LiveServer, **options: Any) -> Any:
+    from langchain_openai import OpenAIEmbeddings
+
+    return OpenAIEmbeddings(model=MODEL, base_url=live.v1, api_key=API_KEY, max_retries=0, **options)
+
+
+def test_langchain_with_its_defaults_is_told_what_to_change(server: LiveServer,
+                                                            langchain_tiktoken: tiktoken.Encoding) -> None:
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        langchain(server).embed_documents(TEXTS)
+    assert refused.value.status_code == 400
+    assert "check_embedding_ctx_length=False" in str(refused.value)
+    by_text = langchain(server, check_embedding_ctx_length=False).embed_documents(TEXTS)
+    assert np.allclose(by_text, vectors(post(server, {"model": MODEL, "input": TEXTS})), atol=1e-5)
+
+
+def test_langchain_with_its_defaults_gets_exact_vectors_where_tiktoken_ids_are_read(
+        reading: LiveServer, langchain_tiktoken: tiktoken.Encoding) -> None:
+    by_ids = langchain(reading).embed_documents(TEXTS)  # it sends tiktoken ids
+    assert np.allclose(by_ids, vectors(post(reading, {"model": MODEL, "input": TEXTS})), atol=1e-5)
+    assert np.allclose(langchain(reading).embed_query(TEXTS[0]), by_ids[0], atol=1e-5)
+
+
 # ---- clients' default model names --------------------------------------------------------------------
 
 
