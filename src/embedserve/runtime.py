@@ -25,6 +25,7 @@ from embedserve.scheduler.memory import DEFAULT_SHARE, MemoryBudget, MemoryModel
 from embedserve.scheduler.packing import batch_limits, collate
 from embedserve.settings import Settings
 from embedserve.tokenization import (
+    Framing,
     TokenizerPool,
     make_tokenizer_executor,
     tokenizer_factory,
@@ -51,6 +52,15 @@ class ModelRuntime:
     load_seconds: float
     #: Token ids that are not the model's own are read as this encoding's (tiktoken_ids), else None.
     tiktoken: tiktoken.Encoding | None = None
+
+    @property
+    def id_framing(self) -> Framing | None:
+        """What the model's own token ids start and end with: its tokenizer's framing, less an EOS the
+        server appends anyway (Qwen3-Embedding's). Empty (or None) where ids cannot be told apart."""
+        framing = self.tokenizer.framing
+        if framing is not None and self.eos_id is not None and framing.tail == (self.eos_id,):
+            return Framing(head=framing.head, tail=())
+        return framing
 
     @property
     def vocab_size(self) -> int:

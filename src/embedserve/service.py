@@ -81,7 +81,7 @@ class EmbeddingService:
         inside its vocabulary), or, on a model that takes a tiktoken encoding's ids (tiktoken_ids),
         the text that ids not its own stand for, tokenized from here on like any text."""
         arrays = job.token_ids or ()
-        framing = runtime.tokenizer.framing
+        framing = runtime.id_framing
         framed = framing is not None and framing.size > 0
         own = framed and framing is not None and all(framing.frames(ids) for ids in arrays)
         if runtime.tiktoken is not None and not own:

@@ -2,7 +2,7 @@
 LangChain's OpenAIEmbeddings send by default: a model that opts in reads them back as the text they
 came from and tokenizes that with its own tokenizer, so the vectors are exact and usage counts the
 model's tokens. The encoding is found offline, in tiktoken's cache or a configured file, never
-downloaded (design note 41)."""
+downloaded (design note 34)."""
 
 from __future__ import annotations
 

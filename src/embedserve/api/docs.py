@@ -14,7 +14,7 @@ from starlette.responses import FileResponse, HTMLResponse
 from embedserve.errors import RouteNotFound
 
 #: Swagger UI's dist files as fastapi-offline ships them (Swagger UI 5: FastAPI's documents are
-#: OpenAPI 3.1, which Swagger UI 4 refuses to render; design note 43).
+#: OpenAPI 3.1, which Swagger UI 4 refuses to render; design note 41).
 ASSETS = Path(str(files("fastapi_offline") / "static"))
 ASSETS_PATH = "/docs/assets"
 #: The files the page loads, and nothing else of the package's folder.
