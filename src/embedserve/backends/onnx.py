@@ -216,6 +216,12 @@ def ensure_graph(spec: ModelSpec, cache_dir: Path, quantize: Quantize) -> Path:
     return final
 
 
+#: A pass of more than this many rows x length^2 (a 2,048-token input; far above the CPU batcher's
+#: batches of 256 token slots a thread) gives its memory back to the system once done. ORT's memory
+#: arena would otherwise keep the peak of the largest pass for good (one 8,192-token input: gigabytes),
+#: while small passes run faster on it: with the arena off, fp32 bulk and online lost ~4% and the
+#: in-process baseline 6% (3 paired runs of `make bench`; int8 unchanged). Design note 32.
+SHRINK_ABOVE = 1 << 22
 #: Score matrices held at once, at the peak of a pass, per row (measured on the tiny checkpoints' graphs
 #: at 2-8k tokens: fused ~1.0, unfused ~4.4 per head; the real models' figures, 4.6 GB for bge-m3 and
 #: more than 22 GB for Qwen3-Embedding-0.6B at 8,192 tokens, agree). ORT's fused Attention kernel
@@ -257,11 +263,6 @@ class OnnxBackend:
         # bulk within noise; design note 27).
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         options.log_severity_level = 3  # errors only: ORT's warnings are not the operator's business
-        # No memory arena: ORT's arena keeps the peak of the largest pass for good (one 8192-token input
-        # would hold gigabytes), and measuring a pass's peak needs its memory to come back. Passes of
-        # the server's batch sizes run as fast without it (all-MiniLM-L6-v2, 64 batches of 256 slots,
-        # one thread, 2 paired runs: 9.85-9.93 s against 9.76-9.89 s; design note 32).
-        options.enable_cpu_mem_arena = False
         try:
             self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:
@@ -281,13 +282,23 @@ class OnnxBackend:
         return int(text["vocab_size"])
 
     def forward(self, batch: TokenBatch) -> FloatMatrix:
+        rows, length = batch.shape
+        return self._run(batch, shrink=rows * length * length > SHRINK_ABOVE)
+
+    def _run(self, batch: TokenBatch, *, shrink: bool) -> FloatMatrix:
+        import onnxruntime as ort
+
+        options = None
+        if shrink:  # the arena gives back what this pass took once it is done
+            options = ort.RunOptions()
+            options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         (pooled,) = self._session.run(["pooled"], {"input_ids": batch.input_ids,
-                                                  "attention_mask": batch.attention_mask})
+                                                  "attention_mask": batch.attention_mask}, options)
         out: FloatMatrix = np.asarray(pooled, dtype=np.float32)
         return out
 
     def peak_memory(self, batch: TokenBatch) -> int | None:
-        return peak_during(lambda: self.forward(batch))
+        return peak_during(lambda: self._run(batch, shrink=True))
 
     def memory_available(self) -> int:
         return available()
