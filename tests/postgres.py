@@ -10,7 +10,6 @@ import itertools
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -20,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from support import free_port
 
 
 def postgres_bin() -> Path | None:
@@ -33,13 +34,6 @@ def postgres_bin() -> Path | None:
         return Path(installed[-1]).parent
     on_path = shutil.which("initdb")
     return Path(on_path).resolve().parent if on_path else None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -76,7 +70,7 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
         os.chown(root, owner.pw_uid, owner.pw_gid)
         prefix = ["runuser", "-u", "postgres", "--"]
     data, log = root / "data", root / "log"
-    port = _free_port()
+    port = free_port()
     cluster = PostgresCluster(port=port)
     subprocess.run([*prefix, str(bin_dir / "initdb"), "-D", str(data), "-U", cluster.user,
                     "--auth=trust", "-E", "UTF8", "--no-sync"],

@@ -3,8 +3,12 @@ sentence-transformers checkpoints built at test time (no downloads, ever)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -49,6 +53,50 @@ class LiveServer:
         app: Any = self.server.config.app
         state: AppState = app.state.embedserve
         return state
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (for a server process the test starts)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def rss_bytes(pid: int) -> int:
+    """A process's resident size (/proc/PID/status VmRSS)."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+@dataclass
+class ServerProcess:
+    base: str
+    proc: subprocess.Popen[bytes]
+
+    def rss_bytes(self) -> int:
+        return rss_bytes(self.proc.pid)
+
+
+@contextmanager
+def server_process(*flags: str) -> Iterator[ServerProcess]:
+    """`embedserve serve FLAGS` in a process of its own (open, logging warnings only) on a free
+    loopback port, until the block ends (SIGTERM): for what a test measures of the whole process."""
+    port = free_port()
+    env = {**os.environ, "EMBEDSERVE_API_KEYS": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "embedserve", "serve", "--port", str(port),
+                             "--log-level", "warning", *flags],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ok(f"{base}/ready", alive=lambda: proc.poll() is None)
+        yield ServerProcess(base=base, proc=proc)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
 
 
 def wait_until_ok(url: str, *, alive: Callable[[], bool], timeout_s: float = 180) -> None:

@@ -56,11 +56,11 @@ class ModelRuntime:
     @property
     def id_framing(self) -> Framing | None:
         """What the model's own token ids start and end with: its tokenizer's framing, less an EOS the
-        server appends anyway (Qwen3-Embedding's). Empty (or None) where ids cannot be told apart."""
+        server appends anyway (Qwen3-Embedding's). None where ids cannot be told from others'."""
         framing = self.tokenizer.framing
         if framing is not None and self.eos_id is not None and framing.tail == (self.eos_id,):
-            return Framing(head=framing.head, tail=())
-        return framing
+            framing = Framing(head=framing.head, tail=())
+        return framing if framing is not None and framing.size > 0 else None
 
     @property
     def vocab_size(self) -> int:

@@ -1,10 +1,10 @@
 """EmbeddingService.embed(): the one place where the order of the pipeline is written
 (resolve for the caller's key -> check against the model -> choose the prompt -> read token ids as the
-model's own, or as the text a tiktoken encoding's stand for -> hold the request's
-estimated tokens from the key's limit -> admit it to the model's queue -> tokenize, stopping at the
-first limit it breaks -> end with EOS where the model pools on it -> check lengths -> settle the exact
-tokens -> batch -> finish -> one usage record). Everything before tokenizing is cheap, so a request is
-refused before its work is done, not after."""
+model's own, or as the text of a tiktoken encoding's ids -> hold the request's estimated tokens from the
+key's limit -> admit it to the model's queue -> tokenize, stopping at the first limit it breaks -> end
+with EOS where the model pools on it -> check lengths -> settle the exact tokens -> batch -> finish ->
+one usage record). Everything before tokenizing is cheap, so a request is refused before its work is
+done, not after."""
 
 from __future__ import annotations
 
@@ -82,12 +82,11 @@ class EmbeddingService:
         the text that ids not its own stand for, tokenized from here on like any text."""
         arrays = job.token_ids or ()
         framing = runtime.id_framing
-        framed = framing is not None and framing.size > 0
-        own = framed and framing is not None and all(framing.frames(ids) for ids in arrays)
+        own = framing is not None and all(framing.frames(ids) for ids in arrays)
         if runtime.tiktoken is not None and not own:
             texts = await runtime.tokenizer.in_thread(tiktoken_ids.decode, runtime.tiktoken, arrays)
             return replace(job, texts=tuple(texts), token_ids=None)
-        if framed and framing is not None and not own:
+        if framing is not None:
             check_framing(arrays, head=framing.head, tail=framing.tail, model=job.model,
                           shown=runtime.tokenizer.shown(framing))
         check_token_ids(arrays, vocab_size=runtime.vocab_size, model=job.model)

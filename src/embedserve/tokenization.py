@@ -219,6 +219,10 @@ class TokenizerPool:
         self.pad_id = pad_id_of(probe)
         self.framing = framing_of(probe) if probe.truncation is None else None
         self._probe = probe
+        # The framing's token names, for messages: read now, since a request must not use a copy that a
+        # tokenizer thread may be using.
+        framed = () if self.framing is None else (*self.framing.head, *self.framing.tail)
+        self._names = {i: probe.id_to_token(i) for i in framed}
 
     @contextmanager
     def _borrow(self) -> Iterator[Tokenizer]:
@@ -235,7 +239,7 @@ class TokenizerPool:
     def shown(self, framing: Framing) -> str:
         """The framing as a message shows it: `[CLS] (101) ... [SEP] (102)`."""
         def name(ids: tuple[int, ...]) -> str:
-            return " ".join(f"{self._probe.id_to_token(i)} ({i})" for i in ids)
+            return " ".join(f"{self._names.get(i, '?')} ({i})" for i in ids)
 
         return f"{name(framing.head)} ... {name(framing.tail)}".strip()
 

@@ -8,11 +8,6 @@ refusal is checked for its status and body, and the server serves afterwards."""
 from __future__ import annotations
 
 import math
-import os
-import signal
-import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -27,7 +22,7 @@ from conftest import FamilyModels
 from embedserve.keys import KeyChanges, KeyStore, load_pepper
 from embedserve.settings import Settings
 from gates import ONE, Gate
-from support import LiveServer, live_server, private_data_dir, wait_until_ok
+from support import LiveServer, ServerProcess, live_server, private_data_dir, server_process
 
 MODEL = "all-MiniLM-L6-v2"
 #: The issue's request: 2048 inputs of 542 tokens each (3.3 MB) against a 256-token model.
@@ -102,47 +97,26 @@ def test_a_request_over_its_token_total_stops_once_past_it() -> None:
 # ---- memory after a flood ------------------------------------------------------------------------
 
 
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 @pytest.fixture(scope="module")
-def process() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def process() -> Iterator[ServerProcess]:
     """The bundled model in a server process of its own, so that its resident size is its alone."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "EMBEDSERVE_API_KEYS": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "embedserve", "serve", "--port", str(port),
-                             "--log-level", "warning"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ok(f"{base}/ready", alive=lambda: proc.poll() is None)
-        yield base, proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+    with server_process() as served:
+        yield served
 
 
 #: Generous: the issue saw 16 floods take the server from 420 MiB to 1.28 GiB for good.
 RSS_SLACK_BYTES = 100 * 2**20
 
 
-def test_sixteen_floods_at_once_are_refused_and_memory_comes_back(
-        process: tuple[str, subprocess.Popen[bytes]]) -> None:
-    base, proc = process
+def test_sixteen_floods_at_once_are_refused_and_memory_comes_back(process: ServerProcess) -> None:
+    base = process.base
     body = orjson.dumps(FLOOD)
     headers = {"content-type": "application/json"}
     small = {"model": MODEL, "input": "an unrelated request"}
     with httpx.Client(timeout=120) as client:
         assert client.post(f"{base}/v1/embeddings", json=small).status_code == 200
         client.post(f"{base}/v1/embeddings", content=body, headers=headers)  # the allocator's first
-        before = rss_bytes(proc.pid)
+        before = process.rss_bytes()
 
         def flood(_: int) -> httpx.Response:
             return client.post(f"{base}/v1/embeddings", content=body, headers=headers)
@@ -155,7 +129,7 @@ def test_sixteen_floods_at_once_are_refused_and_memory_comes_back(
                 (400, "context_length_exceeded"), (503, "server_overloaded")), response.text
         assert unrelated.status_code in (200, 503), unrelated.text
         assert client.post(f"{base}/v1/embeddings", json=small).status_code == 200
-        grown = rss_bytes(proc.pid) - before
+        grown = process.rss_bytes() - before
     assert grown < RSS_SLACK_BYTES, f"resident memory grew by {grown / 2**20:.0f} MiB"
 
 

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from openai import OpenAI
 
 from conftest import FamilyModels
 from embedserve.settings import Settings
-from support import bundled_folder, live_server, wait_until_ok
+from support import bundled_folder, free_port, live_server, wait_until_ok
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120
@@ -81,15 +80,8 @@ def test_models_command_lists_the_bundled_default_as_json() -> None:
     assert row["dimensions"] == 384 and row["max_input_tokens"] == 256 and row["pooling"] == "mean"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def test_serve_runs_open_on_the_default_model_prints_snippets_and_stops_on_sigterm() -> None:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "EMBEDSERVE_API_KEYS": ""}
     proc = subprocess.Popen([sys.executable, "-m", "embedserve", "serve", "--port", str(port)],
                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
@@ -169,7 +161,7 @@ def test_serve_bge_m3_and_qwen3_from_the_hf_cache_by_repo_id(family_models: Fami
     weights in the HF cache (the session's own HF_HOME, where the fixture installed tiny checkpoints)."""
     from tiny_models import bge_m3_reference, qwen3_query, qwen3_reference
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "EMBEDSERVE_API_KEYS": ""}
     proc = subprocess.Popen([sys.executable, "-m", "embedserve", "serve", "--model", "BAAI/bge-m3",
                              "--model", "Qwen/Qwen3-Embedding-0.6B", "--port", str(port)],

@@ -22,7 +22,7 @@ import pytest
 from embedserve.cli import banner
 from embedserve.logs import CONTINUATION
 from embedserve.settings import Settings
-from support import wait_until_ok
+from support import free_port, wait_until_ok
 
 MODEL = "all-MiniLM-L6-v2"
 SECRET = "sk-forging-secret-91d2"
@@ -49,13 +49,6 @@ class Run:
     port: int
     stderr: str = ""
     statuses: dict[str, int] | None = None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def send_raw(port: int, head: bytes, body: bytes = b"") -> int:
@@ -97,7 +90,7 @@ def requests(port: int) -> dict[str, int]:
 
 @pytest.fixture(scope="module", params=["text", "json"])
 def run(request: pytest.FixtureRequest) -> Run:
-    result = Run(fmt=request.param, port=_free_port())
+    result = Run(fmt=request.param, port=free_port())
     proc = subprocess.Popen([sys.executable, "-m", "embedserve", "serve", "--port", str(result.port),
                              "--api-key", SECRET, "--log-format", result.fmt, "--log-level", "debug"],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,19 +26,12 @@ from conftest import Storage
 from embedserve.db import SqliteDatabase, open_database
 from embedserve.usage import UsageQuery, report
 from postgres import PostgresCluster
-from support import private_data_dir, wait_until_ok
+from support import free_port, private_data_dir, wait_until_ok
 
 MODEL = "all-MiniLM-L6-v2"
 KEY = "sk-journal-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 GRACE_S = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -103,7 +95,7 @@ class Server:
 
     @classmethod
     def start(cls, data_dir: Path, database: Database, journal: Path, log_path: Path) -> Server:
-        port = _free_port()
+        port = free_port()
         env = {**os.environ, "EMBEDSERVE_API_KEYS": ""}
         with log_path.open("wb") as log:
             proc = subprocess.Popen(

@@ -6,19 +6,13 @@ asserts a duration: the machine is shared."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import httpx
 import pytest
 
-from support import wait_until_ok
+from support import ServerProcess, server_process
 
 MODEL = "all-MiniLM-L6-v2"
 MAX_QUEUED = 256
@@ -30,36 +24,11 @@ MEASURED = 10_000
 RSS_SLACK_BYTES = 8 * 2**20
 
 
-@dataclass
-class Served:
-    base: str
-    proc: subprocess.Popen[bytes]
-
-    def rss_bytes(self) -> int:
-        with open(f"/proc/{self.proc.pid}/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        raise AssertionError("no VmRSS")
-
-
 @pytest.fixture(scope="module")
-def served() -> Iterator[Served]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "EMBEDSERVE_API_KEYS": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "embedserve", "serve", "--port", str(port),
-                             "--max-queued-inputs", str(MAX_QUEUED), "--max-inputs-per-request",
-                             str(MAX_INPUTS), "--log-level", "warning"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ok(f"{base}/ready", alive=lambda: proc.poll() is None)
-        yield Served(base=base, proc=proc)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+def served() -> Iterator[ServerProcess]:
+    with server_process("--max-queued-inputs", str(MAX_QUEUED), "--max-inputs-per-request",
+                        str(MAX_INPUTS)) as process:
+        yield process
 
 
 async def _closed_loop(base: str, requests: int, concurrency: int) -> dict[int, int]:
@@ -92,7 +61,8 @@ async def _closed_loop(base: str, requests: int, concurrency: int) -> dict[int, 
     return statuses
 
 
-def test_below_capacity_nothing_fails_and_memory_stays_flat_over_10000_requests(served: Served) -> None:
+def test_below_capacity_nothing_fails_and_memory_stays_flat_over_10000_requests(
+        served: ServerProcess) -> None:
     assert asyncio.run(_closed_loop(served.base, WARM_UP, CONCURRENCY)) == {200: WARM_UP}
     before = served.rss_bytes()
     assert asyncio.run(_closed_loop(served.base, MEASURED, CONCURRENCY)) == {200: MEASURED}
@@ -100,7 +70,8 @@ def test_below_capacity_nothing_fails_and_memory_stays_flat_over_10000_requests(
     assert after - before < RSS_SLACK_BYTES, f"RSS grew {(after - before) / 2**20:.1f} MiB"
 
 
-def test_above_capacity_the_overflow_gets_503_at_once_and_the_server_recovers(served: Served) -> None:
+def test_above_capacity_the_overflow_gets_503_at_once_and_the_server_recovers(
+        served: ServerProcess) -> None:
     burst = 24  # x 64 inputs = 1536, six times what the queue admits
     texts = [f"overflow {i} " + "with a sentence of some forty tokens in it to give the model work " * 3
              for i in range(MAX_INPUTS)]
