@@ -112,6 +112,7 @@ def _set_up(tx: Cursor, id_column: str) -> None:
     if version != SCHEMA_VERSION:
         tx.execute("UPDATE embedserve_meta SET schema_version = ? WHERE id = 1", (SCHEMA_VERSION,))
 
+
 def _unavailable(where: str, exc: Exception) -> DatabaseUnavailable:
     return DatabaseUnavailable(f"The database ({where}) is unavailable: {exc}", retry_after_s=5)
 
@@ -155,7 +156,11 @@ class SqliteDatabase:
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-        conn.execute("PRAGMA synchronous=FULL")  # a committed record survives a power cut too
+        try:
+            conn.execute("PRAGMA synchronous=FULL")  # a committed record survives a power cut too
+        except BaseException:  # (a file that is no database fails here: never leak the connection)
+            conn.close()
+            raise
         return conn
 
     @contextmanager
