@@ -65,7 +65,8 @@ class Metrics:
         self.rejected = Counter("embedserve_rejected_inputs", "Inputs refused at admission (queue "
                                 "full) or dropped before reaching the model (client gone, deadline)",
                                 ("model", "reason"), registry=r)
-        self.queue_depth = Gauge("embedserve_queue_depth_inputs", "Inputs waiting in the batcher",
+        self.queue_depth = Gauge("embedserve_queue_depth_inputs", "Inputs admitted and not yet in a "
+                                 "forward pass (being tokenized or waiting in the batcher)",
                                  ("model",), registry=r)
         self.in_flight = Gauge("embedserve_requests_in_flight", "HTTP requests being served",
                                registry=r)

@@ -138,10 +138,6 @@ class Tokenized:
     stopped: Stop | None = None
     produced: int = 0  # tokens the tokenizer made for this request, those after a stop included
 
-    @property
-    def tokens(self) -> int:
-        return sum(len(ids) for ids in self.sequences)
-
 
 def scan(sequences: Sequence[list[int]], limits: TokenLimits, seen: int) -> tuple[int, Stop | None]:
     """Pure: how many of `sequences` (following `seen` tokens of the same request) pass, and why the
@@ -173,15 +169,6 @@ def next_chunk(texts: Sequence[str], start: int, window: int, max_chars: int = C
         if long:
             break
     return end
-
-
-def chunks(texts: Sequence[str], window: int, max_chars: int = CHUNK_CHARS) -> Iterator[tuple[int, int]]:
-    """Pure: consecutive [start, end) ranges of `texts`, one trip each."""
-    start = 0
-    while start < len(texts):
-        end = next_chunk(texts, start, window, max_chars)
-        yield start, end
-        start = end
 
 
 def upper_bound(texts: Sequence[str], prefix: str, *, per_input: int, framing_size: int) -> int:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from embedserve.postprocess import min_cosine
-from support import wait_until_ok
+from support import free_port, wait_until_ok
 
 MODEL = "all-MiniLM-L6-v2"
 SECRET = "sk-drain-secret-5c1e"
@@ -48,15 +48,6 @@ class Run:
     health_after_signal: httpx.Response | None = None
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _in_flight_gauge(base: str) -> float:
     for line in httpx.get(f"{base}/metrics").text.splitlines():
         if line.startswith("embedserve_requests_in_flight "):
@@ -66,7 +57,7 @@ def _in_flight_gauge(base: str) -> float:
 
 @pytest.fixture(scope="module")
 def drained() -> Run:
-    run = Run(port=_free_port())
+    run = Run(port=free_port())
     base = f"http://127.0.0.1:{run.port}"
     env = {**os.environ, "EMBEDSERVE_API_KEYS": ""}
     proc = subprocess.Popen([sys.executable, "-m", "embedserve", "serve", "--port", str(run.port),

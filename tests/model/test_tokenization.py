@@ -133,9 +133,23 @@ def test_a_request_stops_once_it_passes_its_total_or_its_budget(family_models: F
         texts = ["a short text of a few words"] * 5000
         total = encode(pool, texts, TokenLimits(per_input=256, truncate=False, total=500))
         budget = encode(pool, texts, TokenLimits(per_input=256, truncate=False, total=10**6, budget=300))
-    assert total.stopped is Stop.TOTAL and 500 < total.tokens < 520
-    assert budget.stopped is Stop.BUDGET and 300 < budget.tokens < 320
+    assert total.stopped is Stop.TOTAL and 500 < sum(map(len, total.sequences)) < 520
+    assert budget.stopped is Stop.BUDGET and 300 < sum(map(len, budget.sequences)) < 320
     assert total.produced < 10_000 and budget.produced < 10_000, "stopped within a chunk or two"
+
+
+def test_a_tokenizer_that_cannot_be_framed_truncates_whole_texts_as_transformers_does(
+        family_models: FamilyModels) -> None:
+    """A tokenizer whose framing is unknown (here: one built truncating) is run whole, its own way."""
+    folder = family_models.bge_m3
+    with ThreadPoolExecutor(1) as executor:
+        pool = TokenizerPool(tokenizer_factory(folder, truncate_to=512), executor, copies=1)
+        assert pool.framing is None
+        cut = encode(pool, LONG_TEXTS, TokenLimits(per_input=16, truncate=True, total=10**6))
+        over = encode(pool, ["fine", *LONG_TEXTS], TokenLimits(per_input=16, truncate=False, total=10**6))
+    reference = AutoTokenizer.from_pretrained(str(folder))(LONG_TEXTS, truncation=True, max_length=16)
+    assert cut.stopped is None and cut.sequences == reference["input_ids"]
+    assert over.stopped is Stop.INPUT and len(over.sequences) == 2
 
 
 @pytest.mark.parametrize(("name", "head", "tail"), [("minilm", (101,), (102,)), ("bge-m3", (0,), (2,)),
