@@ -32,6 +32,7 @@ test: lint pytest
 
 lint: install-dev
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
 
 pytest: install-dev

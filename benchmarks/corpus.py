@@ -10,11 +10,43 @@ import random
 import re
 from collections.abc import Callable
 
-MODULES = ("argparse", "asyncio", "collections", "concurrent.futures", "contextlib", "dataclasses",
-           "decimal", "email", "fractions", "functools", "http.client", "inspect", "itertools", "json",
-           "logging", "os", "pathlib", "re", "shutil", "socket", "sqlite3", "statistics", "string",
-           "subprocess", "tarfile", "threading", "typing", "unittest", "urllib.parse", "zipfile",
-           "numpy", "httpx", "pydantic", "starlette.applications", "tokenizers")
+MODULES = (
+    "argparse",
+    "asyncio",
+    "collections",
+    "concurrent.futures",
+    "contextlib",
+    "dataclasses",
+    "decimal",
+    "email",
+    "fractions",
+    "functools",
+    "http.client",
+    "inspect",
+    "itertools",
+    "json",
+    "logging",
+    "os",
+    "pathlib",
+    "re",
+    "shutil",
+    "socket",
+    "sqlite3",
+    "statistics",
+    "string",
+    "subprocess",
+    "tarfile",
+    "threading",
+    "typing",
+    "unittest",
+    "urllib.parse",
+    "zipfile",
+    "numpy",
+    "httpx",
+    "pydantic",
+    "starlette.applications",
+    "tokenizers",
+)
 
 
 def _docstrings() -> list[str]:
@@ -26,8 +58,9 @@ def _docstrings() -> list[str]:
             continue
         # Submodules are left out: they are attributes only once something has imported them, so
         # they made the corpus depend on what the benchmark imported first (aiohttp brings email.*).
-        objects = [module] + [getattr(module, attr, None) for attr in sorted(dir(module))
-                              if not attr.startswith("_")]
+        objects = [module] + [
+            getattr(module, attr, None) for attr in sorted(dir(module)) if not attr.startswith("_")
+        ]
         for obj in objects:
             if obj is not module and inspect.ismodule(obj):
                 continue

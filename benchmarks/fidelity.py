@@ -62,29 +62,44 @@ def main() -> None:
     hf_home = Path(os.environ["HF_HOME"])
     root = Path(tempfile.mkdtemp(prefix="embedserve-fidelity-"))
     bge = install_in_hub_cache(build_tiny_bge_m3(root / "bge-m3"), hf_home, "BAAI/bge-m3")
-    qwen = install_in_hub_cache(build_tiny_qwen3_embedding(root / "Qwen3-Embedding-0.6B"), hf_home,
-                                "Qwen/Qwen3-Embedding-0.6B")
+    qwen = install_in_hub_cache(
+        build_tiny_qwen3_embedding(root / "Qwen3-Embedding-0.6B"), hf_home, "Qwen/Qwen3-Embedding-0.6B"
+    )
     no_eos = build_tiny_qwen3_embedding(root / "no-eos" / "Qwen3-Embedding-0.6B", eos_in_tokenizer=False)
     catalog = root / "models.toml"
-    catalog.write_text('[[models]]\nsource = "BAAI/bge-m3"\n\n'
-                       '[[models]]\nsource = "Qwen/Qwen3-Embedding-0.6B"\n\n'
-                       f'[[models]]\nid = "qwen3-no-eos"\nsource = "{no_eos}"\n')
+    catalog.write_text(
+        '[[models]]\nsource = "BAAI/bge-m3"\n\n'
+        '[[models]]\nsource = "Qwen/Qwen3-Embedding-0.6B"\n\n'
+        f'[[models]]\nid = "qwen3-no-eos"\nsource = "{no_eos}"\n'
+    )
     rows: list[tuple[str, Callable[[str], np.ndarray], np.ndarray]] = [
         ("bge-m3, documents", lambda b: served(b, "bge-m3", texts), bge_m3_reference(bge, texts)),
-        ("Qwen3-Embedding, documents", lambda b: served(b, "Qwen3-Embedding-0.6B", texts),
-         qwen3_reference(qwen, texts)),
-        ("Qwen3-Embedding, queries (default instruction)",
-         lambda b: served(b, "Qwen3-Embedding-0.6B", queries, input_type="query"),
-         qwen3_reference(qwen, [qwen3_query(QWEN3_DEFAULT_TASK, q) for q in queries])),
-        ("Qwen3-Embedding, documents, dimensions=256",
-         lambda b: served(b, "Qwen3-Embedding-0.6B", texts, dimensions=256),
-         _renormalized(qwen3_reference(qwen, texts)[:, :256])),
-        ("Qwen3-Embedding, tokenizer without EOS", lambda b: served(b, "qwen3-no-eos", texts),
-         qwen3_reference_appending_eos(no_eos, texts)),
+        (
+            "Qwen3-Embedding, documents",
+            lambda b: served(b, "Qwen3-Embedding-0.6B", texts),
+            qwen3_reference(qwen, texts),
+        ),
+        (
+            "Qwen3-Embedding, queries (default instruction)",
+            lambda b: served(b, "Qwen3-Embedding-0.6B", queries, input_type="query"),
+            qwen3_reference(qwen, [qwen3_query(QWEN3_DEFAULT_TASK, q) for q in queries]),
+        ),
+        (
+            "Qwen3-Embedding, documents, dimensions=256",
+            lambda b: served(b, "Qwen3-Embedding-0.6B", texts, dimensions=256),
+            _renormalized(qwen3_reference(qwen, texts)[:, :256]),
+        ),
+        (
+            "Qwen3-Embedding, tokenizer without EOS",
+            lambda b: served(b, "qwen3-no-eos", texts),
+            qwen3_reference_appending_eos(no_eos, texts),
+        ),
     ]
     lengths = [len(t) for t in texts]
-    print(f"{len(texts)} corpus paragraphs ({min(lengths)}-{max(lengths)} characters), one request each "
-          "row; reference = the model card's recipe in one padded batch (fp32, CPU)\n")
+    print(
+        f"{len(texts)} corpus paragraphs ({min(lengths)}-{max(lengths)} characters), one request each "
+        "row; reference = the model card's recipe in one padded batch (fp32, CPU)\n"
+    )
     print("| served | min cosine | max abs diff |")
     print("|---|---|---|")
     with live_server(Settings(models_file=catalog)) as live:
@@ -104,16 +119,20 @@ def _precisions(size: int) -> None:
     corpus = build_corpus(lambda t: len(reference_model.tokenizer(t)["input_ids"]), size=size)
     reference = reference_model.encode(corpus, batch_size=32, normalize_embeddings=True)
     catalog = Path(tempfile.mkdtemp(prefix="embedserve-fidelity-")) / "models.toml"
-    catalog.write_text('[[models]]\nsource = "all-MiniLM-L6-v2"\n\n'
-                       '[[models]]\nid = "int8"\nsource = "all-MiniLM-L6-v2"\nquantize = "int8"\n')
-    print(f"\nall-MiniLM-L6-v2 on the {len(corpus)}-text benchmark corpus, against "
-          "sentence-transformers fp32\n")
+    catalog.write_text(
+        '[[models]]\nsource = "all-MiniLM-L6-v2"\n\n'
+        '[[models]]\nid = "int8"\nsource = "all-MiniLM-L6-v2"\nquantize = "int8"\n'
+    )
+    print(
+        f"\nall-MiniLM-L6-v2 on the {len(corpus)}-text benchmark corpus, against sentence-transformers fp32\n"
+    )
     print("| served | min cosine | mean cosine | max abs diff |")
     print("|---|---|---|---|")
     with live_server(Settings(models_file=catalog)) as live:
         for name, model in (("onnx fp32", "all-MiniLM-L6-v2"), ("onnx int8", "int8")):
-            got = np.concatenate([served(live.v1, model, corpus[i:i + 256])
-                                  for i in range(0, len(corpus), 256)])
+            got = np.concatenate(
+                [served(live.v1, model, corpus[i : i + 256]) for i in range(0, len(corpus), 256)]
+            )
             cos = (got * reference).sum(axis=1)
             print(f"| {name} | {cos.min():.4f} | {cos.mean():.4f} | {np.abs(got - reference).max():.1e} |")
 

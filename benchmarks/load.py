@@ -76,9 +76,11 @@ def _session(concurrency: int) -> aiohttp.ClientSession:
     """The load generator's client. It shares the machine's cores with the server it measures, so it
     must cost little: aiohttp spends ~0.4 ms of CPU per single-input request here, httpx ~1.2 ms
     (measured over the online load; at 140 requests/s that is 6% of a 2-core machine against 17%)."""
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency),
-                                 timeout=aiohttp.ClientTimeout(total=600),
-                                 headers={"content-type": "application/json"})
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=concurrency),
+        timeout=aiohttp.ClientTimeout(total=600),
+        headers={"content-type": "application/json"},
+    )
 
 
 async def _post(http: aiohttp.ClientSession, url: str, payload: dict[str, Any]) -> dict[str, Any]:
@@ -89,7 +91,7 @@ async def _post(http: aiohttp.ClientSession, url: str, payload: dict[str, Any]) 
 
 
 async def _bulk(base: str, model: str, corpus: list[str], batch: int, concurrency: int) -> float:
-    chunks = [corpus[i:i + batch] for i in range(0, len(corpus), batch)]
+    chunks = [corpus[i : i + batch] for i in range(0, len(corpus), batch)]
     queue: asyncio.Queue[list[str]] = asyncio.Queue()
     for chunk in chunks:
         queue.put_nowait(chunk)
@@ -97,8 +99,9 @@ async def _bulk(base: str, model: str, corpus: list[str], batch: int, concurrenc
     async def worker(http: aiohttp.ClientSession) -> None:
         while not queue.empty():
             chunk = queue.get_nowait()
-            body = await _post(http, f"{base}/embeddings", {"model": model, "input": chunk,
-                                                            "encoding_format": "base64"})
+            body = await _post(
+                http, f"{base}/embeddings", {"model": model, "input": chunk, "encoding_format": "base64"}
+            )
             assert len(body["data"]) == len(chunk)
 
     async with _session(concurrency) as http:
@@ -107,8 +110,7 @@ async def _bulk(base: str, model: str, corpus: list[str], batch: int, concurrenc
         return time.perf_counter() - started
 
 
-async def _online(base: str, model: str, corpus: list[str], concurrency: int
-                  ) -> tuple[float, list[float]]:
+async def _online(base: str, model: str, corpus: list[str], concurrency: int) -> tuple[float, list[float]]:
     queue: asyncio.Queue[str] = asyncio.Queue()
     for text in corpus:
         queue.put_nowait(text)
@@ -118,8 +120,9 @@ async def _online(base: str, model: str, corpus: list[str], concurrency: int
         while not queue.empty():
             text = queue.get_nowait()
             t0 = time.perf_counter()
-            body = await _post(http, f"{base}/embeddings", {"model": model, "input": text,
-                                                            "encoding_format": "base64"})
+            body = await _post(
+                http, f"{base}/embeddings", {"model": model, "input": text, "encoding_format": "base64"}
+            )
             latencies.append(time.perf_counter() - t0)
             assert len(body["data"]) == 1
 
@@ -165,8 +168,11 @@ def _measure_server(server: Server, corpus: list[str], total_tokens: int, bulk: 
     log = (BENCH / f"{bulk.name.split()[0]}-{port}.log").open("wb")
     proc = subprocess.Popen(command, env=server.env, cwd=server.cwd, stdout=log, stderr=log)
     try:
-        health = f"http://127.0.0.1:{port}/ready" if "embedserve" in server.name else \
-            f"http://127.0.0.1:{port}/health"
+        health = (
+            f"http://127.0.0.1:{port}/ready"
+            if "embedserve" in server.name
+            else f"http://127.0.0.1:{port}/health"
+        )
         _wait_ready(health, proc)
         base = f"http://127.0.0.1:{port}" + ("/v1" if "embedserve" in server.name else "")
         asyncio.run(_bulk(base, server.model, corpus[:96], 32, 2))  # warm-up
@@ -194,8 +200,20 @@ def _ensure_infinity(model_folder: Path) -> Path:
     if not (INFINITY_VENV / "bin" / "infinity_emb").exists():
         print(f"installing {' '.join(INFINITY_SPEC)} into {INFINITY_VENV} (once, minutes)", file=sys.stderr)
         subprocess.run([sys.executable, "-m", "venv", str(INFINITY_VENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                        "-c", str(ROOT / "constraints.txt"), *INFINITY_SPEC], check=True)
+        subprocess.run(
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "-c",
+                str(ROOT / "constraints.txt"),
+                *INFINITY_SPEC,
+            ],
+            check=True,
+        )
     folder = BENCH / "minilm"
     if not (folder / "model.onnx").exists():
         shutil.rmtree(folder, ignore_errors=True)
@@ -218,19 +236,33 @@ def _export_transformers_onnx(folder: Path, target: Path) -> None:
             super().__init__()
             self.model = AutoModel.from_pretrained(str(folder)).eval()
 
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    token_type_ids: torch.Tensor) -> torch.Tensor:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask,  # type: ignore[no-any-return]
-                              token_type_ids=token_type_ids).last_hidden_state
+        def forward(
+            self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+        ) -> torch.Tensor:
+            output = self.model(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            )
+            hidden: torch.Tensor = output.last_hidden_state
+            return hidden
 
     ids = torch.ones((2, 8), dtype=torch.long)
     axes = {0: "batch_size", 1: "sequence_length"}
     with torch.no_grad():
-        torch.onnx.export(Encoder(), (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(target),
-                          input_names=["input_ids", "attention_mask", "token_type_ids"],
-                          output_names=["last_hidden_state"], opset_version=17, dynamo=False,
-                          dynamic_axes={"input_ids": axes, "attention_mask": axes, "token_type_ids": axes,
-                                        "last_hidden_state": axes})
+        torch.onnx.export(
+            Encoder(),
+            (ids, torch.ones_like(ids), torch.zeros_like(ids)),
+            str(target),
+            input_names=["input_ids", "attention_mask", "token_type_ids"],
+            output_names=["last_hidden_state"],
+            opset_version=17,
+            dynamo=False,
+            dynamic_axes={
+                "input_ids": axes,
+                "attention_mask": axes,
+                "token_type_ids": axes,
+                "last_hidden_state": axes,
+            },
+        )
 
 
 # ---- in-process baselines ------------------------------------------------------------------------
@@ -263,7 +295,7 @@ def _onnx_runtime(corpus: list[str]) -> float:
     started = time.perf_counter()
     ids = sorted((e.ids for e in tokenizer.encode_batch(corpus)), key=len)
     for i in range(0, len(ids), 32):
-        backend.forward(collate(ids[i:i + 32], 0, "right"))
+        backend.forward(collate(ids[i : i + 32], 0, "right"))
     return time.perf_counter() - started
 
 
@@ -278,13 +310,17 @@ def _cell(values: list[float], fmt: str = ".1f") -> str:
 
 def _report(rows: list[Row], corpus: list[str], total_tokens: int, runs: int) -> None:
     by = {row.name: row for row in rows}
-    print(f"\n{len(corpus)} texts, {total_tokens} tokens, {MODEL}, {os.cpu_count()} CPUs, "
-          f"{runs} runs: median [min-max]\n")
+    print(
+        f"\n{len(corpus)} texts, {total_tokens} tokens, {MODEL}, {os.cpu_count()} CPUs, "
+        f"{runs} runs: median [min-max]\n"
+    )
     print("| load | inputs/s | tokens/s | p50 ms | p99 ms |")
     print("|---|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row.name} | {_cell(row.inputs_s)} | {_cell(row.tokens_s, '.0f')} "
-              f"| {_cell(row.p50, '.0f')} | {_cell(row.p99, '.0f')} |")
+        print(
+            f"| {row.name} | {_cell(row.inputs_s)} | {_cell(row.tokens_s, '.0f')} "
+            f"| {_cell(row.p50, '.0f')} | {_cell(row.p99, '.0f')} |"
+        )
 
     def ratio(a: str, b: str, values: str = "tokens_s") -> str:
         if a not in by or b not in by:
@@ -297,18 +333,36 @@ def _report(rows: list[Row], corpus: list[str], total_tokens: int, runs: int) ->
     # "Half of Infinity's p99": its engine with the lowest online p99, whichever is faster.
     best_online = min(infinity_online, key=lambda n: by[n].median("p99"), default="")
     targets = [
-        ("embedserve bulk / in-process ORT fp32 (tokens/s)",
-         ratio("embedserve fp32 bulk", "onnxruntime fp32 in-process"), ">= 0.90"),
-        ("embedserve bulk / sentence-transformers encode",
-         ratio("embedserve fp32 bulk", "sentence-transformers encode in-process"), ">= 2"),
-        (f"embedserve bulk / best Infinity bulk ({best or 'n/a'})",
-         ratio("embedserve fp32 bulk", best) if best else "-", ">= 2.5"),
-        ("embedserve online / embedserve bulk", ratio("embedserve fp32 online", "embedserve fp32 bulk"),
-         ">= 0.80"),
-        (f"embedserve online p99 / lowest Infinity online p99 ({best_online or 'n/a'})",
-         ratio("embedserve fp32 online", best_online, "p99") if best_online else "-", "<= 0.50"),
-        ("embedserve int8 bulk / embedserve fp32 bulk",
-         ratio("embedserve int8 bulk", "embedserve fp32 bulk"), ">= 1.4"),
+        (
+            "embedserve bulk / in-process ORT fp32 (tokens/s)",
+            ratio("embedserve fp32 bulk", "onnxruntime fp32 in-process"),
+            ">= 0.90",
+        ),
+        (
+            "embedserve bulk / sentence-transformers encode",
+            ratio("embedserve fp32 bulk", "sentence-transformers encode in-process"),
+            ">= 2",
+        ),
+        (
+            f"embedserve bulk / best Infinity bulk ({best or 'n/a'})",
+            ratio("embedserve fp32 bulk", best) if best else "-",
+            ">= 2.5",
+        ),
+        (
+            "embedserve online / embedserve bulk",
+            ratio("embedserve fp32 online", "embedserve fp32 bulk"),
+            ">= 0.80",
+        ),
+        (
+            f"embedserve online p99 / lowest Infinity online p99 ({best_online or 'n/a'})",
+            ratio("embedserve fp32 online", best_online, "p99") if best_online else "-",
+            "<= 0.50",
+        ),
+        (
+            "embedserve int8 bulk / embedserve fp32 bulk",
+            ratio("embedserve int8 bulk", "embedserve fp32 bulk"),
+            ">= 1.4",
+        ),
     ]
     print("\n| ratio (medians) | value | target |")
     print("|---|---:|---:|")
@@ -317,8 +371,9 @@ def _report(rows: list[Row], corpus: list[str], total_tokens: int, runs: int) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--limit", type=int, default=2000, help="corpus size")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--skip-infinity", action="store_true")
@@ -335,23 +390,59 @@ def main() -> None:
     total_tokens = sum(count(t) for t in corpus)
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "EMBEDSERVE_API_KEYS": ""}
-    embedserve = [sys.executable, "-m", "embedserve", "serve", "--port", "{port}", "--model", MODEL,
-                  "--log-level", "warning"]
-    servers = [Server("embedserve fp32", embedserve, MODEL, env),
-               Server("embedserve int8", [*embedserve, "--quantize", "int8"], MODEL, env)]
+    embedserve = [
+        sys.executable,
+        "-m",
+        "embedserve",
+        "serve",
+        "--port",
+        "{port}",
+        "--model",
+        MODEL,
+        "--log-level",
+        "warning",
+    ]
+    servers = [
+        Server("embedserve fp32", embedserve, MODEL, env),
+        Server("embedserve int8", [*embedserve, "--quantize", "int8"], MODEL, env),
+    ]
     if not args.skip_infinity:
         infinity_folder = _ensure_infinity(folder)
         for engine in ("optimum", "torch"):
-            command = [str(INFINITY_VENV / "bin" / "infinity_emb"), "v2", "--model-id", ".",
-                       "--served-model-name", MODEL, "--engine", engine, "--device", "cpu",
-                       "--port", "{port}", "--log-level", "warning"]
+            command = [
+                str(INFINITY_VENV / "bin" / "infinity_emb"),
+                "v2",
+                "--model-id",
+                ".",
+                "--served-model-name",
+                MODEL,
+                "--engine",
+                engine,
+                "--device",
+                "cpu",
+                "--port",
+                "{port}",
+                "--log-level",
+                "warning",
+            ]
             # Run from inside the folder: infinity 0.0.78 + optimum mishandle absolute local paths.
             # Its own HF_HOME: Infinity caches the optimized graph there under a name that does not
             # depend on the model, so a shared cache could serve another model's graph. No telemetry:
             # nothing outside can be reached, and retrying the upload only adds noise.
-            servers.append(Server(f"infinity {engine}", command, MODEL, {**env, "HF_HOME": str(INFINITY_HF),
-                                   "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1"},
-                                  cwd=infinity_folder))
+            servers.append(
+                Server(
+                    f"infinity {engine}",
+                    command,
+                    MODEL,
+                    {
+                        **env,
+                        "HF_HOME": str(INFINITY_HF),
+                        "INFINITY_ANONYMOUS_USAGE_STATS": "0",
+                        "DO_NOT_TRACK": "1",
+                    },
+                    cwd=infinity_folder,
+                )
+            )
 
     st, ort = Row("sentence-transformers encode in-process"), Row("onnxruntime fp32 in-process")
     rows = [st, ort]

@@ -40,8 +40,14 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="embedserve-memory-"))
     folder = build_tiny_qwen3_embedding(root / "Qwen3-Embedding-0.6B")
     config = json.loads((folder / "config.json").read_text())
-    shapes = {"hidden_size": 1024, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
-              "intermediate_size": 3072, "num_hidden_layers": 2}
+    shapes = {
+        "hidden_size": 1024,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 2,
+    }
     dropped = ("architectures", "transformers_version", "model_type")
     kept = {k: v for k, v in config.items() if k not in dropped}
     torch.manual_seed(0)
@@ -62,8 +68,10 @@ def main() -> None:
         peak, after = _status(served.proc.pid, "VmHWM"), _status(served.proc.pid, "VmRSS")
     print("| input | status | seconds | RSS before MiB | peak MiB | after MiB |")
     print("|---|---|---:|---:|---:|---:|")
-    print(f"| {fits} tokens (the longest that fits) | {answer.status_code} | {took:.1f} | {before >> 20} "
-          f"| {peak >> 20} | {after >> 20} |")
+    print(
+        f"| {fits} tokens (the longest that fits) | {answer.status_code} | {took:.1f} | {before >> 20} "
+        f"| {peak >> 20} | {after >> 20} |"
+    )
 
 
 if __name__ == "__main__":

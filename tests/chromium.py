@@ -20,10 +20,21 @@ import pytest
 
 #: Quiet: no sync, updates, first-run or other background traffic of the browser's own, which would
 #: blur "the page made no request off loopback"; root (CI) needs --no-sandbox.
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-default-apps", "--disable-extensions", "--no-first-run", "--no-default-browser-check",
-         "--metrics-recording-only", "--remote-debugging-pipe"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-default-apps",
+    "--disable-extensions",
+    "--no-first-run",
+    "--no-default-browser-check",
+    "--metrics-recording-only",
+    "--remote-debugging-pipe",
+]
 
 
 def chromium_bin() -> str | None:
@@ -124,10 +135,20 @@ def chromium() -> Iterator[Chromium]:
     # The browser reads commands on its fd 3 and writes replies on fd 4: bash puts the pipes there (dash
     # takes single-digit fds only).
     process = subprocess.Popen(
-        ["/bin/bash", "-c", f'exec "$0" "$@" 3<&{to_browser_r} 4>&{from_browser_w}', binary, *FLAGS,
-         f"--user-data-dir={profile}", "about:blank"],
-        pass_fds=(to_browser_r, from_browser_w), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
+        [
+            "/bin/bash",
+            "-c",
+            f'exec "$0" "$@" 3<&{to_browser_r} 4>&{from_browser_w}',
+            binary,
+            *FLAGS,
+            f"--user-data-dir={profile}",
+            "about:blank",
+        ],
+        pass_fds=(to_browser_r, from_browser_w),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     os.close(to_browser_r)
     os.close(from_browser_w)
     browser = Chromium(process, to_browser_w, from_browser_r)

@@ -30,8 +30,9 @@ MRL_DIMS = (64, 128, 256, 384)
 @pytest.fixture(scope="session")
 def tiny_dense_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """CLS pooling + Dense(32 -> 16) + Normalize, saved by sentence-transformers."""
-    return build_tiny_st_model(tmp_path_factory.mktemp("tiny") / "tiny-cls-dense", pooling="cls",
-                               dense_out=16, normalize=True)
+    return build_tiny_st_model(
+        tmp_path_factory.mktemp("tiny") / "tiny-cls-dense", pooling="cls", dense_out=16, normalize=True
+    )
 
 
 @pytest.fixture(scope="session")
@@ -63,8 +64,9 @@ source = "{tiny_dense_model}"
 def server(models_file: Path) -> Iterator[LiveServer]:
     """The main live server: real models, API keys on, default request limits except the token total
     (lowered so that a request over it stays small)."""
-    settings = Settings(models_file=models_file, api_keys=[API_KEY, OTHER_KEY],
-                        max_tokens_per_request=MAX_TOKENS_PER_REQUEST)
+    settings = Settings(
+        models_file=models_file, api_keys=[API_KEY, OTHER_KEY], max_tokens_per_request=MAX_TOKENS_PER_REQUEST
+    )
     with live_server(settings) as live:
         yield live
 
@@ -102,17 +104,26 @@ def family_models(tmp_path_factory: pytest.TempPathFactory) -> FamilyModels:
 
     root = tmp_path_factory.mktemp("families")
     bge = install_in_hub_cache(build_tiny_bge_m3(root / "hub" / "bge-m3"), Path(HF_HOME), "BAAI/bge-m3")
-    qwen = install_in_hub_cache(build_tiny_qwen3_embedding(root / "hub" / "Qwen3-Embedding-0.6B"),
-                                Path(HF_HOME), "Qwen/Qwen3-Embedding-0.6B")
+    qwen = install_in_hub_cache(
+        build_tiny_qwen3_embedding(root / "hub" / "Qwen3-Embedding-0.6B"),
+        Path(HF_HOME),
+        "Qwen/Qwen3-Embedding-0.6B",
+    )
     bare = build_tiny_bge_m3(root / "bare" / "bge-m3", sentence_transformers_files=False, seed=1)
-    no_eos = build_tiny_qwen3_embedding(root / "no-eos" / "Qwen3-Embedding-0.6B", eos_in_tokenizer=False,
-                                        sentence_transformers_files=False, seed=1)
+    no_eos = build_tiny_qwen3_embedding(
+        root / "no-eos" / "Qwen3-Embedding-0.6B",
+        eos_in_tokenizer=False,
+        sentence_transformers_files=False,
+        seed=1,
+    )
     return FamilyModels(bge_m3=bge, qwen3=qwen, bge_m3_bare=bare, qwen3_no_eos=no_eos)
 
 
 @pytest.fixture(scope="session")
-def family_server(tmp_path_factory: pytest.TempPathFactory, family_models: FamilyModels,
-                  ) -> Iterator[LiveServer]:
+def family_server(
+    tmp_path_factory: pytest.TempPathFactory,
+    family_models: FamilyModels,
+) -> Iterator[LiveServer]:
     """bge-m3 and Qwen3-Embedding served by hub id from the cache, plus the bare variants by folder."""
     path = tmp_path_factory.mktemp("family-catalog") / "models.toml"
     path.write_text(f"""

@@ -27,8 +27,10 @@ class Gate:
     def wrap(self, forward: Callable[[TokenBatch], FloatMatrix]) -> Callable[[TokenBatch], FloatMatrix]:
         def gated(batch: TokenBatch) -> FloatMatrix:
             if self.armed:
-                self.seen.extend([int(i) for i, m in zip(row, mask, strict=True) if m]
-                                 for row, mask in zip(batch.input_ids, batch.attention_mask, strict=True))
+                self.seen.extend(
+                    [int(i) for i, m in zip(row, mask, strict=True) if m]
+                    for row, mask in zip(batch.input_ids, batch.attention_mask, strict=True)
+                )
                 self.entered.set()
                 assert self.opened.wait(GUARD_S), "the test never opened the gate"
             return forward(batch)

@@ -25,6 +25,7 @@ from support import free_port
 
 def postgres_bin() -> Path | None:
     """Debian keeps the server binaries in /usr/lib/postgresql/<version>/bin, off PATH."""
+
     def version(path: str) -> int:
         name = Path(path).parts[-3]
         return int(name) if name.isdigit() else 0
@@ -72,14 +73,45 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
     data, log = root / "data", root / "log"
     port = free_port()
     cluster = PostgresCluster(port=port)
-    subprocess.run([*prefix, str(bin_dir / "initdb"), "-D", str(data), "-U", cluster.user,
-                    "--auth=trust", "-E", "UTF8", "--no-sync"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            *prefix,
+            str(bin_dir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            cluster.user,
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ],
+        check=True,
+        capture_output=True,
+    )
     # fsync off: a test cluster need not survive a power cut (the server under test is what gets killed).
-    options = (f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={root} "
-               "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
-    subprocess.run([*prefix, str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options,
-                    "-w", "-t", "60", "start"], check=True, capture_output=True)
+    options = (
+        f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={root} "
+        "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+    )
+    subprocess.run(
+        [
+            *prefix,
+            str(bin_dir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(log),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            "60",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+    )
     try:
         deadline = time.monotonic() + 30
         import psycopg
@@ -94,6 +126,8 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
                 time.sleep(0.2)
         yield cluster
     finally:
-        subprocess.run([*prefix, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w",
-                        "stop"], capture_output=True)
+        subprocess.run(
+            [*prefix, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+            capture_output=True,
+        )
         shutil.rmtree(root, ignore_errors=True)

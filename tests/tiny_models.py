@@ -48,40 +48,173 @@ def qwen3_query(task: str, query: str) -> str:
 # Built-in training corpus
 # --------------------------------------------------------------------------------------------
 
-_SUBJECTS = ["the cat", "a dog", "my neighbour", "the engineer", "our team", "the old man", "a young girl",
-             "the committee", "every student", "the server", "this model", "the river", "a small bird",
-             "the company", "her brother", "the teacher", "the robot", "a stranger", "the city", "the farmer"]
-_VERBS = ["reads", "builds", "watches", "finds", "carries", "explains", "paints", "repairs", "sells",
-          "measures", "describes", "follows", "answers", "ignores", "writes", "retrieves", "embeds",
-          "encodes", "visits", "remembers", "computes", "returns", "searches", "translates"]
-_OBJECTS = ["a long book", "the red car", "an empty bottle", "the quiet garden", "a difficult question",
-            "the latest report", "a strange noise", "the mountain path", "an old photograph", "the weather",
-            "a new recipe", "the train schedule", "the database", "a vector of numbers", "the documents",
-            "a cup of coffee", "the evening news", "the search results", "a broken window", "the map"]
-_ADVERBS = ["quickly", "slowly", "carefully", "every morning", "on Sundays", "without a word", "again",
-            "in the rain", "after lunch", "before midnight", "with great care", "for hours", "twice"]
-_QUESTIONS = ["what is the capital of France", "how do vaccines work", "why is the sky blue",
-              "best way to learn python", "how many people live in Tokyo", "who wrote the odyssey",
-              "symptoms of the common cold", "how to bake sourdough bread", "what is machine learning",
-              "distance between the earth and the moon", "how does photosynthesis work",
-              "cheap flights to Lisbon", "history of the roman empire", "how to fix a flat tyre"]
-_PASSAGES = ["Paris is the capital and most populous city of France.",
-             "Vaccines train the immune system to recognise a pathogen without causing the disease.",
-             "Rayleigh scattering makes the sky look blue during the day.",
-             "Python is a popular programming language known for its readable syntax.",
-             "Tokyo is one of the largest metropolitan areas in the world.",
-             "The Odyssey is an ancient Greek epic poem attributed to Homer.",
-             "Photosynthesis converts light energy into chemical energy stored in glucose.",
-             "The Roman Empire lasted for centuries and shaped European law and language.",
-             "Text embeddings map sentences to vectors so that similar meanings are close together.",
-             "The average distance from the Earth to the Moon is about 384,400 kilometres."]
-_UNICODE = ["café", "naïve", "über", "Straße", "façade", "niño", "jalapeño", "São Paulo", "Zürich",
-            "Ångström", "crème brûlée", "résumé", "smörgåsbord", "Kraków", "Dvořák", "Reykjavík", "Ελλάδα",
-            "καλημέρα κόσμε", "привет мир", "спасибо", "你好世界", "北京", "こんにちは", "東京", "안녕하세요",
-            "مرحبا بالعالم", "שלום", "नमस्ते", "สวัสดี", "Việt Nam", "İstanbul", "łódź", "€100", "£5",
-            "¿Qué tal?", "¡Hola!", "«bonjour»", "naïveté", "coöperate", "emoji 🙂", "rocket 🚀", "😀😃😄",
-            "👍 thanks", "❤️ love", "🎉 party", "🌍 world", "température", "Mädchen", "Ölförderung",
-            "— dash – range …", "“quoted” ‘single’", "½ ° ± × ÷ → ✓"]
+_SUBJECTS = [
+    "the cat",
+    "a dog",
+    "my neighbour",
+    "the engineer",
+    "our team",
+    "the old man",
+    "a young girl",
+    "the committee",
+    "every student",
+    "the server",
+    "this model",
+    "the river",
+    "a small bird",
+    "the company",
+    "her brother",
+    "the teacher",
+    "the robot",
+    "a stranger",
+    "the city",
+    "the farmer",
+]
+_VERBS = [
+    "reads",
+    "builds",
+    "watches",
+    "finds",
+    "carries",
+    "explains",
+    "paints",
+    "repairs",
+    "sells",
+    "measures",
+    "describes",
+    "follows",
+    "answers",
+    "ignores",
+    "writes",
+    "retrieves",
+    "embeds",
+    "encodes",
+    "visits",
+    "remembers",
+    "computes",
+    "returns",
+    "searches",
+    "translates",
+]
+_OBJECTS = [
+    "a long book",
+    "the red car",
+    "an empty bottle",
+    "the quiet garden",
+    "a difficult question",
+    "the latest report",
+    "a strange noise",
+    "the mountain path",
+    "an old photograph",
+    "the weather",
+    "a new recipe",
+    "the train schedule",
+    "the database",
+    "a vector of numbers",
+    "the documents",
+    "a cup of coffee",
+    "the evening news",
+    "the search results",
+    "a broken window",
+    "the map",
+]
+_ADVERBS = [
+    "quickly",
+    "slowly",
+    "carefully",
+    "every morning",
+    "on Sundays",
+    "without a word",
+    "again",
+    "in the rain",
+    "after lunch",
+    "before midnight",
+    "with great care",
+    "for hours",
+    "twice",
+]
+_QUESTIONS = [
+    "what is the capital of France",
+    "how do vaccines work",
+    "why is the sky blue",
+    "best way to learn python",
+    "how many people live in Tokyo",
+    "who wrote the odyssey",
+    "symptoms of the common cold",
+    "how to bake sourdough bread",
+    "what is machine learning",
+    "distance between the earth and the moon",
+    "how does photosynthesis work",
+    "cheap flights to Lisbon",
+    "history of the roman empire",
+    "how to fix a flat tyre",
+]
+_PASSAGES = [
+    "Paris is the capital and most populous city of France.",
+    "Vaccines train the immune system to recognise a pathogen without causing the disease.",
+    "Rayleigh scattering makes the sky look blue during the day.",
+    "Python is a popular programming language known for its readable syntax.",
+    "Tokyo is one of the largest metropolitan areas in the world.",
+    "The Odyssey is an ancient Greek epic poem attributed to Homer.",
+    "Photosynthesis converts light energy into chemical energy stored in glucose.",
+    "The Roman Empire lasted for centuries and shaped European law and language.",
+    "Text embeddings map sentences to vectors so that similar meanings are close together.",
+    "The average distance from the Earth to the Moon is about 384,400 kilometres.",
+]
+_UNICODE = [
+    "café",
+    "naïve",
+    "über",
+    "Straße",
+    "façade",
+    "niño",
+    "jalapeño",
+    "São Paulo",
+    "Zürich",
+    "Ångström",
+    "crème brûlée",
+    "résumé",
+    "smörgåsbord",
+    "Kraków",
+    "Dvořák",
+    "Reykjavík",
+    "Ελλάδα",
+    "καλημέρα κόσμε",
+    "привет мир",
+    "спасибо",
+    "你好世界",
+    "北京",
+    "こんにちは",
+    "東京",
+    "안녕하세요",
+    "مرحبا بالعالم",
+    "שלום",
+    "नमस्ते",
+    "สวัสดี",
+    "Việt Nam",
+    "İstanbul",
+    "łódź",
+    "€100",
+    "£5",
+    "¿Qué tal?",
+    "¡Hola!",
+    "«bonjour»",
+    "naïveté",
+    "coöperate",
+    "emoji 🙂",
+    "rocket 🚀",
+    "😀😃😄",
+    "👍 thanks",
+    "❤️ love",
+    "🎉 party",
+    "🌍 world",
+    "température",
+    "Mädchen",
+    "Ölförderung",
+    "— dash – range …",
+    "“quoted” ‘single’",
+    "½ ° ± × ÷ → ✓",
+]
 
 
 _WORDS_TEXT = """
@@ -131,9 +264,38 @@ wife wild wind window winter wire wish woman wonder wood word work world write w
 young zero
 """
 _WORDS = _WORDS_TEXT.split()
-_SYLLABLES = ["ka", "lo", "mi", "ter", "an", "vel", "so", "ri", "dun", "pe", "ba", "zor", "qui", "ne", "tal",
-              "ex", "fu", "gri", "hom", "ja", "ly", "mor", "nu", "ost", "pra", "sil", "tho", "ur", "wen",
-              "yi"]
+_SYLLABLES = [
+    "ka",
+    "lo",
+    "mi",
+    "ter",
+    "an",
+    "vel",
+    "so",
+    "ri",
+    "dun",
+    "pe",
+    "ba",
+    "zor",
+    "qui",
+    "ne",
+    "tal",
+    "ex",
+    "fu",
+    "gri",
+    "hom",
+    "ja",
+    "ly",
+    "mor",
+    "nu",
+    "ost",
+    "pra",
+    "sil",
+    "tho",
+    "ur",
+    "wen",
+    "yi",
+]
 
 
 @functools.cache
@@ -151,7 +313,7 @@ def _corpus() -> tuple[str, ...]:
         words[rng.randrange(len(words))] += rng.choice([",", "'s", "ing", "ed", "s", "ly", "er"])
         lines.append(" ".join(words).capitalize() + rng.choice([".", "!", "?"]))
     pseudo = ["".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 4))) for _ in range(600)]
-    lines.extend(" ".join(pseudo[i:i + 8]) for i in range(0, len(pseudo), 8))
+    lines.extend(" ".join(pseudo[i : i + 8]) for i in range(0, len(pseudo), 8))
     for question in _QUESTIONS:
         lines.append(qwen3_query(QWEN3_DEFAULT_TASK, question))
         lines.append(question.capitalize() + "?")
@@ -170,6 +332,7 @@ def _corpus() -> tuple[str, ...]:
 # Tokenizers (trained once per process; training is deterministic)
 # --------------------------------------------------------------------------------------------
 
+
 @functools.cache
 def _bge_m3_tokenizer_json(vocab_size: int = 2000) -> str:
     """A Unigram tokenizer with XLM-R's special-token ids: <s>=0, <pad>=1, </s>=2, <unk>=3, <mask> last."""
@@ -180,27 +343,39 @@ def _bge_m3_tokenizer_json(vocab_size: int = 2000) -> str:
     tok = Tokenizer(Unigram())
     tok.normalizer = normalizers.NFKC()
     # What transformers' XLMRobertaTokenizer rebuilds, so tokenizer.json and AutoTokenizer agree on splits.
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.WhitespaceSplit(),
-        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"),
+        ]
+    )
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     specials = ["<s>", "<pad>", "</s>", "<unk>"]
-    trainer = UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>",
-                             show_progress=False, max_piece_length=16)
+    trainer = UnigramTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        unk_token="<unk>",
+        show_progress=False,
+        max_piece_length=16,
+    )
     tok.train_from_iterator(_corpus(), trainer=trainer)
     # The trainer's piece set is stable, but its scores are not (Rust hash-map order decides ties and
     # the order of the single characters), so the ids would change from run to run. Re-score the
     # pieces with smoothed log-frequencies over the corpus and sort them, which is deterministic.
     trained = json.loads(tok.to_str())["model"]["vocab"]
-    words = [word for line in _corpus()
-             for word, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(line))]
+    words = [
+        word
+        for line in _corpus()
+        for word, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(line))
+    ]
     text = "\n".join(words)
     pieces = sorted({piece for piece, _ in trained} - set(specials))
     counts = {piece: text.count(piece) + 1 for piece in pieces}
     total = sum(counts.values())
-    scored = sorted(((piece, math.log(count / total)) for piece, count in counts.items()),
-                    key=lambda item: (-item[1], item[0]))
+    scored = sorted(
+        ((piece, math.log(count / total)) for piece, count in counts.items()),
+        key=lambda item: (-item[1], item[0]),
+    )
     tok.model = Unigram([(s, 0.0) for s in specials] + scored, unk_id=3, byte_fallback=False)
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
     tok.add_special_tokens([AddedToken("<mask>", lstrip=True, special=True, normalized=False)])
@@ -208,7 +383,8 @@ def _bge_m3_tokenizer_json(vocab_size: int = 2000) -> str:
     if ids != [0, 1, 2, 3]:
         raise RuntimeError(f"unexpected special-token ids {ids}")
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+    )
     return tok.to_str()
 
 
@@ -222,29 +398,38 @@ def _qwen3_tokenizer_json(eos_in_tokenizer: bool, vocab_size: int = 2000) -> str
     tok = Tokenizer(BPE())
     # Qwen's real pipeline, which transformers' Qwen2Tokenizer rebuilds whatever tokenizer.json says.
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_QWEN_SPLIT_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN_SPLIT_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = BpeTrainer(vocab_size=vocab_size, show_progress=False,
-                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = BpeTrainer(
+        vocab_size=vocab_size, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(_corpus(), trainer=trainer)
     tok.add_special_tokens(
-        [AddedToken(s, special=True, normalized=False) for s in (QWEN3_EOS, "<|im_start|>", "<|im_end|>")])
+        [AddedToken(s, special=True, normalized=False) for s in (QWEN3_EOS, "<|im_start|>", "<|im_end|>")]
+    )
     if eos_in_tokenizer:
         eos_id = tok.token_to_id(QWEN3_EOS)
         tok.post_processor = processors.TemplateProcessing(
-            single=f"$A:0 {QWEN3_EOS}:0", pair=f"$A:0 {QWEN3_EOS}:0 $B:1 {QWEN3_EOS}:1",
-            special_tokens=[(QWEN3_EOS, eos_id)])
+            single=f"$A:0 {QWEN3_EOS}:0",
+            pair=f"$A:0 {QWEN3_EOS}:0 $B:1 {QWEN3_EOS}:1",
+            special_tokens=[(QWEN3_EOS, eos_id)],
+        )
     return tok.to_str()
 
 
 def _added_tokens_decoder(tokenizer_json: str) -> dict[str, dict[str, Any]]:
     """tokenizer_config.json's `added_tokens_decoder`, from tokenizer.json's added tokens."""
-    return {str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word",
-                                              "special")}
-            for t in json.loads(tokenizer_json)["added_tokens"]}
+    return {
+        str(t["id"]): {
+            k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
+        }
+        for t in json.loads(tokenizer_json)["added_tokens"]
+    }
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -252,31 +437,48 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _write_st_files(target: Path, *, dim: int, pooling: str, max_seq_length: int,
-                    prompts: dict[str, str]) -> None:
+def _write_st_files(
+    target: Path, *, dim: int, pooling: str, max_seq_length: int, prompts: dict[str, str]
+) -> None:
     """modules.json (Transformer, Pooling, Normalize) and the files each module reads."""
-    _write_json(target / "modules.json", [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
-    ])
-    modes = ["cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens",
-             "lasttoken"]
-    _write_json(target / "1_Pooling" / "config.json", {
-        "word_embedding_dimension": dim,
-        **{f"pooling_mode_{mode}": mode == pooling for mode in modes},
-        "include_prompt": True,
-    })
+    _write_json(
+        target / "modules.json",
+        [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+        ],
+    )
+    modes = [
+        "cls_token",
+        "mean_tokens",
+        "max_tokens",
+        "mean_sqrt_len_tokens",
+        "weightedmean_tokens",
+        "lasttoken",
+    ]
+    _write_json(
+        target / "1_Pooling" / "config.json",
+        {
+            "word_embedding_dimension": dim,
+            **{f"pooling_mode_{mode}": mode == pooling for mode in modes},
+            "include_prompt": True,
+        },
+    )
     (target / "2_Normalize").mkdir(exist_ok=True)
-    _write_json(target / "sentence_bert_config.json",
-                {"max_seq_length": max_seq_length, "do_lower_case": False})
-    _write_json(target / "config_sentence_transformers.json",
-                {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"})
+    _write_json(
+        target / "sentence_bert_config.json", {"max_seq_length": max_seq_length, "do_lower_case": False}
+    )
+    _write_json(
+        target / "config_sentence_transformers.json",
+        {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"},
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Builders
 # --------------------------------------------------------------------------------------------
+
 
 def build_tiny_bge_m3(target: Path, *, sentence_transformers_files: bool = True, seed: int = 0) -> Path:
     """A 2-layer, 32-wide random XLMRobertaModel with a trained Unigram tokenizer, laid out like
@@ -289,20 +491,39 @@ def build_tiny_bge_m3(target: Path, *, sentence_transformers_files: bool = True,
     tokenizer_json = _bge_m3_tokenizer_json()
     (target / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
     vocab_size = Tokenizer.from_str(tokenizer_json).get_vocab_size(with_added_tokens=True)
-    specials = {"bos_token": "<s>", "cls_token": "<s>", "eos_token": "</s>", "mask_token": "<mask>",
-                "pad_token": "<pad>", "sep_token": "</s>", "unk_token": "<unk>"}
-    _write_json(target / "tokenizer_config.json", {
-        "added_tokens_decoder": _added_tokens_decoder(tokenizer_json),
-        **specials,
-        "clean_up_tokenization_spaces": True,
-        "model_max_length": 8192,
-        "tokenizer_class": "XLMRobertaTokenizer",
-    })
+    specials = {
+        "bos_token": "<s>",
+        "cls_token": "<s>",
+        "eos_token": "</s>",
+        "mask_token": "<mask>",
+        "pad_token": "<pad>",
+        "sep_token": "</s>",
+        "unk_token": "<unk>",
+    }
+    _write_json(
+        target / "tokenizer_config.json",
+        {
+            "added_tokens_decoder": _added_tokens_decoder(tokenizer_json),
+            **specials,
+            "clean_up_tokenization_spaces": True,
+            "model_max_length": 8192,
+            "tokenizer_class": "XLMRobertaTokenizer",
+        },
+    )
     _write_json(target / "special_tokens_map.json", specials)
 
-    config = XLMRobertaConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
-                              num_attention_heads=2, intermediate_size=64, max_position_embeddings=8194,
-                              pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1)
+    config = XLMRobertaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=8194,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        type_vocab_size=1,
+    )
     torch.manual_seed(seed)
     model = XLMRobertaModel(config)  # fp32
     model.save_pretrained(target)
@@ -314,8 +535,14 @@ def build_tiny_bge_m3(target: Path, *, sentence_transformers_files: bool = True,
     return target
 
 
-def build_tiny_qwen3_embedding(target: Path, *, hidden_size: int = 1024, eos_in_tokenizer: bool = True,
-                               sentence_transformers_files: bool = True, seed: int = 0) -> Path:
+def build_tiny_qwen3_embedding(
+    target: Path,
+    *,
+    hidden_size: int = 1024,
+    eos_in_tokenizer: bool = True,
+    sentence_transformers_files: bool = True,
+    seed: int = 0,
+) -> Path:
     """A 2-layer random Qwen3Model with a trained byte-level BPE tokenizer, laid out like
     Qwen/Qwen3-Embedding-0.6B: weights saved from `Qwen3Model` (keys without a `model.` prefix, no
     lm_head) while config.json says `Qwen3ForCausalLM`, as in the real repo. `eos_in_tokenizer`
@@ -332,26 +559,38 @@ def build_tiny_qwen3_embedding(target: Path, *, hidden_size: int = 1024, eos_in_
     backend.model.save(str(target))  # vocab.json + merges.txt, as the real repo ships them
     vocab_size = backend.get_vocab_size(with_added_tokens=True)
     eos_id = backend.token_to_id(QWEN3_EOS)
-    _write_json(target / "tokenizer_config.json", {
-        "add_prefix_space": False,
-        "added_tokens_decoder": _added_tokens_decoder(tokenizer_json),
-        "bos_token": None,
-        "clean_up_tokenization_spaces": False,
-        "eos_token": QWEN3_EOS,
-        "errors": "replace",
-        "model_max_length": 131072,
-        "pad_token": QWEN3_EOS,
-        "padding_side": "left",
-        "split_special_tokens": False,
-        "tokenizer_class": "Qwen2Tokenizer",
-        "unk_token": None,
-    })
+    _write_json(
+        target / "tokenizer_config.json",
+        {
+            "add_prefix_space": False,
+            "added_tokens_decoder": _added_tokens_decoder(tokenizer_json),
+            "bos_token": None,
+            "clean_up_tokenization_spaces": False,
+            "eos_token": QWEN3_EOS,
+            "errors": "replace",
+            "model_max_length": 131072,
+            "pad_token": QWEN3_EOS,
+            "padding_side": "left",
+            "split_special_tokens": False,
+            "tokenizer_class": "Qwen2Tokenizer",
+            "unk_token": None,
+        },
+    )
 
-    config = Qwen3Config(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, intermediate_size=128,
-                         max_position_embeddings=32768, tie_word_embeddings=True,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1000000},
-                         eos_token_id=eos_id, pad_token_id=eos_id)
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        intermediate_size=128,
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000},
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+    )
     torch.manual_seed(seed)
     model = Qwen3Model(config)  # fp32
     model.save_pretrained(target)
@@ -359,8 +598,13 @@ def build_tiny_qwen3_embedding(target: Path, *, hidden_size: int = 1024, eos_in_
     model.config.save_pretrained(target)
 
     if sentence_transformers_files:
-        _write_st_files(target, dim=hidden_size, pooling="lasttoken", max_seq_length=32768,
-                        prompts={"query": QWEN3_QUERY_PROMPT, "document": ""})
+        _write_st_files(
+            target,
+            dim=hidden_size,
+            pooling="lasttoken",
+            max_seq_length=32768,
+            prompts={"query": QWEN3_QUERY_PROMPT, "document": ""},
+        )
     return target
 
 
@@ -384,6 +628,7 @@ def install_in_hub_cache(model: Path, hf_home: Path, repo_id: str) -> Path:
 # --------------------------------------------------------------------------------------------
 # Reference recipes (model cards), with the loaded tokenizer/model cached per folder content
 # --------------------------------------------------------------------------------------------
+
 
 def _stamp(folder: Path) -> tuple[tuple[str, int, int], ...]:
     """Identifies a folder's content cheaply, so a rebuilt folder is reloaded."""

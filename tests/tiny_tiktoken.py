@@ -21,8 +21,9 @@ MERGES = 300
 def build_encoding(path: Path, merges: int = MERGES) -> tiktoken.Encoding:
     """Train, write `path` (the ranks file the server reads) and return the client's Encoding."""
     shape = SHAPES["cl100k_base"]
-    words = collections.Counter(piece.encode() for line in training_corpus()
-                                for piece in regex.findall(shape.pattern, line))
+    words = collections.Counter(
+        piece.encode() for line in training_corpus() for piece in regex.findall(shape.pattern, line)
+    )
     ranks = {bytes([b]): b for b in range(256)}
     split = {word: [bytes([b]) for b in word] for word in words}
     for _ in range(merges):
@@ -44,8 +45,11 @@ def build_encoding(path: Path, merges: int = MERGES) -> tiktoken.Encoding:
                     out.append(parts[i])
                     i += 1
             split[word] = out
-    path.write_text("".join(f"{base64.b64encode(token).decode()} {rank}\n"
-                            for token, rank in ranks.items()), encoding="ascii")
+    path.write_text(
+        "".join(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in ranks.items()),
+        encoding="ascii",
+    )
     # Special tokens keep cl100k_base's ids, past a gap: ids in the gap belong to no token.
-    return tiktoken.Encoding("cl100k_base", pat_str=shape.pattern, mergeable_ranks=ranks,
-                             special_tokens=dict(shape.special_tokens))
+    return tiktoken.Encoding(
+        "cl100k_base", pat_str=shape.pattern, mergeable_ranks=ranks, special_tokens=dict(shape.special_tokens)
+    )

@@ -41,8 +41,12 @@ from embedserve.types import (
 
 log = logging.getLogger("embedserve.catalog")
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -166,15 +170,33 @@ def parse_model_arg(arg: str) -> ModelEntry:
 
 def _tuple_of_ints(value: Any, where: str) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
+    ):
         raise ConfigError(f"{where}: matryoshka_dimensions must be a list of positive integers")
     return tuple(sorted(set(value)))
 
 
-_ENTRY_KEYS = {"id", "source", "aliases", "pooling", "normalize", "max_input_tokens",
-               "matryoshka_dimensions", "prompts", "default_prompt_name", "family", "instruction",
-               "query_template", "backend", "dtype", "device", "quantize", "sha256",
-               "price_per_million_input_tokens", "tiktoken_ids"}
+_ENTRY_KEYS = {
+    "id",
+    "source",
+    "aliases",
+    "pooling",
+    "normalize",
+    "max_input_tokens",
+    "matryoshka_dimensions",
+    "prompts",
+    "default_prompt_name",
+    "family",
+    "instruction",
+    "query_template",
+    "backend",
+    "dtype",
+    "device",
+    "quantize",
+    "sha256",
+    "price_per_million_input_tokens",
+    "tiktoken_ids",
+}
 _FAMILY_CHOICES = ("auto", "none", *FAMILIES)
 
 
@@ -205,8 +227,12 @@ def load_models_file(path: Path) -> list[ModelEntry]:
         pooling = table.get("pooling")
         if pooling is not None and pooling not in get_args(Pooling):
             raise ConfigError(f"{where}: pooling must be one of {list(get_args(Pooling))}")
-        for key, allowed in (("backend", BackendName), ("dtype", DtypeName), ("device", DeviceName),
-                             ("quantize", Quantize)):
+        for key, allowed in (
+            ("backend", BackendName),
+            ("dtype", DtypeName),
+            ("device", DeviceName),
+            ("quantize", Quantize),
+        ):
             if table.get(key, "auto" if key != "quantize" else "none") not in get_args(allowed):
                 raise ConfigError(f"{where}: {key} must be one of {list(get_args(allowed))}")
         aliases = table.get("aliases", [])
@@ -219,8 +245,10 @@ def load_models_file(path: Path) -> list[ModelEntry]:
         if template is not None and INSTRUCTION_SLOT not in template:
             raise ConfigError(f"{where}: query_template must contain {INSTRUCTION_SLOT}")
         prompts = table.get("prompts")
-        if prompts is not None and (not isinstance(prompts, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in prompts.items())):
+        if prompts is not None and (
+            not isinstance(prompts, dict)
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items())
+        ):
             raise ConfigError(f"{where}: 'prompts' must be a table of strings")
         encoding = table.get("tiktoken_ids")
         if encoding is not None and encoding not in get_args(TiktokenName):
@@ -228,27 +256,29 @@ def load_models_file(path: Path) -> list[ModelEntry]:
         price = table.get("price_per_million_input_tokens", 0.0)
         if isinstance(price, bool) or not isinstance(price, int | float) or not 0 <= price < float("inf"):
             raise ConfigError(f"{where}: price_per_million_input_tokens must be a number >= 0")
-        entries.append(ModelEntry(
-            source=table["source"],
-            id=table.get("id"),
-            aliases=tuple(aliases),
-            pooling=cast(Pooling | None, pooling),
-            normalize=table.get("normalize"),
-            max_input_tokens=table.get("max_input_tokens"),
-            matryoshka_dimensions=None if dims is None else _tuple_of_ints(dims, where),
-            prompts=prompts,
-            default_prompt_name=_optional_str(table, "default_prompt_name", where),
-            family=cast(FamilyName | Literal["auto", "none"], table.get("family", "auto")),
-            instruction=_optional_str(table, "instruction", where),
-            query_template=template,
-            backend=cast(BackendName, table.get("backend", "auto")),
-            dtype=cast(DtypeName, table.get("dtype", "auto")),
-            device=cast(DeviceName, table.get("device", "auto")),
-            quantize=cast(Quantize | None, table.get("quantize")),
-            sha256=table.get("sha256"),
-            price_per_million_input_tokens=float(price),
-            tiktoken_ids=cast(TiktokenName | None, encoding),
-        ))
+        entries.append(
+            ModelEntry(
+                source=table["source"],
+                id=table.get("id"),
+                aliases=tuple(aliases),
+                pooling=cast(Pooling | None, pooling),
+                normalize=table.get("normalize"),
+                max_input_tokens=table.get("max_input_tokens"),
+                matryoshka_dimensions=None if dims is None else _tuple_of_ints(dims, where),
+                prompts=prompts,
+                default_prompt_name=_optional_str(table, "default_prompt_name", where),
+                family=cast(FamilyName | Literal["auto", "none"], table.get("family", "auto")),
+                instruction=_optional_str(table, "instruction", where),
+                query_template=template,
+                backend=cast(BackendName, table.get("backend", "auto")),
+                dtype=cast(DtypeName, table.get("dtype", "auto")),
+                device=cast(DeviceName, table.get("device", "auto")),
+                quantize=cast(Quantize | None, table.get("quantize")),
+                sha256=table.get("sha256"),
+                price_per_million_input_tokens=float(price),
+                tiktoken_ids=cast(TiktokenName | None, encoding),
+            )
+        )
     return entries
 
 
@@ -289,16 +319,21 @@ def _locate_hub(repo_id: str, allow_download: bool) -> Path:
     try:
         folder = Path(snapshot_download(repo_id, local_files_only=not allow_download))
     except LocalEntryNotFoundError:
-        hint = ("the hub could not be reached (HF_HUB_OFFLINE set, or no network)" if allow_download
-                else "set HF_HOME to another cache, pass a local folder, or allow --allow-download")
+        hint = (
+            "the hub could not be reached (HF_HUB_OFFLINE set, or no network)"
+            if allow_download
+            else "set HF_HOME to another cache, pass a local folder, or allow --allow-download"
+        )
         raise ModelLoadError(
             f"model '{repo_id}': weights not found in the Hugging Face cache {cache} ({hint})"
         ) from None
     except (HfHubHTTPError, OSError, ValueError) as exc:
         raise ModelLoadError(f"model '{repo_id}': cannot fetch into {cache}: {exc}") from None
     if not _has_weights(folder):
-        raise ModelLoadError(f"model '{repo_id}': the cached snapshot {folder} holds no weights "
-                             f"(looked for {', '.join(WEIGHT_FILES)})")
+        raise ModelLoadError(
+            f"model '{repo_id}': the cached snapshot {folder} holds no weights "
+            f"(looked for {', '.join(WEIGHT_FILES)})"
+        )
     return folder
 
 
@@ -314,14 +349,19 @@ def locate(entry: ModelEntry, *, allow_download: bool) -> tuple[ModelEntry, Path
         try:
             package = importlib.import_module(bundled.package)
         except ImportError:
-            raise ModelLoadError(f"model '{entry.source}': bundled package "
-                                 f"'{bundled.package}' is not installed") from None
+            raise ModelLoadError(
+                f"model '{entry.source}': bundled package '{bundled.package}' is not installed"
+            ) from None
         folder = Path(package.get_model_path())
         # The bundled names go to the entry only when it does not name itself, so that one bundled
         # model can be served twice under different ids (e.g. with different settings).
         aliases = entry.aliases if entry.id else (*entry.aliases, *bundled.aliases)
-        entry = replace(entry, id=entry.id or bundled.id, aliases=tuple(dict.fromkeys(aliases)),
-                        sha256=entry.sha256 or bundled.sha256)
+        entry = replace(
+            entry,
+            id=entry.id or bundled.id,
+            aliases=tuple(dict.fromkeys(aliases)),
+            sha256=entry.sha256 or bundled.sha256,
+        )
     elif Path(entry.source).expanduser().is_dir():
         folder = Path(entry.source).expanduser().resolve()
         entry = replace(entry, id=entry.id or folder.name)
@@ -331,8 +371,10 @@ def locate(entry: ModelEntry, *, allow_download: bool) -> tuple[ModelEntry, Path
         aliases = entry.aliases if entry.id else (*entry.aliases, short)
         entry = replace(entry, id=entry.id or entry.source, aliases=tuple(dict.fromkeys(aliases)))
     else:
-        raise ModelLoadError(f"model '{entry.source}': not a bundled model, not a folder, and not a "
-                             "Hugging Face repo id (org/name)")
+        raise ModelLoadError(
+            f"model '{entry.source}': not a bundled model, not a folder, and not a "
+            "Hugging Face repo id (org/name)"
+        )
     if not named:  # a published family model answers to both its spellings (BAAI/bge-m3 and bge-m3)
         assert entry.id is not None
         family = detect_family((entry.source,), entry.family)
@@ -340,16 +382,19 @@ def locate(entry: ModelEntry, *, allow_download: bool) -> tuple[ModelEntry, Path
         aliases = tuple(a for a in dict.fromkeys((*entry.aliases, *extra)) if a != entry.id)
         entry = replace(entry, aliases=aliases)
     if not _has_weights(folder):
-        raise ModelLoadError(f"model '{entry.id}': no weights in {folder} "
-                             f"(looked for {', '.join(WEIGHT_FILES)})")
+        raise ModelLoadError(
+            f"model '{entry.id}': no weights in {folder} (looked for {', '.join(WEIGHT_FILES)})"
+        )
     if entry.sha256 is not None:
         weights = folder / "model.safetensors"
         if not weights.is_file():
             raise ModelLoadError(f"model '{entry.id}': sha256 given but {weights} does not exist")
         actual = sha256_of(weights)
         if actual != entry.sha256.lower():
-            raise ModelLoadError(f"model '{entry.id}': {weights} has sha256 {actual}, expected "
-                                 f"{entry.sha256} (corrupt or replaced weights; reinstall them)")
+            raise ModelLoadError(
+                f"model '{entry.id}': {weights} has sha256 {actual}, expected "
+                f"{entry.sha256} (corrupt or replaced weights; reinstall them)"
+            )
     return entry, folder
 
 
@@ -382,8 +427,11 @@ _POOLING_KEYS: dict[str, Pooling] = {
     "pooling_mode_mean_tokens": "mean",
     "pooling_mode_lasttoken": "last_token",
 }
-_UNSUPPORTED_POOLING = ("pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens",
-                        "pooling_mode_weightedmean_tokens")
+_UNSUPPORTED_POOLING = (
+    "pooling_mode_max_tokens",
+    "pooling_mode_mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens",
+)
 
 
 def _pooling_from_config(path: Path) -> Pooling:
@@ -400,8 +448,9 @@ def _pooling_from_config(path: Path) -> Pooling:
     chosen = [mode for key, mode in _POOLING_KEYS.items() if cfg.get(key)]
     other = [key for key in _UNSUPPORTED_POOLING if cfg.get(key)]
     if other or len(chosen) != 1:
-        raise ModelLoadError(f"{path}: exactly one of cls / mean / lasttoken pooling is supported, "
-                             f"found {chosen + other}")
+        raise ModelLoadError(
+            f"{path}: exactly one of cls / mean / lasttoken pooling is supported, found {chosen + other}"
+        )
     return chosen[0]
 
 
@@ -416,10 +465,16 @@ def _dense_from_folder(folder: Path) -> DenseLayer:
     try:
         in_features, out_features = int(cfg["in_features"]), int(cfg["out_features"])
     except (KeyError, TypeError, ValueError):
-        raise ModelLoadError(f"{folder}/config.json: Dense needs integer in_features and "
-                             "out_features") from None
-    return DenseLayer(folder=folder, in_features=in_features, out_features=out_features,
-                      bias=bool(cfg.get("bias", True)), activation=name)
+        raise ModelLoadError(
+            f"{folder}/config.json: Dense needs integer in_features and out_features"
+        ) from None
+    return DenseLayer(
+        folder=folder,
+        in_features=in_features,
+        out_features=out_features,
+        bias=bool(cfg.get("bias", True)),
+        activation=name,
+    )
 
 
 def _positions_limit(config: Mapping[str, Any]) -> int | None:
@@ -447,8 +502,10 @@ def _family_of(entry: ModelEntry, config: Mapping[str, Any]) -> Family | None:
     if family is None:
         return None
     if not architecture_matches(family, config):
-        message = (f"model '{entry.id}': named like {family.name} but config.json has model_type "
-                   f"{config.get('model_type')!r}, not {' or '.join(family.model_types)}")
+        message = (
+            f"model '{entry.id}': named like {family.name} but config.json has model_type "
+            f"{config.get('model_type')!r}, not {' or '.join(family.model_types)}"
+        )
         if entry.family != "auto":
             raise ConfigError(message)
         log.warning("%s: serving it without the %s preset", message, family.name)
@@ -456,15 +513,19 @@ def _family_of(entry: ModelEntry, config: Mapping[str, Any]) -> Family | None:
     return family
 
 
-def _query_prompt(entry: ModelEntry, family: Family | None, prompts: Mapping[str, str],
-                  ) -> tuple[str | None, str | None]:
+def _query_prompt(
+    entry: ModelEntry,
+    family: Family | None,
+    prompts: Mapping[str, str],
+) -> tuple[str | None, str | None]:
     """(query template, default instruction): the entry's, else the family's; the default task comes
     from the folder's own query prompt when that prompt follows the template."""
     template = entry.query_template or (family.query_template if family else None)
     if template is None:
         if entry.instruction is not None:
-            raise ConfigError(f"model '{entry.id}': 'instruction' needs a query_template with "
-                              f"{INSTRUCTION_SLOT}")
+            raise ConfigError(
+                f"model '{entry.id}': 'instruction' needs a query_template with {INSTRUCTION_SLOT}"
+            )
         return None, None
     from_folder = query_instruction_of(template, prompts["query"]) if "query" in prompts else None
     default = entry.instruction or from_folder or (family.default_instruction if family else None)
@@ -500,15 +561,23 @@ def read_spec(entry: ModelEntry, folder: Path) -> ModelSpec:
             elif kind == "Normalize":
                 normalize = True
             else:
-                raise ModelLoadError(f"model '{entry.id}': sentence-transformers module {kind!r} "
-                                     "is not supported")
+                raise ModelLoadError(
+                    f"model '{entry.id}': sentence-transformers module {kind!r} is not supported"
+                )
     elif entry.pooling is None and family is None:
-        log.warning("model '%s' has no sentence-transformers files: using mean pooling and L2 "
-                    "normalization", entry.id)
+        log.warning(
+            "model '%s' has no sentence-transformers files: using mean pooling and L2 normalization", entry.id
+        )
         pooling, normalize = "mean", True
     if family is not None:
-        log.info("model '%s': %s preset (%s pooling, %s padding, at most %d tokens)", entry.id,
-                 family.name, family.pooling, family.padding_side, family.max_input_tokens)
+        log.info(
+            "model '%s': %s preset (%s pooling, %s padding, at most %d tokens)",
+            entry.id,
+            family.name,
+            family.pooling,
+            family.padding_side,
+            family.max_input_tokens,
+        )
         pooling, normalize, max_tokens = family.pooling, family.normalize, family.max_input_tokens
     st_config_path = folder / "config_sentence_transformers.json"
     st_config = _read_json(st_config_path) if st_config_path.is_file() else {}
@@ -516,16 +585,23 @@ def read_spec(entry: ModelEntry, folder: Path) -> ModelSpec:
     tok_cfg = _read_json(tok_cfg_path) if tok_cfg_path.is_file() else {}
 
     positions = _positions_limit(config)
-    limits = [x for x in (max_tokens, positions, tok_cfg.get("model_max_length"))
-              if isinstance(x, int) and 0 < x < 1_000_000]
+    limits = [
+        x
+        for x in (max_tokens, positions, tok_cfg.get("model_max_length"))
+        if isinstance(x, int) and 0 < x < 1_000_000
+    ]
     if entry.max_input_tokens is not None:
         if positions is not None and entry.max_input_tokens > positions:
-            raise ConfigError(f"model '{entry.id}': max_input_tokens {entry.max_input_tokens} is more "
-                              f"than its {positions} position embeddings allow")
+            raise ConfigError(
+                f"model '{entry.id}': max_input_tokens {entry.max_input_tokens} is more "
+                f"than its {positions} position embeddings allow"
+            )
         limits = [entry.max_input_tokens]
     if not limits:
-        raise ModelLoadError(f"model '{entry.id}': cannot tell its maximum input length; set "
-                             "max_input_tokens in the models file")
+        raise ModelLoadError(
+            f"model '{entry.id}': cannot tell its maximum input length; set "
+            "max_input_tokens in the models file"
+        )
     pooling = entry.pooling or pooling
     if pooling is None:
         raise ModelLoadError(f"model '{entry.id}': modules.json has no Pooling module")
@@ -533,19 +609,22 @@ def read_spec(entry: ModelEntry, folder: Path) -> ModelSpec:
     if not dense and not isinstance(hidden, int):
         raise ModelLoadError(f"model '{entry.id}': {folder / 'config.json'} has no hidden_size")
     dimensions = dense[-1].out_features if dense else int(cast(int, hidden))
-    matryoshka = entry.matryoshka_dimensions or (family.matryoshka_dimensions(dimensions) if family
-                                                 else ())
+    matryoshka = entry.matryoshka_dimensions or (family.matryoshka_dimensions(dimensions) if family else ())
     if any(d > dimensions for d in matryoshka):
-        raise ConfigError(f"model '{entry.id}': matryoshka_dimensions {list(matryoshka)} exceed the "
-                          f"model's {dimensions} dimensions")
+        raise ConfigError(
+            f"model '{entry.id}': matryoshka_dimensions {list(matryoshka)} exceed the "
+            f"model's {dimensions} dimensions"
+        )
     raw_prompts = entry.prompts if entry.prompts is not None else st_config.get("prompts") or {}
     if not isinstance(raw_prompts, dict) or not all(isinstance(v, str) for v in raw_prompts.values()):
         raise ModelLoadError(f"{st_config_path}: 'prompts' must map names to strings")
     prompts = {str(k): v for k, v in raw_prompts.items()}
     default_prompt_name = entry.default_prompt_name or st_config.get("default_prompt_name")
     if default_prompt_name is not None and default_prompt_name not in prompts:
-        raise ConfigError(f"model '{entry.id}': default_prompt_name {default_prompt_name!r} is not one "
-                          f"of its prompts {sorted(prompts)}")
+        raise ConfigError(
+            f"model '{entry.id}': default_prompt_name {default_prompt_name!r} is not one "
+            f"of its prompts {sorted(prompts)}"
+        )
     query_template, default_instruction = _query_prompt(entry, family, prompts)
     padding_side = family.padding_side if family else tok_cfg.get("padding_side", "right")
     return ModelSpec(
@@ -605,8 +684,9 @@ class Catalog:
         for spec in specs:
             for name in spec.names:
                 if name in self._by_name:
-                    raise ConfigError(f"model name {name!r} is declared twice "
-                                      f"({self._by_name[name].id} and {spec.id})")
+                    raise ConfigError(
+                        f"model name {name!r} is declared twice ({self._by_name[name].id} and {spec.id})"
+                    )
                 self._by_name[name] = spec
             self._specs[spec.id] = spec
 
@@ -616,10 +696,15 @@ class Catalog:
         spec = self._by_name.get(name)
         if spec is None or not principal.may_use(spec.names):
             usable = [s.id for s in self.specs_for(principal)]
-            offer = (f" Models you may use: {', '.join(usable)}." if usable
-                     else " Your key may use none of the models served here.")
-            raise ModelNotFound(f"The model '{echo_name(name)}' does not exist or you do not have access "
-                                f"to it.{offer}", param="model")
+            offer = (
+                f" Models you may use: {', '.join(usable)}."
+                if usable
+                else " Your key may use none of the models served here."
+            )
+            raise ModelNotFound(
+                f"The model '{echo_name(name)}' does not exist or you do not have access to it.{offer}",
+                param="model",
+            )
         return spec
 
     def canonical_id(self, name: str) -> str | None:
@@ -640,8 +725,9 @@ def parse_alias(arg: str) -> tuple[str, str]:
     """`--alias NAME=MODEL` -> (NAME, MODEL)."""
     name, sep, model = arg.partition("=")
     if not sep or not name.strip() or not model.strip():
-        raise ConfigError(f"--alias {arg!r}: expected NAME=MODEL, e.g. "
-                          "text-embedding-3-small=all-MiniLM-L6-v2")
+        raise ConfigError(
+            f"--alias {arg!r}: expected NAME=MODEL, e.g. text-embedding-3-small=all-MiniLM-L6-v2"
+        )
     return name.strip(), model.strip()
 
 
@@ -654,14 +740,17 @@ def add_aliases(specs: Sequence[ModelSpec], aliases: Iterable[str]) -> list[Mode
         name, model = parse_alias(arg)
         index = next((i for i, spec in enumerate(out) if model in spec.names), None)
         if index is None:
-            raise ConfigError(f"--alias {arg!r}: no served model is called {model!r} (served: "
-                              f"{', '.join(spec.id for spec in out)})")
+            raise ConfigError(
+                f"--alias {arg!r}: no served model is called {model!r} (served: "
+                f"{', '.join(spec.id for spec in out)})"
+            )
         out[index] = replace(out[index], aliases=(*out[index].aliases, name))
     return out
 
 
-def build_catalog(entries: Iterable[ModelEntry], *, allow_download: bool,
-                  aliases: Iterable[str] = ()) -> Catalog:
+def build_catalog(
+    entries: Iterable[ModelEntry], *, allow_download: bool, aliases: Iterable[str] = ()
+) -> Catalog:
     """Locate and read every declared model. Fails fast, before any weights are loaded."""
     specs = []
     for entry in entries:

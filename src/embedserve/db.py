@@ -101,7 +101,7 @@ def _set_up(tx: Cursor, id_column: str) -> None:
     check_schema_version to refuse."""
     for statement in _statements(_TABLES.format(id_column=id_column, version=SCHEMA_VERSION)):
         tx.execute(statement)
-    (version,), = tx.fetchall("SELECT schema_version FROM embedserve_meta WHERE id = 1")
+    ((version,),) = tx.fetchall("SELECT schema_version FROM embedserve_meta WHERE id = 1")
     if version > SCHEMA_VERSION:
         return
     for step in range(version, SCHEMA_VERSION):
@@ -262,11 +262,19 @@ class PostgresDatabase:
             info = psycopg.conninfo.conninfo_to_dict(url)
         except psycopg.ProgrammingError as exc:
             raise ConfigError(f"--database-url is not a PostgreSQL URL: {exc}") from None
-        self.where = (f"postgresql://{info.get('host', 'localhost')}:{info.get('port', 5432)}/"
-                      f"{info.get('dbname', '')}")
+        self.where = (
+            f"postgresql://{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+        )
         self._url = url
-        self._pool = ConnectionPool(url, min_size=1, max_size=4, open=False, timeout=10,
-                                    check=ConnectionPool.check_connection, name="embedserve")
+        self._pool = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=4,
+            open=False,
+            timeout=10,
+            check=ConnectionPool.check_connection,
+            name="embedserve",
+        )
 
     def open(self) -> None:
         """Connect once directly first: a wrong URL, password or port fails at once with the driver's
@@ -318,8 +326,9 @@ def open_database(url: str | None, data_dir: Path) -> SqliteDatabase | PostgresD
         database = PostgresDatabase(url)
         database.open()
     else:
-        raise ConfigError("--database-url must start with postgresql:// or sqlite:/// "
-                          f"(got {url.split(':', 1)[0]!r})")
+        raise ConfigError(
+            f"--database-url must start with postgresql:// or sqlite:/// (got {url.split(':', 1)[0]!r})"
+        )
     try:
         database.create_schema()
         check_schema_version(database)
@@ -333,5 +342,7 @@ def check_schema_version(db: Database) -> None:
     with db.transaction(write=False) as tx:
         rows = tx.fetchall("SELECT schema_version FROM embedserve_meta WHERE id = 1")
     if rows and rows[0][0] != SCHEMA_VERSION:
-        raise ConfigError(f"the database {db.where} has schema version {rows[0][0]}; this embedserve "
-                          f"reads version {SCHEMA_VERSION}")
+        raise ConfigError(
+            f"the database {db.where} has schema version {rows[0][0]}; this embedserve "
+            f"reads version {SCHEMA_VERSION}"
+        )

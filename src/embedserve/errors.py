@@ -138,8 +138,14 @@ class RateLimitExceeded(EmbedServeError):
     type = "requests"
     code = "rate_limit_exceeded"
 
-    def __init__(self, message: str, *, limit: str = "requests", retry_after_s: float | None = 1.0,
-                 param: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        limit: str = "requests",
+        retry_after_s: float | None = 1.0,
+        param: str | None = None,
+    ) -> None:
         super().__init__(message, param=param)
         self.type = limit  # "requests" | "tokens"
         self.retry_after_s = retry_after_s

@@ -44,13 +44,27 @@ class Family:
 
 FAMILIES: dict[FamilyName, Family] = {
     "bge-m3": Family(
-        name="bge-m3", model_types=("xlm-roberta",), pooling="cls", normalize=True,
-        max_input_tokens=8192, padding_side="right", hub_org="BAAI"),
+        name="bge-m3",
+        model_types=("xlm-roberta",),
+        pooling="cls",
+        normalize=True,
+        max_input_tokens=8192,
+        padding_side="right",
+        hub_org="BAAI",
+    ),
     "qwen3-embedding": Family(
-        name="qwen3-embedding", model_types=("qwen3",), pooling="last_token", normalize=True,
-        max_input_tokens=32768, padding_side="left", matryoshka_sizes=QWEN3_MRL_SIZES,
-        query_template="Instruct: {instruction}\nQuery:", default_instruction=QWEN3_DEFAULT_TASK,
-        eos_token="<|endoftext|>", hub_org="Qwen"),
+        name="qwen3-embedding",
+        model_types=("qwen3",),
+        pooling="last_token",
+        normalize=True,
+        max_input_tokens=32768,
+        padding_side="left",
+        matryoshka_sizes=QWEN3_MRL_SIZES,
+        query_template="Instruct: {instruction}\nQuery:",
+        default_instruction=QWEN3_DEFAULT_TASK,
+        eos_token="<|endoftext|>",
+        hub_org="Qwen",
+    ),
 }
 
 _NAME_PATTERNS: tuple[tuple[re.Pattern[str], FamilyName], ...] = (
@@ -69,8 +83,9 @@ def family_by_name(names: Iterable[str]) -> FamilyName | None:
     return None
 
 
-def detect_family(names: Iterable[str],
-                  explicit: FamilyName | Literal["auto", "none"] = "auto") -> Family | None:
+def detect_family(
+    names: Iterable[str], explicit: FamilyName | Literal["auto", "none"] = "auto"
+) -> Family | None:
     """The preset for a model: `explicit` when given, else by name. The caller checks the architecture
     (`architecture_matches`): a folder called bge-m3 holding a BERT gets no preset."""
     if explicit == "none":
@@ -99,4 +114,4 @@ def query_instruction_of(template: str, prompt: str) -> str | None:
     head, sep, tail = template.partition("{instruction}")
     if not sep or not prompt.startswith(head) or not prompt.endswith(tail) or len(prompt) < len(head + tail):
         return None
-    return prompt[len(head):len(prompt) - len(tail)]
+    return prompt[len(head) : len(prompt) - len(tail)]

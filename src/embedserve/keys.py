@@ -69,8 +69,10 @@ def load_pepper(configured: str | None, data_dir: Path) -> bytes:
         except OSError as exc:
             raise ConfigError(f"cannot create the key pepper file {path}: {exc}") from None
         else:
-            log.info("created the key pepper %s (keep it with the database: keys cannot be checked "
-                     "without it)", path)
+            log.info(
+                "created the key pepper %s (keep it with the database: keys cannot be checked without it)",
+                path,
+            )
     try:
         pepper = path.read_bytes().strip()
     except OSError as exc:
@@ -124,18 +126,33 @@ class KeyRecord:
         return "active"
 
     def principal(self) -> Principal:
-        return Principal(key_id=self.id, name=self.name, prefix=self.prefix,
-                         models=None if self.models is None else frozenset(self.models),
-                         rpm=self.rpm, tpm=self.tpm, admin=self.admin)
+        return Principal(
+            key_id=self.id,
+            name=self.name,
+            prefix=self.prefix,
+            models=None if self.models is None else frozenset(self.models),
+            rpm=self.rpm,
+            tpm=self.tpm,
+            admin=self.admin,
+        )
 
 
 def key_json(record: KeyRecord, *, now: float | None = None) -> dict[str, Any]:
     """The one JSON shape of a key (CLI --json and the admin routes)."""
-    return {"id": record.id, "object": "api_key", "name": record.name, "prefix": record.prefix,
-            "models": None if record.models is None else list(record.models), "rpm": record.rpm,
-            "tpm": record.tpm, "expires_at": iso(record.expires_at), "admin": record.admin,
-            "created_at": iso(record.created_at), "revoked_at": iso(record.revoked_at),
-            "status": record.status(time.time() if now is None else now)}
+    return {
+        "id": record.id,
+        "object": "api_key",
+        "name": record.name,
+        "prefix": record.prefix,
+        "models": None if record.models is None else list(record.models),
+        "rpm": record.rpm,
+        "tpm": record.tpm,
+        "expires_at": iso(record.expires_at),
+        "admin": record.admin,
+        "created_at": iso(record.created_at),
+        "revoked_at": iso(record.revoked_at),
+        "status": record.status(time.time() if now is None else now),
+    }
 
 
 class Unset(enum.Enum):
@@ -159,14 +176,17 @@ class KeyChanges:
 
     def apply(self, record: KeyRecord) -> KeyRecord:
         return KeyRecord(
-            id=record.id, prefix=record.prefix, created_at=record.created_at,
+            id=record.id,
+            prefix=record.prefix,
+            created_at=record.created_at,
             revoked_at=record.revoked_at,
             name=record.name if self.name is UNSET else self.name,
             models=record.models if self.models is UNSET else self.models,
             rpm=record.rpm if self.rpm is UNSET else self.rpm,
             tpm=record.tpm if self.tpm is UNSET else self.tpm,
             expires_at=record.expires_at if self.expires_at is UNSET else self.expires_at,
-            admin=record.admin if self.admin is UNSET else self.admin)
+            admin=record.admin if self.admin is UNSET else self.admin,
+        )
 
 
 KEY_FIELDS = ("name", "models", "rpm", "tpm", "expires_at", "admin")
@@ -179,36 +199,40 @@ def parse_key_fields(payload: object, *, creating: bool) -> KeyChanges:
         raise InvalidType("The request body must be a JSON object.")
     unknown = sorted(set(payload) - set(KEY_FIELDS))
     if unknown:
-        raise InvalidRequest(f"Unknown field '{unknown[0]}'; a key has {', '.join(KEY_FIELDS)}.",
-                             param=unknown[0])
+        raise InvalidRequest(
+            f"Unknown field '{unknown[0]}'; a key has {', '.join(KEY_FIELDS)}.", param=unknown[0]
+        )
     changes: dict[str, Any] = {}
     if "name" in payload or creating:
         name = payload.get("name")
         if name is None:
             raise MissingParameter("A key needs a 'name'.", param="name")
         if not isinstance(name, str) or not name.strip() or len(name) > 200:
-            raise InvalidType("'name' must be a non-empty string of at most 200 characters.",
-                              param="name")
+            raise InvalidType("'name' must be a non-empty string of at most 200 characters.", param="name")
         changes["name"] = name.strip()
     if "models" in payload:
         models = payload["models"]
-        if models is not None and (not isinstance(models, list) or not models or not all(
-                isinstance(m, str) and m.strip() for m in models)):
-            raise InvalidType("'models' must be null (every model) or a non-empty array of model "
-                              "ids or aliases.", param="models")
+        if models is not None and (
+            not isinstance(models, list)
+            or not models
+            or not all(isinstance(m, str) and m.strip() for m in models)
+        ):
+            raise InvalidType(
+                "'models' must be null (every model) or a non-empty array of model ids or aliases.",
+                param="models",
+            )
         changes["models"] = None if models is None else tuple(dict.fromkeys(m.strip() for m in models))
     for limit in ("rpm", "tpm"):
         if limit in payload:
             value = payload[limit]
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or not 1 <= value <= 2**31 - 1):
-                raise InvalidType(f"'{limit}' must be null (unlimited) or a positive integer.",
-                                  param=limit)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2**31 - 1
+            ):
+                raise InvalidType(f"'{limit}' must be null (unlimited) or a positive integer.", param=limit)
             changes[limit] = value
     if "expires_at" in payload:
         value = payload["expires_at"]
-        changes["expires_at"] = None if value is None else parse_time(value, "expires_at",
-                                                                      relative=True)
+        changes["expires_at"] = None if value is None else parse_time(value, "expires_at", relative=True)
     if "admin" in payload:
         if not isinstance(payload["admin"], bool):
             raise InvalidType("'admin' must be true or false.", param="admin")
@@ -223,10 +247,18 @@ _COLUMNS = "id, name, prefix, models, rpm, tpm, expires_at, admin, created_at, r
 
 def _record(row: Sequence[Any]) -> KeyRecord:
     ident, name, prefix, models, rpm, tpm, expires_at, admin, created_at, revoked_at = row
-    return KeyRecord(id=ident, name=name, prefix=prefix,
-                     models=None if models is None else tuple(json.loads(models)),
-                     rpm=rpm, tpm=tpm, expires_at=expires_at, admin=bool(admin),
-                     created_at=float(created_at), revoked_at=revoked_at)
+    return KeyRecord(
+        id=ident,
+        name=name,
+        prefix=prefix,
+        models=None if models is None else tuple(json.loads(models)),
+        rpm=rpm,
+        tpm=tpm,
+        expires_at=expires_at,
+        admin=bool(admin),
+        created_at=float(created_at),
+        revoked_at=revoked_at,
+    )
 
 
 def _bump(tx: Cursor) -> None:
@@ -246,15 +278,16 @@ class KeyStore:
         check value, later ones compare. A mismatch with keys in the database stops them."""
         check = pepper_check(pepper)
         with self._db.transaction() as tx:
-            (stored,), = tx.fetchall("SELECT pepper_check FROM embedserve_meta WHERE id = 1")
+            ((stored,),) = tx.fetchall("SELECT pepper_check FROM embedserve_meta WHERE id = 1")
             if stored == check:
                 return
-            (count,), = tx.fetchall("SELECT COUNT(*) FROM api_keys")
+            ((count,),) = tx.fetchall("SELECT COUNT(*) FROM api_keys")
             if stored is not None and (count or self._db.dialect == "postgresql"):
                 raise ConfigError(
                     f"the keys in {self._db.where} were hashed with another key pepper; give every "
                     "server and CLI that uses this database the same --key-pepper "
-                    "(EMBEDSERVE_KEY_PEPPER) or pepper file")
+                    "(EMBEDSERVE_KEY_PEPPER) or pepper file"
+                )
             tx.execute("UPDATE embedserve_meta SET pepper_check = ? WHERE id = 1", (check,))
 
     def create(self, pepper: bytes, fields: KeyChanges) -> tuple[KeyRecord, str]:
@@ -263,17 +296,36 @@ class KeyStore:
             raise MissingParameter("A key needs a 'name'.", param="name")
         self.check_pepper(pepper)
         secret = generate_key()
-        blank = KeyRecord(id="key_" + secrets.token_hex(6), name="", prefix=secret[:PREFIX_CHARS],
-                          models=None, rpm=None, tpm=None, expires_at=None, admin=False,
-                          created_at=self._clock(), revoked_at=None)
+        blank = KeyRecord(
+            id="key_" + secrets.token_hex(6),
+            name="",
+            prefix=secret[:PREFIX_CHARS],
+            models=None,
+            rpm=None,
+            tpm=None,
+            expires_at=None,
+            admin=False,
+            created_at=self._clock(),
+            revoked_at=None,
+        )
         record = fields.apply(blank)
         with self._db.transaction() as tx:
-            tx.execute(f"INSERT INTO api_keys ({_COLUMNS}, key_hash) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (record.id, record.name, record.prefix,
-                        None if record.models is None else json.dumps(list(record.models)),
-                        record.rpm, record.tpm, record.expires_at, int(record.admin),
-                        record.created_at, None, key_digest(pepper, secret).hex()))
+            tx.execute(
+                f"INSERT INTO api_keys ({_COLUMNS}, key_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.id,
+                    record.name,
+                    record.prefix,
+                    None if record.models is None else json.dumps(list(record.models)),
+                    record.rpm,
+                    record.tpm,
+                    record.expires_at,
+                    int(record.admin),
+                    record.created_at,
+                    None,
+                    key_digest(pepper, secret).hex(),
+                ),
+            )
             _bump(tx)
         return record, secret
 
@@ -295,10 +347,19 @@ class KeyStore:
     def update(self, key_id: str, changes: KeyChanges) -> KeyRecord:
         with self._db.transaction() as tx:
             record = changes.apply(self._get(tx, key_id))
-            tx.execute("UPDATE api_keys SET name = ?, models = ?, rpm = ?, tpm = ?, expires_at = ?, "
-                       "admin = ? WHERE id = ?",
-                       (record.name, None if record.models is None else json.dumps(list(record.models)),
-                        record.rpm, record.tpm, record.expires_at, int(record.admin), key_id))
+            tx.execute(
+                "UPDATE api_keys SET name = ?, models = ?, rpm = ?, tpm = ?, expires_at = ?, "
+                "admin = ? WHERE id = ?",
+                (
+                    record.name,
+                    None if record.models is None else json.dumps(list(record.models)),
+                    record.rpm,
+                    record.tpm,
+                    record.expires_at,
+                    int(record.admin),
+                    key_id,
+                ),
+            )
             _bump(tx)
         return record
 
@@ -314,14 +375,14 @@ class KeyStore:
 
     def version(self) -> int:
         with self._db.transaction(write=False) as tx:
-            (version,), = tx.fetchall("SELECT keys_version FROM embedserve_meta WHERE id = 1")
+            ((version,),) = tx.fetchall("SELECT keys_version FROM embedserve_meta WHERE id = 1")
         return int(version)
 
     def snapshot(self) -> tuple[int, list[tuple[bytes, KeyRecord]]]:
         """(version, every key with its digest). The version is read first: a change that lands in
         between shows up as a newer version at the next poll."""
         with self._db.transaction(write=False) as tx:
-            (version,), = tx.fetchall("SELECT keys_version FROM embedserve_meta WHERE id = 1")
+            ((version,),) = tx.fetchall("SELECT keys_version FROM embedserve_meta WHERE id = 1")
             rows = tx.fetchall(f"SELECT {_COLUMNS}, key_hash FROM api_keys")
         return int(version), [(bytes.fromhex(row[-1]), _record(row[:-1])) for row in rows]
 
@@ -349,8 +410,15 @@ class KeyRing:
     key table that `run()` refreshes when the table's change counter moves. A request costs one HMAC and
     one dict lookup (the digest, not the key, is compared); never a database query."""
 
-    def __init__(self, store: KeyStore, pepper: bytes, *, api_keys: Iterable[str] = (),
-                 admin_keys: Iterable[str] = (), clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: KeyStore,
+        pepper: bytes,
+        *,
+        api_keys: Iterable[str] = (),
+        admin_keys: Iterable[str] = (),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._store = store
         self._pepper = pepper
         self._clock = clock
@@ -379,8 +447,10 @@ class KeyRing:
         return len(self._managed)
 
     def load(self, version: int, rows: Sequence[tuple[bytes, KeyRecord]]) -> None:
-        self._managed = {digest: _Entry(record.principal(), record.expires_at,
-                                        record.revoked_at is not None) for digest, record in rows}
+        self._managed = {
+            digest: _Entry(record.principal(), record.expires_at, record.revoked_at is not None)
+            for digest, record in rows
+        }
         self._any_managed = bool(rows)
         self.version = version
 
@@ -400,8 +470,9 @@ class KeyRing:
                 version = await asyncio.to_thread(self._store.version)
                 if version != self.version:
                     self.load(*await asyncio.to_thread(self._store.snapshot))
-                    log.info("API keys reloaded (version %d, %d managed keys)", self.version,
-                             len(self._managed))
+                    log.info(
+                        "API keys reloaded (version %d, %d managed keys)", self.version, len(self._managed)
+                    )
             except Exception as exc:
                 if self.health.failed():
                     log.error("cannot refresh API keys, serving the last snapshot: %s", exc)
@@ -420,6 +491,7 @@ class KeyRing:
         if entry.revoked:
             raise AuthenticationFailed(f"The API key {entry.principal.prefix}... has been revoked.")
         if entry.expires_at is not None and entry.expires_at <= self._clock():
-            raise AuthenticationFailed(f"The API key {entry.principal.prefix}... expired at "
-                                       f"{iso(entry.expires_at)}.")
+            raise AuthenticationFailed(
+                f"The API key {entry.principal.prefix}... expired at {iso(entry.expires_at)}."
+            )
         return entry.principal

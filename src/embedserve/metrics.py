@@ -14,8 +14,24 @@ from prometheus_client.registry import Collector
 from embedserve.health import Health
 
 #: Latency buckets in seconds: 1 ms to 2 min (an 8192-token input on 2 CPU cores takes seconds).
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                   60.0, 120.0)
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+)
 #: Inputs per forward pass (the batcher's item limit defaults to 256).
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 #: Real tokens per forward pass (the token budget defaults to 16384).
@@ -35,45 +51,101 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("embedserve_requests", "HTTP requests answered, by route template, "
-                                "model and status", ("route", "model", "status"), registry=r)
-        self.request_seconds = Histogram("embedserve_request_duration_seconds", "Time from the request's "
-                                         "first byte to its response, by route", ("route",),
-                                         buckets=LATENCY_BUCKETS, registry=r)
-        self.tokenize_seconds = Histogram("embedserve_tokenize_duration_seconds", "Tokenization time of "
-                                          "one request", ("model",), buckets=LATENCY_BUCKETS, registry=r)
-        self.tokenized = Counter("embedserve_tokenized_tokens", "Tokens the tokenizer made, for requests "
-                                 "served or refused (its work, which limits bound)", ("model",),
-                                 registry=r)
-        self.queue_seconds = Histogram("embedserve_queue_wait_seconds", "Time an input waited in the "
-                                       "batcher before its forward pass started", ("model",),
-                                       buckets=LATENCY_BUCKETS, registry=r)
-        self.inference_seconds = Histogram("embedserve_inference_duration_seconds", "Time of one "
-                                           "forward pass (a batch)", ("model",), buckets=LATENCY_BUCKETS,
-                                           registry=r)
-        self.batch_inputs = Histogram("embedserve_batch_size_inputs", "Inputs per forward pass",
-                                      ("model",), buckets=BATCH_SIZE_BUCKETS, registry=r)
-        self.batch_tokens = Histogram("embedserve_batch_tokens", "Real (unpadded) tokens per forward pass",
-                                      ("model",), buckets=BATCH_TOKEN_BUCKETS, registry=r)
-        self.batch_padding = Counter("embedserve_batch_padding_tokens", "Padding slots computed and "
-                                     "thrown away", ("model",), registry=r)
-        self.tokens = Counter("embedserve_embedded_tokens", "Input tokens embedded for successful "
-                              "requests (what usage bills), by model and key id", ("model", "key_id"),
-                              registry=r)
-        self.inputs = Counter("embedserve_embedded_inputs", "Inputs embedded for successful requests",
-                              ("model", "key_id"), registry=r)
-        self.rejected = Counter("embedserve_rejected_inputs", "Inputs refused at admission (queue "
-                                "full) or dropped before reaching the model (client gone, deadline)",
-                                ("model", "reason"), registry=r)
-        self.queue_depth = Gauge("embedserve_queue_depth_inputs", "Inputs admitted and not yet in a "
-                                 "forward pass (being tokenized or waiting in the batcher)",
-                                 ("model",), registry=r)
-        self.in_flight = Gauge("embedserve_requests_in_flight", "HTTP requests being served",
-                               registry=r)
-        self.model_load_seconds = Gauge("embedserve_model_load_seconds", "Time to load and warm up "
-                                        "a model", ("model",), registry=r)
-        self.model_ready = Gauge("embedserve_model_ready", "1 when the model serves, 0 while loading "
-                                 "or after a failed load", ("model",), registry=r)
+        self.requests = Counter(
+            "embedserve_requests",
+            "HTTP requests answered, by route template, model and status",
+            ("route", "model", "status"),
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "embedserve_request_duration_seconds",
+            "Time from the request's first byte to its response, by route",
+            ("route",),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokenize_seconds = Histogram(
+            "embedserve_tokenize_duration_seconds",
+            "Tokenization time of one request",
+            ("model",),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokenized = Counter(
+            "embedserve_tokenized_tokens",
+            "Tokens the tokenizer made, for requests served or refused (its work, which limits bound)",
+            ("model",),
+            registry=r,
+        )
+        self.queue_seconds = Histogram(
+            "embedserve_queue_wait_seconds",
+            "Time an input waited in the batcher before its forward pass started",
+            ("model",),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "embedserve_inference_duration_seconds",
+            "Time of one forward pass (a batch)",
+            ("model",),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_inputs = Histogram(
+            "embedserve_batch_size_inputs",
+            "Inputs per forward pass",
+            ("model",),
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.batch_tokens = Histogram(
+            "embedserve_batch_tokens",
+            "Real (unpadded) tokens per forward pass",
+            ("model",),
+            buckets=BATCH_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.batch_padding = Counter(
+            "embedserve_batch_padding_tokens",
+            "Padding slots computed and thrown away",
+            ("model",),
+            registry=r,
+        )
+        self.tokens = Counter(
+            "embedserve_embedded_tokens",
+            "Input tokens embedded for successful requests (what usage bills), by model and key id",
+            ("model", "key_id"),
+            registry=r,
+        )
+        self.inputs = Counter(
+            "embedserve_embedded_inputs",
+            "Inputs embedded for successful requests",
+            ("model", "key_id"),
+            registry=r,
+        )
+        self.rejected = Counter(
+            "embedserve_rejected_inputs",
+            "Inputs refused at admission (queue "
+            "full) or dropped before reaching the model (client gone, deadline)",
+            ("model", "reason"),
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "embedserve_queue_depth_inputs",
+            "Inputs admitted and not yet in a forward pass (being tokenized or waiting in the batcher)",
+            ("model",),
+            registry=r,
+        )
+        self.in_flight = Gauge("embedserve_requests_in_flight", "HTTP requests being served", registry=r)
+        self.model_load_seconds = Gauge(
+            "embedserve_model_load_seconds", "Time to load and warm up a model", ("model",), registry=r
+        )
+        self.model_ready = Gauge(
+            "embedserve_model_ready",
+            "1 when the model serves, 0 while loading or after a failed load",
+            ("model",),
+            registry=r,
+        )
         # process_resident_memory_bytes and friends, under our prefix.
         ProcessCollector(namespace="embedserve", registry=r)
 
@@ -81,8 +153,13 @@ class Metrics:
         """Create every series labelled with `model` at zero, before its first request: a scrape right
         after start lists them, and rate() over a counter's first increase is not lost (Prometheus
         practice). The load time and per-key counters appear when there is something to report."""
-        for histogram in (self.tokenize_seconds, self.queue_seconds, self.inference_seconds,
-                          self.batch_inputs, self.batch_tokens):
+        for histogram in (
+            self.tokenize_seconds,
+            self.queue_seconds,
+            self.inference_seconds,
+            self.batch_inputs,
+            self.batch_tokens,
+        ):
             histogram.labels(model)
         self.batch_padding.labels(model)
         self.tokenized.labels(model)
@@ -103,8 +180,9 @@ class Metrics:
         self.tokenize_seconds.labels(model).observe(seconds)
         self.tokenized.labels(model).inc(tokens)
 
-    def observe_batch(self, model: str, *, waits: Sequence[float], seconds: float, real_tokens: int,
-                      slots: int) -> None:
+    def observe_batch(
+        self, model: str, *, waits: Sequence[float], seconds: float, real_tokens: int, slots: int
+    ) -> None:
         queue = self.queue_seconds.labels(model)
         for wait in waits:
             queue.observe(wait)
@@ -145,17 +223,32 @@ class _HealthCollector(Collector):
         self._pending, self._ledger, self._keys = pending, ledger, keys
 
     def collect(self) -> Iterator[Metric]:
-        yield GaugeMetricFamily("embedserve_usage_pending_records", "Usage records not written to the "
-                                "database yet", value=self._pending())
-        yield CounterMetricFamily("embedserve_usage_write_failures", "Failed writes of usage records "
-                                  "(each retry counts)", value=self._ledger.failures)
-        yield CounterMetricFamily("embedserve_keys_refresh_failures", "Failed polls of the key store",
-                                  value=self._keys.failures)
+        yield GaugeMetricFamily(
+            "embedserve_usage_pending_records",
+            "Usage records not written to the database yet",
+            value=self._pending(),
+        )
+        yield CounterMetricFamily(
+            "embedserve_usage_write_failures",
+            "Failed writes of usage records (each retry counts)",
+            value=self._ledger.failures,
+        )
+        yield CounterMetricFamily(
+            "embedserve_keys_refresh_failures", "Failed polls of the key store", value=self._keys.failures
+        )
         for name, help_text, health in (
-                ("embedserve_usage_last_write_timestamp_seconds", "Unix time the usage ledger last had "
-                 "nothing left to write (a write succeeded, or there was none to do)", self._ledger),
-                ("embedserve_keys_last_refresh_timestamp_seconds", "Unix time of the last poll that "
-                 "reached the key store", self._keys)):
+            (
+                "embedserve_usage_last_write_timestamp_seconds",
+                "Unix time the usage ledger last had "
+                "nothing left to write (a write succeeded, or there was none to do)",
+                self._ledger,
+            ),
+            (
+                "embedserve_keys_last_refresh_timestamp_seconds",
+                "Unix time of the last poll that reached the key store",
+                self._keys,
+            ),
+        ):
             family = GaugeMetricFamily(name, help_text)
             if health.last_success is not None:
                 family.add_metric([], health.last_success)

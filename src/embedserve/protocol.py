@@ -16,16 +16,21 @@ from embedserve.types import EmbeddingResult, ModelStatus
 class EmbeddingRequest(BaseModel):
     model: str = Field(description="A served model id or alias.")
     input: str | list[str] | list[int] | list[list[int]] = Field(
-        description="Text, texts, token ids, or arrays of token ids. Must not be empty.")
+        description="Text, texts, token ids, or arrays of token ids. Must not be empty."
+    )
     encoding_format: Literal["float", "base64"] | None = "float"
     dimensions: int | None = Field(None, ge=1, description="Matryoshka models only.")
     user: str | None = None
     input_type: str | None = Field(
-        None, description="Extension: 'query', 'document' (the default) or another prompt name of the "
-                          "model; picks the prompt or instruction put in front of each text.")
+        None,
+        description="Extension: 'query', 'document' (the default) or another prompt name of the "
+        "model; picks the prompt or instruction put in front of each text.",
+    )
     instruction: str | None = Field(
-        None, description="Extension: the task of a query (with input_type 'query'), for models with "
-                          "a query template such as Qwen3-Embedding.")
+        None,
+        description="Extension: the task of a query (with input_type 'query'), for models with "
+        "a query template such as Qwen3-Embedding.",
+    )
 
 
 class Embedding(BaseModel):
@@ -80,18 +85,32 @@ class ErrorResponse(BaseModel):
 
 
 def render_embeddings(result: EmbeddingResult, model_name: str) -> bytes:
-    data = [{"object": "embedding", "index": i, "embedding": vector}
-            for i, vector in enumerate(encode_vectors(result.vectors, result.encoding_format))]
-    body = {"object": "list", "data": data, "model": model_name,
-            "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}}
+    data = [
+        {"object": "embedding", "index": i, "embedding": vector}
+        for i, vector in enumerate(encode_vectors(result.vectors, result.encoding_format))
+    ]
+    body = {
+        "object": "list",
+        "data": data,
+        "model": model_name,
+        "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
+    }
     return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def model_card(spec: ModelSpec, status: ModelStatus, backend: str | None) -> dict[str, Any]:
-    return ModelCard(id=spec.id, created=spec.created, owned_by=spec.owned_by,
-                     supports=["embeddings"], dimensions=spec.dimensions,
-                     matryoshka_dimensions=list(spec.matryoshka_dimensions),
-                     max_input_tokens=spec.max_input_tokens, aliases=list(spec.aliases),
-                     family=spec.family, input_types=spec.input_types,
-                     default_instruction=spec.default_instruction, status=status,
-                     backend=backend).model_dump()
+    return ModelCard(
+        id=spec.id,
+        created=spec.created,
+        owned_by=spec.owned_by,
+        supports=["embeddings"],
+        dimensions=spec.dimensions,
+        matryoshka_dimensions=list(spec.matryoshka_dimensions),
+        max_input_tokens=spec.max_input_tokens,
+        aliases=list(spec.aliases),
+        family=spec.family,
+        input_types=spec.input_types,
+        default_instruction=spec.default_instruction,
+        status=status,
+        backend=backend,
+    ).model_dump()

@@ -115,7 +115,10 @@ class RateLimiter:
         if wait > 0:
             raise RateLimitExceeded(
                 f"Rate limit reached for requests: this key may send {principal.rpm} requests per "
-                f"minute. Retry in {format_duration(wait)}.", limit="requests", retry_after_s=wait)
+                f"minute. Retry in {format_duration(wait)}.",
+                limit="requests",
+                retry_after_s=wait,
+            )
         requests.level -= 1
 
     def hold_tokens(self, principal: Principal, estimate: int) -> TokenHold:
@@ -169,7 +172,10 @@ class RateLimiter:
             raise RateLimitExceeded(
                 f"Rate limit reached for tokens: this request needs {count} tokens and this key may use "
                 f"{principal.tpm} per minute ({math.floor(bucket.level)} left now). Retry in "
-                f"{format_duration(wait)}.", limit="tokens", retry_after_s=wait)
+                f"{format_duration(wait)}.",
+                limit="tokens",
+                retry_after_s=wait,
+            )
 
     @staticmethod
     def _too_large(principal: Principal, count: int, *, exact: bool) -> RateLimitExceeded:
@@ -177,7 +183,9 @@ class RateLimiter:
         return RateLimitExceeded(
             f"Request too large: it holds {holds} tokens, more than this key's limit of "
             f"{principal.tpm} tokens per minute. Split the input into smaller requests.",
-            limit="tokens", retry_after_s=None)
+            limit="tokens",
+            retry_after_s=None,
+        )
 
     def headers(self, principal: Principal) -> list[tuple[str, str]]:
         """x-ratelimit-{limit,remaining,reset}-{requests,tokens} for each limit the key has."""
@@ -185,7 +193,9 @@ class RateLimiter:
         for kind in ("requests", "tokens"):
             bucket = self._bucket(principal, kind)
             if bucket is not None:
-                out += [(f"x-ratelimit-limit-{kind}", str(int(bucket.capacity))),
-                        (f"x-ratelimit-remaining-{kind}", str(math.floor(bucket.level))),
-                        (f"x-ratelimit-reset-{kind}", format_duration(bucket.reset_s()))]
+                out += [
+                    (f"x-ratelimit-limit-{kind}", str(int(bucket.capacity))),
+                    (f"x-ratelimit-remaining-{kind}", str(math.floor(bucket.level))),
+                    (f"x-ratelimit-reset-{kind}", format_duration(bucket.reset_s())),
+                ]
         return out

@@ -68,17 +68,22 @@ class ModelRuntime:
         return min(self.tokenizer.vocab_size, self.backend.vocab_size)
 
 
-def choose_backend(backend: BackendName, *, device: DeviceName, dtype: DtypeName, quantize: Quantize,
-                   cuda: bool) -> Literal["torch", "onnx"]:
+def choose_backend(
+    backend: BackendName, *, device: DeviceName, dtype: DtypeName, quantize: Quantize, cuda: bool
+) -> Literal["torch", "onnx"]:
     """Pure. `auto`: ONNX Runtime on CPU in float32 or int8 (the fastest there), torch on CUDA or for
     bf16/fp16 on CPU. An explicit choice that cannot serve the request is an error, never a fallback."""
     on_cuda = device == "cuda" or (device == "auto" and cuda)
     if quantize == "int8" and (backend == "torch" or on_cuda or dtype not in ("auto", "float32")):
-        raise ModelLoadError("--quantize int8 runs on the onnx backend on CPU (float32 weights in, int8 "
-                             "matrix products out); drop --backend torch / --device cuda / --dtype")
+        raise ModelLoadError(
+            "--quantize int8 runs on the onnx backend on CPU (float32 weights in, int8 "
+            "matrix products out); drop --backend torch / --device cuda / --dtype"
+        )
     if backend == "onnx" and (on_cuda or dtype not in ("auto", "float32")):
-        raise ModelLoadError("--backend onnx runs on CPU in float32 (or int8 with --quantize int8); "
-                             "use --backend torch for CUDA or bf16/fp16")
+        raise ModelLoadError(
+            "--backend onnx runs on CPU in float32 (or int8 with --quantize int8); "
+            "use --backend torch for CUDA or bf16/fp16"
+        )
     if backend != "auto":
         return backend
     return "torch" if on_cuda or dtype not in ("auto", "float32") else "onnx"
@@ -99,11 +104,12 @@ def make_backend(spec: ModelSpec, settings: Settings) -> Backend:
         from embedserve.backends.onnx import OnnxBackend  # onnxruntime is imported only when needed
 
         workers = settings.model_workers or default_workers(usable_cores())
-        return OnnxBackend(spec, cache_dir=settings.data_dir / "onnx", quantize=quantize,
-                           workers=workers)
+        return OnnxBackend(spec, cache_dir=settings.data_dir / "onnx", quantize=quantize, workers=workers)
     if settings.model_workers not in (None, 1):
-        raise ModelLoadError(f"model '{spec.id}': --model-workers applies to the onnx backend; torch "
-                             "runs one forward pass at a time (its CPU threads are process-wide)")
+        raise ModelLoadError(
+            f"model '{spec.id}': --model-workers applies to the onnx backend; torch "
+            "runs one forward pass at a time (its CPU threads are process-wide)"
+        )
     from embedserve.backends.torch import TorchBackend  # torch is imported only when needed
 
     return TorchBackend(spec, device=device, dtype=dtype)
@@ -141,9 +147,13 @@ def calibrate(backend: Backend, spec: ModelSpec, ids: list[int], pad_id: int) ->
     return fit(samples, floor), tokens / max(seconds, 1e-9)
 
 
-def load_runtime(spec: ModelSpec, settings: Settings, tokenizer_executor: ThreadPoolExecutor,
-                 metrics: Metrics | None = None,
-                 budgets: Callable[[str], MemoryBudget] | None = None) -> ModelRuntime:
+def load_runtime(
+    spec: ModelSpec,
+    settings: Settings,
+    tokenizer_executor: ThreadPoolExecutor,
+    metrics: Metrics | None = None,
+    budgets: Callable[[str], MemoryBudget] | None = None,
+) -> ModelRuntime:
     """Blocking: read the tokenizer, load the weights, run one warm-up batch, calibrate the memory
     model and throughput of its passes. `budgets`: the memory budget of a device ("cpu", "cuda")."""
     started = time.perf_counter()
@@ -153,8 +163,10 @@ def load_runtime(spec: ModelSpec, settings: Settings, tokenizer_executor: Thread
     if spec.eos_token is not None:
         eos_id = tokenizer.token_id(spec.eos_token)
         if eos_id is None:
-            raise ModelLoadError(f"model '{spec.id}': its tokenizer has no {spec.eos_token!r} token, "
-                                 f"which {spec.family} pools on")
+            raise ModelLoadError(
+                f"model '{spec.id}': its tokenizer has no {spec.eos_token!r} token, "
+                f"which {spec.family} pools on"
+            )
     encoding = settings.tiktoken_for(spec.tiktoken_ids)
     foreign = None if encoding is None else tiktoken_ids.load(encoding, settings.tiktoken_file)
     backend = make_backend(spec, settings)
@@ -164,16 +176,35 @@ def load_runtime(spec: ModelSpec, settings: Settings, tokenizer_executor: Thread
     budget = None if budgets is None else budgets(backend.device)
     if budget is not None:
         budget.cap_to(DEFAULT_SHARE * backend.memory_available())
-    limits = batch_limits(backend.device, backend.threads, max_tokens=settings.max_batch_tokens,
-                          max_wait_ms=settings.max_batch_wait_ms)
-    batcher = Batcher(spec.id, backend, pad_id=tokenizer.pad_id, padding_side=spec.padding_side,
-                      limits=limits, max_batch_items=settings.max_batch_items,
-                      max_queued=settings.max_queued_inputs, metrics=metrics,
-                      max_queue_wait_s=settings.max_queue_wait, tokens_per_s=tokens_per_s,
-                      memory=memory, budget=budget)
-    return ModelRuntime(spec=spec, tokenizer=tokenizer, backend=backend, batcher=batcher, eos_id=eos_id,
-                        load_seconds=time.perf_counter() - started,
-                        tiktoken=foreign)
+    limits = batch_limits(
+        backend.device,
+        backend.threads,
+        max_tokens=settings.max_batch_tokens,
+        max_wait_ms=settings.max_batch_wait_ms,
+    )
+    batcher = Batcher(
+        spec.id,
+        backend,
+        pad_id=tokenizer.pad_id,
+        padding_side=spec.padding_side,
+        limits=limits,
+        max_batch_items=settings.max_batch_items,
+        max_queued=settings.max_queued_inputs,
+        metrics=metrics,
+        max_queue_wait_s=settings.max_queue_wait,
+        tokens_per_s=tokens_per_s,
+        memory=memory,
+        budget=budget,
+    )
+    return ModelRuntime(
+        spec=spec,
+        tokenizer=tokenizer,
+        backend=backend,
+        batcher=batcher,
+        eos_id=eos_id,
+        load_seconds=time.perf_counter() - started,
+        tiktoken=foreign,
+    )
 
 
 class ModelRegistry:
@@ -211,8 +242,11 @@ class ModelRegistry:
         return all(status == "ready" for status in self._status.values())
 
     def not_ready_reason(self) -> str:
-        parts = [f"{name}: {status}" + (f" ({self._errors[name]})" if name in self._errors else "")
-                 for name, status in self._status.items() if status != "ready"]
+        parts = [
+            f"{name}: {status}" + (f" ({self._errors[name]})" if name in self._errors else "")
+            for name, status in self._status.items()
+            if status != "ready"
+        ]
         return "; ".join(parts)
 
     def runtime(self, spec: ModelSpec) -> ModelRuntime:
@@ -220,26 +254,27 @@ class ModelRegistry:
         if runtime is not None:
             return runtime
         if self._status[spec.id] == "failed":
-            raise ServiceUnavailable(f"The model '{spec.id}' failed to load; see the server log.",
-                                     retry_after_s=60)
-        raise ModelNotReady(f"The model '{spec.id}' is still loading; retry shortly.",
-                            retry_after_s=2)
+            raise ServiceUnavailable(
+                f"The model '{spec.id}' failed to load; see the server log.", retry_after_s=60
+            )
+        raise ModelNotReady(f"The model '{spec.id}' is still loading; retry shortly.", retry_after_s=2)
 
     async def load_all(self) -> None:
         """Load models one after another off the event loop (loading two at once only competes for
         the same cores and memory bandwidth)."""
         for spec in self.catalog.specs:
             try:
-                runtime = await asyncio.to_thread(load_runtime, spec, self._settings,
-                                                  self._tokenizer_executor, self._metrics,
-                                                  self.budget)
+                runtime = await asyncio.to_thread(
+                    load_runtime, spec, self._settings, self._tokenizer_executor, self._metrics, self.budget
+                )
             except Exception as exc:  # a model that fails to load must not take the others down
                 self._status[spec.id] = "failed"
                 self._errors[spec.id] = str(exc)
                 if self._metrics is not None:
                     self._metrics.model_failed(spec.id)
-                log.exception("model '%s' failed to load", spec.id,
-                              extra={"event": "model_failed", "model": spec.id})
+                log.exception(
+                    "model '%s' failed to load", spec.id, extra={"event": "model_failed", "model": spec.id}
+                )
                 continue
             runtime.batcher.start()
             self._runtimes[spec.id] = runtime
@@ -248,15 +283,31 @@ class ModelRegistry:
                 self._metrics.model_loaded(spec.id, runtime.load_seconds)
                 self._metrics.track_queue(spec.id, runtime.batcher.queue_depth)
             backend = runtime.backend
-            log.info("model '%s' ready: %d dims, max %d tokens, pooling %s, %s, %d worker(s) x "
-                     "%d thread(s), loaded in %.1f s", spec.id, spec.dimensions,
-                     spec.max_input_tokens, spec.pooling, backend.description, backend.workers,
-                     backend.threads, runtime.load_seconds,
-                     extra={"event": "model_ready", "model": spec.id, "dimensions": spec.dimensions,
-                            "max_input_tokens": spec.max_input_tokens, "pooling": spec.pooling,
-                            "backend": backend.kind, "device": backend.device,
-                            "precision": backend.precision, "workers": backend.workers,
-                            "threads": backend.threads, "load_seconds": round(runtime.load_seconds, 3)})
+            log.info(
+                "model '%s' ready: %d dims, max %d tokens, pooling %s, %s, %d worker(s) x "
+                "%d thread(s), loaded in %.1f s",
+                spec.id,
+                spec.dimensions,
+                spec.max_input_tokens,
+                spec.pooling,
+                backend.description,
+                backend.workers,
+                backend.threads,
+                runtime.load_seconds,
+                extra={
+                    "event": "model_ready",
+                    "model": spec.id,
+                    "dimensions": spec.dimensions,
+                    "max_input_tokens": spec.max_input_tokens,
+                    "pooling": spec.pooling,
+                    "backend": backend.kind,
+                    "device": backend.device,
+                    "precision": backend.precision,
+                    "workers": backend.workers,
+                    "threads": backend.threads,
+                    "load_seconds": round(runtime.load_seconds, 3),
+                },
+            )
 
     async def close(self) -> None:
         for runtime in self._runtimes.values():

@@ -26,8 +26,14 @@ from embedserve.validation import check_dimensions, check_framing, check_lengths
 
 
 class EmbeddingService:
-    def __init__(self, registry: ModelRegistry, settings: Settings, metrics: Metrics,
-                 limiter: RateLimiter, ledger: UsageLedger) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        settings: Settings,
+        metrics: Metrics,
+        limiter: RateLimiter,
+        ledger: UsageLedger,
+    ) -> None:
         self._registry = registry
         self._settings = settings
         self._metrics = metrics
@@ -36,13 +42,18 @@ class EmbeddingService:
 
     async def embed(self, job: EmbeddingJob, caller: Caller) -> EmbeddingResult:
         spec = self._registry.catalog.resolve(job.model, caller.principal)
-        check_dimensions(job.dimensions, model=job.model, native=spec.dimensions,
-                         allowed=spec.matryoshka_dimensions)
-        prefix = choose_prefix(model=job.model, prompts=spec.prompts,
-                               default_prompt_name=spec.default_prompt_name,
-                               query_template=spec.query_template,
-                               default_instruction=spec.default_instruction,
-                               input_type=job.input_type, instruction=job.instruction)
+        check_dimensions(
+            job.dimensions, model=job.model, native=spec.dimensions, allowed=spec.matryoshka_dimensions
+        )
+        prefix = choose_prefix(
+            model=job.model,
+            prompts=spec.prompts,
+            default_prompt_name=spec.default_prompt_name,
+            query_template=spec.query_template,
+            default_instruction=spec.default_instruction,
+            input_type=job.input_type,
+            instruction=job.instruction,
+        )
         runtime = self._registry.runtime(spec)
         if job.token_ids is not None:
             job = await self._own_ids(job, runtime)
@@ -53,7 +64,9 @@ class EmbeddingService:
                 raise InvalidInputType(
                     f"input_type {job.input_type!r} puts {prefix!r} in front of the text on the model "
                     f"'{job.model}', which token ids cannot take: send text, or include the prefix's "
-                    "tokens in the ids and leave out input_type.", param="input_type")
+                    "tokens in the ids and leave out input_type.",
+                    param="input_type",
+                )
             estimate = sum(len(ids) + 1 for ids in job.token_ids or ())
         hold = self._limiter.hold_tokens(caller.principal, estimate)
         try:
@@ -67,13 +80,24 @@ class EmbeddingService:
             raise
         vectors = finish(pooled, dimensions=job.dimensions, normalize=spec.normalize)
         self._metrics.observe_embedded(spec.id, caller.principal.key_id, len(sequences), prompt_tokens)
-        self._ledger.record(UsageRecord(
-            key_id=caller.principal.key_id, model=spec.id, prompt_tokens=prompt_tokens,
-            inputs=len(sequences), request_id=caller.request_id, created_at=time.time(),
-            latency_ms=(time.perf_counter() - caller.started) * 1000,
-            price_per_million=spec.price_per_million_input_tokens))
-        return EmbeddingResult(vectors=vectors, encoding_format=job.encoding_format,
-                               prompt_tokens=prompt_tokens, model_id=spec.id)
+        self._ledger.record(
+            UsageRecord(
+                key_id=caller.principal.key_id,
+                model=spec.id,
+                prompt_tokens=prompt_tokens,
+                inputs=len(sequences),
+                request_id=caller.request_id,
+                created_at=time.time(),
+                latency_ms=(time.perf_counter() - caller.started) * 1000,
+                price_per_million=spec.price_per_million_input_tokens,
+            )
+        )
+        return EmbeddingResult(
+            vectors=vectors,
+            encoding_format=job.encoding_format,
+            prompt_tokens=prompt_tokens,
+            model_id=spec.id,
+        )
 
     @staticmethod
     async def _own_ids(job: EmbeddingJob, runtime: ModelRuntime) -> EmbeddingJob:
@@ -87,13 +111,19 @@ class EmbeddingService:
             texts = await runtime.tokenizer.in_thread(tiktoken_ids.decode, runtime.tiktoken, arrays)
             return replace(job, texts=tuple(texts), token_ids=None)
         if framing is not None:
-            check_framing(arrays, head=framing.head, tail=framing.tail, model=job.model,
-                          shown=runtime.tokenizer.shown(framing))
+            check_framing(
+                arrays,
+                head=framing.head,
+                tail=framing.tail,
+                model=job.model,
+                shown=runtime.tokenizer.shown(framing),
+            )
         check_token_ids(arrays, vocab_size=runtime.vocab_size, model=job.model)
         return job
 
-    async def _sequences(self, job: EmbeddingJob, prefix: str, runtime: ModelRuntime,
-                         hold: TokenHold) -> list[list[int]]:
+    async def _sequences(
+        self, job: EmbeddingJob, prefix: str, runtime: ModelRuntime, hold: TokenHold
+    ) -> list[list[int]]:
         """The id sequences to embed, checked against every limit: tokenized (stopping at the first
         limit broken) or the given ids."""
         spec, settings = runtime.spec, self._settings
@@ -101,9 +131,13 @@ class EmbeddingService:
         stopped: Stop | None = None
         if job.texts is not None:
             refuse_above = min(fits, spec.max_input_tokens) if fits is not None else None
-            limits = TokenLimits(per_input=spec.max_input_tokens, truncate=settings.truncate,
-                                 total=settings.max_tokens_per_request, budget=hold.stop_at,
-                                 refuse_above=refuse_above)
+            limits = TokenLimits(
+                per_input=spec.max_input_tokens,
+                truncate=settings.truncate,
+                total=settings.max_tokens_per_request,
+                budget=hold.stop_at,
+                refuse_above=refuse_above,
+            )
             started = time.perf_counter()
             tokenized = await runtime.tokenizer.encode(job.texts, prefix, limits)
             self._metrics.observe_tokenize(spec.id, time.perf_counter() - started, tokenized.produced)
@@ -112,10 +146,16 @@ class EmbeddingService:
             sequences = [list(ids) for ids in job.token_ids or ()]
         if runtime.eos_id is not None:
             sequences = ensure_last(sequences, runtime.eos_id)
-        sequences = check_lengths(sequences, model=job.model, max_tokens=spec.max_input_tokens,
-                                  truncate=settings.truncate, max_total=settings.max_tokens_per_request,
-                                  keep_last=runtime.eos_id is not None, fits=fits,
-                                  partial=stopped is not None)
+        sequences = check_lengths(
+            sequences,
+            model=job.model,
+            max_tokens=spec.max_input_tokens,
+            truncate=settings.truncate,
+            max_total=settings.max_tokens_per_request,
+            keep_last=runtime.eos_id is not None,
+            fits=fits,
+            partial=stopped is not None,
+        )
         if stopped is Stop.BUDGET:
             raise self._limiter.over_limit(hold, sum(len(ids) for ids in sequences))
         return sequences

@@ -21,9 +21,22 @@ def default_data_dir() -> Path:
     return Path(".embedserve")
 
 
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
-               "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4,
-               "tib": 1024**4}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1024**4,
+}
 
 
 def parse_size(value: object) -> object:
@@ -32,7 +45,7 @@ def parse_size(value: object) -> object:
     if isinstance(value, str):
         text = value.strip().lower().replace(" ", "")
         number = text.rstrip("kmgtib")
-        unit = text[len(number):]
+        unit = text[len(number) :]
         try:
             if unit in _SIZE_UNITS:
                 return int(float(number) * _SIZE_UNITS[unit])
@@ -125,9 +138,11 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _queue_holds_a_request(self) -> Settings:
         if self.max_queued_inputs < self.max_inputs_per_request:
-            raise ValueError(f"max_queued_inputs ({self.max_queued_inputs}) must be at least "
-                             f"max_inputs_per_request ({self.max_inputs_per_request}): a request that "
-                             "fits no queue could never be served")
+            raise ValueError(
+                f"max_queued_inputs ({self.max_queued_inputs}) must be at least "
+                f"max_inputs_per_request ({self.max_inputs_per_request}): a request that "
+                "fits no queue could never be served"
+            )
         return self
 
     @property

@@ -49,8 +49,7 @@ def day(ts: float | None) -> str | None:
     return None if moment is None else moment.date().isoformat()
 
 
-def parse_time(value: object, param: str, *, now: float | None = None,
-               relative: bool = False) -> float:
+def parse_time(value: object, param: str, *, now: float | None = None, relative: bool = False) -> float:
     """`2025-01-31`, `2025-01-31T12:00`, `2025-01-31T12:00:00+02:00`, `...Z` -> unix seconds. With
     `relative`, also `30d`, `12h`, `15m`, `45s` from `now`. InvalidRequest naming `param` otherwise,
     and for a time outside RANGE (so every accepted time can be written back)."""
@@ -78,8 +77,11 @@ def parse_time(value: object, param: str, *, now: float | None = None,
                 raise _out_of_range(value, param)
             return parsed.timestamp()
     hint = " or a duration from now such as 30d, 12h" if relative else ""
-    raise InvalidRequest(f"'{param}' must be a date (2025-01-31) or an ISO 8601 date-time "
-                         f"(2025-01-31T12:00:00Z){hint}; got {value!r}.", param=param)
+    raise InvalidRequest(
+        f"'{param}' must be a date (2025-01-31) or an ISO 8601 date-time "
+        f"(2025-01-31T12:00:00Z){hint}; got {value!r}.",
+        param=param,
+    )
 
 
 def _out_of_range(value: str, param: str) -> InvalidRequest:

@@ -43,8 +43,9 @@ CHUNK_CHARS = 32_768
 TRIP_CHARS_PER_TOKEN = 2
 
 
-def tokenizer_factory(folder: Path, *, lower_case: bool = False,
-                      truncate_to: int | None = None) -> Callable[[], Tokenizer]:
+def tokenizer_factory(
+    folder: Path, *, lower_case: bool = False, truncate_to: int | None = None
+) -> Callable[[], Tokenizer]:
     """Builds the folder's fast tokenizer as transformers configures it (special tokens,
     post-processor), with padding off and truncation only at `truncate_to`. `lower_case`
     (sentence-transformers' `do_lower_case`) puts a Lowercase normalizer in front, as
@@ -63,8 +64,9 @@ def tokenizer_factory(folder: Path, *, lower_case: bool = False,
             backend.enable_truncation(truncate_to)
         if lower_case and "Lowercase" not in backend.to_str():
             current = backend.normalizer
-            backend.normalizer = NormalizerSequence([Lowercase(), current] if current is not None
-                                                    else [Lowercase()])
+            backend.normalizer = NormalizerSequence(
+                [Lowercase(), current] if current is not None else [Lowercase()]
+            )
         return backend
 
     return build
@@ -88,7 +90,7 @@ class Framing:
     def frames(self, ids: Sequence[int]) -> bool:
         """Whether `ids` carry this framing (always true for a tokenizer that adds none)."""
         n, h, t = len(ids), len(self.head), len(self.tail)
-        return n >= self.size and tuple(ids[:h]) == self.head and tuple(ids[n - t:]) == self.tail
+        return n >= self.size and tuple(ids[:h]) == self.head and tuple(ids[n - t :]) == self.tail
 
 
 _PROBES = ("a", "hello world", "Zürich 🚀 x")
@@ -100,11 +102,12 @@ def framing_of(tok: Tokenizer) -> Framing | None:
     bare = [tok.encode(text, add_special_tokens=False).ids for text in _PROBES]
     full = [tok.encode(text).ids for text in _PROBES]
     first, content = full[0], bare[0]
-    start = next((i for i in range(len(first) - len(content) + 1)
-                  if first[i:i + len(content)] == content), None)
+    start = next(
+        (i for i in range(len(first) - len(content) + 1) if first[i : i + len(content)] == content), None
+    )
     if start is None:
         return None
-    framing = Framing(head=tuple(first[:start]), tail=tuple(first[start + len(content):]))
+    framing = Framing(head=tuple(first[:start]), tail=tuple(first[start + len(content) :]))
     if all(framing.frame(b) == f for b, f in zip(bare, full, strict=True)):
         return framing
     return None
@@ -194,8 +197,7 @@ class TokenizerPool:
     """Encodes texts for one model on the shared tokenizer threads. Holds `copies` tokenizers (one per
     thread: a `tokenizers.Tokenizer` must not be used by two threads at once); a call borrows one."""
 
-    def __init__(self, build: Callable[[], Tokenizer], executor: ThreadPoolExecutor, *,
-                 copies: int) -> None:
+    def __init__(self, build: Callable[[], Tokenizer], executor: ThreadPoolExecutor, *, copies: int) -> None:
         self._executor = executor
         self._free: queue.SimpleQueue[Tokenizer] = queue.SimpleQueue()
         tokenizers = [build() for _ in range(max(1, copies))]
@@ -225,6 +227,7 @@ class TokenizerPool:
 
     def shown(self, framing: Framing) -> str:
         """The framing as a message shows it: `[CLS] (101) ... [SEP] (102)`."""
+
         def name(ids: tuple[int, ...]) -> str:
             return " ".join(f"{self._names.get(i, '?')} ({i})" for i in ids)
 
@@ -250,8 +253,13 @@ class TokenizerPool:
         over the model's limit are cut to it when `limits.truncate`."""
         loop = asyncio.get_running_loop()
         if self.framing is None:  # a post-processor we cannot frame ourselves: whole texts, one trip
-            sequences = await loop.run_in_executor(self._executor, self._encode_whole, texts, prefix,
-                                                   limits.per_input if limits.truncate else None)
+            sequences = await loop.run_in_executor(
+                self._executor,
+                self._encode_whole,
+                texts,
+                prefix,
+                limits.per_input if limits.truncate else None,
+            )
             kept, stop = scan(sequences, limits, 0)
             return Tokenized(sequences[:kept], stop, sum(len(ids) for ids in sequences))
         window = self._window(limits)
@@ -262,8 +270,9 @@ class TokenizerPool:
             # request over them is found a few tokens past the limit, not a whole chunk past it.
             left = min(limits.total, limits.budget if limits.budget is not None else limits.total) - seen
             end = next_chunk(texts, start, window, min(CHUNK_CHARS, (left + 1) * TRIP_CHARS_PER_TOKEN))
-            part = await loop.run_in_executor(self._executor, self._encode_chunk, texts[start:end],
-                                              prefix, limits, window)
+            part = await loop.run_in_executor(
+                self._executor, self._encode_chunk, texts[start:end], prefix, limits, window
+            )
             produced += sum(len(ids) for ids in part)
             kept, stop = scan(part, limits, seen)
             out += part[:kept]
@@ -288,8 +297,9 @@ class TokenizerPool:
     def _window(self, limits: TokenLimits) -> int:
         return (limits.per_input + 1) * WINDOW_CHARS_PER_TOKEN
 
-    def _encode_chunk(self, texts: Sequence[str], prefix: str, limits: TokenLimits,
-                      window: int) -> list[list[int]]:
+    def _encode_chunk(
+        self, texts: Sequence[str], prefix: str, limits: TokenLimits, window: int
+    ) -> list[list[int]]:
         """(A tokenizer thread.) Framed ids of each text, content cut to the limit when truncating;
         a text longer than `window` characters is read only as far as the limit needs."""
         assert self.framing is not None
@@ -302,7 +312,7 @@ class TokenizerPool:
                 prefixed = [prefix + t for t in texts] if prefix else list(texts)
                 contents = [enc.ids for enc in tok.encode_batch(prefixed, add_special_tokens=False)]
         if limits.truncate:
-            contents = [ids[:max(cap, 0)] for ids in contents]
+            contents = [ids[: max(cap, 0)] for ids in contents]
         return [framing.frame(ids) for ids in contents]
 
     @staticmethod

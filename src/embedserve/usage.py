@@ -26,9 +26,11 @@ GroupBy = Literal["key", "model", "day"]
 MAX_PENDING = 1_000_000  # records held while the database is unreachable (about 200 MB); then the journal
 RETRY_PAUSE_S = (0.05, 1.0)  # shutdown retries: the first pause, doubled up to the second
 FIRST_TRY_S = 1.0  # the shutdown's first write may take this long even when the drain used the grace
-_INSERT = ("INSERT INTO usage_records (key_id, model, prompt_tokens, inputs, request_id, created_at, "
-           "latency_ms, price_per_million, record_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-           "ON CONFLICT (record_id) DO NOTHING")
+_INSERT = (
+    "INSERT INTO usage_records (key_id, model, prompt_tokens, inputs, request_id, created_at, "
+    "latency_ms, price_per_million, record_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (record_id) DO NOTHING"
+)
 
 
 def write_records(db: Database, records: Sequence[UsageRecord]) -> int:
@@ -42,11 +44,20 @@ def replay_journal(db: Database, journal: UsageJournal) -> Replayed:
     """Blocking: the journal's records into the ledger, once (see UsageJournal.replay)."""
     replayed = journal.replay(lambda records: write_records(db, records))
     if replayed.records:
-        log.info("usage ledger: replayed %d records from the journal %s (%d new, %d already written)",
-                 replayed.records, journal.path, replayed.new, replayed.records - replayed.new)
+        log.info(
+            "usage ledger: replayed %d records from the journal %s (%d new, %d already written)",
+            replayed.records,
+            journal.path,
+            replayed.new,
+            replayed.records - replayed.new,
+        )
     if replayed.rejected:
-        log.error("usage ledger: %d lines of the journal %s were no usage record; kept in %s",
-                  replayed.rejected, journal.path, journal.rejected_path)
+        log.error(
+            "usage ledger: %d lines of the journal %s were no usage record; kept in %s",
+            replayed.rejected,
+            journal.path,
+            journal.rejected_path,
+        )
     return replayed
 
 
@@ -54,8 +65,14 @@ class UsageLedger:
     """`record()` appends on the event loop (no I/O); `run()` writes the pending records every
     `flush_interval_s` in a worker thread; `close()` writes what is left, or journals it."""
 
-    def __init__(self, db: Database, flush_interval_s: float, journal: UsageJournal,
-                 max_pending: int = MAX_PENDING, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        db: Database,
+        flush_interval_s: float,
+        journal: UsageJournal,
+        max_pending: int = MAX_PENDING,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._db = db
         self._interval = flush_interval_s
         self._journal = journal
@@ -100,8 +117,11 @@ class UsageLedger:
                 self._writing = ()
                 self._pending[:0] = batch
                 if self.health.failed():
-                    log.error("usage ledger: cannot write %d records, keeping them to retry: %s",
-                              len(self._pending), exc)
+                    log.error(
+                        "usage ledger: cannot write %d records, keeping them to retry: %s",
+                        len(self._pending),
+                        exc,
+                    )
                 await self._spill()
                 raise
             finally:
@@ -120,12 +140,21 @@ class UsageLedger:
             await asyncio.to_thread(self._journal.append, oldest)
         except OSError as exc:
             self.lost += excess
-            log.error("usage ledger: %d usage records LOST: the database is unreachable and the journal "
-                      "%s cannot be written: %s", excess, self._journal.path, exc)
+            log.error(
+                "usage ledger: %d usage records LOST: the database is unreachable and the journal "
+                "%s cannot be written: %s",
+                excess,
+                self._journal.path,
+                exc,
+            )
         else:
             self._journaled = True
-            log.warning("usage ledger: %d records moved to the journal %s (the database has been "
-                        "unreachable too long)", excess, self._journal.path)
+            log.warning(
+                "usage ledger: %d records moved to the journal %s (the database has been "
+                "unreachable too long)",
+                excess,
+                self._journal.path,
+            )
         del self._pending[:excess]
 
     async def run(self) -> None:
@@ -162,17 +191,32 @@ class UsageLedger:
             await asyncio.to_thread(self._journal.append, records)
         except OSError as exc:
             self.lost += len(records)
-            log.error("usage ledger: %d usage records LOST in this run: the database (%s) and the journal "
-                      "%s both failed: %s", self.lost, self._db.where, self._journal.path, exc)
+            log.error(
+                "usage ledger: %d usage records LOST in this run: the database (%s) and the journal "
+                "%s both failed: %s",
+                self.lost,
+                self._db.where,
+                self._journal.path,
+                exc,
+            )
             return self.lost
-        log.warning("usage ledger: %d records the database (%s) would not take were written to the journal "
-                    "%s; the next start replays them", len(records), self._db.where, self._journal.path)
+        log.warning(
+            "usage ledger: %d records the database (%s) would not take were written to the journal "
+            "%s; the next start replays them",
+            len(records),
+            self._db.where,
+            self._journal.path,
+        )
         return self._report_lost()
 
     def _report_lost(self) -> int:
         if self.lost:
-            log.error("usage ledger: %d usage records LOST in this run: the journal %s could not be "
-                      "written during the outage", self.lost, self._journal.path)
+            log.error(
+                "usage ledger: %d usage records LOST in this run: the journal %s could not be "
+                "written during the outage",
+                self.lost,
+                self._journal.path,
+            )
         return self.lost
 
 
@@ -195,8 +239,9 @@ def parse_query(params: Mapping[str, object]) -> UsageQuery:
     """GET /v1/usage parameters (and the CLI's flags) -> UsageQuery, or a 400 naming the parameter."""
     unknown = sorted(set(params) - set(QUERY_PARAMS))
     if unknown:
-        raise InvalidRequest(f"Unknown parameter '{unknown[0]}'; expected some of "
-                             f"{', '.join(QUERY_PARAMS)}.", param=unknown[0])
+        raise InvalidRequest(
+            f"Unknown parameter '{unknown[0]}'; expected some of {', '.join(QUERY_PARAMS)}.", param=unknown[0]
+        )
     values: dict[str, str | None] = {}
     for name in QUERY_PARAMS:
         value = params.get(name)
@@ -205,14 +250,20 @@ def parse_query(params: Mapping[str, object]) -> UsageQuery:
         values[name] = value
     group_by = values["group_by"]
     if group_by is not None and group_by not in get_args(GroupBy):
-        raise InvalidRequest(f"'group_by' must be one of {', '.join(get_args(GroupBy))}; got "
-                             f"{group_by!r}.", param="group_by")
+        raise InvalidRequest(
+            f"'group_by' must be one of {', '.join(get_args(GroupBy))}; got {group_by!r}.", param="group_by"
+        )
     since = None if values["since"] is None else parse_time(values["since"], "since")
     until = None if values["until"] is None else parse_time(values["until"], "until")
     if since is not None and until is not None and until <= since:
         raise InvalidRequest("'until' must be later than 'since'.", param="until")
-    return UsageQuery(key=values["key"], model=values["model"], since=since, until=until,
-                      group_by=cast(GroupBy | None, group_by))
+    return UsageQuery(
+        key=values["key"],
+        model=values["model"],
+        since=since,
+        until=until,
+        group_by=cast(GroupBy | None, group_by),
+    )
 
 
 def _day_sql(db: Database) -> str:
@@ -225,8 +276,10 @@ def _day_sql(db: Database) -> str:
     else:
         nan = "0 = 1"  # SQLite stores a NaN as NULL
         day = "strftime('%Y-%m-%d', u.created_at, 'unixepoch')"
-    return (f"CASE WHEN {nan} THEN NULL WHEN u.created_at < {RENDERED_START:.0f} THEN '0001-01-01' "
-            f"WHEN u.created_at >= {END:.0f} THEN '9999-12-31' ELSE {day} END")
+    return (
+        f"CASE WHEN {nan} THEN NULL WHEN u.created_at < {RENDERED_START:.0f} THEN '0001-01-01' "
+        f"WHEN u.created_at >= {END:.0f} THEN '9999-12-31' ELSE {day} END"
+    )
 
 
 def report(db: Database, query: UsageQuery) -> dict[str, Any]:
@@ -234,8 +287,12 @@ def report(db: Database, query: UsageQuery) -> dict[str, Any]:
     (none without group_by) and the total. Cost = tokens x each record's price per million / 10^6."""
     where: list[str] = []
     params: list[Any] = []
-    for column, value, op in (("key_id", query.key, "="), ("model", query.model, "="),
-                              ("created_at", query.since, ">="), ("created_at", query.until, "<")):
+    for column, value, op in (
+        ("key_id", query.key, "="),
+        ("model", query.model, "="),
+        ("created_at", query.since, ">="),
+        ("created_at", query.until, "<"),
+    ):
         if value is not None:
             where.append(f"u.{column} {op} ?")
             params.append(value)
@@ -247,47 +304,68 @@ def report(db: Database, query: UsageQuery) -> dict[str, Any]:
     }[query.group_by]
     extra = ", MAX(k.name), MAX(k.prefix)" if query.group_by == "key" else ""
     select = f"{group_sql}{extra}, " if group_sql else ""
-    sql = (f"SELECT {select}COUNT(*), SUM(u.inputs), SUM(u.prompt_tokens), "
-           "SUM(u.prompt_tokens * u.price_per_million) FROM usage_records u "
-           + ("LEFT JOIN api_keys k ON k.id = u.key_id " if query.group_by == "key" else "")
-           + (f"WHERE {' AND '.join(where)} " if where else "")
-           + (f"GROUP BY {group_sql} ORDER BY {group_sql}" if group_sql else ""))
+    sql = (
+        f"SELECT {select}COUNT(*), SUM(u.inputs), SUM(u.prompt_tokens), "
+        "SUM(u.prompt_tokens * u.price_per_million) FROM usage_records u "
+        + ("LEFT JOIN api_keys k ON k.id = u.key_id " if query.group_by == "key" else "")
+        + (f"WHERE {' AND '.join(where)} " if where else "")
+        + (f"GROUP BY {group_sql} ORDER BY {group_sql}" if group_sql else "")
+    )
     with db.transaction(write=False) as tx:
         rows = tx.fetchall(sql, params)
     data: list[dict[str, Any]] = []
     total = {"requests": 0, "inputs": 0, "prompt_tokens": 0, "cost": 0.0}
     for row in rows:
-        groups, (requests, inputs, tokens, micro_cost) = row[:len(group_cols)], row[len(group_cols):]
-        entry = {"requests": int(requests or 0), "inputs": int(inputs or 0),
-                 "prompt_tokens": int(tokens or 0), "cost": float(micro_cost or 0) / 1_000_000}
+        groups, (requests, inputs, tokens, micro_cost) = row[: len(group_cols)], row[len(group_cols) :]
+        entry = {
+            "requests": int(requests or 0),
+            "inputs": int(inputs or 0),
+            "prompt_tokens": int(tokens or 0),
+            "cost": float(micro_cost or 0) / 1_000_000,
+        }
         for name in ("requests", "inputs", "prompt_tokens", "cost"):
             total[name] += entry[name]
         if group_cols:
             data.append({**dict(zip(group_cols, groups, strict=True)), **entry})
-    return {"object": "usage_report", "group_by": query.group_by,
-            "filters": {"key": query.key, "model": query.model, "since": iso(query.since),
-                        "until": iso(query.until)},
-            "data": data, "total": total}
+    return {
+        "object": "usage_report",
+        "group_by": query.group_by,
+        "filters": {
+            "key": query.key,
+            "model": query.model,
+            "since": iso(query.since),
+            "until": iso(query.until),
+        },
+        "data": data,
+        "total": total,
+    }
 
 
 def render_table(doc: Mapping[str, Any]) -> str:
     """The report as a plain-text table, a TOTAL line last."""
     group_cols = {None: [], "key": ["key_id", "key_name"], "model": ["model"], "day": ["day"]}[
-        doc["group_by"]]
+        doc["group_by"]
+    ]
     labels = len(group_cols) or 1
     header = ([c.upper() for c in group_cols] or [""]) + ["REQUESTS", "INPUTS", "PROMPT_TOKENS", "COST"]
 
     def cells(entry: Mapping[str, Any], label: list[str]) -> list[str]:
-        return [*label, str(entry["requests"]), str(entry["inputs"]), str(entry["prompt_tokens"]),
-                f"{entry['cost']:.6f}"]
+        return [
+            *label,
+            str(entry["requests"]),
+            str(entry["inputs"]),
+            str(entry["prompt_tokens"]),
+            f"{entry['cost']:.6f}",
+        ]
 
-    lines = [cells(row, ["-" if row[c] is None else str(row[c]) for c in group_cols])
-             for row in doc["data"]]
+    lines = [cells(row, ["-" if row[c] is None else str(row[c]) for c in group_cols]) for row in doc["data"]]
     lines.append(cells(doc["total"], ["TOTAL"] + [""] * (labels - 1)))
     widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
 
     def fmt(line: list[str]) -> str:
-        return "  ".join(cell.ljust(w) if i < labels else cell.rjust(w)
-                         for i, (cell, w) in enumerate(zip(line, widths, strict=True))).rstrip()
+        return "  ".join(
+            cell.ljust(w) if i < labels else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
 
     return "\n".join(fmt(line) for line in [header, *lines])

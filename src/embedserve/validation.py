@@ -27,13 +27,16 @@ from embedserve.errors import (
 from embedserve.types import EmbeddingJob, EncodingFormat
 
 #: What a 400 for token ids that cannot be the model's own says to do.
-FOREIGN_IDS_HINT = ("They look like another tokenizer's ids: LangChain's OpenAIEmbeddings, for one, "
-                    "sends tiktoken's unless it is created with check_embedding_ctx_length=False. Send the "
-                    "text, or the model's own ids (what its tokenizer makes of the text, special tokens "
-                    "included).")
+FOREIGN_IDS_HINT = (
+    "They look like another tokenizer's ids: LangChain's OpenAIEmbeddings, for one, "
+    "sends tiktoken's unless it is created with check_embedding_ctx_length=False. Send the "
+    "text, or the model's own ids (what its tokenizer makes of the text, special tokens "
+    "included)."
+)
 
-INPUT_SHAPES = ("a string, an array of strings, an array of integers (token ids) or an array of "
-                "arrays of integers")
+INPUT_SHAPES = (
+    "a string, an array of strings, an array of integers (token ids) or an array of arrays of integers"
+)
 
 
 def parse_json(body: bytes) -> Any:
@@ -51,8 +54,7 @@ def _is_int(value: object) -> bool:
 
 def _token_array(value: list[Any], where: str) -> tuple[int, ...]:
     if not value:
-        raise EmptyInput(f"{where} is an empty token array; token arrays must not be empty.",
-                         param="input")
+        raise EmptyInput(f"{where} is an empty token array; token arrays must not be empty.", param="input")
     if not all(_is_int(v) for v in value):
         raise InvalidType(f"{where} must contain only integers (token ids).", param="input")
     negative = next((v for v in value if v < 0), None)
@@ -74,15 +76,15 @@ def _parse_input(value: Any) -> tuple[tuple[str, ...] | None, tuple[tuple[int, .
     if all(isinstance(v, str) for v in value):
         empty = next((i for i, v in enumerate(value) if v == ""), None)
         if empty is not None:
-            raise EmptyInput(f"input[{empty}] is an empty string; every input must be non-empty.",
-                             param="input")
+            raise EmptyInput(
+                f"input[{empty}] is an empty string; every input must be non-empty.", param="input"
+            )
         return tuple(value), None
     if all(_is_int(v) for v in value):
         return None, (_token_array(value, "'input'"),)
     if all(isinstance(v, list) for v in value):
         return None, tuple(_token_array(v, f"input[{i}]") for i, v in enumerate(value))
-    raise InvalidType(f"'input' must be {INPUT_SHAPES}; mixed arrays are not accepted.",
-                      param="input")
+    raise InvalidType(f"'input' must be {INPUT_SHAPES}; mixed arrays are not accepted.", param="input")
 
 
 def parse_embedding_request(payload: Any, *, max_inputs: int) -> EmbeddingJob:
@@ -101,8 +103,10 @@ def parse_embedding_request(payload: Any, *, max_inputs: int) -> EmbeddingJob:
     if encoding_format is None:
         encoding_format = "float"
     if encoding_format not in ("float", "base64"):
-        raise InvalidEncodingFormat(f"'encoding_format' must be 'float' or 'base64', got "
-                                    f"{encoding_format!r}.", param="encoding_format")
+        raise InvalidEncodingFormat(
+            f"'encoding_format' must be 'float' or 'base64', got {encoding_format!r}.",
+            param="encoding_format",
+        )
     fmt: EncodingFormat = "base64" if encoding_format == "base64" else "float"
     dimensions = payload.get("dimensions")
     if dimensions is not None and (not _is_int(dimensions) or dimensions < 1):
@@ -112,33 +116,45 @@ def parse_embedding_request(payload: Any, *, max_inputs: int) -> EmbeddingJob:
         raise InvalidType("'user' must be a string.", param="user")
     input_type = payload.get("input_type")
     if input_type is not None and (not isinstance(input_type, str) or not input_type):
-        raise InvalidInputType("'input_type' must be a string such as 'query' or 'document'.",
-                               param="input_type")
+        raise InvalidInputType(
+            "'input_type' must be a string such as 'query' or 'document'.", param="input_type"
+        )
     instruction = payload.get("instruction")
     if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
-        raise InvalidInstruction("'instruction' must be a non-empty string: the task of the query.",
-                                 param="instruction")
-    job = EmbeddingJob(model=model, texts=texts, token_ids=token_ids, encoding_format=fmt,
-                       dimensions=dimensions, user=user, input_type=input_type,
-                       instruction=instruction)
+        raise InvalidInstruction(
+            "'instruction' must be a non-empty string: the task of the query.", param="instruction"
+        )
+    job = EmbeddingJob(
+        model=model,
+        texts=texts,
+        token_ids=token_ids,
+        encoding_format=fmt,
+        dimensions=dimensions,
+        user=user,
+        input_type=input_type,
+        instruction=instruction,
+    )
     if job.count > max_inputs:
-        raise TooManyInputs(f"'input' holds {job.count} items; at most {max_inputs} are allowed per "
-                            "request.", param="input")
+        raise TooManyInputs(
+            f"'input' holds {job.count} items; at most {max_inputs} are allowed per request.", param="input"
+        )
     return job
 
 
-def check_dimensions(dimensions: int | None, *, model: str, native: int,
-                     allowed: Sequence[int]) -> None:
+def check_dimensions(dimensions: int | None, *, model: str, native: int, allowed: Sequence[int]) -> None:
     if dimensions is None:
         return
     if not allowed:
         raise UnsupportedDimensions(
             f"The model '{model}' does not support the 'dimensions' parameter: it is not a "
-            f"Matryoshka model and always returns {native} dimensions.", param="dimensions")
+            f"Matryoshka model and always returns {native} dimensions.",
+            param="dimensions",
+        )
     if dimensions not in allowed:
         raise UnsupportedDimensions(
-            f"'dimensions' must be one of {list(allowed)} for the model '{model}', got "
-            f"{dimensions}.", param="dimensions")
+            f"'dimensions' must be one of {list(allowed)} for the model '{model}', got {dimensions}.",
+            param="dimensions",
+        )
 
 
 def check_token_ids(arrays: Sequence[Sequence[int]], *, vocab_size: int, model: str) -> None:
@@ -147,25 +163,41 @@ def check_token_ids(arrays: Sequence[Sequence[int]], *, vocab_size: int, model: 
         if bad is not None:
             raise InvalidTokenId(
                 f"input[{i}] holds token id {bad}, outside the vocabulary of the model '{model}' "
-                f"(valid ids are 0 to {vocab_size - 1}). {FOREIGN_IDS_HINT}", param="input")
+                f"(valid ids are 0 to {vocab_size - 1}). {FOREIGN_IDS_HINT}",
+                param="input",
+            )
 
 
-def check_framing(arrays: Sequence[Sequence[int]], *, head: Sequence[int], tail: Sequence[int],
-                  shown: str, model: str) -> None:
+def check_framing(
+    arrays: Sequence[Sequence[int]], *, head: Sequence[int], tail: Sequence[int], shown: str, model: str
+) -> None:
     """Every id array carries the special tokens the model's tokenizer puts around every text
     (`shown`: how to say them, e.g. "[CLS] (101) ... [SEP] (102)"): without them, the ids are not
     the model's own, and would embed as something else than any text."""
     for i, ids in enumerate(arrays):
-        if tuple(ids[:len(head)]) != tuple(head) or tuple(ids[len(ids) - len(tail):]) != tuple(tail) \
-                or len(ids) < len(head) + len(tail):
+        if (
+            tuple(ids[: len(head)]) != tuple(head)
+            or tuple(ids[len(ids) - len(tail) :]) != tuple(tail)
+            or len(ids) < len(head) + len(tail)
+        ):
             raise InvalidTokenId(
                 f"input[{i}] is not framed as {shown}, as every sequence of the model '{model}' is. "
-                f"{FOREIGN_IDS_HINT}", param="input")
+                f"{FOREIGN_IDS_HINT}",
+                param="input",
+            )
 
 
-def check_lengths(sequences: list[list[int]], *, model: str, max_tokens: int, truncate: bool,
-                  max_total: int, keep_last: bool = False, fits: int | None = None,
-                  partial: bool = False) -> list[list[int]]:
+def check_lengths(
+    sequences: list[list[int]],
+    *,
+    model: str,
+    max_tokens: int,
+    truncate: bool,
+    max_total: int,
+    keep_last: bool = False,
+    fits: int | None = None,
+    partial: bool = False,
+) -> list[list[int]]:
     """Per-input context limit (or cut, when the server truncates; `keep_last` keeps the final token,
     e.g. the EOS a model pools on), then what the memory budget fits (`fits`: the longest input whose
     forward pass fits it), then the per-request total. `partial`: tokenization stopped early, so the
@@ -177,22 +209,35 @@ def check_lengths(sequences: list[list[int]], *, model: str, max_tokens: int, tr
             if not truncate:
                 raise ContextLengthExceeded(
                     f"input[{i}] is {at_least}{len(ids)} tokens long, but the model '{model}' accepts at "
-                    f"most {max_tokens} tokens per input. Shorten or split it.", param="input")
+                    f"most {max_tokens} tokens per input. Shorten or split it.",
+                    param="input",
+                )
             if out is sequences:
                 out = list(sequences)
-            ids = out[i] = [*ids[:max_tokens - 1], ids[-1]] if keep_last else ids[:max_tokens]
+            ids = out[i] = [*ids[: max_tokens - 1], ids[-1]] if keep_last else ids[:max_tokens]
         if fits is not None and len(ids) > fits:
             raise ContextLengthExceeded(
                 f"input[{i}] is {at_least}{len(ids)} tokens long, but this server's memory budget for a "
                 f"forward pass (--max-batch-memory) fits inputs of at most {fits} tokens on the model "
-                f"'{model}'. Shorten or split it.", param="input")
+                f"'{model}'. Shorten or split it.",
+                param="input",
+            )
     total = sum(len(ids) for ids in out)
     if total > max_total:
         at_least = "at least " if partial else ""
-        raise TooManyTokens(f"The request holds {at_least}{total} tokens in all; at most {max_total} are "
-                            "allowed per request. Split it into smaller requests.", param="input")
+        raise TooManyTokens(
+            f"The request holds {at_least}{total} tokens in all; at most {max_total} are "
+            "allowed per request. Split it into smaller requests.",
+            param="input",
+        )
     return out
 
 
-__all__ = ["InvalidRequest", "check_dimensions", "check_lengths", "check_token_ids",
-           "parse_embedding_request", "parse_json"]
+__all__ = [
+    "InvalidRequest",
+    "check_dimensions",
+    "check_lengths",
+    "check_token_ids",
+    "parse_embedding_request",
+    "parse_json",
+]

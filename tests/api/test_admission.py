@@ -36,8 +36,9 @@ def assert_error(response: httpx.Response, status: int, code: str, type_: str | 
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["code"] == code and error["message"]
-    assert error["type"] == type_ or (type_ is None and error["type"] == (
-        "server_error" if status >= 500 else "invalid_request_error"))
+    assert error["type"] == type_ or (
+        type_ is None and error["type"] == ("server_error" if status >= 500 else "invalid_request_error")
+    )
 
 
 def post(live: LiveServer, body: Any, key: str | None = None) -> httpx.Response:
@@ -126,7 +127,9 @@ def test_sixteen_floods_at_once_are_refused_and_memory_comes_back(process: Serve
             unrelated = client.post(f"{base}/v1/embeddings", json=small)
         for response in floods:  # refused by its inputs, or at once when the queue is full of them
             assert (response.status_code, response.json()["error"]["code"]) in (
-                (400, "context_length_exceeded"), (503, "server_overloaded")), response.text
+                (400, "context_length_exceeded"),
+                (503, "server_overloaded"),
+            ), response.text
         assert unrelated.status_code in (200, 503), unrelated.text
         assert client.post(f"{base}/v1/embeddings", json=small).status_code == 200
         grown = process.rss_bytes() - before
@@ -154,13 +157,18 @@ def new_key(keyed: tuple[LiveServer, KeyStore, bytes], **fields: Any) -> str:
     live, store, pepper = keyed
     _, secret = store.create(pepper, KeyChanges(name="admission", **fields))
     # GET /v1/models authenticates without taking from the key's limits.
-    wait_until(lambda: httpx.get(f"{live.v1}/models", headers={"authorization": f"Bearer {secret}"}
-                                 ).status_code == 200, "the server knows the new key")
+    wait_until(
+        lambda: (
+            httpx.get(f"{live.v1}/models", headers={"authorization": f"Bearer {secret}"}).status_code == 200
+        ),
+        "the server knows the new key",
+    )
     return secret
 
 
 def test_a_request_too_large_for_the_key_is_found_after_at_most_its_limit_of_work(
-        keyed: tuple[LiveServer, KeyStore, bytes]) -> None:
+    keyed: tuple[LiveServer, KeyStore, bytes],
+) -> None:
     live = keyed[0]
     key = new_key(keyed, tpm=300)
     before = tokenized(live)
@@ -175,13 +183,16 @@ def test_a_request_too_large_for_the_key_is_found_after_at_most_its_limit_of_wor
 
 
 def test_a_request_too_large_for_the_key_is_told_not_to_retry_even_with_an_empty_bucket(
-        keyed: tuple[LiveServer, KeyStore, bytes]) -> None:
+    keyed: tuple[LiveServer, KeyStore, bytes],
+) -> None:
     live = keyed[0]
     key = new_key(keyed, tpm=100)
     spent = post(live, {"model": MODEL, "input": [[101, *([1000] * 98), 102]]}, key)
     assert spent.status_code == 200 and spent.json()["usage"]["prompt_tokens"] == 100
-    for body in ({"model": MODEL, "input": [[101, *([1000] * 148), 102]]},  # token ids: exact size
-                 {"model": MODEL, "input": ["word " * 150]}):  # text: found by tokenizing past 100
+    for body in (
+        {"model": MODEL, "input": [[101, *([1000] * 148), 102]]},  # token ids: exact size
+        {"model": MODEL, "input": ["word " * 150]},
+    ):  # text: found by tokenizing past 100
         response = post(live, body, key)
         assert_error(response, 429, "rate_limit_exceeded", "tokens")
         assert response.headers["x-should-retry"] == "false", "it could never pass: never retry"
@@ -191,7 +202,8 @@ def test_a_request_too_large_for_the_key_is_told_not_to_retry_even_with_an_empty
 
 
 def test_requests_refused_by_validation_still_count_against_the_request_rate(
-        keyed: tuple[LiveServer, KeyStore, bytes]) -> None:
+    keyed: tuple[LiveServer, KeyStore, bytes],
+) -> None:
     live = keyed[0]
     key = new_key(keyed, rpm=3)
     for body in ({"model": MODEL, "input": ""}, FLOOD, {"model": MODEL, "input": "x", "dimensions": 3}):
@@ -211,8 +223,12 @@ def test_a_full_queue_refuses_before_tokenizing(gate: Gate, pool: ThreadPoolExec
         first = pool.submit(post, live, {"model": MODEL, "input": ["held on the model"]})
         assert gate.entered.wait(60)
         waiting = pool.submit(post, live, {"model": MODEL, "input": [f"waiting {i}" for i in range(8)]})
-        wait_until(lambda: live.state.registry.runtime(
-            live.state.registry.catalog.resolve(MODEL)).batcher.queued == 8, "8 inputs are queued")
+        wait_until(
+            lambda: (
+                live.state.registry.runtime(live.state.registry.catalog.resolve(MODEL)).batcher.queued == 8
+            ),
+            "8 inputs are queued",
+        )
         before = tokenized(live)
         refused = post(live, {"model": MODEL, "input": ["never tokenized " * 30] * 4})
         assert_error(refused, 503, "server_overloaded")
@@ -224,7 +240,8 @@ def test_a_full_queue_refuses_before_tokenizing(gate: Gate, pool: ThreadPoolExec
 
 
 def test_a_request_behind_more_work_than_the_max_queue_wait_is_refused_with_that_wait(
-        gate: Gate, pool: ThreadPoolExecutor) -> None:
+    gate: Gate, pool: ThreadPoolExecutor
+) -> None:
     with live_server(Settings(max_queue_wait=0.5, request_timeout=10, **ONE)) as live:
         batcher = live.state.registry.runtime(live.state.registry.catalog.resolve(MODEL)).batcher
         assert batcher.tokens_per_s, "the throughput is measured at load"
@@ -253,8 +270,10 @@ def test_a_request_behind_more_work_than_the_max_queue_wait_is_refused_with_that
 
 
 @pytest.fixture(scope="module")
-def budgeted(tmp_path_factory: pytest.TempPathFactory, family_models: FamilyModels,
-             ) -> Iterator[LiveServer]:
+def budgeted(
+    tmp_path_factory: pytest.TempPathFactory,
+    family_models: FamilyModels,
+) -> Iterator[LiveServer]:
     """Qwen3-Embedding (32,768 tokens allowed) on a small memory budget."""
     catalog = tmp_path_factory.mktemp("memory") / "models.toml"
     assert family_models.qwen3.is_dir()  # installed in the session's HF cache under its repo id
@@ -268,12 +287,15 @@ def qwen_ids(n: int) -> list[int]:
 
 
 def test_an_input_that_could_never_fit_the_memory_budget_is_400_naming_what_fits(
-        budgeted: LiveServer) -> None:
+    budgeted: LiveServer,
+) -> None:
     batcher = budgeted.state.registry.runtime(budgeted.state.registry.catalog.resolve("qwen3")).batcher
     fits = batcher.longest_that_fits()
     assert fits is not None and 64 < fits < 32_768
-    for body in ({"model": "qwen3", "input": [qwen_ids(fits + 10)]},
-                 {"model": "qwen3", "input": "word " * (fits + 50)}):
+    for body in (
+        {"model": "qwen3", "input": [qwen_ids(fits + 10)]},
+        {"model": "qwen3", "input": "word " * (fits + 50)},
+    ):
         response = post(budgeted, body)
         assert_error(response, 400, "context_length_exceeded")
         message = response.json()["error"]["message"]
@@ -283,15 +305,17 @@ def test_an_input_that_could_never_fit_the_memory_budget_is_400_naming_what_fits
     assert_serves(budgeted, model="qwen3")
 
 
-def test_long_inputs_that_fit_only_one_at_a_time_all_succeed(budgeted: LiveServer,
-                                                             pool: ThreadPoolExecutor) -> None:
+def test_long_inputs_that_fit_only_one_at_a_time_all_succeed(
+    budgeted: LiveServer, pool: ThreadPoolExecutor
+) -> None:
     batcher = budgeted.state.registry.runtime(budgeted.state.registry.catalog.resolve("qwen3")).batcher
     fits = batcher.longest_that_fits()
     assert fits is not None
     long = fits * 3 // 4  # two of these do not fit the budget together
     assert batcher.memory.peak(2, long + 1) > 256 * 2**20
-    futures = [pool.submit(post, budgeted, {"model": "qwen3", "input": [qwen_ids(long - 1 - i)]})
-               for i in range(4)]
+    futures = [
+        pool.submit(post, budgeted, {"model": "qwen3", "input": [qwen_ids(long - 1 - i)]}) for i in range(4)
+    ]
     for future in futures:
         response = future.result(120)
         assert response.status_code == 200, response.text

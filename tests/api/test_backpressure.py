@@ -54,7 +54,8 @@ def assert_error(response: httpx.Response, status: int, code: str) -> None:
 
 
 def test_a_full_queue_answers_503_at_once_and_the_queued_requests_still_complete(
-        gate: Gate, pool: ThreadPoolExecutor) -> None:
+    gate: Gate, pool: ThreadPoolExecutor
+) -> None:
     settings = Settings(max_queued_inputs=8, max_inputs_per_request=4, **ONE)
     with live_server(settings) as live:
         gate.armed = True
@@ -79,7 +80,8 @@ def test_a_full_queue_answers_503_at_once_and_the_queued_requests_still_complete
 
 
 def test_a_client_that_disconnects_takes_its_queued_inputs_with_it(
-        gate: Gate, pool: ThreadPoolExecutor) -> None:
+    gate: Gate, pool: ThreadPoolExecutor
+) -> None:
     from test_operations import scrape, value
 
     with live_server(Settings(**ONE)) as live:
@@ -89,11 +91,24 @@ def test_a_client_that_disconnects_takes_its_queued_inputs_with_it(
         body = orjson.dumps({"model": MODEL, "input": "canary that leaves early"})
         port = int(live.base_url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port)) as sock:
-            sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: test\r\nContent-Type: application/json"
-                         b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            sock.sendall(
+                b"POST /v1/embeddings HTTP/1.1\r\nHost: test\r\nContent-Type: application/json"
+                b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
             wait_until(lambda: queued(live) == 1, "the canary is queued")
-        wait_until(lambda: value(scrape(live), "embedserve_requests_total", route="/v1/embeddings",
-                                 model=MODEL, status="499") == 1, "the server saw the client leave")
+        wait_until(
+            lambda: (
+                value(
+                    scrape(live),
+                    "embedserve_requests_total",
+                    route="/v1/embeddings",
+                    model=MODEL,
+                    status="499",
+                )
+                == 1
+            ),
+            "the server saw the client leave",
+        )
 
         gate.opened.set()
         assert first.result(GUARD_S).status_code == 200
@@ -101,12 +116,12 @@ def test_a_client_that_disconnects_takes_its_queued_inputs_with_it(
         canary = ids_of(live, "canary that leaves early")
         assert canary not in gate.seen, "the departed client's input reached the model"
         assert ids_of(live, "first in line") in gate.seen and ids_of(live, "after") in gate.seen
-        assert value(scrape(live), "embedserve_rejected_inputs_total", model=MODEL,
-                     reason="cancelled") == 1
+        assert value(scrape(live), "embedserve_rejected_inputs_total", model=MODEL, reason="cancelled") == 1
 
 
 def test_a_request_past_its_deadline_gets_503_and_its_queued_inputs_never_run(
-        gate: Gate, pool: ThreadPoolExecutor) -> None:
+    gate: Gate, pool: ThreadPoolExecutor
+) -> None:
     with live_server(Settings(request_timeout=1.0, **ONE)) as live:
         gate.armed = True
         first = pool.submit(post, live, ["held on the model"])

@@ -17,8 +17,11 @@ from conftest import API_KEY
 from embedserve.api.docs import ASSETS
 from support import LiveServer
 
-ASSET_FILES = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css",
-               "favicon.png": "image/png"}
+ASSET_FILES = {
+    "swagger-ui-bundle.js": "text/javascript",
+    "swagger-ui.css": "text/css",
+    "favicon.png": "image/png",
+}
 
 
 def test_docs_page_is_public_and_names_no_other_host(server: LiveServer) -> None:
@@ -70,12 +73,14 @@ def rendered_operations(page: Page) -> list[list[str]]:
     ops: list[list[str]] = page.evaluate(
         "[...document.querySelectorAll('.opblock')].map(block => ["
         "block.querySelector('.opblock-summary-method').textContent.toLowerCase(),"
-        "block.querySelector('.opblock-summary-path').dataset.path])")
+        "block.querySelector('.opblock-summary-path').dataset.path])"
+    )
     return ops
 
 
 def test_docs_renders_every_route_in_chromium_and_requests_nothing_off_loopback(
-        server: LiveServer, browser: Chromium) -> None:
+    server: LiveServer, browser: Chromium
+) -> None:
     document = httpx.get(f"{server.base_url}/openapi.json").json()
     documented = sorted([method, path] for path, ops in document["paths"].items() for method in ops)
     page = browser.open(f"{server.base_url}/docs")
@@ -86,8 +91,9 @@ def test_docs_renders_every_route_in_chromium_and_requests_nothing_off_loopback(
     urls = [request["url"] for request in page.requests]
     assert f"{server.base_url}/openapi.json" in urls
     assert f"{server.base_url}/docs/assets/swagger-ui-bundle.js" in urls
-    off_loopback = [url for url in urls if urlsplit(url).scheme != "data"
-                    and urlsplit(url).hostname != "127.0.0.1"]
+    off_loopback = [
+        url for url in urls if urlsplit(url).scheme != "data" and urlsplit(url).hostname != "127.0.0.1"
+    ]
     assert off_loopback == []
 
 
@@ -97,12 +103,15 @@ def _click(page: Page, selector: str) -> None:
 
 
 def _wait_for_status(page: Page, operation: str, status: str) -> None:
-    page.wait_for(f"document.querySelector('{operation} .live-responses-table .response "
-                  f".response-col_status')?.textContent === '{status}'")
+    page.wait_for(
+        f"document.querySelector('{operation} .live-responses-table .response "
+        f".response-col_status')?.textContent === '{status}'"
+    )
 
 
-def test_try_it_out_sends_the_authorized_key_as_a_bearer_header(server: LiveServer,
-                                                                browser: Chromium) -> None:
+def test_try_it_out_sends_the_authorized_key_as_a_bearer_header(
+    server: LiveServer, browser: Chromium
+) -> None:
     """Without a key the call is 401; after Authorize, the same call carries `Authorization: Bearer` and
     the page shows the server's 200 and its models."""
     page = browser.open(f"{server.base_url}/docs")
@@ -115,16 +124,20 @@ def test_try_it_out_sends_the_authorized_key_as_a_bearer_header(server: LiveServ
     _click(page, ".auth-wrapper .authorize")
     page.wait_for("!!document.querySelector('#auth-bearer-value')")
     # A React input: set its value through the native setter, then tell React with an input event.
-    page.evaluate("(() => { const input = document.querySelector('#auth-bearer-value');"
-                  "Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, 'value')"
-                  f".set.call(input, {json.dumps(API_KEY)});"
-                  "input.dispatchEvent(new Event('input', {bubbles: true})); })()")
+    page.evaluate(
+        "(() => { const input = document.querySelector('#auth-bearer-value');"
+        "Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, 'value')"
+        f".set.call(input, {json.dumps(API_KEY)});"
+        "input.dispatchEvent(new Event('input', {bubbles: true})); })()"
+    )
     _click(page, ".auth-btn-wrapper .authorize")
     _click(page, ".auth-btn-wrapper .btn-done")
     _click(page, f"{operation} .execute")
     _wait_for_status(page, operation, "200")
-    body = page.evaluate(f"document.querySelector('{operation} .live-responses-table .response "
-                         f".response-col_description').textContent")
+    body = page.evaluate(
+        f"document.querySelector('{operation} .live-responses-table .response "
+        f".response-col_description').textContent"
+    )
     assert "all-MiniLM-L6-v2" in body
 
     calls = [r for r in page.requests if r["url"] == f"{server.v1}/models"]

@@ -33,8 +33,9 @@ def post(server: LiveServer, body: Any, **kwargs: Any) -> httpx.Response:
     return httpx.post(f"{server.v1}/embeddings", json=body, headers=AUTH, timeout=120, **kwargs)
 
 
-def assert_openai_error(response: httpx.Response, status: int, code: str | None,
-                        param: str | None = None, *words: str) -> dict[str, Any]:
+def assert_openai_error(
+    response: httpx.Response, status: int, code: str | None, param: str | None = None, *words: str
+) -> dict[str, Any]:
     assert response.status_code == status, response.text
     body = response.json()
     assert set(body) == {"error"}
@@ -57,8 +58,9 @@ def decode(b64: str) -> np.ndarray:
 # ---- success ----------------------------------------------------------------------------------------
 
 
-def test_single_string_returns_one_unit_vector_with_exact_usage(server: LiveServer,
-                                                                 tokenizer: Tokenizer) -> None:
+def test_single_string_returns_one_unit_vector_with_exact_usage(
+    server: LiveServer, tokenizer: Tokenizer
+) -> None:
     text = "The quick brown fox jumps over the lazy dog."
     response = post(server, {"model": MODEL, "input": text})
     assert response.status_code == 200
@@ -76,8 +78,9 @@ def test_single_string_returns_one_unit_vector_with_exact_usage(server: LiveServ
     assert response.headers["content-type"] == "application/json"
 
 
-def test_array_of_strings_keeps_input_order_and_counts_every_token(server: LiveServer,
-                                                                   tokenizer: Tokenizer) -> None:
+def test_array_of_strings_keeps_input_order_and_counts_every_token(
+    server: LiveServer, tokenizer: Tokenizer
+) -> None:
     texts = ["alpha", "a much longer sentence about something else entirely", "gamma ray"]
     body = post(server, {"model": MODEL, "input": texts}).json()
     assert [d["index"] for d in body["data"]] == [0, 1, 2]
@@ -96,17 +99,22 @@ def test_base64_is_little_endian_float32_of_the_float_vector(server: LiveServer)
     assert floats["usage"] == packed["usage"]
 
 
-def test_explicit_null_encoding_format_means_float_and_unknown_fields_are_ignored(
-        server: LiveServer) -> None:
-    body = post(server, {"model": MODEL, "input": "x", "encoding_format": None, "user": "u-1",
-                         "some_future_field": {"a": 1}}).json()
+def test_explicit_null_encoding_format_means_float_and_unknown_fields_are_ignored(server: LiveServer) -> None:
+    body = post(
+        server,
+        {"model": MODEL, "input": "x", "encoding_format": None, "user": "u-1", "some_future_field": {"a": 1}},
+    ).json()
     assert isinstance(body["data"][0]["embedding"], list)
 
 
 def test_openai_sdk_default_path_asks_base64_and_gets_floats(server: LiveServer, client: OpenAI) -> None:
     requests: list[httpx.Request] = []
-    sdk = OpenAI(base_url=server.v1, api_key=API_KEY, max_retries=0,
-                 http_client=httpx.Client(event_hooks={"request": [requests.append]}))
+    sdk = OpenAI(
+        base_url=server.v1,
+        api_key=API_KEY,
+        max_retries=0,
+        http_client=httpx.Client(event_hooks={"request": [requests.append]}),
+    )
     result = sdk.embeddings.create(model=MODEL, input=["hello world", "bonjour"])
     assert b'"encoding_format":"base64"' in requests[0].content.replace(b" ", b"")
     reference = post(server, {"model": MODEL, "input": ["hello world", "bonjour"]}).json()
@@ -147,10 +155,12 @@ def test_token_ids_give_the_same_vector_as_the_text(server: LiveServer, tokenize
 @pytest.mark.parametrize("fmt", ["float", "base64"])
 @pytest.mark.parametrize("dims", MRL_DIMS)
 def test_dimensions_truncate_then_renormalize(server: LiveServer, fmt: str, dims: int) -> None:
-    full = np.asarray(post(server, {"model": "minilm-mrl", "input": "matryoshka"}).json()
-                      ["data"][0]["embedding"])
-    body = post(server, {"model": "minilm-mrl", "input": "matryoshka", "dimensions": dims,
-                         "encoding_format": fmt}).json()
+    full = np.asarray(
+        post(server, {"model": "minilm-mrl", "input": "matryoshka"}).json()["data"][0]["embedding"]
+    )
+    body = post(
+        server, {"model": "minilm-mrl", "input": "matryoshka", "dimensions": dims, "encoding_format": fmt}
+    ).json()
     got = body["data"][0]["embedding"]
     vector = decode(got) if fmt == "base64" else np.asarray(got)
     assert vector.shape == (dims,)
@@ -180,17 +190,21 @@ BAD_BODIES: list[tuple[str, Any, str, str | None, tuple[str, ...]]] = [
     ("malformed json", b'{"model": "x", "input": ', "invalid_json", None, ("JSON",)),
     ("empty body", b"", "invalid_json", None, ()),
     ("body is an array", [1, 2], "invalid_type", None, ("object",)),
-    ("body is a string", "\"hello\"", "invalid_type", None, ("object",)),
+    ("body is a string", '"hello"', "invalid_type", None, ("object",)),
     ("missing model", {"input": "x"}, "missing_required_parameter", "model", ("model",)),
     ("null model", {"model": None, "input": "x"}, "missing_required_parameter", "model", ()),
     ("model not a string", {"model": 3, "input": "x"}, "invalid_type", "model", ()),
     ("missing input", {"model": MODEL}, "missing_required_parameter", "input", ("input",)),
     ("empty string", {"model": MODEL, "input": ""}, "empty_input", "input", ()),
     ("empty array", {"model": MODEL, "input": []}, "empty_input", "input", ()),
-    ("empty string inside array", {"model": MODEL, "input": ["a", ""]}, "empty_input", "input",
-     ("input[1]",)),
-    ("empty token array", {"model": MODEL, "input": [[101, 102], []]}, "empty_input", "input",
-     ("input[1]",)),
+    (
+        "empty string inside array",
+        {"model": MODEL, "input": ["a", ""]},
+        "empty_input",
+        "input",
+        ("input[1]",),
+    ),
+    ("empty token array", {"model": MODEL, "input": [[101, 102], []]}, "empty_input", "input", ("input[1]",)),
     ("number input", {"model": MODEL, "input": 5}, "invalid_type", "input", ()),
     ("object input", {"model": MODEL, "input": {"text": "x"}}, "invalid_type", "input", ()),
     ("boolean input", {"model": MODEL, "input": True}, "invalid_type", "input", ()),
@@ -198,55 +212,117 @@ BAD_BODIES: list[tuple[str, Any, str, str | None, tuple[str, ...]]] = [
     ("mixed ids and arrays", {"model": MODEL, "input": [[101], 5]}, "invalid_type", "input", ()),
     ("nested strings", {"model": MODEL, "input": [["a"]]}, "invalid_type", "input", ()),
     ("float token ids", {"model": MODEL, "input": [101.5, 102]}, "invalid_type", "input", ()),
-    ("negative token id", {"model": MODEL, "input": [101, -1, 102]}, "invalid_token_id", "input",
-     ("-1",)),
-    ("token id beyond vocabulary", {"model": MODEL, "input": [[101, 102], [101, 30522, 102]]},
-     "invalid_token_id", "input", ("30522", "input[1]")),
-    ("bad encoding_format", {"model": MODEL, "input": "x", "encoding_format": "int8"},
-     "invalid_encoding_format", "encoding_format", ("int8",)),
-    ("dimensions on a non-matryoshka model", {"model": MODEL, "input": "x", "dimensions": 128},
-     "unsupported_dimensions", "dimensions", ("Matryoshka",)),
-    ("dimensions not allowed", {"model": "minilm-mrl", "input": "x", "dimensions": 100},
-     "unsupported_dimensions", "dimensions", ("[64, 128, 256, 384]",)),
-    ("dimensions above the model's", {"model": "minilm-mrl", "input": "x", "dimensions": 1024},
-     "unsupported_dimensions", "dimensions", ("[64, 128, 256, 384]",)),
-    ("dimensions not an integer", {"model": "minilm-mrl", "input": "x", "dimensions": "64"},
-     "invalid_type", "dimensions", ()),
+    ("negative token id", {"model": MODEL, "input": [101, -1, 102]}, "invalid_token_id", "input", ("-1",)),
+    (
+        "token id beyond vocabulary",
+        {"model": MODEL, "input": [[101, 102], [101, 30522, 102]]},
+        "invalid_token_id",
+        "input",
+        ("30522", "input[1]"),
+    ),
+    (
+        "bad encoding_format",
+        {"model": MODEL, "input": "x", "encoding_format": "int8"},
+        "invalid_encoding_format",
+        "encoding_format",
+        ("int8",),
+    ),
+    (
+        "dimensions on a non-matryoshka model",
+        {"model": MODEL, "input": "x", "dimensions": 128},
+        "unsupported_dimensions",
+        "dimensions",
+        ("Matryoshka",),
+    ),
+    (
+        "dimensions not allowed",
+        {"model": "minilm-mrl", "input": "x", "dimensions": 100},
+        "unsupported_dimensions",
+        "dimensions",
+        ("[64, 128, 256, 384]",),
+    ),
+    (
+        "dimensions above the model's",
+        {"model": "minilm-mrl", "input": "x", "dimensions": 1024},
+        "unsupported_dimensions",
+        "dimensions",
+        ("[64, 128, 256, 384]",),
+    ),
+    (
+        "dimensions not an integer",
+        {"model": "minilm-mrl", "input": "x", "dimensions": "64"},
+        "invalid_type",
+        "dimensions",
+        (),
+    ),
     ("user not a string", {"model": MODEL, "input": "x", "user": 12}, "invalid_type", "user", ()),
-    ("too many inputs", {"model": MODEL, "input": ["x"] * 2049}, "too_many_inputs", "input",
-     ("2049", "2048")),
-    ("too many tokens in all", {"model": MODEL, "input": ["word " * 200] * 100}, "too_many_tokens",
-     "input", (str(MAX_TOKENS_PER_REQUEST),)),
+    (
+        "too many inputs",
+        {"model": MODEL, "input": ["x"] * 2049},
+        "too_many_inputs",
+        "input",
+        ("2049", "2048"),
+    ),
+    (
+        "too many tokens in all",
+        {"model": MODEL, "input": ["word " * 200] * 100},
+        "too_many_tokens",
+        "input",
+        (str(MAX_TOKENS_PER_REQUEST),),
+    ),
 ]
 
 
-@pytest.mark.parametrize(("body", "code", "param", "words"),
-                         [case[1:] for case in BAD_BODIES], ids=[case[0] for case in BAD_BODIES])
+@pytest.mark.parametrize(
+    ("body", "code", "param", "words"),
+    [case[1:] for case in BAD_BODIES],
+    ids=[case[0] for case in BAD_BODIES],
+)
 def test_bad_input_is_400_with_openai_error_and_server_keeps_serving(
-        server: LiveServer, body: Any, code: str, param: str | None, words: tuple[str, ...]) -> None:
+    server: LiveServer, body: Any, code: str, param: str | None, words: tuple[str, ...]
+) -> None:
     error = assert_openai_error(post(server, body), 400, code, param, *words)
     assert error["type"] == "invalid_request_error"
     assert post(server, {"model": MODEL, "input": "still serving"}).status_code == 200
 
 
-def test_input_over_the_context_length_names_limit_length_and_index(server: LiveServer,
-                                                                     tokenizer: Tokenizer) -> None:
+def test_input_over_the_context_length_names_limit_length_and_index(
+    server: LiveServer, tokenizer: Tokenizer
+) -> None:
     long_text = "tokens " * 150  # within the first window read of a text: counted exactly
     n = len(tokenizer.encode(long_text).ids)
     assert n > 256
-    error = assert_openai_error(post(server, {"model": MODEL, "input": ["fine", long_text]}), 400,
-                                "context_length_exceeded", "input", "256", str(n), "input[1]")
+    error = assert_openai_error(
+        post(server, {"model": MODEL, "input": ["fine", long_text]}),
+        400,
+        "context_length_exceeded",
+        "input",
+        "256",
+        str(n),
+        "input[1]",
+    )
     assert error["type"] == "invalid_request_error"
 
 
 def test_token_array_over_the_context_length_is_400(server: LiveServer) -> None:
-    assert_openai_error(post(server, {"model": MODEL, "input": [101] + [1000] * 300 + [102]}), 400,
-                        "context_length_exceeded", "input", "302", "256")
+    assert_openai_error(
+        post(server, {"model": MODEL, "input": [101] + [1000] * 300 + [102]}),
+        400,
+        "context_length_exceeded",
+        "input",
+        "302",
+        "256",
+    )
 
 
 def test_unknown_model_is_404_model_not_found(server: LiveServer) -> None:
-    error = assert_openai_error(post(server, {"model": "text-embedding-3-small", "input": "x"}), 404,
-                                "model_not_found", "model", "text-embedding-3-small")
+    error = assert_openai_error(
+        post(server, {"model": "text-embedding-3-small", "input": "x"}),
+        404,
+        "model_not_found",
+        "model",
+        "text-embedding-3-small",
+    )
     assert error["type"] == "invalid_request_error"
 
 

@@ -63,14 +63,17 @@ def test_post_to_the_embeddings_path_goes_to_the_handler_with_its_route_set() ->
     assert "POST" in routes[0].methods
 
 
-@pytest.mark.parametrize(("method", "path"), [
-    ("GET", "/v1/embeddings"),  # FastAPI answers 405
-    ("PUT", "/v1/embeddings"),
-    ("POST", "/v1/embeddings/"),  # FastAPI's redirect
-    ("POST", "/v1/embeddingsX"),
-    ("POST", "/v1/models"),
-    ("GET", "/health"),
-])
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/embeddings"),  # FastAPI answers 405
+        ("PUT", "/v1/embeddings"),
+        ("POST", "/v1/embeddings/"),  # FastAPI's redirect
+        ("POST", "/v1/embeddingsX"),
+        ("POST", "/v1/models"),
+        ("GET", "/health"),
+    ],
+)
 def test_everything_else_goes_on_through_fastapi(method: str, path: str) -> None:
     behind = Recorder()
 
@@ -88,9 +91,14 @@ def test_the_handlers_errors_are_openai_errors() -> None:
 
     response = serve(EmbeddingsFastPath(Recorder(), handler=invalid), "POST", EMBEDDINGS_PATH)
     assert response.status_code == 400
-    assert orjson.loads(response.content) == {"error": {
-        "message": "bad dimensions", "type": "invalid_request_error", "param": "dimensions",
-        "code": "invalid_value"}}
+    assert orjson.loads(response.content) == {
+        "error": {
+            "message": "bad dimensions",
+            "type": "invalid_request_error",
+            "param": "dimensions",
+            "code": "invalid_value",
+        }
+    }
 
 
 def test_a_come_back_later_keeps_its_retry_after() -> None:

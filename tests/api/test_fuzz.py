@@ -32,8 +32,9 @@ schema = schemathesis.openapi.from_dict(create_app(Settings(), Catalog([])).open
 @pytest.fixture(scope="module")
 def fuzz_server() -> Iterator[LiveServer]:
     # Small request limits keep every generated request cheap for the real model on 2 CPU cores.
-    limits = Settings(api_keys=[KEY], max_inputs_per_request=16, max_tokens_per_request=512,
-                      max_queued_inputs=64)
+    limits = Settings(
+        api_keys=[KEY], max_inputs_per_request=16, max_tokens_per_request=512, max_queued_inputs=64
+    )
     with live_server(limits) as live:
         yield live
 
@@ -56,10 +57,12 @@ def assert_openai_error(response: Any) -> None:
 @schema.parametrize()
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 def test_generated_requests_never_get_a_5xx_and_every_error_is_openai_shaped(
-        case: Any, fuzz_server: LiveServer) -> None:
+    case: Any, fuzz_server: LiveServer
+) -> None:
     authorized = hash(repr(case.body)) % 5 != 0  # about one request in five comes without a key
-    response = case.call(base_url=fuzz_server.base_url,
-                         headers={"Authorization": f"Bearer {KEY}"} if authorized else {})
+    response = case.call(
+        base_url=fuzz_server.base_url, headers={"Authorization": f"Bearer {KEY}"} if authorized else {}
+    )
     assert response.status_code < 500, (response.status_code, response.text)
     if response.status_code >= 400:
         assert_openai_error(response)
@@ -69,14 +72,24 @@ def test_generated_requests_never_get_a_5xx_and_every_error_is_openai_shaped(
             assert response.status_code == 401  # (another method gets 405 before auth runs)
     # The document's promises: the statuses listed per operation are all it answers (so a new error
     # path must be documented), with the listed body schema and required headers (Retry-After on 503).
-    case.validate_response(response, checks=[status_code_conformance, content_type_conformance,
-                                             response_schema_conformance, response_headers_conformance])
+    case.validate_response(
+        response,
+        checks=[
+            status_code_conformance,
+            content_type_conformance,
+            response_schema_conformance,
+            response_headers_conformance,
+        ],
+    )
 
 
 def test_after_fuzzing_the_server_is_healthy_and_serves(fuzz_server: LiveServer) -> None:
     assert httpx.get(f"{fuzz_server.base_url}/ready").status_code == 200
-    response = httpx.post(f"{fuzz_server.v1}/embeddings", headers={"Authorization": f"Bearer {KEY}"},
-                          json={"model": "all-MiniLM-L6-v2", "input": ["after the fuzzing"]})
+    response = httpx.post(
+        f"{fuzz_server.v1}/embeddings",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={"model": "all-MiniLM-L6-v2", "input": ["after the fuzzing"]},
+    )
     assert response.status_code == 200
     assert len(response.json()["data"][0]["embedding"]) == 384
     assert fuzz_server.state.in_flight == 0

@@ -23,8 +23,10 @@ MODEL = "all-MiniLM-L6-v2"
 EMBED = b'{"model": "all-MiniLM-L6-v2", "input": "hello"}'
 POST_EMBED = b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(EMBED), EMBED)
 TLS_CLIENT_HELLO = bytes.fromhex("16030100f5010000f10303") + bytes(32) + b"\x00\x00\x02\x13\x01\x01\x00"
-WEBSOCKET = (b"GET /v1/embeddings HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+WEBSOCKET = (
+    b"GET /v1/embeddings HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +37,12 @@ def edge() -> Iterator[LiveServer]:
 
 def requests_total(live: LiveServer, **labels: str) -> float:
     text = httpx.get(f"{live.base_url}/metrics").text
-    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-               if sample.name == "embedserve_requests_total" and sample.labels == labels)
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "embedserve_requests_total" and sample.labels == labels
+    )
 
 
 def assert_refused(response: RawResponse, status: int, code: str) -> str:
@@ -60,24 +66,34 @@ def assert_still_serving(live: LiveServer) -> None:
 # ---- what the HTTP parser refuses -------------------------------------------------------------------
 
 MALFORMED = {
-    "bad Content-Length": (b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 12abc\r\n\r\n{}",
-                           "Content-Length"),
+    "bad Content-Length": (
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 12abc\r\n\r\n{}",
+        "Content-Length",
+    ),
     "Content-Length with Transfer-Encoding": (
         b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n"
-        b"\r\n0\r\n\r\n", "Transfer-Encoding"),
-    "bad chunk size": (b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                       b"zz\r\n" + EMBED + b"\r\n0\r\n\r\n", "chunk size"),
+        b"\r\n0\r\n\r\n",
+        "Transfer-Encoding",
+    ),
+    "bad chunk size": (
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"zz\r\n" + EMBED + b"\r\n0\r\n\r\n",
+        "chunk size",
+    ),
     "unknown method": (b"FROB /v1/embeddings HTTP/1.1\r\nHost: x\r\n\r\n", "method"),
     "HTTP/2 preface": (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "HTTP/2"),
     "TLS ClientHello": (TLS_CLIENT_HELLO, "TLS"),
-    "control character in a header value": (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Note: a\x01b\r\n\r\n",
-                                            "header value"),
+    "control character in a header value": (
+        b"GET /health HTTP/1.1\r\nHost: x\r\nX-Note: a\x01b\r\n\r\n",
+        "header value",
+    ),
 }
 
 
 @pytest.mark.parametrize(("sent", "words"), MALFORMED.values(), ids=MALFORMED)
 def test_what_the_parser_refuses_is_400_invalid_http_request_and_the_connection_closes(
-        edge: LiveServer, sent: bytes, words: str) -> None:
+    edge: LiveServer, sent: bytes, words: str
+) -> None:
     before = requests_total(edge, route="-", model="-", status="400")
     (response,) = exchange(edge, sent)  # exchange returns once the server has closed
     assert words in assert_refused(response, 400, "invalid_http_request")
@@ -102,19 +118,27 @@ def test_a_websocket_upgrade_is_400_websocket_not_supported(edge: LiveServer) ->
 
 PIPELINED_AFTER = {
     "garbage": (b"GARBAGE\r\n\r\n", 400, "invalid_http_request"),
-    "a bad chunk": (b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-                    400, "invalid_http_request"),
+    "a bad chunk": (
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        400,
+        "invalid_http_request",
+    ),
     "a WebSocket upgrade": (WEBSOCKET, 400, "websocket_not_supported"),
-    "a head over the limit": (b"GET /health HTTP/1.1\r\nX-Padding: " + b"p" * 40_000 + b"\r\n\r\n", 431,
-                              "headers_too_large"),
+    "a head over the limit": (
+        b"GET /health HTTP/1.1\r\nX-Padding: " + b"p" * 40_000 + b"\r\n\r\n",
+        431,
+        "headers_too_large",
+    ),
 }
 
 
 @pytest.mark.parametrize(("bad", "status", "code"), PIPELINED_AFTER.values(), ids=PIPELINED_AFTER)
-@pytest.mark.parametrize("valid", [b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", POST_EMBED],
-                         ids=["health", "embeddings"])
+@pytest.mark.parametrize(
+    "valid", [b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", POST_EMBED], ids=["health", "embeddings"]
+)
 def test_valid_requests_pipelined_before_a_bad_one_get_their_own_answers_first(
-        edge: LiveServer, valid: bytes, bad: bytes, status: int, code: str) -> None:
+    edge: LiveServer, valid: bytes, bad: bytes, status: int, code: str
+) -> None:
     first, second, refusal = exchange(edge, valid + valid + bad)
     for answer in (first, second):
         assert answer.status == 200
@@ -122,13 +146,16 @@ def test_valid_requests_pipelined_before_a_bad_one_get_their_own_answers_first(
     if valid == POST_EMBED:
         assert len(first.json()["data"][0]["embedding"]) == 384
     assert_refused(refusal, status, code)
-    assert len({first.headers["x-request-id"], second.headers["x-request-id"],
-                refusal.headers["x-request-id"]}) == 3
+    assert (
+        len({first.headers["x-request-id"], second.headers["x-request-id"], refusal.headers["x-request-id"]})
+        == 3
+    )
     assert_still_serving(edge)
 
 
 def test_a_request_answered_before_its_body_gets_one_answer_when_the_body_turns_out_malformed(
-        server: LiveServer) -> None:
+    server: LiveServer,
+) -> None:
     with connect(server) as sock:  # no key: 401 before the body is read
         sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
         answer = read_response(sock)
@@ -180,10 +207,17 @@ def test_head_requests_are_counted_under_their_route(edge: LiveServer) -> None:
 # ---- trailing slashes ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("method", "path"), [("POST", "/v1/embeddings/"), ("GET", "/health/"),
-                                              ("GET", "/ready/"), ("GET", "/metrics/"), ("GET", "/docs/")])
-def test_a_trailing_slash_is_a_404_not_found_not_a_redirect(edge: LiveServer, method: str,
-                                                            path: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v1/embeddings/"),
+        ("GET", "/health/"),
+        ("GET", "/ready/"),
+        ("GET", "/metrics/"),
+        ("GET", "/docs/"),
+    ],
+)
+def test_a_trailing_slash_is_a_404_not_found_not_a_redirect(edge: LiveServer, method: str, path: str) -> None:
     response = httpx.request(method, edge.base_url + path, json={"model": MODEL, "input": "x"})
     assert response.status_code == 404
     assert "location" not in response.headers
@@ -196,13 +230,13 @@ def test_a_trailing_slash_is_a_404_not_found_not_a_redirect(edge: LiveServer, me
 
 
 def test_a_client_that_leaves_mid_body_is_counted_and_logged_as_499_without_a_traceback(
-        edge: LiveServer, caplog: pytest.LogCaptureFixture) -> None:
+    edge: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
     labels = {"route": "/v1/embeddings", "model": "-"}
     before = {status: requests_total(edge, **labels, status=status) for status in ("499", "500")}
     with caplog.at_level(logging.INFO, logger="embedserve"):
         with connect(edge) as sock:
-            sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
-                         b'{"model": ')
+            sock.sendall(b'POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{"model": ')
         deadline = time.monotonic() + 10
         while requests_total(edge, **labels, status="499") == before["499"] and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -44,9 +44,13 @@ def assert_openai_error(body: dict[str, object], code: str) -> None:
 def refused(live: LiveServer, status: int) -> float:
     """embedserve_requests_total of the requests the HTTP layer refused with `status` (route "-")."""
     text = httpx.get(f"{live.base_url}/metrics").text
-    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-               if sample.name == "embedserve_requests_total"
-               and sample.labels == {"route": "-", "model": "-", "status": str(status)})
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "embedserve_requests_total"
+        and sample.labels == {"route": "-", "model": "-", "status": str(status)}
+    )
 
 
 def assert_still_serving(live: LiveServer) -> None:
@@ -54,10 +58,12 @@ def assert_still_serving(live: LiveServer) -> None:
     assert response.status_code == 200
 
 
-@pytest.mark.parametrize("sent", [b"", b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-"],
-                         ids=["nothing", "half-a-head"])
+@pytest.mark.parametrize(
+    "sent", [b"", b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-"], ids=["nothing", "half-a-head"]
+)
 def test_a_request_head_that_never_completes_gets_408_and_the_connection_closes(
-        guarded: LiveServer, sent: bytes) -> None:
+    guarded: LiveServer, sent: bytes
+) -> None:
     before = refused(guarded, 408)
     with connect(guarded) as sock:
         sock.sendall(sent)
@@ -109,8 +115,9 @@ def _head(target: bytes, *headers: bytes) -> bytes:
 
 ONE_READ_HEADS = {  # each a complete head, sent in one write (so it arrives in one read)
     "one large header": _head(b"/health", b"X-Padding: " + b"a" * (MAX_HEADER_BYTES + 1000)),
-    "many small headers": _head(b"/health", *(b"X-Pad-%03d: " % i + b"b" * 320
-                                              for i in range(MAX_HEADER_BYTES // 330 + 2))),
+    "many small headers": _head(
+        b"/health", *(b"X-Pad-%03d: " % i + b"b" * 320 for i in range(MAX_HEADER_BYTES // 330 + 2))
+    ),
     "a long query string": _head(b"/health?q=" + b"c" * (MAX_HEADER_BYTES + 1000)),
     "a 100 KB URL": _head(b"/" + b"d" * 100_000),
     # Mostly unread when the server answers: closing at once reset the connection, and the 431 was lost.
@@ -120,7 +127,8 @@ ONE_READ_HEADS = {  # each a complete head, sent in one write (so it arrives in 
 
 @pytest.mark.parametrize("head", ONE_READ_HEADS.values(), ids=ONE_READ_HEADS)
 def test_a_head_over_the_limit_in_one_write_gets_431_and_the_connection_closes(
-        guarded: LiveServer, head: bytes) -> None:
+    guarded: LiveServer, head: bytes
+) -> None:
     before = refused(guarded, 431)
     (response,) = exchange(guarded, head)  # exchange returns once the server has closed
     assert response.status == 431
@@ -133,10 +141,13 @@ def test_a_head_over_the_limit_in_one_write_gets_431_and_the_connection_closes(
 
 
 def test_a_head_begun_behind_another_request_and_finished_in_a_later_read_is_counted_whole(
-        guarded: LiveServer) -> None:
+    guarded: LiveServer,
+) -> None:
     with connect(guarded) as sock:
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"  # answered, then the next head begins
-                     b"GET /health HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"g" * (MAX_HEADER_BYTES - 200))
+        sock.sendall(
+            b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"  # answered, then the next head begins
+            b"GET /health HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"g" * (MAX_HEADER_BYTES - 200)
+        )
         time.sleep(0.3)  # (a read of its own)
         sock.sendall(b"g" * 400 + b"\r\n\r\n")
         first, refusal = split_responses(read_until_closed(sock))
@@ -165,6 +176,7 @@ def test_a_kept_alive_connection_serves_several_requests_under_the_limits(guarde
 
 def test_a_large_body_is_not_mistaken_for_large_headers(guarded: LiveServer) -> None:
     text = "word " * 2000  # ~10 KB body, over the header limit, sent with its head in one write
-    response = httpx.post(f"{guarded.v1}/embeddings", json={"model": "all-MiniLM-L6-v2",
-                                                            "input": [text[:1000]] * 10})
+    response = httpx.post(
+        f"{guarded.v1}/embeddings", json={"model": "all-MiniLM-L6-v2", "input": [text[:1000]] * 10}
+    )
     assert response.status_code == 200

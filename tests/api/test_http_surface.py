@@ -34,19 +34,26 @@ def error_of(response: httpx.Response) -> dict[str, Any]:
 # ---- auth -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("headers", [
-    {},
-    {"Authorization": "Bearer wrong-key"},
-    {"Authorization": f"Basic {API_KEY}"},
-    {"Authorization": "Bearer"},
-    {"Authorization": API_KEY},
-], ids=["missing", "wrong", "not bearer", "empty bearer", "no scheme"])
-@pytest.mark.parametrize(("method", "path"), [("POST", "/v1/embeddings"), ("GET", "/v1/models"),
-                                              ("GET", f"/v1/models/{MODEL}")])
-def test_missing_or_wrong_key_is_401_invalid_api_key(server: LiveServer, headers: dict[str, str],
-                                                    method: str, path: str) -> None:
-    response = httpx.request(method, server.base_url + path, headers=headers,
-                             json={"model": MODEL, "input": "x"})
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong-key"},
+        {"Authorization": f"Basic {API_KEY}"},
+        {"Authorization": "Bearer"},
+        {"Authorization": API_KEY},
+    ],
+    ids=["missing", "wrong", "not bearer", "empty bearer", "no scheme"],
+)
+@pytest.mark.parametrize(
+    ("method", "path"), [("POST", "/v1/embeddings"), ("GET", "/v1/models"), ("GET", f"/v1/models/{MODEL}")]
+)
+def test_missing_or_wrong_key_is_401_invalid_api_key(
+    server: LiveServer, headers: dict[str, str], method: str, path: str
+) -> None:
+    response = httpx.request(
+        method, server.base_url + path, headers=headers, json={"model": MODEL, "input": "x"}
+    )
     assert response.status_code == 401
     error = error_of(response)
     assert error["code"] == "invalid_api_key"
@@ -86,10 +93,16 @@ def test_health_and_ready_need_no_key_and_detail_the_ledger_and_the_key_store(se
 
 
 def test_request_id_is_echoed_on_success_and_error(server: LiveServer) -> None:
-    ok = httpx.post(f"{server.v1}/embeddings", json={"model": MODEL, "input": "x"},
-                    headers={**AUTH, "X-Request-ID": "trace-123"})
-    bad = httpx.post(f"{server.v1}/embeddings", json={"model": MODEL, "input": ""},
-                     headers={**AUTH, "X-Request-ID": "trace-456"})
+    ok = httpx.post(
+        f"{server.v1}/embeddings",
+        json={"model": MODEL, "input": "x"},
+        headers={**AUTH, "X-Request-ID": "trace-123"},
+    )
+    bad = httpx.post(
+        f"{server.v1}/embeddings",
+        json={"model": MODEL, "input": ""},
+        headers={**AUTH, "X-Request-ID": "trace-456"},
+    )
     unauthorized = httpx.get(f"{server.v1}/models", headers={"X-Request-ID": "trace-789"})
     assert ok.headers["x-request-id"] == "trace-123"
     assert bad.headers["x-request-id"] == "trace-456"
@@ -106,13 +119,20 @@ def test_request_id_is_generated_when_absent_or_unusable(server: LiveServer) -> 
 
 def test_log_lines_of_a_request_carry_its_id(server: LiveServer, caplog: pytest.LogCaptureFixture) -> None:
     caplog.handler.addFilter(RequestIdFilter())
+
     def ours() -> list[logging.LogRecord]:
-        return [r for r in caplog.records if r.name == "embedserve.access"
-                and "POST /v1/embeddings" in r.getMessage()]
+        return [
+            r
+            for r in caplog.records
+            if r.name == "embedserve.access" and "POST /v1/embeddings" in r.getMessage()
+        ]
 
     with caplog.at_level(logging.INFO, logger="embedserve"):
-        httpx.post(f"{server.v1}/embeddings", json={"model": MODEL, "input": "x"},
-                   headers={**AUTH, "X-Request-ID": "log-trace-1"})
+        httpx.post(
+            f"{server.v1}/embeddings",
+            json={"model": MODEL, "input": "x"},
+            headers={**AUTH, "X-Request-ID": "log-trace-1"},
+        )
         deadline = time.monotonic() + 5  # the access line is written after the response is sent
         while not ours() and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -170,16 +190,19 @@ def test_model_retrieve_unknown_is_404_model_not_found(server: LiveServer) -> No
 
 
 def test_a_one_megabyte_model_name_gets_a_short_404_listing_the_models(server: LiveServer) -> None:
-    response = httpx.post(f"{server.v1}/embeddings", json={"model": "z" * 2**20, "input": "x"},
-                          headers=AUTH, timeout=60)
+    response = httpx.post(
+        f"{server.v1}/embeddings", json={"model": "z" * 2**20, "input": "x"}, headers=AUTH, timeout=60
+    )
     assert response.status_code == 404
     assert len(response.content) < 1024
     error = error_of(response)
     assert error["code"] == "model_not_found" and error["param"] == "model"
     assert "'" + "z" * 64 + "...'" in error["message"]
     assert f"Models you may use: {MODEL}, minilm-mrl, minilm-prompted, tiny-cls-dense." in error["message"]
-    assert httpx.post(f"{server.v1}/embeddings", json={"model": MODEL, "input": "x"},
-                      headers=AUTH).status_code == 200
+    assert (
+        httpx.post(f"{server.v1}/embeddings", json={"model": MODEL, "input": "x"}, headers=AUTH).status_code
+        == 200
+    )
 
 
 @pytest.mark.parametrize("model_id", ["%0A0", "a%0Ab", "%0D%0A", "x%0A"])
@@ -203,15 +226,19 @@ def test_openapi_document_describes_the_embeddings_route(server: LiveServer) -> 
 
 
 def test_unexpected_exception_is_500_with_request_id_and_no_traceback(
-        server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from embedserve.service import EmbeddingService
 
     async def explode(self: object, job: object, caller: object) -> None:
         raise RuntimeError("secret internal detail")
 
     monkeypatch.setattr(EmbeddingService, "embed", explode)
-    response = httpx.post(f"{server.v1}/embeddings", json={"model": MODEL, "input": "x"},
-                          headers={**AUTH, "X-Request-ID": "boom-1"})
+    response = httpx.post(
+        f"{server.v1}/embeddings",
+        json={"model": MODEL, "input": "x"},
+        headers={**AUTH, "X-Request-ID": "boom-1"},
+    )
     monkeypatch.undo()
     assert response.status_code == 500
     error = error_of(response)
@@ -219,12 +246,15 @@ def test_unexpected_exception_is_500_with_request_id_and_no_traceback(
     assert "boom-1" in error["message"]
     assert "secret internal detail" not in response.text
     assert response.headers["x-request-id"] == "boom-1"
-    assert httpx.post(f"{server.v1}/embeddings", json={"model": MODEL, "input": "x"},
-                      headers=AUTH).status_code == 200
+    assert (
+        httpx.post(f"{server.v1}/embeddings", json={"model": MODEL, "input": "x"}, headers=AUTH).status_code
+        == 200
+    )
 
 
 def test_failing_forward_pass_is_500_and_the_batcher_keeps_serving(
-        server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from embedserve.backends.onnx import OnnxBackend
     from embedserve.backends.torch import TorchBackend
 
@@ -238,8 +268,10 @@ def test_failing_forward_pass_is_500_and_the_batcher_keeps_serving(
     assert response.status_code == 500
     assert "simulated" not in response.text
     assert error_of(response)["code"] == "internal_error"
-    assert httpx.post(f"{server.v1}/embeddings", json={"model": MODEL, "input": "x"},
-                      headers=AUTH).status_code == 200
+    assert (
+        httpx.post(f"{server.v1}/embeddings", json={"model": MODEL, "input": "x"}, headers=AUTH).status_code
+        == 200
+    )
 
 
 # ---- concurrency: items of many requests share batches, each gets its own vectors -------------------
@@ -251,10 +283,12 @@ def test_concurrent_requests_get_their_own_vectors(server: LiveServer, st_model:
 
     async def run() -> tuple[list[Any], Any]:
         async with httpx.AsyncClient(headers=AUTH, timeout=300) as http:
-            big = http.post(f"{server.v1}/embeddings",
-                            json={"model": MODEL, "input": bulk, "encoding_format": "base64"})
-            small = [http.post(f"{server.v1}/embeddings", json={"model": MODEL, "input": text})
-                     for text in singles]
+            big = http.post(
+                f"{server.v1}/embeddings", json={"model": MODEL, "input": bulk, "encoding_format": "base64"}
+            )
+            small = [
+                http.post(f"{server.v1}/embeddings", json={"model": MODEL, "input": text}) for text in singles
+            ]
             *answers, big_answer = await asyncio.gather(*small, big)
             return answers, big_answer
 

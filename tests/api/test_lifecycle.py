@@ -18,7 +18,8 @@ BODY = {"model": "all-MiniLM-L6-v2", "input": "hello"}
 
 
 def test_while_loading_health_is_200_and_ready_and_embeddings_are_503(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     release = threading.Event()
     real_load = embedserve.runtime.load_runtime
 
@@ -50,7 +51,8 @@ def test_while_loading_health_is_200_and_ready_and_embeddings_are_503(
 
 
 def test_a_model_that_fails_to_load_is_reported_and_the_server_keeps_running(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     def broken_load(*args: Any, **kwargs: Any) -> Any:
         raise ModelLoadError("weights are corrupt (simulated)")
 

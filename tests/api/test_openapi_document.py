@@ -18,9 +18,17 @@ from embedserve.errors import EmbedServeError, InvalidRequest, ServiceUnavailabl
 from embedserve.settings import Settings
 from support import LiveServer
 
-KEYED = {("post", "/v1/embeddings"), ("get", "/v1/models"), ("get", "/v1/models/{model_id}"),
-         ("get", "/v1/keys"), ("post", "/v1/keys"), ("get", "/v1/keys/{key_id}"),
-         ("patch", "/v1/keys/{key_id}"), ("delete", "/v1/keys/{key_id}"), ("get", "/v1/usage")}
+KEYED = {
+    ("post", "/v1/embeddings"),
+    ("get", "/v1/models"),
+    ("get", "/v1/models/{model_id}"),
+    ("get", "/v1/keys"),
+    ("post", "/v1/keys"),
+    ("get", "/v1/keys/{key_id}"),
+    ("patch", "/v1/keys/{key_id}"),
+    ("delete", "/v1/keys/{key_id}"),
+    ("get", "/v1/usage"),
+}
 PUBLIC = {("get", "/health"), ("get", "/ready"), ("get", "/metrics")}
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 
@@ -69,19 +77,23 @@ def test_every_error_answer_is_the_error_schema_as_json_with_its_codes(document:
             assert listed and set(listed) <= codes, (key, status, listed)
 
 
-@pytest.mark.parametrize(("key", "statuses"), [
-    (("post", "/v1/embeddings"), {"200", "400", "401", "404", "413", "429", "500", "503"}),
-    (("get", "/v1/models"), {"200", "401", "500", "503"}),
-    (("get", "/v1/models/{model_id}"), {"200", "401", "404", "500", "503"}),
-    (("post", "/v1/keys"), {"201", "400", "401", "403", "413", "500", "503"}),
-    (("patch", "/v1/keys/{key_id}"), {"200", "400", "401", "403", "404", "413", "500", "503"}),
-    (("get", "/v1/usage"), {"200", "400", "401", "403", "500", "503"}),
-    (("get", "/health"), {"200", "500"}),
-    (("get", "/ready"), {"200", "500", "503"}),
-    (("get", "/metrics"), {"200", "500"}),
-])
-def test_each_route_lists_the_statuses_it_answers(document: dict[str, Any], key: tuple[str, str],
-                                                   statuses: set[str]) -> None:
+@pytest.mark.parametrize(
+    ("key", "statuses"),
+    [
+        (("post", "/v1/embeddings"), {"200", "400", "401", "404", "413", "429", "500", "503"}),
+        (("get", "/v1/models"), {"200", "401", "500", "503"}),
+        (("get", "/v1/models/{model_id}"), {"200", "401", "404", "500", "503"}),
+        (("post", "/v1/keys"), {"201", "400", "401", "403", "413", "500", "503"}),
+        (("patch", "/v1/keys/{key_id}"), {"200", "400", "401", "403", "404", "413", "500", "503"}),
+        (("get", "/v1/usage"), {"200", "400", "401", "403", "500", "503"}),
+        (("get", "/health"), {"200", "500"}),
+        (("get", "/ready"), {"200", "500", "503"}),
+        (("get", "/metrics"), {"200", "500"}),
+    ],
+)
+def test_each_route_lists_the_statuses_it_answers(
+    document: dict[str, Any], key: tuple[str, str], statuses: set[str]
+) -> None:
     assert set(operations(document)[key]["responses"]) == statuses
 
 
@@ -107,9 +119,16 @@ def test_metrics_success_is_documented_as_text(document: dict[str, Any]) -> None
 
 
 def test_finishing_leaves_fastapis_document_as_it_was() -> None:
-    raw = {"openapi": "3.1.0", "info": {"title": "t", "version": "1"}, "paths": {"/v1/x": {"get": {
-        "responses": {"200": {}, "422": {"$ref": "#/components/schemas/HTTPValidationError"}}}}},
-           "components": {"schemas": {"HTTPValidationError": {}, "ValidationError": {}}}}
+    raw = {
+        "openapi": "3.1.0",
+        "info": {"title": "t", "version": "1"},
+        "paths": {
+            "/v1/x": {
+                "get": {"responses": {"200": {}, "422": {"$ref": "#/components/schemas/HTTPValidationError"}}}
+            }
+        },
+        "components": {"schemas": {"HTTPValidationError": {}, "ValidationError": {}}},
+    }
     before = json.dumps(raw)
     finished = finish_document(raw)
     assert json.dumps(raw) == before
@@ -140,8 +159,9 @@ def call(server: LiveServer, method: str, path: str, headers: dict[str, str]) ->
 
 
 @pytest.mark.parametrize(("method", "path"), sorted(KEYED | PUBLIC))
-def test_the_documented_security_is_what_the_server_enforces(server: LiveServer, method: str,
-                                                             path: str) -> None:
+def test_the_documented_security_is_what_the_server_enforces(
+    server: LiveServer, method: str, path: str
+) -> None:
     """A keyed route is 401 without a key and answers past authentication with one (the key and usage
     routes with 403: not an admin key); a public route never asks for one."""
     documented = "security" in operations(httpx.get(f"{server.base_url}/openapi.json").json())[(method, path)]

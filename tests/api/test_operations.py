@@ -26,34 +26,50 @@ def scrape(live: LiveServer) -> dict[tuple[str, frozenset[tuple[str, str]]], flo
     response = httpx.get(f"{live.base_url}/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
-    return {(sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(response.text) for sample in family.samples}
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
 
 
-def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
-          **labels: str) -> float:
+def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-def delta(before: dict[tuple[str, frozenset[tuple[str, str]]], float],
-          after: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+def delta(
+    before: dict[tuple[str, frozenset[tuple[str, str]]], float],
+    after: dict[tuple[str, frozenset[tuple[str, str]]], float],
+    name: str,
+    **labels: str,
+) -> float:
     return value(after, name, **labels) - value(before, name, **labels)
 
 
 def test_counters_move_by_exactly_the_requests_sent(server: LiveServer, client: OpenAI) -> None:
     before = scrape(server)
-    inputs = [["alpha"], ["beta gamma", "delta epsilon zeta"], ["one", "two", "three", "four"],
-              ["a much longer input that goes on for a while to make more tokens"], ["x"]]
+    inputs = [
+        ["alpha"],
+        ["beta gamma", "delta epsilon zeta"],
+        ["one", "two", "three", "four"],
+        ["a much longer input that goes on for a while to make more tokens"],
+        ["x"],
+    ]
     tokens = 0
     for batch in inputs:
         tokens += client.embeddings.create(model=MODEL, input=batch).usage.prompt_tokens
     auth = {"Authorization": f"Bearer {API_KEY}"}
-    bad = [{"model": MODEL, "input": ""}, {"model": MODEL, "input": "x", "dimensions": 7},
-           {"model": MODEL, "input": []}]
+    bad = [
+        {"model": MODEL, "input": ""},
+        {"model": MODEL, "input": "x", "dimensions": 7},
+        {"model": MODEL, "input": []},
+    ]
     for body in bad:
         assert httpx.post(f"{server.v1}/embeddings", json=body, headers=auth).status_code == 400
-    assert httpx.post(f"{server.v1}/embeddings", json={"model": "nope", "input": "x"},
-                      headers=auth).status_code == 404
+    assert (
+        httpx.post(f"{server.v1}/embeddings", json={"model": "nope", "input": "x"}, headers=auth).status_code
+        == 404
+    )
     assert httpx.post(f"{server.v1}/embeddings", json={"model": MODEL, "input": "x"}).status_code == 401
     after = scrape(server)
 
@@ -66,8 +82,10 @@ def test_counters_move_by_exactly_the_requests_sent(server: LiveServer, client: 
     assert delta(before, after, requests, route=ROUTE, model="-", status="400") == 2
     assert delta(before, after, requests, route=ROUTE, model="-", status="404") == 1  # no such model
     assert delta(before, after, requests, route=ROUTE, model="-", status="401") == 1  # before the body
-    assert delta(before, after, "embedserve_request_duration_seconds_count", route=ROUTE) == \
-        len(inputs) + len(bad) + 2
+    assert (
+        delta(before, after, "embedserve_request_duration_seconds_count", route=ROUTE)
+        == len(inputs) + len(bad) + 2
+    )
     assert delta(before, after, "embedserve_embedded_tokens_total", model=MODEL, key_id=key) == tokens
     assert delta(before, after, "embedserve_embedded_inputs_total", model=MODEL, key_id=key) == sent
     # Every embedded input went through exactly one forward pass, and waited in the queue once.
@@ -83,7 +101,7 @@ def test_gauges_report_each_model_the_queue_and_the_process(server: LiveServer) 
     for spec in server.state.registry.catalog.specs:
         assert value(samples, "embedserve_model_ready", model=spec.id) == 1
         assert value(samples, "embedserve_model_load_seconds", model=spec.id) > 0
-        assert (("embedserve_queue_depth_inputs", frozenset({("model", spec.id)})) in samples)
+        assert ("embedserve_queue_depth_inputs", frozenset({("model", spec.id)})) in samples
     assert value(samples, "embedserve_queue_depth_inputs", model=MODEL) == 0
     assert value(samples, "embedserve_requests_in_flight") == 0
     assert value(samples, "embedserve_process_resident_memory_bytes") > 50 * 2**20
@@ -91,15 +109,19 @@ def test_gauges_report_each_model_the_queue_and_the_process(server: LiveServer) 
 
 
 def test_the_access_line_has_the_requests_fields_and_never_its_text_or_key(
-        server: LiveServer, caplog: pytest.LogCaptureFixture) -> None:
+    server: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
     import json
 
     from embedserve.logs import JsonFormatter
 
     secret_text = "zebra-canary-7731 quietly"
     with caplog.at_level(logging.INFO, logger="embedserve.access"):
-        response = httpx.post(f"{server.v1}/embeddings", json={"model": MODEL, "input": [secret_text, "b"]},
-                              headers={"Authorization": f"Bearer {API_KEY}", "X-Request-ID": "req-fields-1"})
+        response = httpx.post(
+            f"{server.v1}/embeddings",
+            json={"model": MODEL, "input": [secret_text, "b"]},
+            headers={"Authorization": f"Bearer {API_KEY}", "X-Request-ID": "req-fields-1"},
+        )
         assert response.status_code == 200
     (record,) = [r for r in caplog.records if getattr(r, "request_id", None) == "req-fields-1"]
     line = json.loads(JsonFormatter().format(record))
@@ -123,9 +145,16 @@ def test_the_access_line_has_the_requests_fields_and_never_its_text_or_key(
 
 #: (name, extra labels) of every series labelled with a model that a scrape must list before any request.
 MODEL_SERIES = [
-    *((f"embedserve_{name}_count", {}) for name in (
-        "tokenize_duration_seconds", "queue_wait_seconds", "inference_duration_seconds", "batch_size_inputs",
-        "batch_tokens")),
+    *(
+        (f"embedserve_{name}_count", {})
+        for name in (
+            "tokenize_duration_seconds",
+            "queue_wait_seconds",
+            "inference_duration_seconds",
+            "batch_size_inputs",
+            "batch_tokens",
+        )
+    ),
     ("embedserve_batch_padding_tokens_total", {}),
     ("embedserve_tokenized_tokens_total", {}),
     ("embedserve_queue_depth_inputs", {}),
@@ -135,11 +164,13 @@ MODEL_SERIES = [
 ]
 
 
-def test_every_model_labelled_series_is_listed_right_after_ready(tmp_path: Path,
-                                                                 tiny_dense_model: Path) -> None:
+def test_every_model_labelled_series_is_listed_right_after_ready(
+    tmp_path: Path, tiny_dense_model: Path
+) -> None:
     catalog = tmp_path / "models.toml"
-    catalog.write_text(f'[[models]]\nsource = "{MODEL}"\n\n'
-                       f'[[models]]\nid = "tiny"\nsource = "{tiny_dense_model}"\n')
+    catalog.write_text(
+        f'[[models]]\nsource = "{MODEL}"\n\n[[models]]\nid = "tiny"\nsource = "{tiny_dense_model}"\n'
+    )
     with live_server(Settings(models_file=catalog)) as live:  # returns once /ready is 200
         samples = scrape(live)
     for model in (MODEL, "tiny"):
@@ -159,9 +190,11 @@ def test_a_model_still_loading_is_listed_with_model_ready_0() -> None:
     metrics = Metrics()
     catalog = build_catalog(declared_entries([MODEL], None), allow_download=False)
     ModelRegistry(catalog, Settings(), metrics)  # created, nothing loaded yet
-    samples = {(s.name, frozenset(s.labels.items())): s.value
-               for family in text_string_to_metric_families(metrics.exposition().decode())
-               for s in family.samples}
+    samples = {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(metrics.exposition().decode())
+        for s in family.samples
+    }
     for name, labels in MODEL_SERIES:
         assert (name, frozenset({"model": MODEL, **labels}.items())) in samples, name
     assert value(samples, "embedserve_model_ready", model=MODEL) == 0

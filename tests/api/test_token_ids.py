@@ -58,34 +58,53 @@ def encoding(tmp_path_factory: pytest.TempPathFactory) -> tuple[tiktoken.Encodin
 # ---- refused, with the fix named -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("ids", [[15339, 1917], [101, 7592, 2088], [7592, 2088, 102]],
-                         ids=["tiktoken-hello-world", "no-sep", "no-cls"])
+@pytest.mark.parametrize(
+    "ids",
+    [[15339, 1917], [101, 7592, 2088], [7592, 2088, 102]],
+    ids=["tiktoken-hello-world", "no-sep", "no-cls"],
+)
 def test_ids_without_the_models_framing_are_400_naming_the_fix(server: LiveServer, ids: list[int]) -> None:
-    message = assert_400(post(server, {"model": MODEL, "input": [ids]}), "invalid_token_id",
-                         "[CLS] (101) ... [SEP] (102)", "another tokenizer's ids",
-                         "check_embedding_ctx_length=False", "input[0]")
+    message = assert_400(
+        post(server, {"model": MODEL, "input": [ids]}),
+        "invalid_token_id",
+        "[CLS] (101) ... [SEP] (102)",
+        "another tokenizer's ids",
+        "check_embedding_ctx_length=False",
+        "input[0]",
+    )
     assert "all-MiniLM-L6-v2" in message
     assert post(server, {"model": MODEL, "input": "still serving"}).status_code == 200
 
 
 def test_ids_outside_the_vocabulary_give_the_same_hint(server: LiveServer) -> None:
-    assert_400(post(server, {"model": MODEL, "input": [[101, 90_000, 102]]}), "invalid_token_id",
-               "90000", "outside the vocabulary", "check_embedding_ctx_length=False")
+    assert_400(
+        post(server, {"model": MODEL, "input": [[101, 90_000, 102]]}),
+        "invalid_token_id",
+        "90000",
+        "outside the vocabulary",
+        "check_embedding_ctx_length=False",
+    )
     assert post(server, {"model": MODEL, "input": "still serving"}).status_code == 200
 
 
 def test_the_models_own_framed_ids_still_embed_as_their_text(server: LiveServer) -> None:
     own = [101, 7592, 2088, 102]  # [CLS] hello world [SEP]
-    assert np.allclose(vectors(post(server, {"model": MODEL, "input": [own]})),
-                       vectors(post(server, {"model": MODEL, "input": ["hello world"]})), atol=1e-5)
+    assert np.allclose(
+        vectors(post(server, {"model": MODEL, "input": [own]})),
+        vectors(post(server, {"model": MODEL, "input": ["hello world"]})),
+        atol=1e-5,
+    )
 
 
 # ---- understood, when a model opts in ----------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def reading(encoding: tuple[tiktoken.Encoding, Path], family_models: FamilyModels,
-            tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+def reading(
+    encoding: tuple[tiktoken.Encoding, Path],
+    family_models: FamilyModels,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[LiveServer]:
     """MiniLM reading tiktoken ids server-wide, and a Qwen3-Embedding (no framing) that opts in by its
     catalog entry."""
     _, path = encoding
@@ -107,11 +126,14 @@ tiktoken_ids = "cl100k_base"
 
 @pytest.mark.parametrize("model", [MODEL, "qwen3"])
 def test_tiktoken_ids_embed_exactly_as_their_text_and_count_the_models_tokens(
-        reading: LiveServer, encoding: tuple[tiktoken.Encoding, Path], model: str) -> None:
+    reading: LiveServer, encoding: tuple[tiktoken.Encoding, Path], model: str
+) -> None:
     enc, _ = encoding
     ids = [enc.encode(text) for text in TEXTS]
-    by_ids, by_text = post(reading, {"model": model, "input": ids}), post(reading, {"model": model,
-                                                                                    "input": TEXTS})
+    by_ids, by_text = (
+        post(reading, {"model": model, "input": ids}),
+        post(reading, {"model": model, "input": TEXTS}),
+    )
     assert np.allclose(vectors(by_ids), vectors(by_text), atol=1e-5)
     assert by_ids.json()["usage"] == by_text.json()["usage"], "usage counts the model's own tokens"
     assert by_ids.json()["usage"]["prompt_tokens"] != sum(len(i) for i in ids)
@@ -119,22 +141,28 @@ def test_tiktoken_ids_embed_exactly_as_their_text_and_count_the_models_tokens(
 
 def test_a_model_reading_tiktoken_ids_still_takes_its_own(reading: LiveServer) -> None:
     own = [101, 7592, 2088, 102]
-    assert np.allclose(vectors(post(reading, {"model": MODEL, "input": [own]})),
-                       vectors(post(reading, {"model": MODEL, "input": ["hello world"]})), atol=1e-5)
+    assert np.allclose(
+        vectors(post(reading, {"model": MODEL, "input": [own]})),
+        vectors(post(reading, {"model": MODEL, "input": ["hello world"]})),
+        atol=1e-5,
+    )
 
 
-def test_an_id_the_encoding_does_not_have_is_400(reading: LiveServer,
-                                                 encoding: tuple[tiktoken.Encoding, Path]) -> None:
+def test_an_id_the_encoding_does_not_have_is_400(
+    reading: LiveServer, encoding: tuple[tiktoken.Encoding, Path]
+) -> None:
     enc, _ = encoding
     gap = enc.max_token_value - 100  # between its ranks and its special tokens: no token
     for ids in ([*enc.encode("hello"), gap], [5, 10**7]):
-        assert_400(post(reading, {"model": MODEL, "input": [ids]}), "invalid_token_id",
-                   str(ids[-1]), "cl100k_base")
+        assert_400(
+            post(reading, {"model": MODEL, "input": [ids]}), "invalid_token_id", str(ids[-1]), "cl100k_base"
+        )
     assert post(reading, {"model": MODEL, "input": "still serving"}).status_code == 200
 
 
-def test_tiktoken_ids_take_the_prompt_a_text_takes(reading: LiveServer,
-                                                   encoding: tuple[tiktoken.Encoding, Path]) -> None:
+def test_tiktoken_ids_take_the_prompt_a_text_takes(
+    reading: LiveServer, encoding: tuple[tiktoken.Encoding, Path]
+) -> None:
     enc, _ = encoding
     body: dict[str, Any] = {"model": "qwen3", "input_type": "query"}
     by_ids = post(reading, {**body, "input": [enc.encode(TEXTS[0])]})
@@ -143,8 +171,13 @@ def test_tiktoken_ids_take_the_prompt_a_text_takes(reading: LiveServer,
 
 def test_a_missing_encoding_stops_the_server_at_start_with_one_line(tmp_path: Path) -> None:
     env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty-cache")}
-    done = subprocess.run([sys.executable, "-m", "embedserve", "serve", "--tiktoken-ids", "cl100k_base",
-                           "--port", "0"], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "embedserve", "serve", "--tiktoken-ids", "cl100k_base", "--port", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
@@ -156,8 +189,10 @@ def test_a_missing_encoding_stops_the_server_at_start_with_one_line(tmp_path: Pa
 
 
 @pytest.fixture
-def langchain_tiktoken(encoding: tuple[tiktoken.Encoding, Path], monkeypatch: pytest.MonkeyPatch,
-                       ) -> tiktoken.Encoding:
+def langchain_tiktoken(
+    encoding: tuple[tiktoken.Encoding, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> tiktoken.Encoding:
     """The client's cl100k_base is the small encoding trained here (tiktoken would download OpenAI's;
     the client machine is offline too): set in tiktoken's registry, where LangChain looks it up."""
     import tiktoken.registry
@@ -173,8 +208,9 @@ def langchain(live: LiveServer, **options: Any) -> Any:
     return OpenAIEmbeddings(model=MODEL, base_url=live.v1, api_key=API_KEY, max_retries=0, **options)
 
 
-def test_langchain_with_its_defaults_is_told_what_to_change(server: LiveServer,
-                                                            langchain_tiktoken: tiktoken.Encoding) -> None:
+def test_langchain_with_its_defaults_is_told_what_to_change(
+    server: LiveServer, langchain_tiktoken: tiktoken.Encoding
+) -> None:
     import openai
 
     with pytest.raises(openai.BadRequestError) as refused:
@@ -186,7 +222,8 @@ def test_langchain_with_its_defaults_is_told_what_to_change(server: LiveServer,
 
 
 def test_langchain_with_its_defaults_gets_exact_vectors_where_tiktoken_ids_are_read(
-        reading: LiveServer, langchain_tiktoken: tiktoken.Encoding) -> None:
+    reading: LiveServer, langchain_tiktoken: tiktoken.Encoding
+) -> None:
     by_ids = langchain(reading).embed_documents(TEXTS)  # it sends tiktoken ids
     assert np.allclose(by_ids, vectors(post(reading, {"model": MODEL, "input": TEXTS})), atol=1e-5)
     assert np.allclose(langchain(reading).embed_query(TEXTS[0]), by_ids[0], atol=1e-5)
@@ -197,8 +234,12 @@ def test_langchain_with_its_defaults_gets_exact_vectors_where_tiktoken_ids_are_r
 
 @pytest.fixture(scope="module")
 def aliased() -> Iterator[LiveServer]:
-    settings = Settings(aliases=["text-embedding-3-small=all-MiniLM-L6-v2",
-                                 "text-embedding-ada-002=sentence-transformers/all-MiniLM-L6-v2"])
+    settings = Settings(
+        aliases=[
+            "text-embedding-3-small=all-MiniLM-L6-v2",
+            "text-embedding-ada-002=sentence-transformers/all-MiniLM-L6-v2",
+        ]
+    )
     with live_server(settings) as live:
         yield live
 
@@ -214,12 +255,21 @@ def test_an_alias_serves_a_clients_default_model_name(aliased: LiveServer) -> No
     assert {"text-embedding-3-small", "text-embedding-ada-002"} <= set(card.model_extra["aliases"])
 
 
-@pytest.mark.parametrize(("alias", "words"), [("text-embedding-3-small", ("NAME=MODEL",)),
-                                              ("x=no-such-model", ("no-such-model", "all-MiniLM-L6-v2")),
-                                              ("all-MiniLM-L6-v2=all-MiniLM-L6-v2", ("twice",))])
+@pytest.mark.parametrize(
+    ("alias", "words"),
+    [
+        ("text-embedding-3-small", ("NAME=MODEL",)),
+        ("x=no-such-model", ("no-such-model", "all-MiniLM-L6-v2")),
+        ("all-MiniLM-L6-v2=all-MiniLM-L6-v2", ("twice",)),
+    ],
+)
 def test_a_bad_alias_stops_the_cli_with_one_line(alias: str, words: tuple[str, ...]) -> None:
-    done = subprocess.run([sys.executable, "-m", "embedserve", "models", "--alias", alias],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "embedserve", "models", "--alias", alias],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and all(word in lines[0] for word in words), done.stderr

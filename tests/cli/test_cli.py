@@ -23,16 +23,21 @@ from embedserve.settings import Settings
 from support import bundled_folder, free_port, live_server, wait_until_ok
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120
-            ) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if k != "HF_HUB_CACHE"}  # HF_HOME decides
-    return subprocess.run([sys.executable, "-m", "embedserve", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**full_env, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "embedserve", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**full_env, **(env or {})},
+    )
 
 
 def test_missing_hub_model_refuses_to_start_with_one_line_naming_model_and_cache(tmp_path: Path) -> None:
-    result = run_cli("serve", "--model", "BAAI/bge-m3", "--port", "0",
-                     env={"HF_HOME": str(tmp_path / "hf")})
+    result = run_cli("serve", "--model", "BAAI/bge-m3", "--port", "0", env={"HF_HOME": str(tmp_path / "hf")})
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
@@ -54,8 +59,10 @@ def test_weights_with_the_wrong_sha256_are_refused(tmp_path: Path) -> None:
     with (folder / "model.safetensors").open("ab") as fh:
         fh.write(b"\0")
     catalog = tmp_path / "models.toml"
-    catalog.write_text(f'[[models]]\nid = "tampered"\nsource = "{folder}"\n'
-                       'sha256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"\n')
+    catalog.write_text(
+        f'[[models]]\nid = "tampered"\nsource = "{folder}"\n'
+        'sha256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"\n'
+    )
     result = run_cli("serve", "--models-file", str(catalog))
     assert result.returncode == 2
     assert "tampered" in result.stderr and "53aa5117" in result.stderr and "sha256" in result.stderr
@@ -83,8 +90,13 @@ def test_models_command_lists_the_bundled_default_as_json() -> None:
 def test_serve_runs_open_on_the_default_model_prints_snippets_and_stops_on_sigterm() -> None:
     port = free_port()
     env = {**os.environ, "EMBEDSERVE_API_KEYS": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "embedserve", "serve", "--port", str(port)],
-                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "embedserve", "serve", "--port", str(port)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         wait_until_ok(f"http://127.0.0.1:{port}/ready", alive=lambda: proc.poll() is None)
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="anything", max_retries=0)
@@ -111,12 +123,17 @@ def test_api_keys_come_from_the_environment_comma_separated(monkeypatch: pytest.
 def test_truncate_option_cuts_instead_of_rejecting() -> None:
     long_text = "tokens " * 400
     with live_server(Settings(truncate=True)) as live:
-        response = httpx.post(f"{live.v1}/embeddings", timeout=60,
-                              json={"model": "all-MiniLM-L6-v2", "input": long_text})
-        ids = httpx.post(f"{live.v1}/embeddings", timeout=60,
-                         json={"model": "all-MiniLM-L6-v2", "input": [[101] + [1000] * 300 + [102]]})
-        exact = httpx.post(f"{live.v1}/embeddings", timeout=60,
-                           json={"model": "all-MiniLM-L6-v2", "input": "tokens " * 254})
+        response = httpx.post(
+            f"{live.v1}/embeddings", timeout=60, json={"model": "all-MiniLM-L6-v2", "input": long_text}
+        )
+        ids = httpx.post(
+            f"{live.v1}/embeddings",
+            timeout=60,
+            json={"model": "all-MiniLM-L6-v2", "input": [[101] + [1000] * 300 + [102]]},
+        )
+        exact = httpx.post(
+            f"{live.v1}/embeddings", timeout=60, json={"model": "all-MiniLM-L6-v2", "input": "tokens " * 254}
+        )
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["prompt_tokens"] == 256
     assert ids.status_code == 200 and ids.json()["usage"]["prompt_tokens"] == 256
@@ -137,8 +154,7 @@ def _hf_cache_with(model: Path, home: Path, repo_id: str) -> None:
 
 def test_hub_repo_id_is_found_in_the_cache_under_hf_home(tmp_path: Path, tiny_dense_model: Path) -> None:
     _hf_cache_with(tiny_dense_model, tmp_path / "hf", "acme/tiny-embed")
-    result = run_cli("models", "--json", "--model", "acme/tiny-embed",
-                     env={"HF_HOME": str(tmp_path / "hf")})
+    result = run_cli("models", "--json", "--model", "acme/tiny-embed", env={"HF_HOME": str(tmp_path / "hf")})
     assert result.returncode == 0, result.stderr
     (row,) = json.loads(result.stdout)
     assert row["id"] == "acme/tiny-embed"
@@ -148,8 +164,13 @@ def test_hub_repo_id_is_found_in_the_cache_under_hf_home(tmp_path: Path, tiny_de
 
 
 def test_allow_download_while_offline_is_one_line_not_a_traceback(tmp_path: Path) -> None:
-    result = run_cli("serve", "--model", "acme/not-cached", "--allow-download",
-                     env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    result = run_cli(
+        "serve",
+        "--model",
+        "acme/not-cached",
+        "--allow-download",
+        env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "acme/not-cached" in result.stderr
@@ -163,16 +184,35 @@ def test_serve_bge_m3_and_qwen3_from_the_hf_cache_by_repo_id(family_models: Fami
 
     port = free_port()
     env = {**os.environ, "EMBEDSERVE_API_KEYS": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "embedserve", "serve", "--model", "BAAI/bge-m3",
-                             "--model", "Qwen/Qwen3-Embedding-0.6B", "--port", str(port)],
-                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "embedserve",
+            "serve",
+            "--model",
+            "BAAI/bge-m3",
+            "--model",
+            "Qwen/Qwen3-Embedding-0.6B",
+            "--port",
+            str(port),
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     texts = ["hello world", "a longer sentence about the quick brown fox and the lazy dog"]
     try:
         wait_until_ok(f"http://127.0.0.1:{port}/ready", alive=lambda: proc.poll() is None)
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="anything", max_retries=0)
         bge = client.embeddings.create(model="bge-m3", input=texts)
-        query = client.embeddings.create(model="Qwen/Qwen3-Embedding-0.6B", input=texts, dimensions=256,
-                                         extra_body={"input_type": "query", "instruction": "Find it"})
+        query = client.embeddings.create(
+            model="Qwen/Qwen3-Embedding-0.6B",
+            input=texts,
+            dimensions=256,
+            extra_body={"input_type": "query", "instruction": "Find it"},
+        )
     finally:
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)

@@ -20,14 +20,31 @@ import pytest
 
 from support import private_data_dir, wait_until_ok
 
-KEY_FIELDS = {"id", "object", "name", "prefix", "models", "rpm", "tpm", "expires_at", "admin",
-              "created_at", "revoked_at", "status"}
+KEY_FIELDS = {
+    "id",
+    "object",
+    "name",
+    "prefix",
+    "models",
+    "rpm",
+    "tpm",
+    "expires_at",
+    "admin",
+    "created_at",
+    "revoked_at",
+    "status",
+}
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 
 
 def cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "embedserve", *args, "--data-dir", str(data_dir)],
-                          capture_output=True, text=True, timeout=60, env=dict(os.environ))
+    return subprocess.run(
+        [sys.executable, "-m", "embedserve", *args, "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ),
+    )
 
 
 def cli_json(data_dir: Path, *args: str) -> Any:
@@ -37,14 +54,34 @@ def cli_json(data_dir: Path, *args: str) -> Any:
 
 
 def test_keys_create_prints_the_secret_once_and_list_never_shows_it(tmp_path: Path) -> None:
-    created = cli_json(tmp_path, "keys", "create", "--name", "team-a", "--models", "m1,m2", "--rpm", "60",
-                       "--tpm", "10000", "--expires", "2031-01-31", "--admin")
+    created = cli_json(
+        tmp_path,
+        "keys",
+        "create",
+        "--name",
+        "team-a",
+        "--models",
+        "m1,m2",
+        "--rpm",
+        "60",
+        "--tpm",
+        "10000",
+        "--expires",
+        "2031-01-31",
+        "--admin",
+    )
     assert set(created) == KEY_FIELDS | {"key"}
     assert re.fullmatch(r"es-[A-Za-z0-9_-]{43}", created["key"])
     assert created["key"].startswith(created["prefix"]) and len(created["prefix"]) == 8
-    assert (created["name"], created["models"], created["rpm"], created["tpm"], created["admin"],
-            created["status"], created["revoked_at"]) == ("team-a", ["m1", "m2"], 60, 10000, True,
-                                                          "active", None)
+    assert (
+        created["name"],
+        created["models"],
+        created["rpm"],
+        created["tpm"],
+        created["admin"],
+        created["status"],
+        created["revoked_at"],
+    ) == ("team-a", ["m1", "m2"], 60, 10000, True, "active", None)
     assert created["expires_at"] == "2031-01-31T00:00:00Z" and ISO.match(created["created_at"])
     listed = cli_json(tmp_path, "keys", "list")
     assert listed == [{k: v for k, v in created.items() if k != "key"}]
@@ -64,36 +101,54 @@ def test_keys_create_in_text_prints_the_secret_on_a_line_of_its_own(tmp_path: Pa
     assert "not be shown again" in result.stderr
 
 
-def test_keys_update_changes_only_what_it_is_given_and_clears_with_none_all_never(
-        tmp_path: Path) -> None:
-    key = cli_json(tmp_path, "keys", "create", "--name", "a", "--rpm", "5", "--models", "m1",
-                   "--expires", "30d")
+def test_keys_update_changes_only_what_it_is_given_and_clears_with_none_all_never(tmp_path: Path) -> None:
+    key = cli_json(
+        tmp_path, "keys", "create", "--name", "a", "--rpm", "5", "--models", "m1", "--expires", "30d"
+    )
     updated = cli_json(tmp_path, "keys", "update", key["id"], "--tpm", "500", "--name", "renamed")
-    assert (updated["name"], updated["rpm"], updated["tpm"], updated["models"]) == ("renamed", 5, 500,
-                                                                                  ["m1"])
+    assert (updated["name"], updated["rpm"], updated["tpm"], updated["models"]) == ("renamed", 5, 500, ["m1"])
     assert updated["expires_at"] == key["expires_at"]
-    cleared = cli_json(tmp_path, "keys", "update", key["id"], "--rpm", "none", "--models", "all",
-                       "--expires", "never", "--admin")
-    assert (cleared["rpm"], cleared["models"], cleared["expires_at"], cleared["admin"]) == \
-        (None, None, None, True)
+    cleared = cli_json(
+        tmp_path,
+        "keys",
+        "update",
+        key["id"],
+        "--rpm",
+        "none",
+        "--models",
+        "all",
+        "--expires",
+        "never",
+        "--admin",
+    )
+    assert (cleared["rpm"], cleared["models"], cleared["expires_at"], cleared["admin"]) == (
+        None,
+        None,
+        None,
+        True,
+    )
     assert cli_json(tmp_path, "keys", "update", key["id"], "--no-admin")["admin"] is False
     revoked = cli_json(tmp_path, "keys", "revoke", key["id"])
     assert revoked["status"] == "revoked" and ISO.match(revoked["revoked_at"])
 
 
-@pytest.mark.parametrize(("args", "code", "words"), [
-    (("keys", "revoke", "key_nope"), 1, "No API key with id 'key_nope'"),
-    (("keys", "update", "key_nope", "--rpm", "3"), 1, "No API key"),
-    (("keys", "create", "--name", "x", "--rpm", "0"), 2, "'rpm' must be"),
-    (("keys", "create", "--name", "x", "--rpm", "lots"), 2, "positive integer or 'none'"),
-    (("keys", "create", "--name", "x", "--expires", "whenever"), 2, "'expires_at' must be"),
-    (("keys", "create"), 2, "--name"),
-    (("usage", "--since", "last week"), 2, "'since' must be"),
-    (("usage", "--group-by", "month"), 2, "invalid choice"),
-    (("usage", "--database-url", "mysql://x/y"), 2, "postgresql://"),
-])
-def test_cli_errors_are_one_line_without_a_traceback(tmp_path: Path, args: tuple[str, ...], code: int,
-                                                     words: str) -> None:
+@pytest.mark.parametrize(
+    ("args", "code", "words"),
+    [
+        (("keys", "revoke", "key_nope"), 1, "No API key with id 'key_nope'"),
+        (("keys", "update", "key_nope", "--rpm", "3"), 1, "No API key"),
+        (("keys", "create", "--name", "x", "--rpm", "0"), 2, "'rpm' must be"),
+        (("keys", "create", "--name", "x", "--rpm", "lots"), 2, "positive integer or 'none'"),
+        (("keys", "create", "--name", "x", "--expires", "whenever"), 2, "'expires_at' must be"),
+        (("keys", "create"), 2, "--name"),
+        (("usage", "--since", "last week"), 2, "'since' must be"),
+        (("usage", "--group-by", "month"), 2, "invalid choice"),
+        (("usage", "--database-url", "mysql://x/y"), 2, "postgresql://"),
+    ],
+)
+def test_cli_errors_are_one_line_without_a_traceback(
+    tmp_path: Path, args: tuple[str, ...], code: int, words: str
+) -> None:
     result = cli(tmp_path, *args)
     assert result.returncode == code, result.stderr
     assert words in result.stderr
@@ -104,15 +159,19 @@ def test_cli_errors_are_one_line_without_a_traceback(tmp_path: Path, args: tuple
 TIME_RANGE = "from 1970-01-01T00:00:00Z to 9999-12-31T23:59:59Z"
 
 
-@pytest.mark.parametrize("when", ["999999999d", "99999999999999999999999d", "9999-12-31T23:00:00-05:00",
-                                  "0001-01-01T00:00:00+14:00"])
+@pytest.mark.parametrize(
+    "when",
+    ["999999999d", "99999999999999999999999d", "9999-12-31T23:00:00-05:00", "0001-01-01T00:00:00+14:00"],
+)
 def test_keys_create_expiring_outside_1970_to_9999_exits_2_with_one_line_and_writes_nothing(
-        tmp_path: Path, when: str) -> None:
+    tmp_path: Path, when: str
+) -> None:
     result = cli(tmp_path, "keys", "create", "--name", "x", "--expires", when)
     assert result.returncode == 2, result.stderr
     assert result.stdout == ""
-    assert result.stderr.splitlines() == [f"embedserve: error: 'expires_at' must be a time {TIME_RANGE} "
-                                          f"(UTC); got {when!r}."]
+    assert result.stderr.splitlines() == [
+        f"embedserve: error: 'expires_at' must be a time {TIME_RANGE} (UTC); got {when!r}."
+    ]
     assert not (tmp_path / "embedserve.db").exists()  # refused before the database was opened
     assert cli_json(tmp_path, "keys", "list") == []
 
@@ -125,30 +184,55 @@ def test_keys_update_to_an_expiry_past_9999_exits_2_and_changes_nothing(tmp_path
     assert cli_json(tmp_path, "keys", "show", key["id"]) == {k: v for k, v in key.items() if k != "key"}
 
 
-@pytest.mark.parametrize(("flag", "when"), [("--since", "9999-12-31T23:59:59-12:00"),
-                                            ("--since", "0001-01-01T00:00:00+14:00"),
-                                            ("--until", "9999-12-31T23:00:00-05:00")])
+@pytest.mark.parametrize(
+    ("flag", "when"),
+    [
+        ("--since", "9999-12-31T23:59:59-12:00"),
+        ("--since", "0001-01-01T00:00:00+14:00"),
+        ("--until", "9999-12-31T23:00:00-05:00"),
+    ],
+)
 def test_usage_outside_1970_to_9999_exits_2_with_one_line(tmp_path: Path, flag: str, when: str) -> None:
     result = cli(tmp_path, "usage", flag, when)
     assert result.returncode == 2, result.stderr
-    assert result.stderr.splitlines() == [f"embedserve: error: '{flag[2:]}' must be a time {TIME_RANGE} "
-                                          f"(UTC); got {when!r}."]
+    assert result.stderr.splitlines() == [
+        f"embedserve: error: '{flag[2:]}' must be a time {TIME_RANGE} (UTC); got {when!r}."
+    ]
 
 
 def test_usage_on_an_empty_ledger_is_a_zero_total(tmp_path: Path) -> None:
     doc = cli_json(tmp_path, "usage")
-    assert doc == {"object": "usage_report", "group_by": None,
-                   "filters": {"key": None, "model": None, "since": None, "until": None}, "data": [],
-                   "total": {"requests": 0, "inputs": 0, "prompt_tokens": 0, "cost": 0.0}}
+    assert doc == {
+        "object": "usage_report",
+        "group_by": None,
+        "filters": {"key": None, "model": None, "since": None, "until": None},
+        "data": [],
+        "total": {"requests": 0, "inputs": 0, "prompt_tokens": 0, "cost": 0.0},
+    }
     table = cli(tmp_path, "usage").stdout.splitlines()
     assert table[-1].split() == ["TOTAL", "0", "0", "0", "0.000000"]
 
 
 def test_a_different_pepper_stops_the_server_with_one_line(tmp_path: Path) -> None:
     cli_json(tmp_path, "keys", "create", "--name", "a")
-    result = subprocess.run([sys.executable, "-m", "embedserve", "serve", "--port", "0", "--data-dir",
-                             str(tmp_path), "--key-pepper", "not-the-one"], capture_output=True,
-                            text=True, timeout=60, env=dict(os.environ))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "embedserve",
+            "serve",
+            "--port",
+            "0",
+            "--data-dir",
+            str(tmp_path),
+            "--key-pepper",
+            "not-the-one",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ),
+    )
     assert result.returncode == 2
     assert "another key pepper" in result.stderr and "Traceback" not in result.stderr
 
@@ -162,11 +246,14 @@ def _unreachable(tmp_path: Path, kind: str) -> str:
 
 
 @pytest.mark.parametrize("kind", ["postgresql", "sqlite"])
-@pytest.mark.parametrize("command", [("serve", "--port", "0"), ("keys", "list"),
-                                     ("keys", "create", "--name", "x"), ("usage",)],
-                         ids=["serve", "keys list", "keys create", "usage"])
-def test_a_database_that_cannot_be_reached_exits_1_with_one_line(tmp_path: Path, command: tuple[str, ...],
-                                                                 kind: str) -> None:
+@pytest.mark.parametrize(
+    "command",
+    [("serve", "--port", "0"), ("keys", "list"), ("keys", "create", "--name", "x"), ("usage",)],
+    ids=["serve", "keys list", "keys create", "usage"],
+)
+def test_a_database_that_cannot_be_reached_exits_1_with_one_line(
+    tmp_path: Path, command: tuple[str, ...], kind: str
+) -> None:
     result = cli(tmp_path, *command, "--database-url", _unreachable(tmp_path, kind))
     assert result.returncode == 1, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -174,10 +261,12 @@ def test_a_database_that_cannot_be_reached_exits_1_with_one_line(tmp_path: Path,
     assert lines[0].startswith("embedserve: error: ") and "database" in lines[0]
 
 
-@pytest.mark.parametrize("command", [("serve", "--port", "0"), ("keys", "list"), ("usage",)],
-                         ids=["serve", "keys", "usage"])
+@pytest.mark.parametrize(
+    "command", [("serve", "--port", "0"), ("keys", "list"), ("usage",)], ids=["serve", "keys", "usage"]
+)
 def test_a_database_url_naming_a_file_that_is_no_database_is_a_bad_value_exit_2(
-        tmp_path: Path, command: tuple[str, ...]) -> None:
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
     (tmp_path / "notes.txt").write_text("these are not the tables you are looking for\n" * 100)
     result = cli(tmp_path, *command, "--database-url", f"sqlite:///{tmp_path / 'notes.txt'}")
     assert result.returncode == 2, result.stderr
@@ -199,10 +288,25 @@ def _free_port() -> int:
 
 def _serve(data_dir: Path, *flags: str) -> tuple[subprocess.Popen[str], str]:
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "embedserve", "serve", "--port", str(port),
-                             "--data-dir", str(data_dir), "--api-key", "sk-durable", *flags],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "embedserve",
+            "serve",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(data_dir),
+            "--api-key",
+            "sk-durable",
+            *flags,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until_ok(f"{base}/ready", alive=lambda: proc.poll() is None)
@@ -218,9 +322,12 @@ def _ledger(data_dir: Path) -> dict[str, int]:
 
 
 def _send(base: str, request_id: str, text: str) -> int:
-    response = httpx.post(f"{base}/v1/embeddings", json={"model": "all-MiniLM-L6-v2", "input": text},
-                          headers={"Authorization": "Bearer sk-durable", "X-Request-ID": request_id},
-                          timeout=60)
+    response = httpx.post(
+        f"{base}/v1/embeddings",
+        json={"model": "all-MiniLM-L6-v2", "input": text},
+        headers={"Authorization": "Bearer sk-durable", "X-Request-ID": request_id},
+        timeout=60,
+    )
     assert response.status_code == 200, response.text
     tokens: int = response.json()["usage"]["prompt_tokens"]
     return tokens

@@ -38,8 +38,10 @@ PATHS = [
 ]
 AGENT = b"curl/8.5\x9b2K\x85" + FORGED.encode() + b"\t\xe2\x80\xa8end"  # (an obs-text UTF-8 U+2028)
 AGENT_ESCAPED = "curl/8.5\\x9b2K\\x85" + FORGED + "\\t\xe2\\x80\xa8end"
-RECORD_START = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+ "
-                          r"\[[^\]\s]*\] ")
+RECORD_START = re.compile(
+    r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+ "
+    r"\[[^\]\s]*\] "
+)
 UNSAFE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
@@ -65,8 +67,13 @@ def send_raw(port: int, head: bytes, body: bytes = b"") -> int:
 
 
 def head(method: str, path: str, request_id: bytes, *headers: bytes) -> bytes:
-    lines = [f"{method} {path} HTTP/1.1".encode(), b"Host: x", b"Connection: close",
-             b"X-Request-ID: " + request_id, *headers]
+    lines = [
+        f"{method} {path} HTTP/1.1".encode(),
+        b"Host: x",
+        b"Connection: close",
+        b"X-Request-ID: " + request_id,
+        *headers,
+    ]
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
@@ -77,12 +84,22 @@ def requests(port: int) -> dict[str, int]:
     for request_id, path, keyed, _ in PATHS:
         auth = (key,) if keyed else ()
         statuses[request_id] = send_raw(port, head("GET", path, request_id.encode(), *auth))
-    statuses["forge-agent"] = send_raw(port, head("GET", "/v1/models", b"forge-agent", key,
-                                                  b"User-Agent: " + AGENT))
+    statuses["forge-agent"] = send_raw(
+        port, head("GET", "/v1/models", b"forge-agent", key, b"User-Agent: " + AGENT)
+    )
     body = json.dumps({"model": f"x\r\n{FORGED}\x1b[2K", "input": "y"}).encode()
-    statuses["forge-body"] = send_raw(port, head("POST", "/v1/embeddings", b"forge-body", key,
-                                                 b"Content-Type: application/json",
-                                                 b"Content-Length: %d" % len(body)), body)
+    statuses["forge-body"] = send_raw(
+        port,
+        head(
+            "POST",
+            "/v1/embeddings",
+            b"forge-body",
+            key,
+            b"Content-Type: application/json",
+            b"Content-Length: %d" % len(body),
+        ),
+        body,
+    )
     # not a sane id (a C1 control in it): replaced by a fresh one
     statuses["insane-id"] = send_raw(port, head("GET", "/health", b"id\x85" + FORGED.encode()))
     return statuses
@@ -91,11 +108,28 @@ def requests(port: int) -> dict[str, int]:
 @pytest.fixture(scope="module", params=["text", "json"])
 def run(request: pytest.FixtureRequest) -> Run:
     result = Run(fmt=request.param, port=free_port())
-    proc = subprocess.Popen([sys.executable, "-m", "embedserve", "serve", "--port", str(result.port),
-                             "--api-key", SECRET, "--log-format", result.fmt, "--log-level", "debug"],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "EMBEDSERVE_API_KEYS": ""}, encoding="utf-8",
-                            errors="surrogateescape")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "embedserve",
+            "serve",
+            "--port",
+            str(result.port),
+            "--api-key",
+            SECRET,
+            "--log-format",
+            result.fmt,
+            "--log-level",
+            "debug",
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "EMBEDSERVE_API_KEYS": ""},
+        encoding="utf-8",
+        errors="surrogateescape",
+    )
     try:
         wait_until_ok(f"http://127.0.0.1:{result.port}/ready", alive=lambda: proc.poll() is None)
         result.statuses = requests(result.port)
@@ -118,8 +152,12 @@ def log_lines(run: Run) -> list[str]:
 
 
 def test_the_requests_were_answered_as_usual(run: Run) -> None:
-    assert run.statuses == {**{request_id: status for request_id, _, _, status in PATHS},
-                            "forge-agent": 200, "forge-body": 404, "insane-id": 200}
+    assert run.statuses == {
+        **{request_id: status for request_id, _, _, status in PATHS},
+        "forge-agent": 200,
+        "forge-body": 404,
+        "insane-id": 200,
+    }
 
 
 def test_every_line_is_one_record_and_none_begins_with_the_forged_one(run: Run) -> None:

@@ -27,14 +27,34 @@ SECRET = "sk-drain-secret-5c1e"
 CANARY = "okapi-canary-4411"
 IN_FLIGHT = 4
 TEXTS_PER_REQUEST = 48
-WORDS = ("river", "quantum", "ledger", "harbor", "violet", "compile", "meadow", "signal", "granite",
-         "orbit", "lantern", "syntax", "tundra", "mosaic", "falcon", "protocol", "ember", "vector")
+WORDS = (
+    "river",
+    "quantum",
+    "ledger",
+    "harbor",
+    "violet",
+    "compile",
+    "meadow",
+    "signal",
+    "granite",
+    "orbit",
+    "lantern",
+    "syntax",
+    "tundra",
+    "mosaic",
+    "falcon",
+    "protocol",
+    "ember",
+    "vector",
+)
 
 
 def texts_for(request: int) -> list[str]:
     """Long, varied, deterministic inputs (about 150-200 tokens each): seconds of work per request."""
-    return [CANARY + " " + " ".join(WORDS[(request * 7 + i * 3 + j * j) % len(WORDS)] for j in range(160))
-            for i in range(TEXTS_PER_REQUEST)]
+    return [
+        CANARY + " " + " ".join(WORDS[(request * 7 + i * 3 + j * j) % len(WORDS)] for j in range(160))
+        for i in range(TEXTS_PER_REQUEST)
+    ]
 
 
 @dataclass
@@ -60,16 +80,37 @@ def drained() -> Run:
     run = Run(port=free_port())
     base = f"http://127.0.0.1:{run.port}"
     env = {**os.environ, "EMBEDSERVE_API_KEYS": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "embedserve", "serve", "--port", str(run.port),
-                             "--api-key", SECRET, "--log-format", "json", "--shutdown-grace", "120"],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "embedserve",
+            "serve",
+            "--port",
+            str(run.port),
+            "--api-key",
+            SECRET,
+            "--log-format",
+            "json",
+            "--shutdown-grace",
+            "120",
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
     auth = {"Authorization": f"Bearer {SECRET}"}
     results: dict[int, httpx.Response | BaseException] = {}
 
     def send(i: int) -> None:
         try:
-            results[i] = httpx.post(f"{base}/v1/embeddings", headers={**auth, "X-Request-ID": f"drain-{i}"},
-                                    json={"model": MODEL, "input": texts_for(i)}, timeout=300)
+            results[i] = httpx.post(
+                f"{base}/v1/embeddings",
+                headers={**auth, "X-Request-ID": f"drain-{i}"},
+                json={"model": MODEL, "input": texts_for(i)},
+                timeout=300,
+            )
         except BaseException as exc:  # reported by the tests, not lost in a thread
             results[i] = exc
 
@@ -85,8 +126,9 @@ def drained() -> Run:
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.2)  # the signal is handled between two event-loop steps
         run.ready_after_signal = httpx.get(f"{base}/ready")
-        run.new_after_signal = httpx.post(f"{base}/v1/embeddings", headers=auth,
-                                          json={"model": MODEL, "input": "too late"})
+        run.new_after_signal = httpx.post(
+            f"{base}/v1/embeddings", headers=auth, json={"model": MODEL, "input": "too late"}
+        )
         run.health_after_signal = httpx.get(f"{base}/health")
         for thread in threads:
             thread.join(300)
@@ -111,7 +153,8 @@ def test_ready_turns_503_and_new_requests_are_refused_while_draining(drained: Ru
 
 
 def test_every_request_in_flight_at_the_signal_gets_its_full_correct_answer(
-        drained: Run, st_model: Any) -> None:
+    drained: Run, st_model: Any
+) -> None:
     for i, response in enumerate(drained.in_flight):
         assert isinstance(response, httpx.Response), response
         assert response.status_code == 200, response.text

@@ -65,8 +65,10 @@ class Database:
             self.folder.rename(self.folder.with_name("db.away"))
             self.folder.write_text("not a folder")
         else:
-            self._admin("ALTER DATABASE {name} ALLOW_CONNECTIONS false",
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+            self._admin(
+                "ALTER DATABASE {name} ALLOW_CONNECTIONS false",
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'",
+            )
 
     def bring_back(self) -> None:
         """Idempotent: cleanup may call it whatever happened."""
@@ -99,11 +101,32 @@ class Server:
         env = {**os.environ, "EMBEDSERVE_API_KEYS": ""}
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "embedserve", "serve", "--port", str(port), "--api-key", KEY,
-                 "--data-dir", str(data_dir), "--database-url", database.url, "--usage-journal",
-                 str(journal), "--usage-flush-interval", "0.2", "--shutdown-grace", str(GRACE_S),
-                 "--log-format", "json"],
-                stdout=subprocess.DEVNULL, stderr=log, env=env)
+                [
+                    sys.executable,
+                    "-m",
+                    "embedserve",
+                    "serve",
+                    "--port",
+                    str(port),
+                    "--api-key",
+                    KEY,
+                    "--data-dir",
+                    str(data_dir),
+                    "--database-url",
+                    database.url,
+                    "--usage-journal",
+                    str(journal),
+                    "--usage-flush-interval",
+                    "0.2",
+                    "--shutdown-grace",
+                    str(GRACE_S),
+                    "--log-format",
+                    "json",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                env=env,
+            )
         return cls(proc=proc, base=f"http://127.0.0.1:{port}", log_path=log_path)
 
     def wait(self, route: str = "/ready") -> None:
@@ -124,8 +147,12 @@ class Server:
 
 def embed(server: Server, text: str, request_id: str) -> int:
     """-> the prompt tokens the client was answered."""
-    response = httpx.post(f"{server.base}/v1/embeddings", headers={**AUTH, "X-Request-ID": request_id},
-                          json={"model": MODEL, "input": [text, text + " again"]}, timeout=60)
+    response = httpx.post(
+        f"{server.base}/v1/embeddings",
+        headers={**AUTH, "X-Request-ID": request_id},
+        json={"model": MODEL, "input": [text, text + " again"]},
+        timeout=60,
+    )
     assert response.status_code == 200, response.text
     tokens: int = response.json()["usage"]["prompt_tokens"]
     return tokens
@@ -228,7 +255,8 @@ def outage(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 
 def test_while_the_database_is_down_embeddings_are_served_and_ready_stays_200_saying_it_is_degraded(
-        outage: Outage) -> None:
+    outage: Outage,
+) -> None:
     assert outage.answered_requests == 5  # every request was answered 200 (embed() checks)
     assert outage.ready is not None and outage.ready.status_code == 200
     body = outage.ready.json()
@@ -245,19 +273,23 @@ def test_while_the_database_is_down_embeddings_are_served_and_ready_stays_200_sa
 
 
 def test_the_metrics_show_the_pending_records_the_failures_and_when_each_last_succeeded(
-        outage: Outage) -> None:
+    outage: Outage,
+) -> None:
     text = outage.metrics
     assert metric(text, "embedserve_usage_pending_records") == 5
     assert metric(text, "embedserve_usage_write_failures_total") >= 1
     assert metric(text, "embedserve_keys_refresh_failures_total") >= 1
     now = time.time()
-    for name in ("embedserve_usage_last_write_timestamp_seconds",
-                 "embedserve_keys_last_refresh_timestamp_seconds"):
+    for name in (
+        "embedserve_usage_last_write_timestamp_seconds",
+        "embedserve_keys_last_refresh_timestamp_seconds",
+    ):
         assert now - 3600 < metric(text, name) < now
 
 
 def test_at_sigterm_the_records_the_database_refuses_go_to_the_journal_and_the_process_exits_0(
-        outage: Outage) -> None:
+    outage: Outage,
+) -> None:
     assert outage.first is not None
     messages = outage.first.messages()
     assert outage.first_status == 0, messages[-10:]
@@ -268,19 +300,24 @@ def test_at_sigterm_the_records_the_database_refuses_go_to_the_journal_and_the_p
 
 
 def test_the_next_start_replays_the_journal_once_and_the_totals_equal_what_the_clients_were_answered(
-        outage: Outage) -> None:
+    outage: Outage,
+) -> None:
     assert outage.replay is not None and outage.replay_status == 0
     assert outage.totals_after_replay["requests"] == outage.answered_requests
     assert outage.totals_after_replay["prompt_tokens"] == outage.answered_tokens
     assert not outage.journal_after_replay
     assert "usage ledger: replayed 5 records from the journal" in "\n".join(outage.replay.messages())
     assert outage.replay_health["checks"]["ledger"] == {
-        "status": "ok", "pending_records": 0, "write_failures": 0,
-        "last_write": outage.replay_health["checks"]["ledger"]["last_write"]}
+        "status": "ok",
+        "pending_records": 0,
+        "write_failures": 0,
+        "last_write": outage.replay_health["checks"]["ledger"]["last_write"],
+    }
 
 
 def test_a_journal_replayed_again_after_a_crash_before_its_removal_counts_nothing_twice(
-        outage: Outage) -> None:
+    outage: Outage,
+) -> None:
     assert outage.again is not None and outage.again_status == 0
     assert outage.totals_after_again == outage.totals_after_replay
     assert not outage.journal_after_again
@@ -288,7 +325,8 @@ def test_a_journal_replayed_again_after_a_crash_before_its_removal_counts_nothin
 
 
 def test_a_journal_that_cannot_be_written_either_makes_the_process_exit_1_saying_how_many_were_lost(
-        storage: Storage, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    storage: Storage, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
     cluster = request.getfixturevalue("postgres") if storage.url else None
     database = Database.of(storage.data_dir, storage.url, cluster)
     folder = tmp_path / "journal"
@@ -300,8 +338,10 @@ def test_a_journal_that_cannot_be_written_either_makes_the_process_exit_1_saying
         folder.write_text("the journal's folder is gone")
         for i in range(3):
             embed(server, f"lost text {i}", f"lost-{i}")
-        until(lambda: httpx.get(f"{server.base}/ready").json()["checks"]["ledger"]["status"] == "degraded",
-              "the ledger never said degraded")
+        until(
+            lambda: httpx.get(f"{server.base}/ready").json()["checks"]["ledger"]["status"] == "degraded",
+            "the ledger never said degraded",
+        )
         status = server.stop()
     finally:
         if server.proc.poll() is None:
@@ -319,10 +359,24 @@ def test_a_journal_path_that_cannot_be_written_refuses_to_start_with_one_line(tm
     (tmp_path / "a-file").write_text("")
     journal = tmp_path / "a-file" / "usage-journal.jsonl"
     data_dir = private_data_dir(tmp_path / "data")
-    done = subprocess.run([sys.executable, "-m", "embedserve", "serve", "--data-dir", str(data_dir),
-                           "--usage-journal", str(journal)], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "embedserve",
+            "serve",
+            "--data-dir",
+            str(data_dir),
+            "--usage-journal",
+            str(journal),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f"embedserve: error: cannot write the usage journal {journal}: [Errno 17] File exists: "
-        f"'{journal.parent}'"]
+        f"'{journal.parent}'"
+    ]
     assert not SqliteDatabase(data_dir / "embedserve.db").path.exists()  # refused before any state

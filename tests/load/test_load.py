@@ -26,8 +26,9 @@ RSS_SLACK_BYTES = 8 * 2**20
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[ServerProcess]:
-    with server_process("--max-queued-inputs", str(MAX_QUEUED), "--max-inputs-per-request",
-                        str(MAX_INPUTS)) as process:
+    with server_process(
+        "--max-queued-inputs", str(MAX_QUEUED), "--max-inputs-per-request", str(MAX_INPUTS)
+    ) as process:
         yield process
 
 
@@ -44,13 +45,20 @@ async def _closed_loop(base: str, requests: int, concurrency: int) -> dict[int, 
         try:
             for i in counter:
                 body = b'{"model": "%s", "input": "load test %d", "encoding_format": "base64"}' % (
-                    MODEL.encode(), i)
-                writer.write(b"POST /v1/embeddings HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json"
-                             b"\r\nContent-Length: %d\r\n\r\n%s" % (host.encode(), len(body), body))
+                    MODEL.encode(),
+                    i,
+                )
+                writer.write(
+                    b"POST /v1/embeddings HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json"
+                    b"\r\nContent-Length: %d\r\n\r\n%s" % (host.encode(), len(body), body)
+                )
                 head = await reader.readuntil(b"\r\n\r\n")
                 status = int(head.split(b" ", 2)[1])
-                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length:"))
+                length = next(
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
                 await reader.readexactly(length)
                 statuses[status] = statuses.get(status, 0) + 1
         finally:
@@ -62,7 +70,8 @@ async def _closed_loop(base: str, requests: int, concurrency: int) -> dict[int, 
 
 
 def test_below_capacity_nothing_fails_and_memory_stays_flat_over_10000_requests(
-        served: ServerProcess) -> None:
+    served: ServerProcess,
+) -> None:
     assert asyncio.run(_closed_loop(served.base, WARM_UP, CONCURRENCY)) == {200: WARM_UP}
     before = served.rss_bytes()
     assert asyncio.run(_closed_loop(served.base, MEASURED, CONCURRENCY)) == {200: MEASURED}
@@ -70,19 +79,21 @@ def test_below_capacity_nothing_fails_and_memory_stays_flat_over_10000_requests(
     assert after - before < RSS_SLACK_BYTES, f"RSS grew {(after - before) / 2**20:.1f} MiB"
 
 
-def test_above_capacity_the_overflow_gets_503_at_once_and_the_server_recovers(
-        served: ServerProcess) -> None:
+def test_above_capacity_the_overflow_gets_503_at_once_and_the_server_recovers(served: ServerProcess) -> None:
     burst = 24  # x 64 inputs = 1536, six times what the queue admits
-    texts = [f"overflow {i} " + "with a sentence of some forty tokens in it to give the model work " * 3
-             for i in range(MAX_INPUTS)]
+    texts = [
+        f"overflow {i} " + "with a sentence of some forty tokens in it to give the model work " * 3
+        for i in range(MAX_INPUTS)
+    ]
 
     async def one(http: httpx.AsyncClient) -> tuple[httpx.Response, float]:
         response = await http.post("/embeddings", json={"model": MODEL, "input": texts})
         return response, time.monotonic()
 
     async def main() -> list[tuple[httpx.Response, float]]:
-        async with httpx.AsyncClient(base_url=f"{served.base}/v1", timeout=300,
-                                     limits=httpx.Limits(max_connections=burst)) as http:
+        async with httpx.AsyncClient(
+            base_url=f"{served.base}/v1", timeout=300, limits=httpx.Limits(max_connections=burst)
+        ) as http:
             return await asyncio.gather(*(one(http) for _ in range(burst)))
 
     results = asyncio.run(main())

@@ -33,12 +33,16 @@ TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
     "Zürich, São Paulo and the café on the façade — naïve über Straße.",
     "emoji 🚀🔥 and symbols ∑ ≤ ≥ ← →",
-    " ".join(f"sentence number {i} talks about engineers who build long and careful bridges" for i in
-             range(25)),  # a few hundred tokens
+    " ".join(
+        f"sentence number {i} talks about engineers who build long and careful bridges" for i in range(25)
+    ),  # a few hundred tokens
     "what is the capital of France?",
 ]
-QUERIES = ["what is the capital of France", "how do vaccines work",
-           "why is the sky blue when the sun is yellow and the air is clear"]
+QUERIES = [
+    "what is the capital of France",
+    "how do vaccines work",
+    "why is the sky blue when the sun is yellow and the air is clear",
+]
 QWEN3_DIMS = [64, 128, 256, 512, 768, 1024]
 
 
@@ -46,17 +50,18 @@ def embed(client: OpenAI, model: str, inputs: Any, **extra: Any) -> tuple[np.nda
     response = client.embeddings.create(model=model, input=inputs, extra_body=extra or None)
     assert [d.index for d in response.data] == list(range(len(response.data)))
     assert response.model == model
-    return (np.array([d.embedding for d in response.data], dtype=np.float32),
-            response.usage.prompt_tokens)
+    return (np.array([d.embedding for d in response.data], dtype=np.float32), response.usage.prompt_tokens)
 
 
 def post(server: LiveServer, body: dict[str, Any]) -> httpx.Response:
-    return httpx.post(f"{server.v1}/embeddings", json=body, timeout=120,
-                      headers={"Authorization": f"Bearer {API_KEY}"})
+    return httpx.post(
+        f"{server.v1}/embeddings", json=body, timeout=120, headers={"Authorization": f"Bearer {API_KEY}"}
+    )
 
 
-def assert_error(response: httpx.Response, status: int, code: str, param: str | None,
-                 *fragments: str) -> None:
+def assert_error(
+    response: httpx.Response, status: int, code: str, param: str | None, *fragments: str
+) -> None:
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert (error["code"], error["param"], error["type"]) == (code, param, "invalid_request_error")
@@ -68,9 +73,9 @@ def assert_error(response: httpx.Response, status: int, code: str, param: str | 
 
 
 @pytest.mark.parametrize("name", ["BAAI/bge-m3", "bge-m3"])
-def test_bge_m3_matches_cls_and_normalize_from_transformers(family_client: OpenAI,
-                                                            family_models: FamilyModels,
-                                                            name: str) -> None:
+def test_bge_m3_matches_cls_and_normalize_from_transformers(
+    family_client: OpenAI, family_models: FamilyModels, name: str
+) -> None:
     served, tokens = embed(family_client, name, TEXTS)
     reference = bge_m3_reference(family_models.bge_m3, TEXTS)
     assert min_cosine(served, reference) >= 0.9999
@@ -78,21 +83,22 @@ def test_bge_m3_matches_cls_and_normalize_from_transformers(family_client: OpenA
     assert tokens == sum(len(ids) for ids in token_ids(family_models.bge_m3, TEXTS))
 
 
-def test_bare_bge_m3_folder_gets_the_preset_from_its_name(family_client: OpenAI,
-                                                          family_models: FamilyModels) -> None:
+def test_bare_bge_m3_folder_gets_the_preset_from_its_name(
+    family_client: OpenAI, family_models: FamilyModels
+) -> None:
     served, _ = embed(family_client, "bge-m3-bare", TEXTS)
     assert min_cosine(served, bge_m3_reference(family_models.bge_m3_bare, TEXTS)) >= 0.9999
 
 
 def test_bge_m3_inputs_in_concurrent_requests_match_the_single_batch_reference(
-        family_client: OpenAI, family_models: FamilyModels) -> None:
+    family_client: OpenAI, family_models: FamilyModels
+) -> None:
     with ThreadPoolExecutor(len(TEXTS)) as pool:
         rows = list(pool.map(lambda t: embed(family_client, "bge-m3", t)[0][0], TEXTS))
     assert min_cosine(np.stack(rows), bge_m3_reference(family_models.bge_m3, TEXTS)) >= 0.9999
 
 
-def test_bge_m3_token_ids_give_the_texts_vectors(family_client: OpenAI,
-                                                 family_models: FamilyModels) -> None:
+def test_bge_m3_token_ids_give_the_texts_vectors(family_client: OpenAI, family_models: FamilyModels) -> None:
     ids = token_ids(family_models.bge_m3, TEXTS)
     served, tokens = embed(family_client, "bge-m3", ids)
     assert min_cosine(served, bge_m3_reference(family_models.bge_m3, TEXTS)) >= 0.9999
@@ -114,13 +120,13 @@ def test_bge_m3_queries_and_documents_are_embedded_alike(family_client: OpenAI) 
 
 def test_bge_m3_dimensions_is_400_saying_it_is_not_matryoshka(family_server: LiveServer) -> None:
     response = post(family_server, {"model": "bge-m3", "input": "hi", "dimensions": 16})
-    assert_error(response, 400, "unsupported_dimensions", "dimensions", "not a Matryoshka model",
-                 "'bge-m3'")
+    assert_error(response, 400, "unsupported_dimensions", "dimensions", "not a Matryoshka model", "'bge-m3'")
 
 
 def test_bge_m3_instruction_is_400(family_server: LiveServer) -> None:
-    response = post(family_server, {"model": "bge-m3", "input": "hi", "input_type": "query",
-                                    "instruction": "Find code"})
+    response = post(
+        family_server, {"model": "bge-m3", "input": "hi", "input_type": "query", "instruction": "Find code"}
+    )
     assert_error(response, 400, "invalid_instruction", "instruction", "takes no instruction")
 
 
@@ -133,8 +139,9 @@ def test_bge_m3_accepts_8192_tokens_and_refuses_8193(family_server: LiveServer) 
 
 
 def test_bge_m3_model_card(family_server: LiveServer) -> None:
-    card = httpx.get(f"{family_server.v1}/models/bge-m3", timeout=30,
-                     headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    card = httpx.get(
+        f"{family_server.v1}/models/bge-m3", timeout=30, headers={"Authorization": f"Bearer {API_KEY}"}
+    ).json()
     assert card["id"] == "BAAI/bge-m3" and card["aliases"] == ["bge-m3"]
     assert (card["family"], card["max_input_tokens"], card["matryoshka_dimensions"]) == ("bge-m3", 8192, [])
     assert card["owned_by"] == "BAAI" and card["default_instruction"] is None
@@ -146,15 +153,17 @@ def test_bge_m3_model_card(family_server: LiveServer) -> None:
 
 @pytest.mark.parametrize("name", ["Qwen/Qwen3-Embedding-0.6B", "Qwen3-Embedding-0.6B"])
 def test_qwen3_documents_match_left_padding_last_token_from_transformers(
-        family_client: OpenAI, family_models: FamilyModels, name: str) -> None:
+    family_client: OpenAI, family_models: FamilyModels, name: str
+) -> None:
     served, tokens = embed(family_client, name, TEXTS)
     assert min_cosine(served, qwen3_reference(family_models.qwen3, TEXTS)) >= 0.9999
     np.testing.assert_allclose(np.linalg.norm(served, axis=1), 1.0, atol=1e-5)
     assert tokens == sum(len(ids) for ids in token_ids(family_models.qwen3, TEXTS))
 
 
-def test_qwen3_queries_take_the_default_instruction(family_client: OpenAI,
-                                                    family_models: FamilyModels) -> None:
+def test_qwen3_queries_take_the_default_instruction(
+    family_client: OpenAI, family_models: FamilyModels
+) -> None:
     served, tokens = embed(family_client, "Qwen3-Embedding-0.6B", QUERIES, input_type="query")
     prompted = [qwen3_query(QWEN3_DEFAULT_TASK, q) for q in QUERIES]
     assert min_cosine(served, qwen3_reference(family_models.qwen3, prompted)) >= 0.9999
@@ -163,11 +172,11 @@ def test_qwen3_queries_take_the_default_instruction(family_client: OpenAI,
     assert min_cosine(served, plain) < 0.999  # the instruction changes the vector
 
 
-def test_qwen3_queries_take_the_request_instruction(family_client: OpenAI,
-                                                    family_models: FamilyModels) -> None:
+def test_qwen3_queries_take_the_request_instruction(
+    family_client: OpenAI, family_models: FamilyModels
+) -> None:
     task = "Given a question, retrieve passages that answer it"
-    served, _ = embed(family_client, "Qwen3-Embedding-0.6B", QUERIES, input_type="query",
-                      instruction=task)
+    served, _ = embed(family_client, "Qwen3-Embedding-0.6B", QUERIES, input_type="query", instruction=task)
     reference = qwen3_reference(family_models.qwen3, [qwen3_query(task, q) for q in QUERIES])
     assert min_cosine(served, reference) >= 0.9999
 
@@ -178,10 +187,12 @@ def test_qwen3_documents_take_no_instruction(family_client: OpenAI, family_model
 
 
 @pytest.mark.parametrize("dimensions", QWEN3_DIMS)
-def test_qwen3_dimensions_truncate_then_normalize(family_client: OpenAI, family_models: FamilyModels,
-                                                  dimensions: int) -> None:
-    response = family_client.embeddings.create(model="Qwen3-Embedding-0.6B", input=TEXTS,
-                                                dimensions=dimensions)
+def test_qwen3_dimensions_truncate_then_normalize(
+    family_client: OpenAI, family_models: FamilyModels, dimensions: int
+) -> None:
+    response = family_client.embeddings.create(
+        model="Qwen3-Embedding-0.6B", input=TEXTS, dimensions=dimensions
+    )
     served = np.array([d.embedding for d in response.data], dtype=np.float32)
     assert served.shape == (len(TEXTS), dimensions)
     reference = qwen3_reference(family_models.qwen3, TEXTS)[:, :dimensions]
@@ -190,15 +201,16 @@ def test_qwen3_dimensions_truncate_then_normalize(family_client: OpenAI, family_
 
 
 @pytest.mark.parametrize("dimensions", [32, 100, 1000, 1536, 2048, 2560, 4096])
-def test_qwen3_dimensions_outside_its_list_is_400_listing_them(family_server: LiveServer,
-                                                               dimensions: int) -> None:
-    response = post(family_server, {"model": "Qwen3-Embedding-0.6B", "input": "hi",
-                                    "dimensions": dimensions})
+def test_qwen3_dimensions_outside_its_list_is_400_listing_them(
+    family_server: LiveServer, dimensions: int
+) -> None:
+    response = post(family_server, {"model": "Qwen3-Embedding-0.6B", "input": "hi", "dimensions": dimensions})
     assert_error(response, 400, "unsupported_dimensions", "dimensions", str(QWEN3_DIMS), str(dimensions))
 
 
-def test_qwen3_token_ids_with_and_without_eos_give_the_texts_vectors(family_client: OpenAI,
-                                                                     family_models: FamilyModels) -> None:
+def test_qwen3_token_ids_with_and_without_eos_give_the_texts_vectors(
+    family_client: OpenAI, family_models: FamilyModels
+) -> None:
     ids = token_ids(family_models.qwen3, TEXTS)
     assert all(i[-1] == ids[0][-1] for i in ids)  # this tokenizer appends <|endoftext|>
     reference = qwen3_reference(family_models.qwen3, TEXTS)
@@ -210,24 +222,36 @@ def test_qwen3_token_ids_with_and_without_eos_give_the_texts_vectors(family_clie
 
 
 def test_qwen3_query_input_type_with_token_ids_is_400(family_server: LiveServer) -> None:
-    response = post(family_server, {"model": "Qwen3-Embedding-0.6B", "input": [[5, 6, 7]],
-                                    "input_type": "query"})
-    assert_error(response, 400, "invalid_input_type", "input_type", "token ids cannot take",
-                 "Instruct: ")
+    response = post(
+        family_server, {"model": "Qwen3-Embedding-0.6B", "input": [[5, 6, 7]], "input_type": "query"}
+    )
+    assert_error(response, 400, "invalid_input_type", "input_type", "token ids cannot take", "Instruct: ")
 
 
-@pytest.mark.parametrize(("extra", "code", "param", "fragment"), [
-    ({"instruction": "Find code"}, "invalid_instruction", "instruction", "input_type 'query'"),
-    ({"input_type": "document", "instruction": "Find code"}, "invalid_instruction", "instruction",
-     "input_type 'query'"),
-    ({"input_type": "passage_of_time"}, "invalid_input_type", "input_type", "['query', 'document']"),
-    ({"input_type": 3}, "invalid_input_type", "input_type", "must be a string"),
-    ({"input_type": "query", "instruction": ""}, "invalid_instruction", "instruction", "non-empty"),
-    ({"input_type": "query", "instruction": ["a"]}, "invalid_instruction", "instruction", "non-empty"),
-])
+@pytest.mark.parametrize(
+    ("extra", "code", "param", "fragment"),
+    [
+        ({"instruction": "Find code"}, "invalid_instruction", "instruction", "input_type 'query'"),
+        (
+            {"input_type": "document", "instruction": "Find code"},
+            "invalid_instruction",
+            "instruction",
+            "input_type 'query'",
+        ),
+        ({"input_type": "passage_of_time"}, "invalid_input_type", "input_type", "['query', 'document']"),
+        ({"input_type": 3}, "invalid_input_type", "input_type", "must be a string"),
+        ({"input_type": "query", "instruction": ""}, "invalid_instruction", "instruction", "non-empty"),
+        ({"input_type": "query", "instruction": ["a"]}, "invalid_instruction", "instruction", "non-empty"),
+    ],
+)
 def test_bad_input_type_or_instruction_is_400_and_changes_nothing(
-        family_server: LiveServer, family_client: OpenAI, extra: dict[str, Any], code: str,
-        param: str, fragment: str) -> None:
+    family_server: LiveServer,
+    family_client: OpenAI,
+    extra: dict[str, Any],
+    code: str,
+    param: str,
+    fragment: str,
+) -> None:
     before, _ = embed(family_client, "Qwen3-Embedding-0.6B", QUERIES[:1])
     response = post(family_server, {"model": "Qwen3-Embedding-0.6B", "input": QUERIES[:1], **extra})
     assert_error(response, 400, code, param, fragment)
@@ -235,8 +259,9 @@ def test_bad_input_type_or_instruction_is_400_and_changes_nothing(
     np.testing.assert_array_equal(before, after)
 
 
-def test_qwen3_tokenizer_without_eos_gets_it_appended(family_client: OpenAI,
-                                                      family_models: FamilyModels) -> None:
+def test_qwen3_tokenizer_without_eos_gets_it_appended(
+    family_client: OpenAI, family_models: FamilyModels
+) -> None:
     """The original release's tokenizer adds no EOS; its model card appended one by hand."""
     ids = token_ids(family_models.qwen3_no_eos, TEXTS)
     served, tokens = embed(family_client, "qwen3-no-eos", TEXTS)
@@ -247,11 +272,13 @@ def test_qwen3_tokenizer_without_eos_gets_it_appended(family_client: OpenAI,
 
 
 def test_qwen3_model_card(family_server: LiveServer) -> None:
-    card = httpx.get(f"{family_server.v1}/models/Qwen/Qwen3-Embedding-0.6B", timeout=30,
-                     headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    card = httpx.get(
+        f"{family_server.v1}/models/Qwen/Qwen3-Embedding-0.6B",
+        timeout=30,
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    ).json()
     assert card["aliases"] == ["Qwen3-Embedding-0.6B"] and card["owned_by"] == "Qwen"
-    assert (card["family"], card["dimensions"], card["max_input_tokens"]) == ("qwen3-embedding", 1024,
-                                                                            32768)
+    assert (card["family"], card["dimensions"], card["max_input_tokens"]) == ("qwen3-embedding", 1024, 32768)
     assert card["matryoshka_dimensions"] == QWEN3_DIMS
     assert card["default_instruction"] == QWEN3_DEFAULT_TASK
 
@@ -259,10 +286,13 @@ def test_qwen3_model_card(family_server: LiveServer) -> None:
 # ---- sentence-transformers prompts through the same mechanism -------------------------------------
 
 
-@pytest.mark.parametrize(("input_type", "prompt_name"), [
-    ("query", "query"), ("document", "passage"), (None, "passage"), ("clustering", "clustering")])
-def test_sentence_transformers_prompts_follow_input_type(family_client: OpenAI, st_model: Any,
-                                                         input_type: str | None, prompt_name: str) -> None:
+@pytest.mark.parametrize(
+    ("input_type", "prompt_name"),
+    [("query", "query"), ("document", "passage"), (None, "passage"), ("clustering", "clustering")],
+)
+def test_sentence_transformers_prompts_follow_input_type(
+    family_client: OpenAI, st_model: Any, input_type: str | None, prompt_name: str
+) -> None:
     prompts = {"query": "query: ", "passage": "passage: ", "clustering": "cluster: "}
     texts = [t for t in TEXTS if len(t) < 200]  # MiniLM takes 256 tokens
     extra = {"input_type": input_type} if input_type else {}
@@ -276,9 +306,11 @@ def test_truncation_keeps_the_eos_last(family_models: FamilyModels, tmp_path: Pa
     """With --truncate, a Qwen3 input over the limit is cut and still ends with <|endoftext|>, as the
     tokenizer's own truncation does."""
     catalog = tmp_path / "models.toml"
-    catalog.write_text('[[models]]\nsource = "Qwen/Qwen3-Embedding-0.6B"\nmax_input_tokens = 64\n\n'
-                       f'[[models]]\nid = "qwen3-no-eos"\nsource = "{family_models.qwen3_no_eos}"\n'
-                       'max_input_tokens = 64\n')
+    catalog.write_text(
+        '[[models]]\nsource = "Qwen/Qwen3-Embedding-0.6B"\nmax_input_tokens = 64\n\n'
+        f'[[models]]\nid = "qwen3-no-eos"\nsource = "{family_models.qwen3_no_eos}"\n'
+        "max_input_tokens = 64\n"
+    )
     long_text = TEXTS[4]
     with live_server(Settings(models_file=catalog, truncate=True)) as live:
         client = OpenAI(base_url=live.v1, api_key="unused", max_retries=0)
@@ -299,8 +331,10 @@ def test_dtype_and_device_choices(family_models: FamilyModels, tmp_path: Path) -
     import torch
 
     catalog = tmp_path / "models.toml"
-    catalog.write_text('[[models]]\nsource = "Qwen/Qwen3-Embedding-0.6B"\ndtype = "bfloat16"\n\n'
-                       '[[models]]\nid = "on-cuda"\nsource = "BAAI/bge-m3"\ndevice = "cuda"\n')
+    catalog.write_text(
+        '[[models]]\nsource = "Qwen/Qwen3-Embedding-0.6B"\ndtype = "bfloat16"\n\n'
+        '[[models]]\nid = "on-cuda"\nsource = "BAAI/bge-m3"\ndevice = "cuda"\n'
+    )
     with live_server(Settings(models_file=catalog), wait_for="/health") as live:
         client = OpenAI(base_url=live.v1, api_key="unused", max_retries=0)
         deadline = time.monotonic() + 120
@@ -314,7 +348,8 @@ def test_dtype_and_device_choices(family_models: FamilyModels, tmp_path: Path) -
         assert min_cosine(served, qwen3_reference(family_models.qwen3, TEXTS)) >= 0.99
         if not torch.cuda.is_available():
             assert cards["on-cuda"]["status"] == "failed"
-            response = httpx.post(f"{live.v1}/embeddings", json={"model": "on-cuda", "input": "hi"},
-                                  timeout=30)
+            response = httpx.post(
+                f"{live.v1}/embeddings", json={"model": "on-cuda", "input": "hi"}, timeout=30
+            )
             assert response.status_code == 503
             assert "'on-cuda' failed to load" in response.json()["error"]["message"]

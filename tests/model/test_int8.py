@@ -41,7 +41,7 @@ def test_scales_follow_the_formula_and_stay_bounded() -> None:
     assert got.dtype == np.float32
     np.testing.assert_allclose(got[:3], [2.0, 2.0, 100.0], rtol=1e-6)
     assert got[3] == pytest.approx(1e-3)  # a channel calibration never saw, on big weights: clipped, not 0
-    assert got[4] == pytest.approx(1e3)   # a huge activation on a zero row: clipped, not inf
+    assert got[4] == pytest.approx(1e3)  # a huge activation on a zero row: clipped, not inf
     np.testing.assert_allclose(smoothing_scales(x[:3], w[:3], alpha=1.0), [4.0, 0.25, 100.0], rtol=1e-6)
 
 
@@ -58,8 +58,9 @@ def test_calibration_text_is_fixed_real_and_not_the_benchmark_corpus() -> None:
 
 
 @pytest.mark.parametrize("model", ["minilm", "qwen3"])
-def test_smoothing_changes_the_graph_but_not_what_it_computes(model: str, family_models: FamilyModels,
-                                                              cache: Path, tmp_path: Path) -> None:
+def test_smoothing_changes_the_graph_but_not_what_it_computes(
+    model: str, family_models: FamilyModels, cache: Path, tmp_path: Path
+) -> None:
     spec = spec_of({"minilm": bundled_folder(), "qwen3": family_models.qwen3}[model])
     source = OnnxBackend(spec, cache_dir=cache).path
     proto = onnx.load(str(source))
@@ -82,16 +83,19 @@ def test_smoothing_changes_the_graph_but_not_what_it_computes(model: str, family
     onnx.save(proto, str(smoothed), save_as_external_data=True, location="smoothed.onnx.data")
     batch = batch_for(spec, TEXTS)
     feed = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-    before, after = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(["pooled"], feed)[0]
-                     for p in (source, smoothed))
+    before, after = (
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(["pooled"], feed)[0]
+        for p in (source, smoothed)
+    )
     muls = [n for n in proto.graph.node if n.op_type == "Mul" and n.name.startswith("embedserve_smooth")]
     assert len(muls) == len(readers)
     np.testing.assert_allclose(after, before, atol=1e-5)
 
 
 @pytest.mark.parametrize("model", ["minilm", "bge-m3", "qwen3"])
-def test_int8_stays_within_the_fidelity_bar_on_every_family(model: str, family_models: FamilyModels,
-                                                            cache: Path) -> None:
+def test_int8_stays_within_the_fidelity_bar_on_every_family(
+    model: str, family_models: FamilyModels, cache: Path
+) -> None:
     folder = {"minilm": bundled_folder(), "bge-m3": family_models.bge_m3, "qwen3": family_models.qwen3}[model]
     spec = spec_of(folder)
     batch = batch_for(spec, TEXTS)

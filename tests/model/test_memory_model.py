@@ -38,11 +38,17 @@ print(json.dumps({"rate": rate, "estimated": [model.peak(b, t) for b, t in shape
 
 @pytest.mark.parametrize("name", ["qwen3", "bge_m3"])
 @pytest.mark.parametrize("kind", ["onnx", "torch"])
-def test_the_memory_model_bounds_what_longer_passes_take(family_models: FamilyModels, name: str,
-                                                         kind: str) -> None:
+def test_the_memory_model_bounds_what_longer_passes_take(
+    family_models: FamilyModels, name: str, kind: str
+) -> None:
     cache = Path(os.environ["EMBEDSERVE_DATA_DIR"]) / "onnx"
-    done = subprocess.run([sys.executable, "-c", MEASURE, str(getattr(family_models, name)), kind,
-                           str(cache)], capture_output=True, text=True, timeout=600, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(getattr(family_models, name)), kind, str(cache)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["rate"] > 0
     for measured, estimated in zip(result["measured"], result["estimated"], strict=True):

@@ -29,10 +29,15 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("model", ["minilm", "tiny-cls-dense", "bge-m3", "qwen3"])
-def test_onnx_matches_torch_on_a_mixed_length_batch(model: str, family_models: FamilyModels,
-                                                    tiny_dense_model: Path, cache: Path) -> None:
-    folder = {"minilm": bundled_folder(), "tiny-cls-dense": tiny_dense_model,
-              "bge-m3": family_models.bge_m3, "qwen3": family_models.qwen3}[model]
+def test_onnx_matches_torch_on_a_mixed_length_batch(
+    model: str, family_models: FamilyModels, tiny_dense_model: Path, cache: Path
+) -> None:
+    folder = {
+        "minilm": bundled_folder(),
+        "tiny-cls-dense": tiny_dense_model,
+        "bge-m3": family_models.bge_m3,
+        "qwen3": family_models.qwen3,
+    }[model]
     spec = spec_of(folder)
     batch = batch_for(spec, TEXTS)
     torch_out = TorchBackend(spec, device="cpu", dtype="float32").forward(batch)
@@ -47,8 +52,9 @@ def test_onnx_matches_torch_on_a_mixed_length_batch(model: str, family_models: F
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
-def test_concurrent_forward_passes_on_one_session_each_get_their_own_vectors(workers: int,
-                                                                            cache: Path) -> None:
+def test_concurrent_forward_passes_on_one_session_each_get_their_own_vectors(
+    workers: int, cache: Path
+) -> None:
     """`workers` passes at once on the one session (as the batcher's threads run them), each on
     cores // workers intra-op threads; every pass gives exactly what a lone pass gives."""
     spec = spec_of(bundled_folder())
@@ -76,13 +82,17 @@ def test_concurrent_forward_passes_on_one_session_each_get_their_own_vectors(wor
 FUSED_OPS = {"Attention", "EmbedLayerNormalization", "SkipLayerNormalization", "BiasGelu"}
 
 
-@pytest.mark.parametrize(("model", "fused"), [
-    ("minilm", FUSED_OPS),
-    ("bge-m3", FUSED_OPS - {"EmbedLayerNormalization"}),  # RoBERTa's padding-offset positions: unfused
-    ("qwen3", set()),  # a decoder: the dynamo graph, unfused
-])
-def test_encoders_are_served_fused_and_decoders_as_traced(model: str, fused: set[str],
-                                                         family_models: FamilyModels, cache: Path) -> None:
+@pytest.mark.parametrize(
+    ("model", "fused"),
+    [
+        ("minilm", FUSED_OPS),
+        ("bge-m3", FUSED_OPS - {"EmbedLayerNormalization"}),  # RoBERTa's padding-offset positions: unfused
+        ("qwen3", set()),  # a decoder: the dynamo graph, unfused
+    ],
+)
+def test_encoders_are_served_fused_and_decoders_as_traced(
+    model: str, fused: set[str], family_models: FamilyModels, cache: Path
+) -> None:
     folder = {"minilm": bundled_folder(), "bge-m3": family_models.bge_m3, "qwen3": family_models.qwen3}[model]
     path = OnnxBackend(spec_of(folder), cache_dir=cache).path
     ops = {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node}
@@ -90,15 +100,23 @@ def test_encoders_are_served_fused_and_decoders_as_traced(model: str, fused: set
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
 
 
-@pytest.mark.parametrize(("failure", "reason"), [
-    ("fusion raises", "pattern mismatch"),
-    ("fused graph disagrees", "disagrees with its source (min cosine 0.5"),
-    ("too little memory", "fusion needs ~0.7 GiB of memory and 0.0 GiB is available"),
-])
-def test_a_fusion_that_fails_or_disagrees_is_never_served(failure: str, reason: str, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch,
-                                                          caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize(
+    ("failure", "reason"),
+    [
+        ("fusion raises", "pattern mismatch"),
+        ("fused graph disagrees", "disagrees with its source (min cosine 0.5"),
+        ("too little memory", "fusion needs ~0.7 GiB of memory and 0.0 GiB is available"),
+    ],
+)
+def test_a_fusion_that_fails_or_disagrees_is_never_served(
+    failure: str,
+    reason: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     if failure == "fusion raises":
+
         def broken(*_: object) -> dict[str, int]:
             raise RuntimeError("pattern mismatch")
 
@@ -142,8 +160,9 @@ def test_the_key_follows_weights_pooling_and_quantization(tiny_dense_model: Path
     assert graph_key(minilm, "none") != graph_key(spec_of(tiny_dense_model), "none")
 
 
-def test_failed_export_leaves_nothing_behind_and_says_why(cache: Path, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_export_leaves_nothing_behind_and_says_why(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def broken(*_: object) -> None:
         raise RuntimeError("unsupported operator")
 

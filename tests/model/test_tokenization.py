@@ -34,8 +34,12 @@ TEXTS = [
 
 
 def folders(models: FamilyModels) -> dict[str, Path]:
-    return {"minilm": bundled_folder(), "bge-m3": models.bge_m3, "qwen3": models.qwen3,
-            "qwen3-no-eos": models.qwen3_no_eos}
+    return {
+        "minilm": bundled_folder(),
+        "bge-m3": models.bge_m3,
+        "qwen3": models.qwen3,
+        "qwen3-no-eos": models.qwen3_no_eos,
+    }
 
 
 @pytest.mark.parametrize("name", ["minilm", "bge-m3", "qwen3", "qwen3-no-eos"])
@@ -89,7 +93,8 @@ def encode(pool: TokenizerPool, texts: list[str], limits: TokenLimits) -> Tokeni
 @pytest.mark.parametrize("name", ["minilm", "bge-m3", "qwen3", "qwen3-no-eos"])
 @pytest.mark.parametrize("limit", [16, 40])
 def test_truncating_long_texts_by_windows_gives_transformers_truncation(
-        family_models: FamilyModels, name: str, limit: int) -> None:
+    family_models: FamilyModels, name: str, limit: int
+) -> None:
     folder = folders(family_models)[name]
     with ThreadPoolExecutor(1) as executor:
         pool = TokenizerPool(tokenizer_factory(folder), executor, copies=1)
@@ -100,14 +105,14 @@ def test_truncating_long_texts_by_windows_gives_transformers_truncation(
 
 
 @pytest.mark.parametrize("name", ["minilm", "bge-m3", "qwen3"])
-def test_an_over_long_text_is_found_from_its_first_characters(family_models: FamilyModels,
-                                                              name: str) -> None:
+def test_an_over_long_text_is_found_from_its_first_characters(family_models: FamilyModels, name: str) -> None:
     folder = folders(family_models)[name]
     huge = "the cat reads a long book about bridges. " * 25_000  # 1 MB
     with ThreadPoolExecutor(1) as executor:
         pool = TokenizerPool(tokenizer_factory(folder), executor, copies=1)
-        out = encode(pool, ["fine", huge, "never read"], TokenLimits(per_input=64, truncate=False,
-                                                                      total=10**6))
+        out = encode(
+            pool, ["fine", huge, "never read"], TokenLimits(per_input=64, truncate=False, total=10**6)
+        )
         assert out.stopped is Stop.INPUT and len(out.sequences) == 2
         assert 64 < len(out.sequences[1]) <= 65 * 8, "a lower bound from the first window"
         assert out.produced < 1000, "the rest of the text was never tokenized"
@@ -117,7 +122,8 @@ def test_an_over_long_text_is_found_from_its_first_characters(family_models: Fam
 
 @pytest.mark.parametrize("name", ["minilm", "bge-m3", "qwen3", "qwen3-no-eos"])
 def test_texts_within_the_limits_are_tokenized_exactly_whatever_their_length(
-        family_models: FamilyModels, name: str) -> None:
+    family_models: FamilyModels, name: str
+) -> None:
     folder = folders(family_models)[name]
     texts = [*TEXTS, *LONG_TEXTS]
     with ThreadPoolExecutor(2) as executor:
@@ -139,7 +145,8 @@ def test_a_request_stops_once_it_passes_its_total_or_its_budget(family_models: F
 
 
 def test_a_tokenizer_that_cannot_be_framed_truncates_whole_texts_as_transformers_does(
-        family_models: FamilyModels) -> None:
+    family_models: FamilyModels,
+) -> None:
     """A tokenizer whose framing is unknown (here: one built truncating) is run whole, its own way."""
     folder = family_models.bge_m3
     with ThreadPoolExecutor(1) as executor:
@@ -152,10 +159,12 @@ def test_a_tokenizer_that_cannot_be_framed_truncates_whole_texts_as_transformers
     assert over.stopped is Stop.INPUT and len(over.sequences) == 2
 
 
-@pytest.mark.parametrize(("name", "head", "tail"), [("minilm", (101,), (102,)), ("bge-m3", (0,), (2,)),
-                                                    ("qwen3-no-eos", (), ())])
+@pytest.mark.parametrize(
+    ("name", "head", "tail"), [("minilm", (101,), (102,)), ("bge-m3", (0,), (2,)), ("qwen3-no-eos", (), ())]
+)
 def test_each_tokenizer_knows_the_framing_it_puts_around_a_text(
-        family_models: FamilyModels, name: str, head: tuple[int, ...], tail: tuple[int, ...]) -> None:
+    family_models: FamilyModels, name: str, head: tuple[int, ...], tail: tuple[int, ...]
+) -> None:
     with ThreadPoolExecutor(1) as executor:
         pool = TokenizerPool(tokenizer_factory(folders(family_models)[name]), executor, copies=1)
     assert pool.framing == Framing(head=head, tail=tail)

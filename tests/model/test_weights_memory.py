@@ -58,15 +58,22 @@ def wide_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     folder = tmp_path_factory.mktemp("wide") / "wide-xlmr"
     torch.manual_seed(0)
-    config = XLMRobertaConfig(vocab_size=30_000, hidden_size=1024, num_hidden_layers=1,
-                              num_attention_heads=4, intermediate_size=64, max_position_embeddings=514)
+    config = XLMRobertaConfig(
+        vocab_size=30_000,
+        hidden_size=1024,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=514,
+    )
     XLMRobertaModel(config).save_pretrained(folder)
     return folder
 
 
 def _probe(*args: str) -> dict[str, int]:
-    out = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True,
-                         timeout=300, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=300, check=True
+    )
     result: dict[str, int] = json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout.strip() else {}
     return result
 

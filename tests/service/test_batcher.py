@@ -87,16 +87,30 @@ class FailingBackend(RecordingBackend):
 
 
 @asynccontextmanager
-async def started(backend: FakeBackend, *, max_batch_tokens: int = 4096, max_batch_items: int = 64,
-                  padding_side: PaddingSide = "right", pad_id: int = 0,
-                  max_batch_wait_ms: float = 0.0, max_padding: float = MAX_PADDING,
-                  **options: Any) -> AsyncIterator[Batcher]:
+async def started(
+    backend: FakeBackend,
+    *,
+    max_batch_tokens: int = 4096,
+    max_batch_items: int = 64,
+    padding_side: PaddingSide = "right",
+    pad_id: int = 0,
+    max_batch_wait_ms: float = 0.0,
+    max_padding: float = MAX_PADDING,
+    **options: Any,
+) -> AsyncIterator[Batcher]:
     """`options`: the batcher's admission and memory settings (max_queued, max_queue_wait_s,
     tokens_per_s, memory, budget)."""
-    batcher = Batcher("fake", backend, pad_id=pad_id, padding_side=padding_side,
-                      limits=BatchLimits(max_tokens=max_batch_tokens, max_wait_ms=max_batch_wait_ms,
-                                         max_padding=max_padding),
-                      max_batch_items=max_batch_items, **options)
+    batcher = Batcher(
+        "fake",
+        backend,
+        pad_id=pad_id,
+        padding_side=padding_side,
+        limits=BatchLimits(
+            max_tokens=max_batch_tokens, max_wait_ms=max_batch_wait_ms, max_padding=max_padding
+        ),
+        max_batch_items=max_batch_items,
+        **options,
+    )
     batcher.start()
     try:
         yield batcher
@@ -126,13 +140,19 @@ def random_sequences(rng: random.Random, count: int, *, max_len: int = 40) -> li
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
 @pytest.mark.parametrize(("padding_side", "pad_id"), [("right", 0), ("left", 0), ("left", 3)])
-def test_concurrent_callers_each_get_exactly_their_own_vectors(padding_side: PaddingSide,
-                                                               pad_id: int, workers: int) -> None:
+def test_concurrent_callers_each_get_exactly_their_own_vectors(
+    padding_side: PaddingSide, pad_id: int, workers: int
+) -> None:
     async def main() -> None:
         rng = random.Random(1)
         requests = [random_sequences(rng, rng.randint(1, 6)) for _ in range(60)]
-        async with started(FakeBackend(seed=SEED, workers=workers), max_batch_tokens=512,
-                           max_batch_items=16, padding_side=padding_side, pad_id=pad_id) as batcher:
+        async with started(
+            FakeBackend(seed=SEED, workers=workers),
+            max_batch_tokens=512,
+            max_batch_items=16,
+            padding_side=padding_side,
+            pad_id=pad_id,
+        ) as batcher:
             results = await asyncio.gather(*(batcher.embed(seqs) for seqs in requests))
         for seqs, vectors in zip(requests, results, strict=True):
             assert_own_vectors(seqs, vectors)
@@ -189,8 +209,7 @@ def test_one_worker_never_runs_two_batches_at_once() -> None:
     async def main() -> None:
         backend = MeetingBackend(workers=1, parties=2, timeout_s=0.2)
         async with started(backend, max_batch_items=1) as batcher:
-            results = await asyncio.gather(batcher.embed([[1]]), batcher.embed([[2]]),
-                                           return_exceptions=True)
+            results = await asyncio.gather(batcher.embed([[1]]), batcher.embed([[2]]), return_exceptions=True)
         assert all(isinstance(result, InternalError) for result in results)
 
     run(main())
@@ -211,8 +230,9 @@ def test_batches_respect_the_item_and_token_limits(max_batch_tokens: int, max_ba
         rng = random.Random(max_batch_tokens)
         requests = [random_sequences(rng, rng.randint(1, 10), max_len=50) for _ in range(30)]
         backend = FakeBackend(seed=SEED)
-        async with started(backend, max_batch_tokens=max_batch_tokens,
-                           max_batch_items=max_batch_items) as batcher:
+        async with started(
+            backend, max_batch_tokens=max_batch_tokens, max_batch_items=max_batch_items
+        ) as batcher:
             results = await asyncio.gather(*(batcher.embed(seqs) for seqs in requests))
         for seqs, vectors in zip(requests, results, strict=True):
             assert_own_vectors(seqs, vectors)
@@ -305,8 +325,9 @@ def test_every_caller_sharing_a_failed_batch_gets_internal_error() -> None:
     async def main() -> None:
         backend = FailingBackend(poison=666)
         async with started(backend) as batcher:
-            outcomes = await asyncio.gather(batcher.embed([[666, 7]]), batcher.embed([[5, 6]]),
-                                            return_exceptions=True)
+            outcomes = await asyncio.gather(
+                batcher.embed([[666, 7]]), batcher.embed([[5, 6]]), return_exceptions=True
+            )
             assert all(isinstance(outcome, InternalError) for outcome in outcomes)
             assert_own_vectors([[5, 6]], await batcher.embed([[5, 6]]))
 
@@ -316,8 +337,14 @@ def test_every_caller_sharing_a_failed_batch_gets_internal_error() -> None:
 def test_close_fails_waiting_items_with_service_unavailable() -> None:
     async def main() -> None:
         backend = GatedBackend()
-        batcher = Batcher("fake", backend, pad_id=0, padding_side="right", max_batch_items=64,
-                          limits=BatchLimits(max_tokens=4096, max_wait_ms=0.0, max_padding=MAX_PADDING))
+        batcher = Batcher(
+            "fake",
+            backend,
+            pad_id=0,
+            padding_side="right",
+            max_batch_items=64,
+            limits=BatchLimits(max_tokens=4096, max_wait_ms=0.0, max_padding=MAX_PADDING),
+        )
         batcher.start()
         running = asyncio.create_task(batcher.embed([[1, 2]]))
         await forward_started(backend)
@@ -347,8 +374,14 @@ def test_close_fails_waiting_items_with_service_unavailable() -> None:
 def test_close_answers_the_caller_whose_batch_is_running() -> None:
     async def main() -> None:
         backend = GatedBackend()
-        batcher = Batcher("fake", backend, pad_id=0, padding_side="right", max_batch_items=64,
-                          limits=BatchLimits(max_tokens=4096, max_wait_ms=0.0, max_padding=MAX_PADDING))
+        batcher = Batcher(
+            "fake",
+            backend,
+            pad_id=0,
+            padding_side="right",
+            max_batch_items=64,
+            limits=BatchLimits(max_tokens=4096, max_wait_ms=0.0, max_padding=MAX_PADDING),
+        )
         batcher.start()
         running = asyncio.create_task(batcher.embed([[1, 2]]))
         await forward_started(backend)
@@ -559,8 +592,9 @@ def test_passes_running_at_once_never_hold_more_than_the_memory_budget(workers: 
         rng = random.Random(workers)
         requests = [random_sequences(rng, rng.randint(1, 5), max_len=300) for _ in range(40)]
         async with started(MeteredBackend(meter, workers), memory=meter.model, budget=budget) as batcher:
-            results = await asyncio.wait_for(asyncio.gather(*(batcher.embed(r) for r in requests)),
-                                             GUARD_S * 3)
+            results = await asyncio.wait_for(
+                asyncio.gather(*(batcher.embed(r) for r in requests)), GUARD_S * 3
+            )
         for sequences, vectors in zip(requests, results, strict=True):
             assert_own_vectors(sequences, vectors)
         assert 0 < meter.peak <= budget.capacity
@@ -573,10 +607,14 @@ def test_two_models_share_one_budget() -> None:
     async def main() -> None:
         meter = Meter(MemoryModel(per_token=1000.0))
         budget = MemoryBudget(meter.model.peak(1, 100) * 1.5, explicit=True)  # one pass of 100 at a time
-        async with started(MeteredBackend(meter), memory=meter.model, budget=budget) as a, \
-                started(MeteredBackend(meter), memory=meter.model, budget=budget) as b:
-            await asyncio.wait_for(asyncio.gather(*(batcher.embed([[3] * 100])
-                                                    for batcher in (a, b) for _ in range(20))), GUARD_S)
+        async with (
+            started(MeteredBackend(meter), memory=meter.model, budget=budget) as a,
+            started(MeteredBackend(meter), memory=meter.model, budget=budget) as b,
+        ):
+            await asyncio.wait_for(
+                asyncio.gather(*(batcher.embed([[3] * 100]) for batcher in (a, b) for _ in range(20))),
+                GUARD_S,
+            )
         assert 0 < meter.peak <= budget.capacity, "two passes ran at once on a budget for one"
 
     run(main())

@@ -24,8 +24,9 @@ def test_a_created_key_is_stored_only_as_its_peppered_digest(storage: Storage) -
     db = storage.open()
     try:
         store = KeyStore(db)
-        record, secret = store.create(PEPPER, KeyChanges(name="team-a", models=("m1",), rpm=10,
-                                                         tpm=1000, admin=False))
+        record, secret = store.create(
+            PEPPER, KeyChanges(name="team-a", models=("m1",), rpm=10, tpm=1000, admin=False)
+        )
         with db.transaction(write=False) as tx:
             rows = tx.fetchall("SELECT * FROM api_keys")
         assert len(rows) == 1
@@ -48,8 +49,13 @@ def test_every_change_moves_the_counter_and_updates_apply_only_given_fields(stor
         versions.append(store.version())
         updated = store.update(record.id, KeyChanges(tpm=100, models=("x", "y")))
         versions.append(store.version())
-        assert (updated.name, updated.rpm, updated.tpm, updated.models, updated.expires_at) == \
-            ("a", 5, 100, ("x", "y"), 2e9)
+        assert (updated.name, updated.rpm, updated.tpm, updated.models, updated.expires_at) == (
+            "a",
+            5,
+            100,
+            ("x", "y"),
+            2e9,
+        )
         cleared = store.update(record.id, KeyChanges(rpm=None, models=None, expires_at=None, admin=True))
         versions.append(store.version())
         assert (cleared.rpm, cleared.models, cleared.expires_at, cleared.admin) == (None, None, None, True)
@@ -68,7 +74,8 @@ def test_every_change_moves_the_counter_and_updates_apply_only_given_fields(stor
 
 
 def test_the_ring_accepts_live_keys_and_refuses_revoked_and_expired_ones_with_the_reason(
-        storage: Storage) -> None:
+    storage: Storage,
+) -> None:
     db = storage.open()
     try:
         store = KeyStore(db)
@@ -80,8 +87,12 @@ def test_the_ring_accepts_live_keys_and_refuses_revoked_and_expired_ones_with_th
         assert ring.refresh_sync() is True
         assert ring.refresh_sync() is False  # nothing changed: no reload
         principal = ring.authenticate(live_secret)
-        assert (principal.key_id, principal.name, principal.prefix, principal.rpm) == \
-            (live.id, "live", live.prefix, 3)
+        assert (principal.key_id, principal.name, principal.prefix, principal.rpm) == (
+            live.id,
+            "live",
+            live.prefix,
+            3,
+        )
         assert principal.models == frozenset({"m1"}) and not principal.admin
         with pytest.raises(AuthenticationFailed, match="revoked"):
             ring.authenticate(gone_secret)
@@ -188,7 +199,8 @@ def test_the_schema_is_created_once_even_by_several_processes_at_once(storage: S
 
 
 def test_an_unknown_database_url_is_a_config_error_and_an_unreachable_one_database_unavailable(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     with pytest.raises(ConfigError, match="postgresql://"):
         open_database("mysql://somewhere/db", tmp_path)
     with pytest.raises(DatabaseUnavailable, match="cannot connect"):  # the CLI exits 1, not 2

@@ -23,22 +23,31 @@ JAN_31_LATE = datetime(2025, 1, 31, 23, 30, tzinfo=UTC).timestamp()
 FEB_1_EARLY = datetime(2025, 2, 1, 0, 30, tzinfo=UTC).timestamp()
 
 
-def rec(key: str, model: str, tokens: int, *, at: float = JAN_31_LATE, inputs: int = 1,
-        price: float = 0.0) -> UsageRecord:
-    return UsageRecord(key_id=key, model=model, prompt_tokens=tokens, inputs=inputs,
-                       request_id=f"req-{key}-{tokens}", created_at=at, latency_ms=1.5,
-                       price_per_million=price)
+def rec(
+    key: str, model: str, tokens: int, *, at: float = JAN_31_LATE, inputs: int = 1, price: float = 0.0
+) -> UsageRecord:
+    return UsageRecord(
+        key_id=key,
+        model=model,
+        prompt_tokens=tokens,
+        inputs=inputs,
+        request_id=f"req-{key}-{tokens}",
+        created_at=at,
+        latency_ms=1.5,
+        price_per_million=price,
+    )
 
 
 def count(db: Database) -> int:
     with db.transaction(write=False) as tx:
-        (n,), = tx.fetchall("SELECT COUNT(*) FROM usage_records")
+        ((n,),) = tx.fetchall("SELECT COUNT(*) FROM usage_records")
     return int(n)
 
 
 def test_records_are_written_at_the_flush_and_not_before(storage: Storage, tmp_path: Path) -> None:
     db = storage.open()
     try:
+
         async def scenario() -> None:
             ledger = UsageLedger(db, flush_interval_s=60, journal=UsageJournal(tmp_path / "journal"))
             for i in range(250):
@@ -50,17 +59,21 @@ def test_records_are_written_at_the_flush_and_not_before(storage: Storage, tmp_p
 
         asyncio.run(scenario())
         with db.transaction(write=False) as tx:
-            row = tx.fetchall("SELECT key_id, model, prompt_tokens, inputs, request_id, created_at, "
-                              "latency_ms, price_per_million FROM usage_records WHERE prompt_tokens = 7")
+            row = tx.fetchall(
+                "SELECT key_id, model, prompt_tokens, inputs, request_id, created_at, "
+                "latency_ms, price_per_million FROM usage_records WHERE prompt_tokens = 7"
+            )
         assert row == [("key_a", "m", 7, 1, "req-key_a-7", JAN_31_LATE, 1.5, 0.0)]
     finally:
         db.close()
 
 
 def test_the_background_flush_writes_within_the_interval_and_close_writes_the_rest(
-        storage: Storage, tmp_path: Path) -> None:
+    storage: Storage, tmp_path: Path
+) -> None:
     db = storage.open()
     try:
+
         async def scenario() -> None:
             ledger = UsageLedger(db, flush_interval_s=0.2, journal=UsageJournal(tmp_path / "journal"))
             task = asyncio.create_task(ledger.run())
@@ -77,10 +90,12 @@ def test_the_background_flush_writes_within_the_interval_and_close_writes_the_re
         db.close()
 
 
-def test_a_flush_cancelled_mid_write_neither_loses_nor_doubles_records(storage: Storage,
-                                                                       tmp_path: Path) -> None:
+def test_a_flush_cancelled_mid_write_neither_loses_nor_doubles_records(
+    storage: Storage, tmp_path: Path
+) -> None:
     db = storage.open()
     try:
+
         async def scenario() -> None:
             ledger = UsageLedger(db, flush_interval_s=60, journal=UsageJournal(tmp_path / "journal"))
             for i in range(2000):
@@ -99,6 +114,7 @@ def test_a_flush_cancelled_mid_write_neither_loses_nor_doubles_records(storage: 
 def test_a_failed_write_keeps_the_records_for_the_next_flush(storage: Storage, tmp_path: Path) -> None:
     db = storage.open()
     try:
+
         async def scenario() -> None:
             ledger = UsageLedger(db, flush_interval_s=60, journal=UsageJournal(tmp_path / "journal"))
             ledger.record(rec("key_a", "m", 5))
@@ -122,36 +138,63 @@ def test_reports_group_by_key_model_and_utc_day_and_price_each_record(storage: S
     db = storage.open()
     try:
         team, _ = KeyStore(db).create(b"p", KeyChanges(name="team-a"))
-        write_records(db, [
-            rec(team.id, "big", 1_000, price=0.5, inputs=2),
-            rec(team.id, "big", 3_000, price=0.5, at=FEB_1_EARLY),
-            rec(team.id, "small", 700, price=0.0, at=FEB_1_EARLY),
-            rec("api-key-abc", "big", 2_000, price=0.1),  # the price when it was used
-        ])
+        write_records(
+            db,
+            [
+                rec(team.id, "big", 1_000, price=0.5, inputs=2),
+                rec(team.id, "big", 3_000, price=0.5, at=FEB_1_EARLY),
+                rec(team.id, "small", 700, price=0.0, at=FEB_1_EARLY),
+                rec("api-key-abc", "big", 2_000, price=0.1),  # the price when it was used
+            ],
+        )
         by_key = report(db, UsageQuery(group_by="key"))
         assert by_key["data"] == [
-            {"key_id": "api-key-abc", "key_name": None, "key_prefix": None, "requests": 1, "inputs": 1,
-             "prompt_tokens": 2000, "cost": pytest.approx(0.0002)},
-            {"key_id": team.id, "key_name": "team-a", "key_prefix": team.prefix, "requests": 3,
-             "inputs": 4, "prompt_tokens": 4700, "cost": pytest.approx(0.002)},
+            {
+                "key_id": "api-key-abc",
+                "key_name": None,
+                "key_prefix": None,
+                "requests": 1,
+                "inputs": 1,
+                "prompt_tokens": 2000,
+                "cost": pytest.approx(0.0002),
+            },
+            {
+                "key_id": team.id,
+                "key_name": "team-a",
+                "key_prefix": team.prefix,
+                "requests": 3,
+                "inputs": 4,
+                "prompt_tokens": 4700,
+                "cost": pytest.approx(0.002),
+            },
         ]
-        assert by_key["total"] == {"requests": 4, "inputs": 5, "prompt_tokens": 6700,
-                                   "cost": pytest.approx(0.0022)}
+        assert by_key["total"] == {
+            "requests": 4,
+            "inputs": 5,
+            "prompt_tokens": 6700,
+            "cost": pytest.approx(0.0022),
+        }
         by_model = report(db, UsageQuery(group_by="model"))
-        assert [(r["model"], r["prompt_tokens"]) for r in by_model["data"]] == [("big", 6000),
-                                                                                ("small", 700)]
+        assert [(r["model"], r["prompt_tokens"]) for r in by_model["data"]] == [("big", 6000), ("small", 700)]
         by_day = report(db, UsageQuery(group_by="day"))
-        assert [(r["day"], r["requests"]) for r in by_day["data"]] == [("2025-01-31", 2),
-                                                                       ("2025-02-01", 2)]
+        assert [(r["day"], r["requests"]) for r in by_day["data"]] == [("2025-01-31", 2), ("2025-02-01", 2)]
         february = report(db, UsageQuery(since=parse_time("2025-02-01", "since"), key=team.id))
         assert february["data"] == []
         assert february["total"]["prompt_tokens"] == 3700
-        assert february["filters"] == {"key": team.id, "model": None, "since": "2025-02-01T00:00:00Z",
-                                       "until": None}
+        assert february["filters"] == {
+            "key": team.id,
+            "model": None,
+            "since": "2025-02-01T00:00:00Z",
+            "until": None,
+        }
         january = report(db, UsageQuery(until=parse_time("2025-02-01", "until"), model="big"))
         assert january["total"]["prompt_tokens"] == 3000  # until is exclusive
         empty = report(db, UsageQuery(key="key_nobody", group_by="key"))
-        assert empty["data"] == [] and empty["total"] == {"requests": 0, "inputs": 0,
-                                                         "prompt_tokens": 0, "cost": 0.0}
+        assert empty["data"] == [] and empty["total"] == {
+            "requests": 0,
+            "inputs": 0,
+            "prompt_tokens": 0,
+            "cost": 0.0,
+        }
     finally:
         db.close()

@@ -22,14 +22,22 @@ from embedserve.usage import UsageLedger, replay_journal, write_records
 
 
 def rec(tokens: int, request_id: str = "req") -> UsageRecord:
-    return UsageRecord(key_id="key_a", model="m", prompt_tokens=tokens, inputs=1, request_id=request_id,
-                       created_at=1.7e9 + tokens, latency_ms=2.5, price_per_million=0.1)
+    return UsageRecord(
+        key_id="key_a",
+        model="m",
+        prompt_tokens=tokens,
+        inputs=1,
+        request_id=request_id,
+        created_at=1.7e9 + tokens,
+        latency_ms=2.5,
+        price_per_million=0.1,
+    )
 
 
 def totals(db: Database) -> tuple[int, int]:
     """(records, prompt tokens) in the ledger."""
     with db.transaction(write=False) as tx:
-        (n, tokens), = tx.fetchall("SELECT COUNT(*), COALESCE(SUM(prompt_tokens), 0) FROM usage_records")
+        ((n, tokens),) = tx.fetchall("SELECT COUNT(*), COALESCE(SUM(prompt_tokens), 0) FROM usage_records")
     return int(n), int(tokens)
 
 
@@ -50,7 +58,8 @@ def journal_lines(journal: UsageJournal) -> list[UsageRecord]:
 
 
 def test_a_record_written_twice_counts_once_and_a_reused_request_id_counts_each_time(
-        storage: Storage) -> None:
+    storage: Storage,
+) -> None:
     db = storage.open()
     try:
         records = [rec(1, "same-id"), rec(2, "same-id"), rec(3, "other")]
@@ -63,11 +72,13 @@ def test_a_record_written_twice_counts_once_and_a_reused_request_id_counts_each_
 
 
 def test_close_journals_what_the_database_refuses_until_the_deadline_and_the_replay_writes_it_once(
-        storage: Storage, tmp_path: Path) -> None:
+    storage: Storage, tmp_path: Path
+) -> None:
     db = storage.open()
     journal = UsageJournal(tmp_path / "usage-journal.jsonl")
     records = [rec(i + 1) for i in range(5)]
     try:
+
         async def shutdown() -> tuple[int, float]:
             ledger = UsageLedger(db, flush_interval_s=60, journal=journal)
             for record in records:
@@ -99,7 +110,8 @@ def test_close_journals_what_the_database_refuses_until_the_deadline_and_the_rep
 
 
 def test_a_replay_cut_short_after_some_chunks_counts_every_record_once_when_run_again(
-        storage: Storage, tmp_path: Path) -> None:
+    storage: Storage, tmp_path: Path
+) -> None:
     db = storage.open()
     journal = UsageJournal(tmp_path / "usage-journal.jsonl")
     records = [rec(i + 1) for i in range(10)]
@@ -126,10 +138,12 @@ def test_a_replay_cut_short_after_some_chunks_counts_every_record_once_when_run_
 
 
 def test_close_writes_everything_when_the_database_comes_back_within_the_grace(
-        storage: Storage, tmp_path: Path) -> None:
+    storage: Storage, tmp_path: Path
+) -> None:
     db = storage.open()
     journal = UsageJournal(tmp_path / "usage-journal.jsonl")
     try:
+
         async def scenario() -> int:
             ledger = UsageLedger(db, flush_interval_s=60, journal=journal)
             for i in range(3):
@@ -151,11 +165,13 @@ def test_close_writes_everything_when_the_database_comes_back_within_the_grace(
 
 
 def test_close_counts_the_records_lost_when_the_journal_cannot_be_written_either(
-        storage: Storage, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    storage: Storage, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     db = storage.open()
     (tmp_path / "a-file").write_text("")
     journal = UsageJournal(tmp_path / "a-file" / "usage-journal.jsonl")  # ENOTDIR, even for root
     try:
+
         async def shutdown() -> int:
             ledger = UsageLedger(db, flush_interval_s=60, journal=journal)
             for i in range(7):
@@ -171,11 +187,13 @@ def test_close_counts_the_records_lost_when_the_journal_cannot_be_written_either
 
 
 def test_records_beyond_the_memory_bound_go_to_the_journal_and_in_once_the_database_is_back(
-        storage: Storage, tmp_path: Path) -> None:
+    storage: Storage, tmp_path: Path
+) -> None:
     db = storage.open()
     journal = UsageJournal(tmp_path / "usage-journal.jsonl")
     records = [rec(i + 1) for i in range(5)]
     try:
+
         async def scenario() -> None:
             ledger = UsageLedger(db, flush_interval_s=60, journal=journal, max_pending=3)
             for record in records:
@@ -197,26 +215,38 @@ def test_records_beyond_the_memory_bound_go_to_the_journal_and_in_once_the_datab
 
 
 def test_the_ledger_health_says_degraded_while_writes_fail_and_ok_once_one_succeeds(
-        storage: Storage, tmp_path: Path) -> None:
+    storage: Storage, tmp_path: Path
+) -> None:
     db = storage.open()
     now = [1000.0]
     try:
+
         async def scenario() -> None:
-            ledger = UsageLedger(db, flush_interval_s=60, journal=UsageJournal(tmp_path / "j"),
-                                 clock=lambda: now[0])
-            assert (ledger.health.status, ledger.health.last_success, ledger.health.failures) == \
-                ("ok", 1000.0, 0)
+            ledger = UsageLedger(
+                db, flush_interval_s=60, journal=UsageJournal(tmp_path / "j"), clock=lambda: now[0]
+            )
+            assert (ledger.health.status, ledger.health.last_success, ledger.health.failures) == (
+                "ok",
+                1000.0,
+                0,
+            )
             ledger.record(rec(1))
             now[0] = 1010.0
             with table_away(db):
                 for _ in range(2):
                     with pytest.raises(Exception):  # noqa: B017, PT011
                         await ledger.flush()
-            assert (ledger.health.status, ledger.health.last_success, ledger.health.failures) == \
-                ("degraded", 1000.0, 2)
+            assert (ledger.health.status, ledger.health.last_success, ledger.health.failures) == (
+                "degraded",
+                1000.0,
+                2,
+            )
             assert await ledger.flush() == 1
-            assert (ledger.health.status, ledger.health.last_success, ledger.health.failures) == \
-                ("ok", 1010.0, 2)
+            assert (ledger.health.status, ledger.health.last_success, ledger.health.failures) == (
+                "ok",
+                1010.0,
+                2,
+            )
 
         asyncio.run(scenario())
     finally:

@@ -58,15 +58,20 @@ def columns(storage: Storage) -> list[str]:
         with db.transaction(write=False) as tx:
             if storage.url is None:
                 return [row[1] for row in tx.fetchall("PRAGMA table_info(usage_records)")]
-            return [row[0] for row in tx.fetchall(
-                "SELECT column_name FROM information_schema.columns WHERE table_name = 'usage_records' "
-                "ORDER BY ordinal_position")]
+            return [
+                row[0]
+                for row in tx.fetchall(
+                    "SELECT column_name FROM information_schema.columns WHERE table_name = 'usage_records' "
+                    "ORDER BY ordinal_position"
+                )
+            ]
     finally:
         db.close()
 
 
 def test_a_version_1_database_is_migrated_once_by_processes_opening_it_together_and_keeps_its_records(
-        storage: Storage) -> None:
+    storage: Storage,
+) -> None:
     make_old_database(storage)
     results: list[Any] = []
 
@@ -90,20 +95,34 @@ def test_a_version_1_database_is_migrated_once_by_processes_opening_it_together_
         with db.transaction(write=False) as tx:
             assert tx.fetchall("SELECT schema_version FROM embedserve_meta") == [(SCHEMA_VERSION,)]
         assert report(db, UsageQuery())["total"]["prompt_tokens"] == 300  # old rows, NULL record ids
-        new = UsageRecord(key_id="key_new", model="m", prompt_tokens=5, inputs=1, request_id="r1",
-                          created_at=1.7e9, latency_ms=1.0, price_per_million=0.0)
+        new = UsageRecord(
+            key_id="key_new",
+            model="m",
+            prompt_tokens=5,
+            inputs=1,
+            request_id="r1",
+            created_at=1.7e9,
+            latency_ms=1.0,
+            price_per_million=0.0,
+        )
         assert write_records(db, [new]) == 1
         assert write_records(db, [new]) == 0  # the unique record id holds on a migrated table too
-        assert report(db, UsageQuery())["total"] == {"requests": 3, "inputs": 4, "prompt_tokens": 305,
-                                                     "cost": 0.0}
+        assert report(db, UsageQuery())["total"] == {
+            "requests": 3,
+            "inputs": 4,
+            "prompt_tokens": 305,
+            "cost": 0.0,
+        }
     finally:
         db.close()
 
 
 def test_a_database_newer_than_this_release_is_refused_and_left_alone(storage: Storage) -> None:
     make_old_database(storage, version=SCHEMA_VERSION + 1)
-    with pytest.raises(ConfigError, match=f"has schema version {SCHEMA_VERSION + 1}; this embedserve "
-                                          f"reads version {SCHEMA_VERSION}"):
+    with pytest.raises(
+        ConfigError,
+        match=f"has schema version {SCHEMA_VERSION + 1}; this embedserve reads version {SCHEMA_VERSION}",
+    ):
         storage.open()
     if storage.url is None:
         lite = sqlite3.connect(storage.data_dir / SQLITE_FILE)
@@ -113,6 +132,10 @@ def test_a_database_newer_than_this_release_is_refused_and_left_alone(storage: S
         import psycopg
 
         with psycopg.connect(storage.url) as conn:
-            names = [row[0] for row in conn.execute(
-                "SELECT column_name FROM information_schema.columns WHERE table_name = 'usage_records'")]
+            names = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT column_name FROM information_schema.columns WHERE table_name = 'usage_records'"
+                )
+            ]
     assert "record_id" not in names

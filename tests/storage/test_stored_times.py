@@ -44,8 +44,10 @@ def poisoned_store(storage: Storage) -> tuple[dict[str, str], dict[str, dict[str
             # "99999999999999999999999d" and "9999-12-31T23:00:00-05:00" as an older version stored them
             "far": ({"expires_at": 8.64e27}, {"expires_at": LAST, "status": "active"}),
             "year-10000": ({"expires_at": 253402315200.0}, {"expires_at": LAST, "status": "active"}),
-            "infinite": ({"expires_at": math.inf, "revoked_at": -math.inf},
-                         {"expires_at": LAST, "revoked_at": FIRST, "status": "revoked"}),
+            "infinite": (
+                {"expires_at": math.inf, "revoked_at": -math.inf},
+                {"expires_at": LAST, "revoked_at": FIRST, "status": "revoked"},
+            ),
             "ancient": ({"created_at": -1e300}, {"created_at": FIRST, "status": "active"}),
         }
         if storage.kind == "postgresql":  # SQLite stores a NaN as NULL
@@ -56,18 +58,38 @@ def poisoned_store(storage: Storage) -> tuple[dict[str, str], dict[str, dict[str
             poison(db, record.id, **columns)
             expected[name] = fields
         times = [1e20, -1e300] + ([math.nan] if storage.kind == "postgresql" else [])
-        write_records(db, [UsageRecord(key_id="k", model="m", prompt_tokens=5, inputs=1, request_id="r",
-                                       created_at=at, latency_ms=1.0, price_per_million=0.0) for at in times])
+        write_records(
+            db,
+            [
+                UsageRecord(
+                    key_id="k",
+                    model="m",
+                    prompt_tokens=5,
+                    inputs=1,
+                    request_id="r",
+                    created_at=at,
+                    latency_ms=1.0,
+                    price_per_million=0.0,
+                )
+                for at in times
+            ],
+        )
         return secrets, expected
     finally:
         db.close()
 
 
 def cli(storage: Storage, *args: str) -> subprocess.CompletedProcess[str]:
-    store = ["--data-dir", str(storage.data_dir)] + ([] if storage.url is None else
-                                                     ["--database-url", storage.url])
-    return subprocess.run([sys.executable, "-m", "embedserve", *args, *store], capture_output=True,
-                          text=True, timeout=60, env=dict(os.environ))
+    store = ["--data-dir", str(storage.data_dir)] + (
+        [] if storage.url is None else ["--database-url", storage.url]
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "embedserve", *args, *store],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ),
+    )
 
 
 def by_name(keys: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -75,7 +97,8 @@ def by_name(keys: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def test_the_store_and_the_ring_read_unrenderable_times_and_render_them_at_the_nearest_end(
-        storage: Storage) -> None:
+    storage: Storage,
+) -> None:
     secrets, expected = poisoned_store(storage)
     db = storage.open()
     try:
@@ -89,7 +112,10 @@ def test_the_store_and_the_ring_read_unrenderable_times_and_render_them_at_the_n
         assert ring.authenticate(secrets["far"]).name == "far"  # it expires after 9999: still valid
         by_day = report(db, UsageQuery(group_by="day"))
         assert {row["day"]: row["requests"] for row in by_day["data"]} == {
-            "9999-12-31": 1, "0001-01-01": 1, **({None: 1} if storage.kind == "postgresql" else {})}
+            "9999-12-31": 1,
+            "0001-01-01": 1,
+            **({None: 1} if storage.kind == "postgresql" else {}),
+        }
     finally:
         db.close()
 
@@ -127,6 +153,9 @@ def test_a_running_server_lists_and_shows_them_and_keeps_serving(storage: Storag
         usage = httpx.get(f"{live.v1}/usage", params={"group_by": "day"}, headers=auth)
         assert usage.status_code == 200, usage.text
         assert {"9999-12-31", "0001-01-01"} <= {row["day"] for row in usage.json()["data"]}
-        embedded = httpx.post(f"{live.v1}/embeddings", json={"model": "all-MiniLM-L6-v2", "input": "x"},
-                              headers={"Authorization": f"Bearer {secrets['far']}"})
+        embedded = httpx.post(
+            f"{live.v1}/embeddings",
+            json={"model": "all-MiniLM-L6-v2", "input": "x"},
+            headers={"Authorization": f"Bearer {secrets['far']}"},
+        )
         assert embedded.status_code == 200, embedded.text

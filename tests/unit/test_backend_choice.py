@@ -14,19 +14,31 @@ from embedserve.errors import ModelLoadError
 from embedserve.runtime import choose_backend
 
 
-@pytest.mark.parametrize(("device", "dtype", "cuda", "expected"), [
-    ("auto", "auto", False, "onnx"),
-    ("cpu", "auto", True, "onnx"),
-    ("cpu", "float32", False, "onnx"),
-    ("auto", "auto", True, "torch"),
-    ("cuda", "auto", True, "torch"),
-    ("cpu", "bfloat16", False, "torch"),
-    ("auto", "float16", False, "torch"),
-])
-def test_auto_picks_onnx_on_cpu_in_float32_and_torch_otherwise(device: str, dtype: str, cuda: bool,
-                                                                 expected: str) -> None:
-    assert choose_backend("auto", device=device, dtype=dtype, quantize="none",  # type: ignore[arg-type]
-                          cuda=cuda) == expected
+@pytest.mark.parametrize(
+    ("device", "dtype", "cuda", "expected"),
+    [
+        ("auto", "auto", False, "onnx"),
+        ("cpu", "auto", True, "onnx"),
+        ("cpu", "float32", False, "onnx"),
+        ("auto", "auto", True, "torch"),
+        ("cuda", "auto", True, "torch"),
+        ("cpu", "bfloat16", False, "torch"),
+        ("auto", "float16", False, "torch"),
+    ],
+)
+def test_auto_picks_onnx_on_cpu_in_float32_and_torch_otherwise(
+    device: str, dtype: str, cuda: bool, expected: str
+) -> None:
+    assert (
+        choose_backend(
+            "auto",
+            device=device,
+            dtype=dtype,
+            quantize="none",  # type: ignore[arg-type]
+            cuda=cuda,
+        )
+        == expected
+    )
 
 
 def test_explicit_backends_are_kept() -> None:
@@ -38,29 +50,48 @@ def test_int8_picks_onnx() -> None:
     assert choose_backend("auto", device="auto", dtype="auto", quantize="int8", cuda=False) == "onnx"
 
 
-@pytest.mark.parametrize(("backend", "device", "dtype", "quantize", "cuda", "fragment"), [
-    ("onnx", "cuda", "auto", "none", True, "--backend onnx runs on CPU"),
-    ("onnx", "auto", "auto", "none", True, "--backend onnx runs on CPU"),
-    ("onnx", "cpu", "bfloat16", "none", False, "--backend onnx runs on CPU"),
-    ("torch", "cpu", "auto", "int8", False, "--quantize int8 runs on the onnx backend"),
-    ("auto", "cuda", "auto", "int8", True, "--quantize int8 runs on the onnx backend"),
-    ("auto", "cpu", "float16", "int8", False, "--quantize int8 runs on the onnx backend"),
-])
-def test_impossible_combinations_are_refused(backend: str, device: str, dtype: str, quantize: str,
-                                             cuda: bool, fragment: str) -> None:
+@pytest.mark.parametrize(
+    ("backend", "device", "dtype", "quantize", "cuda", "fragment"),
+    [
+        ("onnx", "cuda", "auto", "none", True, "--backend onnx runs on CPU"),
+        ("onnx", "auto", "auto", "none", True, "--backend onnx runs on CPU"),
+        ("onnx", "cpu", "bfloat16", "none", False, "--backend onnx runs on CPU"),
+        ("torch", "cpu", "auto", "int8", False, "--quantize int8 runs on the onnx backend"),
+        ("auto", "cuda", "auto", "int8", True, "--quantize int8 runs on the onnx backend"),
+        ("auto", "cpu", "float16", "int8", False, "--quantize int8 runs on the onnx backend"),
+    ],
+)
+def test_impossible_combinations_are_refused(
+    backend: str, device: str, dtype: str, quantize: str, cuda: bool, fragment: str
+) -> None:
     with pytest.raises(ModelLoadError, match=fragment):
-        choose_backend(backend, device=device, dtype=dtype, quantize=quantize,  # type: ignore[arg-type]
-                       cuda=cuda)
+        choose_backend(
+            backend,
+            device=device,
+            dtype=dtype,
+            quantize=quantize,  # type: ignore[arg-type]
+            cuda=cuda,
+        )
 
 
 # ---- backends.threads: workers and threads per forward pass on CPU ------------------------------------
 
 
-@pytest.mark.parametrize(("cores", "workers", "threads"), [
-    (1, 1, 1), (2, 2, 1), (3, 2, 1), (4, 2, 2), (8, 2, 4), (16, 4, 4), (64, 16, 4),
-])
-def test_cpu_passes_run_side_by_side_on_at_most_4_threads_each(cores: int, workers: int,
-                                                              threads: int) -> None:
+@pytest.mark.parametrize(
+    ("cores", "workers", "threads"),
+    [
+        (1, 1, 1),
+        (2, 2, 1),
+        (3, 2, 1),
+        (4, 2, 2),
+        (8, 2, 4),
+        (16, 4, 4),
+        (64, 16, 4),
+    ],
+)
+def test_cpu_passes_run_side_by_side_on_at_most_4_threads_each(
+    cores: int, workers: int, threads: int
+) -> None:
     assert default_workers(cores) == workers
     assert threads_per_worker(cores, workers) == threads
     assert workers * threads <= cores

@@ -50,21 +50,30 @@ def transformers_folder(folder: Path) -> Path:
     return folder
 
 
-def st_folder(folder: Path, pooling: dict[str, object], *, normalize: bool = False,
-              dense: dict[str, object] | None = None) -> Path:
+def st_folder(
+    folder: Path,
+    pooling: dict[str, object],
+    *,
+    normalize: bool = False,
+    dense: dict[str, object] | None = None,
+) -> Path:
     """A sentence-transformers folder: Transformer + Pooling (+ Dense) (+ Normalize)."""
     transformers_folder(folder)
     write_json(folder / "sentence_bert_config.json", {"max_seq_length": 128, "do_lower_case": False})
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
     write_json(folder / "1_Pooling" / "config.json", {"word_embedding_dimension": 384, **pooling})
     if dense is not None:
-        modules.append({"idx": 2, "name": "2", "path": "2_Dense",
-                        "type": "sentence_transformers.models.Dense"})
+        modules.append(
+            {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}
+        )
         write_json(folder / "2_Dense" / "config.json", dense)
     if normalize:
-        modules.append({"idx": 3, "name": "3", "path": "3_Normalize",
-                        "type": "sentence_transformers.models.Normalize"})
+        modules.append(
+            {"idx": 3, "name": "3", "path": "3_Normalize", "type": "sentence_transformers.models.Normalize"}
+        )
     write_json(folder / "modules.json", modules)
     return folder
 
@@ -100,7 +109,8 @@ def test_malformed_model_arg_is_a_config_error(arg: str) -> None:
 
 def test_models_file_with_every_field_gives_the_entries(tmp_path: Path) -> None:
     path = tmp_path / "models.toml"
-    path.write_text('''
+    path.write_text(
+        """
 [[models]]
 id = "qwen"
 source = "Qwen/Qwen3-Embedding-0.6B"
@@ -118,13 +128,25 @@ sha256 = "abc"
 
 [[models]]
 source = "all-MiniLM-L6-v2"
-''', encoding="utf-8")
+""",
+        encoding="utf-8",
+    )
     first, second = load_models_file(path)
     assert first == ModelEntry(
-        source="Qwen/Qwen3-Embedding-0.6B", id="qwen", aliases=("qwen3", "q"), pooling="last_token",
-        normalize=True, max_input_tokens=8192, matryoshka_dimensions=(64, 128, 1024),
-        prompts={"query": "Instruct: search\nQuery:"}, default_prompt_name="query", backend="torch",
-        dtype="float16", device="cuda", sha256="abc")
+        source="Qwen/Qwen3-Embedding-0.6B",
+        id="qwen",
+        aliases=("qwen3", "q"),
+        pooling="last_token",
+        normalize=True,
+        max_input_tokens=8192,
+        matryoshka_dimensions=(64, 128, 1024),
+        prompts={"query": "Instruct: search\nQuery:"},
+        default_prompt_name="query",
+        backend="torch",
+        dtype="float16",
+        device="cuda",
+        sha256="abc",
+    )
     assert second == ModelEntry(source="all-MiniLM-L6-v2")
 
 
@@ -133,20 +155,21 @@ source = "all-MiniLM-L6-v2"
     [
         ('[[models]]\nsource = "m"\npoolin = "cls"\n', ["unknown keys", "poolin"]),
         ('[[models]]\nid = "m"\n', ["source"]),
-        ('[[models]]\nsource = 5\n', ["source"]),
+        ("[[models]]\nsource = 5\n", ["source"]),
         ('[[models]]\nsource = "m"\npooling = "max"\n', ["pooling"]),
         ('[[models]]\nsource = "m"\nmatryoshka_dimensions = [64, 0]\n', ["positive integers"]),
         ('[[models]]\nsource = "m"\nmatryoshka_dimensions = [-64]\n', ["positive integers"]),
         ('[[models]]\nsource = "m"\nmatryoshka_dimensions = 64\n', ["positive integers"]),
         ('[[models]]\nsource = "m"\nmatryoshka_dimensions = ["64"]\n', ["positive integers"]),
         ('[[models]]\nsource = "m"\nmatryoshka_dimensions = [64.0]\n', ["positive integers"]),
-        ('models = []\n', ["[[models]]"]),
+        ("models = []\n", ["[[models]]"]),
         ('title = "no models"\n', ["[[models]]"]),
         ('[[models]\nsource = "m"\n', []),
     ],
 )
-def test_bad_models_file_is_a_config_error_naming_the_problem(tmp_path: Path, text: str,
-                                                               words: list[str]) -> None:
+def test_bad_models_file_is_a_config_error_naming_the_problem(
+    tmp_path: Path, text: str, words: list[str]
+) -> None:
     path = tmp_path / "models.toml"
     path.write_text(text, encoding="utf-8")
     with pytest.raises(ConfigError) as info:
@@ -205,7 +228,8 @@ def test_bundled_model_keeps_declared_aliases_before_its_own() -> None:
 
 
 def test_hub_id_missing_from_the_cache_names_the_repo_and_the_cache(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import huggingface_hub.constants
 
     cache = tmp_path / "hub"
@@ -303,8 +327,13 @@ def test_plain_transformers_folder_gets_mean_pooling_and_normalization(tmp_path:
 
 
 def test_entry_settings_override_what_the_files_say(tmp_path: Path) -> None:
-    spec = spec_of(transformers_folder(tmp_path / "plain"), pooling="cls", normalize=False,
-                   max_input_tokens=64, matryoshka_dimensions=(64, 128))
+    spec = spec_of(
+        transformers_folder(tmp_path / "plain"),
+        pooling="cls",
+        normalize=False,
+        max_input_tokens=64,
+        matryoshka_dimensions=(64, 128),
+    )
     assert spec.pooling == "cls"
     assert spec.normalize is False
     assert spec.max_input_tokens == 64
@@ -322,8 +351,9 @@ def test_entry_settings_override_what_the_files_say(tmp_path: Path) -> None:
         ({"pooling_mode": "mean"}, "mean"),
     ],
 )
-def test_pooling_is_read_from_the_pooling_module(tmp_path: Path, pooling: dict[str, object],
-                                                 expected: str) -> None:
+def test_pooling_is_read_from_the_pooling_module(
+    tmp_path: Path, pooling: dict[str, object], expected: str
+) -> None:
     spec = spec_of(st_folder(tmp_path / "st", pooling))
     assert spec.pooling == expected
     assert spec.normalize is False, "no Normalize module, no normalization"
@@ -355,15 +385,31 @@ def test_unsupported_pooling_is_a_load_error(tmp_path: Path, pooling: dict[str, 
 @pytest.mark.parametrize(
     ("config", "activation", "bias"),
     [
-        ({"in_features": 384, "out_features": 128, "bias": True,
-          "activation_function": "torch.nn.modules.linear.Identity"}, "identity", True),
+        (
+            {
+                "in_features": 384,
+                "out_features": 128,
+                "bias": True,
+                "activation_function": "torch.nn.modules.linear.Identity",
+            },
+            "identity",
+            True,
+        ),
         ({"in_features": 384, "out_features": 128, "bias": False}, "tanh", False),
-        ({"in_features": 384, "out_features": 128,
-          "activation_function": "torch.nn.modules.activation.Tanh"}, "tanh", True),
+        (
+            {
+                "in_features": 384,
+                "out_features": 128,
+                "activation_function": "torch.nn.modules.activation.Tanh",
+            },
+            "tanh",
+            True,
+        ),
     ],
 )
-def test_dense_module_sets_the_output_width(tmp_path: Path, config: dict[str, object], activation: str,
-                                            bias: bool) -> None:
+def test_dense_module_sets_the_output_width(
+    tmp_path: Path, config: dict[str, object], activation: str, bias: bool
+) -> None:
     folder = st_folder(tmp_path / "st", MEAN, dense=config, normalize=True)
     spec = spec_of(folder)
     assert spec.dimensions == 128
@@ -389,8 +435,9 @@ def test_unsupported_dense_module_is_a_load_error(tmp_path: Path, config: dict[s
 def test_unknown_sentence_transformers_module_is_a_load_error(tmp_path: Path) -> None:
     folder = st_folder(tmp_path / "st", MEAN)
     modules = json.loads((folder / "modules.json").read_text())
-    modules.append({"idx": 9, "name": "9", "path": "9_LayerNorm",
-                    "type": "sentence_transformers.models.LayerNorm"})
+    modules.append(
+        {"idx": 9, "name": "9", "path": "9_LayerNorm", "type": "sentence_transformers.models.LayerNorm"}
+    )
     write_json(folder / "modules.json", modules)
     with pytest.raises(ModelLoadError) as info:
         spec_of(folder)
@@ -405,7 +452,8 @@ def test_unknown_sentence_transformers_module_is_a_load_error(tmp_path: Path) ->
     ],
 )
 def test_matryoshka_dimensions_above_the_model_width_are_a_config_error(
-        tmp_path: Path, dense: dict[str, object] | None, matryoshka: tuple[int, ...]) -> None:
+    tmp_path: Path, dense: dict[str, object] | None, matryoshka: tuple[int, ...]
+) -> None:
     folder = st_folder(tmp_path / "st", MEAN, dense=dense)
     with pytest.raises(ConfigError) as info:
         spec_of(folder, matryoshka_dimensions=matryoshka)
@@ -416,8 +464,17 @@ def test_matryoshka_dimensions_above_the_model_width_are_a_config_error(
 
 
 def make_spec(id: str, aliases: tuple[str, ...] = ()) -> ModelSpec:
-    return ModelSpec(id=id, aliases=aliases, source=id, folder=Path("/nowhere"), pooling="mean",
-                     normalize=True, max_input_tokens=512, dimensions=384, matryoshka_dimensions=())
+    return ModelSpec(
+        id=id,
+        aliases=aliases,
+        source=id,
+        folder=Path("/nowhere"),
+        pooling="mean",
+        normalize=True,
+        max_input_tokens=512,
+        dimensions=384,
+        matryoshka_dimensions=(),
+    )
 
 
 def test_catalog_resolves_ids_and_aliases() -> None:
@@ -493,8 +550,16 @@ def test_the_same_bundled_model_can_be_served_twice_under_different_ids() -> Non
     catalog = Catalog(specs)
     assert catalog.resolve(BUNDLED_ALIAS).normalize is True
     assert catalog.resolve("mini-raw").normalize is False
-    assert replace(catalog.resolve("mini-raw"), id=BUNDLED_ID, normalize=True,
-                   aliases=(BUNDLED_ALIAS,), created=specs[0].created) == specs[0]
+    assert (
+        replace(
+            catalog.resolve("mini-raw"),
+            id=BUNDLED_ID,
+            normalize=True,
+            aliases=(BUNDLED_ALIAS,),
+            created=specs[0].created,
+        )
+        == specs[0]
+    )
 
 
 def test_unreadable_modules_json_is_a_model_load_error(tmp_path: Path) -> None:
@@ -513,14 +578,15 @@ def test_max_input_tokens_beyond_the_position_table_is_a_config_error() -> None:
     from embedserve.catalog import ModelEntry, read_spec
 
     with pytest.raises(ConfigError, match="position embeddings"):
-        read_spec(ModelEntry(source="all-MiniLM-L6-v2", id="m", max_input_tokens=4096),
-                  BUNDLED_FOLDER)
+        read_spec(ModelEntry(source="all-MiniLM-L6-v2", id="m", max_input_tokens=4096), BUNDLED_FOLDER)
 
 
-@pytest.mark.parametrize(("key", "value"), [("backend", "tensorrt"), ("dtype", "int4"), ("device", "tpu"),
-                                            ("quantize", "int4")])
+@pytest.mark.parametrize(
+    ("key", "value"), [("backend", "tensorrt"), ("dtype", "int4"), ("device", "tpu"), ("quantize", "int4")]
+)
 def test_unknown_backend_dtype_or_device_is_refused_before_anything_loads(
-        tmp_path: Path, key: str, value: str) -> None:
+    tmp_path: Path, key: str, value: str
+) -> None:
     path = tmp_path / "models.toml"
     path.write_text(f'[[models]]\nsource = "all-MiniLM-L6-v2"\n{key} = "{value}"\n', encoding="utf-8")
     with pytest.raises(ConfigError) as info:

@@ -56,7 +56,9 @@ def test_every_variable_the_examples_set_is_a_setting(name: str) -> None:
     assert name in SETTINGS
 
 
-@pytest.mark.parametrize("source", [part for line in DOCKERFILE.splitlines() if line.startswith("COPY ")
-                                    for part in line.split()[1:-1]])
+@pytest.mark.parametrize(
+    "source",
+    [part for line in DOCKERFILE.splitlines() if line.startswith("COPY ") for part in line.split()[1:-1]],
+)
 def test_what_the_dockerfile_copies_exists(source: str) -> None:
     assert (ROOT / source).exists()

@@ -35,8 +35,11 @@ def all_subclasses(cls: type) -> list[type]:
 
 
 # The tree as defined in embedserve.errors (tests elsewhere may subclass it; those are not pinned here).
-ERROR_CLASSES = [cls for cls in [EmbedServeError, *all_subclasses(EmbedServeError)]
-                 if cls.__module__ == errors_module.__name__]
+ERROR_CLASSES = [
+    cls
+    for cls in [EmbedServeError, *all_subclasses(EmbedServeError)]
+    if cls.__module__ == errors_module.__name__
+]
 
 
 def test_the_error_tree_is_found() -> None:
@@ -60,8 +63,12 @@ def test_every_error_class_becomes_openai_error_json_with_its_status(cls: type[E
     body = orjson.loads(error_body(exc))
     assert set(body) == {"error"}
     assert set(body["error"]) == {"message", "type", "param", "code"}
-    assert body["error"] == {"message": "something went wrong", "type": cls.type, "param": "input",
-                             "code": cls.code}
+    assert body["error"] == {
+        "message": "something went wrong",
+        "type": cls.type,
+        "param": "input",
+        "code": cls.code,
+    }
 
     response = error_response(exc)
     assert response.status_code == cls.status
@@ -74,8 +81,9 @@ def test_an_error_without_param_has_a_null_param() -> None:
     assert body["error"]["param"] is None
 
 
-@pytest.mark.parametrize("cls", [c for c in ERROR_CLASSES if issubclass(c, ServiceUnavailable)],
-                         ids=lambda cls: cls.__name__)
+@pytest.mark.parametrize(
+    "cls", [c for c in ERROR_CLASSES if issubclass(c, ServiceUnavailable)], ids=lambda cls: cls.__name__
+)
 def test_service_unavailable_responses_carry_retry_after(cls: type[ServiceUnavailable]) -> None:
     default = error_response(cls("busy"))
     assert default.status_code == 503
@@ -88,9 +96,11 @@ def test_model_not_ready_is_a_service_unavailable() -> None:
     assert issubclass(ModelNotReady, ServiceUnavailable)
 
 
-@pytest.mark.parametrize("cls", [c for c in ERROR_CLASSES
-                                 if not issubclass(c, ServiceUnavailable | RateLimitExceeded)],
-                         ids=lambda cls: cls.__name__)
+@pytest.mark.parametrize(
+    "cls",
+    [c for c in ERROR_CLASSES if not issubclass(c, ServiceUnavailable | RateLimitExceeded)],
+    ids=lambda cls: cls.__name__,
+)
 def test_other_errors_carry_no_retry_after(cls: type[EmbedServeError]) -> None:
     assert "retry-after" not in error_response(cls("x")).headers
 
@@ -98,8 +108,12 @@ def test_other_errors_carry_no_retry_after(cls: type[EmbedServeError]) -> None:
 def test_rate_limit_responses_are_429_with_the_limit_as_type_and_a_rounded_up_retry_after() -> None:
     response = error_response(RateLimitExceeded("slow down", limit="tokens", retry_after_s=1.2))
     assert response.status_code == 429
-    assert orjson.loads(response.body)["error"] == {"message": "slow down", "type": "tokens",
-                                                    "param": None, "code": "rate_limit_exceeded"}
+    assert orjson.loads(response.body)["error"] == {
+        "message": "slow down",
+        "type": "tokens",
+        "param": None,
+        "code": "rate_limit_exceeded",
+    }
     assert response.headers["retry-after"] == "2"  # whole seconds, never early
     assert response.headers["retry-after-ms"] == "1200"  # what the OpenAI SDKs read first
     assert "x-should-retry" not in response.headers
@@ -120,8 +134,9 @@ def test_a_request_that_can_never_fit_its_key_limit_tells_clients_not_to_retry()
         (413, PayloadTooLarge, ["too big"]),
     ],
 )
-def test_starlette_http_errors_map_into_the_tree(status: int, cls: type[EmbedServeError],
-                                                 words: list[str]) -> None:
+def test_starlette_http_errors_map_into_the_tree(
+    status: int, cls: type[EmbedServeError], words: list[str]
+) -> None:
     err = from_http_exception(HTTPException(status, detail="too big"), "GET", "/v1/nowhere")
     assert type(err) is cls
     assert err.status == status

@@ -19,31 +19,38 @@ QWEN = FAMILIES["qwen3-embedding"]
 BGE = FAMILIES["bge-m3"]
 
 
-@pytest.mark.parametrize(("name", "family"), [
-    ("BAAI/bge-m3", "bge-m3"),
-    ("bge-m3", "bge-m3"),
-    ("/models/BGE-M3/", "bge-m3"),
-    ("Qwen/Qwen3-Embedding-0.6B", "qwen3-embedding"),
-    ("Qwen3-Embedding-4B", "qwen3-embedding"),
-    ("/srv/weights/qwen3-embedding-8b", "qwen3-embedding"),
-    ("BAAI/bge-m3-unsupervised", None),
-    ("BAAI/bge-large-en-v1.5", None),
-    ("Qwen/Qwen3-0.6B", None),
-    ("Qwen/Qwen3-Reranker-0.6B", None),
-    ("all-MiniLM-L6-v2", None),
-])
+@pytest.mark.parametrize(
+    ("name", "family"),
+    [
+        ("BAAI/bge-m3", "bge-m3"),
+        ("bge-m3", "bge-m3"),
+        ("/models/BGE-M3/", "bge-m3"),
+        ("Qwen/Qwen3-Embedding-0.6B", "qwen3-embedding"),
+        ("Qwen3-Embedding-4B", "qwen3-embedding"),
+        ("/srv/weights/qwen3-embedding-8b", "qwen3-embedding"),
+        ("BAAI/bge-m3-unsupervised", None),
+        ("BAAI/bge-large-en-v1.5", None),
+        ("Qwen/Qwen3-0.6B", None),
+        ("Qwen/Qwen3-Reranker-0.6B", None),
+        ("all-MiniLM-L6-v2", None),
+    ],
+)
 def test_family_is_recognised_by_its_published_name(name: str, family: str | None) -> None:
     assert family_by_name([name]) == family
 
 
-@pytest.mark.parametrize(("hidden", "expected"), [
-    (1024, (64, 128, 256, 512, 768, 1024)),  # Qwen3-Embedding-0.6B
-    (2560, (64, 128, 256, 512, 768, 1024, 1536, 2048, 2560)),  # 4B
-    (4096, (64, 128, 256, 512, 768, 1024, 1536, 2048, 2560, 4096)),  # 8B
-    (100, (64, 100)),  # an unusual fine-tune: the trained sizes it has, and its own width
-])
+@pytest.mark.parametrize(
+    ("hidden", "expected"),
+    [
+        (1024, (64, 128, 256, 512, 768, 1024)),  # Qwen3-Embedding-0.6B
+        (2560, (64, 128, 256, 512, 768, 1024, 1536, 2048, 2560)),  # 4B
+        (4096, (64, 128, 256, 512, 768, 1024, 1536, 2048, 2560, 4096)),  # 8B
+        (100, (64, 100)),  # an unusual fine-tune: the trained sizes it has, and its own width
+    ],
+)
 def test_qwen3_matryoshka_dimensions_are_the_trained_sizes_up_to_the_hidden_size(
-        hidden: int, expected: tuple[int, ...]) -> None:
+    hidden: int, expected: tuple[int, ...]
+) -> None:
     assert QWEN.matryoshka_dimensions(hidden) == expected
 
 
@@ -52,10 +59,18 @@ def test_bge_m3_is_not_matryoshka() -> None:
 
 
 def test_presets_are_the_authors_recipes() -> None:
-    assert (BGE.pooling, BGE.normalize, BGE.max_input_tokens, BGE.padding_side) == ("cls", True, 8192,
-                                                                                    "right")
+    assert (BGE.pooling, BGE.normalize, BGE.max_input_tokens, BGE.padding_side) == (
+        "cls",
+        True,
+        8192,
+        "right",
+    )
     assert (QWEN.pooling, QWEN.normalize, QWEN.max_input_tokens, QWEN.padding_side) == (
-        "last_token", True, 32768, "left")
+        "last_token",
+        True,
+        32768,
+        "left",
+    )
     assert QWEN.eos_token == "<|endoftext|>" and BGE.eos_token is None
 
 
@@ -65,11 +80,14 @@ def test_explicit_family_wins_over_the_name_and_none_switches_it_off() -> None:
     assert detect_family(["BAAI/bge-m3"]) is BGE
 
 
-@pytest.mark.parametrize(("names", "expected"), [
-    (["BAAI/bge-m3"], ("bge-m3", "BAAI/bge-m3")),
-    (["/models/bge-m3"], ("bge-m3", "BAAI/bge-m3")),
-    (["Qwen3-Embedding-0.6B"], ("Qwen3-Embedding-0.6B", "Qwen/Qwen3-Embedding-0.6B")),
-])
+@pytest.mark.parametrize(
+    ("names", "expected"),
+    [
+        (["BAAI/bge-m3"], ("bge-m3", "BAAI/bge-m3")),
+        (["/models/bge-m3"], ("bge-m3", "BAAI/bge-m3")),
+        (["Qwen3-Embedding-0.6B"], ("Qwen3-Embedding-0.6B", "Qwen/Qwen3-Embedding-0.6B")),
+    ],
+)
 def test_canonical_names_are_both_spellings(names: list[str], expected: tuple[str, str]) -> None:
     family = BGE if "bge" in names[0] else QWEN
     assert canonical_names(family, names) == expected
@@ -88,17 +106,29 @@ QWEN_TEMPLATE = "Instruct: {instruction}\nQuery:"
 
 
 def qwen_prefix(input_type: str | None, instruction: str | None) -> str:
-    return choose_prefix(model="q", prompts={"query": "ignored", "document": ""}, default_prompt_name=None,
-                         query_template=QWEN_TEMPLATE, default_instruction="Default task",
-                         input_type=input_type, instruction=instruction)
+    return choose_prefix(
+        model="q",
+        prompts={"query": "ignored", "document": ""},
+        default_prompt_name=None,
+        query_template=QWEN_TEMPLATE,
+        default_instruction="Default task",
+        input_type=input_type,
+        instruction=instruction,
+    )
 
 
-def st_prefix(input_type: str | None, *, default: str | None = None,
-              prompts: dict[str, str] | None = None) -> str:
-    return choose_prefix(model="e5", prompts=prompts or {"query": "query: ", "passage": "passage: ",
-                                                         "clustering": "cluster: "},
-                         default_prompt_name=default, query_template=None, default_instruction=None,
-                         input_type=input_type, instruction=None)
+def st_prefix(
+    input_type: str | None, *, default: str | None = None, prompts: dict[str, str] | None = None
+) -> str:
+    return choose_prefix(
+        model="e5",
+        prompts=prompts or {"query": "query: ", "passage": "passage: ", "clustering": "cluster: "},
+        default_prompt_name=default,
+        query_template=None,
+        default_instruction=None,
+        input_type=input_type,
+        instruction=None,
+    )
 
 
 def test_qwen3_queries_take_the_instruction_and_documents_nothing() -> None:
@@ -121,8 +151,15 @@ def test_instruction_without_a_query_is_refused(input_type: str | None) -> None:
 
 def test_instruction_on_a_model_without_a_template_is_refused() -> None:
     with pytest.raises(InvalidInstruction) as info:
-        choose_prefix(model="bge-m3", prompts={}, default_prompt_name=None, query_template=None,
-                      default_instruction=None, input_type="query", instruction="Find code")
+        choose_prefix(
+            model="bge-m3",
+            prompts={},
+            default_prompt_name=None,
+            query_template=None,
+            default_instruction=None,
+            input_type="query",
+            instruction="Find code",
+        )
     assert info.value.code == "invalid_instruction" and "'bge-m3' takes no instruction" in info.value.message
 
 
@@ -137,8 +174,18 @@ def test_sentence_transformers_prompts_serve_queries_and_documents() -> None:
 
 def test_models_without_prompts_put_nothing_in_front() -> None:
     for input_type in (None, "query", "document"):
-        assert choose_prefix(model="m", prompts={}, default_prompt_name=None, query_template=None,
-                             default_instruction=None, input_type=input_type, instruction=None) == ""
+        assert (
+            choose_prefix(
+                model="m",
+                prompts={},
+                default_prompt_name=None,
+                query_template=None,
+                default_instruction=None,
+                input_type=input_type,
+                instruction=None,
+            )
+            == ""
+        )
 
 
 def test_unknown_input_type_lists_the_ones_the_model_takes() -> None:
@@ -151,4 +198,7 @@ def test_unknown_input_type_lists_the_ones_the_model_takes() -> None:
 def test_input_types_are_query_document_and_other_prompt_names() -> None:
     assert input_types({}) == ["query", "document"]
     assert input_types({"query": "", "passage": "", "classification": "c: "}) == [
-        "query", "document", "classification"]
+        "query",
+        "document",
+        "classification",
+    ]

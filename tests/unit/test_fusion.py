@@ -17,12 +17,19 @@ from embedserve.backends.fusion import (
 )
 
 
-@pytest.mark.parametrize(("model_type", "expected"), [
-    ("bert", EncoderShape(12, 384)), ("xlm-roberta", EncoderShape(12, 384)),
-    ("roberta", EncoderShape(12, 384)), ("qwen3", None), ("mpnet", None),
-])
-def test_only_encoders_the_fusions_match_are_fused(model_type: str, expected: EncoderShape | None,
-                                                  tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("model_type", "expected"),
+    [
+        ("bert", EncoderShape(12, 384)),
+        ("xlm-roberta", EncoderShape(12, 384)),
+        ("roberta", EncoderShape(12, 384)),
+        ("qwen3", None),
+        ("mpnet", None),
+    ],
+)
+def test_only_encoders_the_fusions_match_are_fused(
+    model_type: str, expected: EncoderShape | None, tmp_path: Path
+) -> None:
     config = {"model_type": model_type, "num_attention_heads": 12, "hidden_size": 384}
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert encoder_shape(tmp_path) == expected
@@ -37,8 +44,9 @@ def test_available_memory_is_memavailable_or_unknown(tmp_path: Path) -> None:
     assert available_memory(tmp_path / "missing") is None  # not Linux
 
 
-def test_fusion_is_refused_only_when_memory_is_known_to_be_short(tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fusion_is_refused_only_when_memory_is_known_to_be_short(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     graph = tmp_path / "model.onnx"
     graph.write_bytes(b"x" * 1000)
     (tmp_path / "weights.bin").write_bytes(b"x" * 3000)  # external tensors count too

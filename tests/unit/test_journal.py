@@ -21,9 +21,17 @@ from embedserve.types import UsageRecord
 
 
 def rec(tokens: int, **fields: object) -> UsageRecord:
-    values: dict[str, object] = {"key_id": "key_a", "model": "all-MiniLM-L6-v2", "prompt_tokens": tokens,
-                                 "inputs": 2, "request_id": "req-1", "created_at": 1736000000.123456,
-                                 "latency_ms": 12.75, "price_per_million": 0.02, **fields}
+    values: dict[str, object] = {
+        "key_id": "key_a",
+        "model": "all-MiniLM-L6-v2",
+        "prompt_tokens": tokens,
+        "inputs": 2,
+        "request_id": "req-1",
+        "created_at": 1736000000.123456,
+        "latency_ms": 12.75,
+        "price_per_million": 0.02,
+        **fields,
+    }
     return UsageRecord(**values)  # type: ignore[arg-type]
 
 
@@ -58,22 +66,25 @@ def _line(**changes: object) -> bytes:
     return json.dumps({k: v for k, v in doc.items() if v is not ...}).encode()
 
 
-@pytest.mark.parametrize("line", [
-    pytest.param(encode_record(rec(1))[:40], id="torn"),
-    pytest.param(b"", id="empty"),
-    pytest.param(b"\xff\xfe{}", id="not utf-8"),
-    pytest.param(b"[1, 2]", id="not an object"),
-    pytest.param(_line(record_id=...), id="missing field"),
-    pytest.param(_line(extra=1), id="unknown field"),
-    pytest.param(_line(record_id=""), id="empty record id"),
-    pytest.param(_line(key_id=5), id="key id not a string"),
-    pytest.param(_line(prompt_tokens=True), id="bool as a count"),
-    pytest.param(_line(prompt_tokens=1.5), id="fractional count"),
-    pytest.param(_line(inputs=-1), id="negative count"),
-    pytest.param(_line(latency_ms="1"), id="number as a string"),
-    pytest.param(_line(created_at=float("nan")), id="NaN"),
-    pytest.param(_line(created_at=1e400), id="infinite"),
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        pytest.param(encode_record(rec(1))[:40], id="torn"),
+        pytest.param(b"", id="empty"),
+        pytest.param(b"\xff\xfe{}", id="not utf-8"),
+        pytest.param(b"[1, 2]", id="not an object"),
+        pytest.param(_line(record_id=...), id="missing field"),
+        pytest.param(_line(extra=1), id="unknown field"),
+        pytest.param(_line(record_id=""), id="empty record id"),
+        pytest.param(_line(key_id=5), id="key id not a string"),
+        pytest.param(_line(prompt_tokens=True), id="bool as a count"),
+        pytest.param(_line(prompt_tokens=1.5), id="fractional count"),
+        pytest.param(_line(inputs=-1), id="negative count"),
+        pytest.param(_line(latency_ms="1"), id="number as a string"),
+        pytest.param(_line(created_at=float("nan")), id="NaN"),
+        pytest.param(_line(created_at=1e400), id="infinite"),
+    ],
+)
 def test_a_line_that_is_not_a_whole_record_is_refused(line: bytes) -> None:
     with pytest.raises(ValueError):  # noqa: PT011 - the message varies with the reason
         decode_record(line)
@@ -86,7 +97,8 @@ def test_whole_number_floats_come_back_as_floats() -> None:
 
 
 def test_appends_accumulate_and_a_replay_hands_each_record_once_then_removes_the_journal(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     journal = UsageJournal(tmp_path / "state" / "usage-journal.jsonl")  # the folder is created
     first, second = [rec(1), rec(2)], [rec(3)]
     journal.append(first)
@@ -110,7 +122,8 @@ def test_a_replay_commits_chunk_by_chunk(tmp_path: Path) -> None:
 
 
 def test_a_replay_that_fails_midway_keeps_the_whole_journal_and_the_next_one_counts_each_once(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     journal = UsageJournal(tmp_path / "usage-journal.jsonl")
     records = [rec(i) for i in range(7)]
     journal.append(records)
@@ -146,7 +159,8 @@ def test_a_torn_last_line_costs_no_later_record_and_is_kept_aside(tmp_path: Path
 
 
 def test_check_accepts_a_writable_journal_without_leaving_a_file_and_keeps_an_existing_one(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     journal = UsageJournal(tmp_path / "new" / "usage-journal.jsonl")
     journal.check()
     assert not journal.path.exists()

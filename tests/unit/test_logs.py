@@ -23,18 +23,45 @@ FORGED = "2026-12-01 07:00:00,000 INFO embedserve.access [forged] DELETE /v1/key
 FORGED_AT = FORGED[:23]  # its timestamp: a line starting so is the forgery
 RECORD_START = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
 #: Each way a client could try to break a line or drive a terminal, then the forged record.
-ATTACKS = [f"/x{sep}{FORGED}" for sep in ("\n", "\r\n", "\r", "\x00", "\x0b", "\x0c", "\x1c", "\x85",
-                                         "\u2028", "\u2029", "\x1b[2K\r", "\x1b]0;title\x07\n",
-                                         "\x9b2K\r", "\t", "\x7f\n")]
+ATTACKS = [
+    f"/x{sep}{FORGED}"
+    for sep in (
+        "\n",
+        "\r\n",
+        "\r",
+        "\x00",
+        "\x0b",
+        "\x0c",
+        "\x1c",
+        "\x85",
+        "\u2028",
+        "\u2029",
+        "\x1b[2K\r",
+        "\x1b]0;title\x07\n",
+        "\x9b2K\r",
+        "\t",
+        "\x7f\n",
+    )
+]
 UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
-@pytest.mark.parametrize(("raw", "escaped"), [
-    ("a\nb", "a\\nb"), ("a\r\nb", "a\\r\\nb"), ("a\tb", "a\\tb"), ("nul\x00", "nul\\x00"),
-    ("\x1b[31mred\x1b[0m", "\\x1b[31mred\\x1b[0m"), ("del\x7f", "del\\x7f"), ("nel\x85", "nel\\x85"),
-    ("csi\x9b", "csi\\x9b"), ("ls\u2028ps\u2029", "ls\\u2028ps\\u2029"), ("rlo\u202egnp", "rlo\\u202egnp"),
-    ("plain /v1/models ü 🚀 \\n", "plain /v1/models ü 🚀 \\n"),
-])
+@pytest.mark.parametrize(
+    ("raw", "escaped"),
+    [
+        ("a\nb", "a\\nb"),
+        ("a\r\nb", "a\\r\\nb"),
+        ("a\tb", "a\\tb"),
+        ("nul\x00", "nul\\x00"),
+        ("\x1b[31mred\x1b[0m", "\\x1b[31mred\\x1b[0m"),
+        ("del\x7f", "del\\x7f"),
+        ("nel\x85", "nel\\x85"),
+        ("csi\x9b", "csi\\x9b"),
+        ("ls\u2028ps\u2029", "ls\\u2028ps\\u2029"),
+        ("rlo\u202egnp", "rlo\\u202egnp"),
+        ("plain /v1/models ü 🚀 \\n", "plain /v1/models ü 🚀 \\n"),
+    ],
+)
 def test_control_characters_are_written_as_python_escapes(raw: str, escaped: str) -> None:
     assert escape_controls(raw) == escaped
 
@@ -46,10 +73,21 @@ def test_escaped_text_holds_no_unsafe_character_and_no_line_break(text: str) -> 
     assert len(out.splitlines()) <= 1
 
 
-def record_of(message: str, *args: Any, exc: BaseException | None = None, **fields: Any,
-            ) -> logging.LogRecord:
-    record = logging.LogRecord("embedserve.access", logging.INFO, __file__, 1, message, args,
-                               None if exc is None else (type(exc), exc, exc.__traceback__))
+def record_of(
+    message: str,
+    *args: Any,
+    exc: BaseException | None = None,
+    **fields: Any,
+) -> logging.LogRecord:
+    record = logging.LogRecord(
+        "embedserve.access",
+        logging.INFO,
+        __file__,
+        1,
+        message,
+        args,
+        None if exc is None else (type(exc), exc, exc.__traceback__),
+    )
     record.request_id = fields.pop("request_id", "req-1")
     record.__dict__.update(fields)
     return record
@@ -84,8 +122,9 @@ def test_a_text_record_is_one_line_and_its_traceback_lines_are_indented(record: 
 
 
 def test_a_text_traceback_keeps_its_shape_and_a_line_of_its_message_stays_indented() -> None:
-    out = TextFormatter().format(record_of("unhandled error on %s %s", "GET", "/x",
-                                           exc=raised(f"boom \x1b[2K\r\n{FORGED}")))
+    out = TextFormatter().format(
+        record_of("unhandled error on %s %s", "GET", "/x", exc=raised(f"boom \x1b[2K\r\n{FORGED}"))
+    )
     lines = out.split("\n")
     assert lines[0].endswith("INFO embedserve.access [req-1] unhandled error on GET /x")
     assert lines[1] == CONTINUATION + "Traceback (most recent call last):"
@@ -130,8 +169,11 @@ def test_json_fields_of_any_type_are_escaped() -> None:
         def __str__(self) -> str:
             return "odd\nvalue"
 
-    line = json.loads(JsonFormatter().format(record_of("m", tags=["a\x1b", ("b\n",)], nested={"k\r": "v\x00"},
-                                                     odd=Odd(), number=3, flag=None)))
+    line = json.loads(
+        JsonFormatter().format(
+            record_of("m", tags=["a\x1b", ("b\n",)], nested={"k\r": "v\x00"}, odd=Odd(), number=3, flag=None)
+        )
+    )
     assert line["tags"] == ["a\\x1b", ["b\\n"]]
     assert line["nested"] == {"k\\r": "v\\x00"}
     assert line["odd"] == "odd\\nvalue"
@@ -140,7 +182,8 @@ def test_json_fields_of_any_type_are_escaped() -> None:
 
 @pytest.mark.parametrize("fmt", ["text", "json"])
 def test_configured_logging_writes_every_record_on_a_line_of_its_own(
-        fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    fmt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     stream = io.StringIO()
     monkeypatch.setattr("sys.stderr", stream)
     root = logging.getLogger()

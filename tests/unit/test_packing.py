@@ -35,24 +35,30 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop.close()
 
 
-def make_items(loop: asyncio.AbstractEventLoop, lengths: Sequence[int],
-               seqs: Sequence[int] | None = None,
-               requests: Sequence[int | None] | None = None) -> list[WorkItem]:
+def make_items(
+    loop: asyncio.AbstractEventLoop,
+    lengths: Sequence[int],
+    seqs: Sequence[int] | None = None,
+    requests: Sequence[int | None] | None = None,
+) -> list[WorkItem]:
     """Items with the given lengths; seq defaults to the list position (the first is the oldest).
     By default all are inputs of one request (request 0), free to be packed in any order; pass
     `requests` (None: a one-input request) to see the rule that protects a request's last input."""
     seqs = range(len(lengths)) if seqs is None else seqs
     requests = [0] * len(lengths) if requests is None else requests
-    return [WorkItem(ids=[seq % 100 + 1] * length, seq=seq, future=loop.create_future(), request=request)
-            for length, seq, request in zip(lengths, seqs, requests, strict=True)]
+    return [
+        WorkItem(ids=[seq % 100 + 1] * length, seq=seq, future=loop.create_future(), request=request)
+        for length, seq, request in zip(lengths, seqs, requests, strict=True)
+    ]
 
 
 def padded_cost(batch: Sequence[WorkItem]) -> int:
     return len(batch) * max(item.length for item in batch)
 
 
-def assert_partition(pending: Sequence[WorkItem], batch: Sequence[WorkItem],
-                     rest: Sequence[WorkItem]) -> None:
+def assert_partition(
+    pending: Sequence[WorkItem], batch: Sequence[WorkItem], rest: Sequence[WorkItem]
+) -> None:
     assert sorted(map(id, [*batch, *rest])) == sorted(map(id, pending))
 
 
@@ -72,8 +78,9 @@ def test_empty_pending_gives_an_empty_batch_and_rest() -> None:
         ([8] * 10, [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]),
     ],
 )
-def test_the_oldest_item_is_always_in_the_batch(loop: asyncio.AbstractEventLoop, lengths: list[int],
-                                                seqs: list[int]) -> None:
+def test_the_oldest_item_is_always_in_the_batch(
+    loop: asyncio.AbstractEventLoop, lengths: list[int], seqs: list[int]
+) -> None:
     pending = make_items(loop, lengths, seqs)
     batch, rest = take_batch(pending, token_budget=64, max_items=4)
     assert min(pending, key=lambda item: item.seq) in batch
@@ -117,7 +124,8 @@ def test_padded_cost_stays_within_the_token_budget(loop: asyncio.AbstractEventLo
     ],
 )
 def test_short_items_are_not_padded_to_long_ones_when_that_is_wasteful(
-        loop: asyncio.AbstractEventLoop, lengths: list[int]) -> None:
+    loop: asyncio.AbstractEventLoop, lengths: list[int]
+) -> None:
     # The short items together cost a few slots, all real; adding a 200-token item fills the 600-slot
     # budget with hundreds of slots of padding. The oldest (short) item goes with the other short
     # ones, and the long ones get their own batch.
@@ -166,8 +174,9 @@ def test_random_pending_sets_keep_every_invariant(loop: asyncio.AbstractEventLoo
 
 @pytest.mark.parametrize("max_padding", [CPU_MAX_PADDING, MAX_PADDING])
 @pytest.mark.parametrize("seed", range(100))
-def test_a_batch_of_several_items_never_pads_beyond_the_tolerance(loop: asyncio.AbstractEventLoop,
-                                                                  seed: int, max_padding: float) -> None:
+def test_a_batch_of_several_items_never_pads_beyond_the_tolerance(
+    loop: asyncio.AbstractEventLoop, seed: int, max_padding: float
+) -> None:
     rng = random.Random(seed)
     pending = make_items(loop, [rng.randint(1, 250) for _ in range(rng.randint(1, 130))])
     while pending:
@@ -178,10 +187,15 @@ def test_a_batch_of_several_items_never_pads_beyond_the_tolerance(loop: asyncio.
 
 def test_cpu_batches_are_smaller_tighter_and_never_wait_unlike_gpu_batches() -> None:
     cpu, cuda = batch_limits("cpu", 1), batch_limits("cuda", 1)
-    assert cpu == BatchLimits(max_tokens=CPU_BATCH_TOKENS_PER_THREAD, max_wait_ms=CPU_BATCH_WAIT_MS,
-                              max_padding=CPU_MAX_PADDING, protect_last=True)
-    assert cuda == BatchLimits(max_tokens=GPU_BATCH_TOKENS, max_wait_ms=GPU_BATCH_WAIT_MS,
-                               max_padding=MAX_PADDING)
+    assert cpu == BatchLimits(
+        max_tokens=CPU_BATCH_TOKENS_PER_THREAD,
+        max_wait_ms=CPU_BATCH_WAIT_MS,
+        max_padding=CPU_MAX_PADDING,
+        protect_last=True,
+    )
+    assert cuda == BatchLimits(
+        max_tokens=GPU_BATCH_TOKENS, max_wait_ms=GPU_BATCH_WAIT_MS, max_padding=MAX_PADDING
+    )
     assert cpu.max_tokens < cuda.max_tokens and cpu.max_padding < cuda.max_padding
     assert cpu.max_wait_ms == 0 < cuda.max_wait_ms
     assert cpu.protect_last and not cuda.protect_last  # on a GPU a wider batch costs little more
@@ -255,7 +269,8 @@ def test_collate_of_equal_lengths_has_no_padding(side: str) -> None:
 
 
 def test_one_input_requests_are_not_overtaken_by_younger_ones_of_their_length(
-        loop: asyncio.AbstractEventLoop) -> None:
+    loop: asyncio.AbstractEventLoop,
+) -> None:
     """Online callers: the two younger 200-token inputs would batch with the oldest, but the 5-token
     callers between them would then wait behind a batch they are older than."""
     pending = make_items(loop, [200, 5, 5, 5, 200, 200], requests=[None] * 6)
@@ -271,8 +286,7 @@ def test_one_input_requests_in_arrival_order_still_share_a_batch(loop: asyncio.A
     assert rest == [pending[4]]
 
 
-def test_an_input_whose_request_has_others_waiting_may_be_overtaken(
-        loop: asyncio.AbstractEventLoop) -> None:
+def test_an_input_whose_request_has_others_waiting_may_be_overtaken(loop: asyncio.AbstractEventLoop) -> None:
     """Request 0 waits for both of its inputs anyway: request 2's input may go before its short one."""
     pending = make_items(loop, [50, 5, 50], requests=[0, 0, None])
     batch, rest = take_batch(pending, token_budget=1000, max_items=8, protect_last=True)
@@ -298,8 +312,9 @@ def test_no_batch_leaves_behind_an_older_last_input(loop: asyncio.AbstractEventL
     lengths = [rng.randint(1, 64) for _ in range(n)]
     requests: list[int | None] = [rng.choice([None, 0, 1, 2]) for _ in range(n)]
     pending = make_items(loop, lengths, seqs=rng.sample(range(1000), n), requests=requests)
-    batch, rest = take_batch(pending, token_budget=rng.choice([64, 256, 1024]), max_items=16,
-                             protect_last=True)
+    batch, rest = take_batch(
+        pending, token_budget=rng.choice([64, 256, 1024]), max_items=16, protect_last=True
+    )
     assert_partition(pending, batch, rest)
     assert min(pending, key=lambda item: item.seq) in batch
     youngest = max(item.seq for item in batch)
@@ -324,7 +339,8 @@ def test_a_batch_fits_the_memory_room(loop: asyncio.AbstractEventLoop) -> None:
 
 
 def test_the_oldest_input_that_does_not_fit_the_room_waits_and_nothing_overtakes_it(
-        loop: asyncio.AbstractEventLoop) -> None:
+    loop: asyncio.AbstractEventLoop,
+) -> None:
     pending = make_items(loop, [400, 10, 10, 10])  # the oldest is long, the others would fit
     room = MemoryRoom(MEMORY, MEMORY.peak(1, 399))
     batch, rest = take_batch(pending, 16_384, 256, memory=room)

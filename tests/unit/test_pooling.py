@@ -21,8 +21,9 @@ def test_every_pooling_kind_has_a_pooler() -> None:
         assert callable(POOLERS[kind])
 
 
-def padded(tokens: torch.Tensor, width: int, side: str, pad_value: float = 1e4
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+def padded(
+    tokens: torch.Tensor, width: int, side: str, pad_value: float = 1e4
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[n, H] real hidden states -> ([1, width, H] hidden with garbage in the padding, [1, width] mask)."""
     n = tokens.shape[0]
     hidden = torch.full((1, width, H), pad_value)  # [1, T, H]

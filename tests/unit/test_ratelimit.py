@@ -27,11 +27,24 @@ def limited(rpm: int | None = None, tpm: int | None = None, key: str = "key_a") 
     return Principal(key_id=key, rpm=rpm, tpm=tpm)
 
 
-@pytest.mark.parametrize(("seconds", "text"), [
-    (0, "0s"), (-1, "0s"), (0.0004, "1ms"), (0.02, "20ms"), (0.999, "999ms"), (1, "1s"),
-    (1.5, "1.5s"), (59.9984, "59.999s"), (59.9994, "1m0s"), (60, "1m0s"), (90.5, "1m30.5s"), (360, "6m0s"),
-    (3723, "1h2m3s"),
-])
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0, "0s"),
+        (-1, "0s"),
+        (0.0004, "1ms"),
+        (0.02, "20ms"),
+        (0.999, "999ms"),
+        (1, "1s"),
+        (1.5, "1.5s"),
+        (59.9984, "59.999s"),
+        (59.9994, "1m0s"),
+        (60, "1m0s"),
+        (90.5, "1m30.5s"),
+        (360, "6m0s"),
+        (3723, "1h2m3s"),
+    ],
+)
 def test_durations_are_written_as_openai_writes_its_reset_headers(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
 
@@ -162,14 +175,19 @@ def test_headers_give_limit_remaining_and_time_to_full_for_each_limit_the_key_ha
     limiter.admit_request(key)
     take(limiter, key, 1500)
     assert dict(limiter.headers(key)) == {
-        "x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "59",
+        "x-ratelimit-limit-requests": "60",
+        "x-ratelimit-remaining-requests": "59",
         "x-ratelimit-reset-requests": "1s",
-        "x-ratelimit-limit-tokens": "6000", "x-ratelimit-remaining-tokens": "4500",
+        "x-ratelimit-limit-tokens": "6000",
+        "x-ratelimit-remaining-tokens": "4500",
         "x-ratelimit-reset-tokens": "15s",
     }
     only_requests = limited(rpm=5, key="r")
     assert [name for name, _ in limiter.headers(only_requests)] == [
-        "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"]
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-reset-requests",
+    ]
 
 
 def test_a_changed_limit_keeps_what_was_spent(clock: Clock) -> None:

@@ -23,8 +23,12 @@ def test_every_setting_is_documented_with_its_environment_variable(field: str) -
 def _serve_flags() -> list[str]:
     parser = build_parser()
     serve = next(a for a in parser._actions if a.dest == "command").choices["serve"]  # type: ignore[index]
-    return sorted(opt for action in serve._actions for opt in action.option_strings
-                  if opt.startswith("--") and opt not in ("--help", "--json"))
+    return sorted(
+        opt
+        for action in serve._actions
+        for opt in action.option_strings
+        if opt.startswith("--") and opt not in ("--help", "--json")
+    )
 
 
 @pytest.mark.parametrize("flag", _serve_flags())
@@ -33,9 +37,16 @@ def test_every_serve_flag_is_documented(flag: str) -> None:
 
 
 def _codes() -> list[str]:
-    return sorted({cls.code for _, cls in inspect.getmembers(errors, inspect.isclass)
-                   if issubclass(cls, errors.EmbedServeError) and cls.code
-                   and cls.status < 600 and cls not in (errors.ModelLoadError, errors.ConfigError)})
+    return sorted(
+        {
+            cls.code
+            for _, cls in inspect.getmembers(errors, inspect.isclass)
+            if issubclass(cls, errors.EmbedServeError)
+            and cls.code
+            and cls.status < 600
+            and cls not in (errors.ModelLoadError, errors.ConfigError)
+        }
+    )
 
 
 @pytest.mark.parametrize("code", _codes())

@@ -19,38 +19,49 @@ ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 NOW = 1_750_000_000.0  # 2025-06-15
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("1970-01-01", "1970-01-01T00:00:00Z"),
-    ("1970-01-01T02:00:00+02:00", "1970-01-01T00:00:00Z"),
-    ("9999-12-31T23:59:59Z", "9999-12-31T23:59:59Z"),
-    ("9999-12-31T23:59:59.999999Z", "9999-12-31T23:59:59Z"),
-    ("9999-12-31T23:59:59+00:00", "9999-12-31T23:59:59Z"),
-    ("9999-12-31", "9999-12-31T00:00:00Z"),
-    ("2025-01-31T14:30:00+02:00", "2025-01-31T12:30:00Z"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1970-01-01", "1970-01-01T00:00:00Z"),
+        ("1970-01-01T02:00:00+02:00", "1970-01-01T00:00:00Z"),
+        ("9999-12-31T23:59:59Z", "9999-12-31T23:59:59Z"),
+        ("9999-12-31T23:59:59.999999Z", "9999-12-31T23:59:59Z"),
+        ("9999-12-31T23:59:59+00:00", "9999-12-31T23:59:59Z"),
+        ("9999-12-31", "9999-12-31T00:00:00Z"),
+        ("2025-01-31T14:30:00+02:00", "2025-01-31T12:30:00Z"),
+    ],
+)
 def test_times_inside_the_range_are_accepted_and_render_back(text: str, expected: str) -> None:
     assert iso(parse_time(text, "since")) == expected
 
 
-@pytest.mark.parametrize("text", [
-    "9999-12-31T23:00:00-05:00",  # 10000-01-01T04:00Z
-    "9999-12-31T23:59:59-12:00",
-    "9999-12-31T23:59:59.5-00:01",
-    "0001-01-01T00:00:00+14:00",  # year 0 in UTC
-    "0001-01-01",
-    "1969-12-31T23:59:59Z",
-    "1970-01-01T00:00:00+00:01",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "9999-12-31T23:00:00-05:00",  # 10000-01-01T04:00Z
+        "9999-12-31T23:59:59-12:00",
+        "9999-12-31T23:59:59.5-00:01",
+        "0001-01-01T00:00:00+14:00",  # year 0 in UTC
+        "0001-01-01",
+        "1969-12-31T23:59:59Z",
+        "1970-01-01T00:00:00+00:01",
+    ],
+)
 def test_times_outside_1970_to_9999_utc_are_400_naming_the_field_and_the_range(text: str) -> None:
     with pytest.raises(InvalidRequest) as caught:
         parse_time(text, "expires_at", relative=True)
-    assert (caught.value.status, caught.value.code, caught.value.param) == (400, "invalid_value",
-                                                                            "expires_at")
+    assert (caught.value.status, caught.value.code, caught.value.param) == (
+        400,
+        "invalid_value",
+        "expires_at",
+    )
     assert RANGE in caught.value.message and repr(text) in caught.value.message
 
 
-@pytest.mark.parametrize("text", ["99999999999999999999999d", "999999999d", "9" * 5000 + "s",
-                                  "3000000000000h", "4000000000000000m"])
+@pytest.mark.parametrize(
+    "text",
+    ["99999999999999999999999d", "999999999d", "9" * 5000 + "s", "3000000000000h", "4000000000000000m"],
+)
 def test_huge_durations_are_400_naming_the_field_and_the_range(text: str) -> None:
     with pytest.raises(InvalidRequest) as caught:
         parse_time(text, "expires_at", now=NOW, relative=True)
@@ -71,25 +82,29 @@ def test_durations_are_ascii_digits_only() -> None:
         parse_time("\u0661\u0662d", "x", now=NOW, relative=True)  # Arabic-Indic "12"
 
 
-@pytest.mark.parametrize(("ts", "rendered", "its_day"), [
-    (0.0, "1970-01-01T00:00:00Z", "1970-01-01"),
-    (-1.5, "1969-12-31T23:59:58Z", "1969-12-31"),  # floored to the second, as every rendering is
-    (1738326599.99, "2025-01-31T12:29:59Z", "2025-01-31"),
-    (END - 1, "9999-12-31T23:59:59Z", "9999-12-31"),
-    (END - 1e-4, "9999-12-31T23:59:59Z", "9999-12-31"),
-    (END, "9999-12-31T23:59:59Z", "9999-12-31"),
-    (8.64e27, "9999-12-31T23:59:59Z", "9999-12-31"),
-    (1e308, "9999-12-31T23:59:59Z", "9999-12-31"),
-    (math.inf, "9999-12-31T23:59:59Z", "9999-12-31"),
-    (RENDERED_START, "0001-01-01T00:00:00Z", "0001-01-01"),
-    (RENDERED_START - 1, "0001-01-01T00:00:00Z", "0001-01-01"),
-    (-1e308, "0001-01-01T00:00:00Z", "0001-01-01"),
-    (-math.inf, "0001-01-01T00:00:00Z", "0001-01-01"),
-    (math.nan, None, None),
-    (None, None, None),
-])
+@pytest.mark.parametrize(
+    ("ts", "rendered", "its_day"),
+    [
+        (0.0, "1970-01-01T00:00:00Z", "1970-01-01"),
+        (-1.5, "1969-12-31T23:59:58Z", "1969-12-31"),  # floored to the second, as every rendering is
+        (1738326599.99, "2025-01-31T12:29:59Z", "2025-01-31"),
+        (END - 1, "9999-12-31T23:59:59Z", "9999-12-31"),
+        (END - 1e-4, "9999-12-31T23:59:59Z", "9999-12-31"),
+        (END, "9999-12-31T23:59:59Z", "9999-12-31"),
+        (8.64e27, "9999-12-31T23:59:59Z", "9999-12-31"),
+        (1e308, "9999-12-31T23:59:59Z", "9999-12-31"),
+        (math.inf, "9999-12-31T23:59:59Z", "9999-12-31"),
+        (RENDERED_START, "0001-01-01T00:00:00Z", "0001-01-01"),
+        (RENDERED_START - 1, "0001-01-01T00:00:00Z", "0001-01-01"),
+        (-1e308, "0001-01-01T00:00:00Z", "0001-01-01"),
+        (-math.inf, "0001-01-01T00:00:00Z", "0001-01-01"),
+        (math.nan, None, None),
+        (None, None, None),
+    ],
+)
 def test_every_stored_float_renders_out_of_range_ones_as_the_nearest_end(
-        ts: float | None, rendered: str | None, its_day: str | None) -> None:
+    ts: float | None, rendered: str | None, its_day: str | None
+) -> None:
     assert iso(ts) == rendered
     assert day(ts) == its_day
 
@@ -103,12 +118,15 @@ def test_iso_and_day_never_raise_and_agree(ts: float) -> None:
         assert day(ts) == rendered[:10]
 
 
-@given(st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59),
-                    timezones=st.just(UTC) | st.builds(
-                        timezone, st.integers(-1439, 1439).map(lambda m: timedelta(minutes=m))))
-       .map(lambda moment: moment.replace(microsecond=0)))
-def test_any_iso_date_time_is_accepted_exactly_when_its_utc_year_is_1970_to_9999(
-        moment: datetime) -> None:
+@given(
+    st.datetimes(
+        min_value=datetime(1, 1, 1),
+        max_value=datetime(9999, 12, 31, 23, 59, 59),
+        timezones=st.just(UTC)
+        | st.builds(timezone, st.integers(-1439, 1439).map(lambda m: timedelta(minutes=m))),
+    ).map(lambda moment: moment.replace(microsecond=0))
+)
+def test_any_iso_date_time_is_accepted_exactly_when_its_utc_year_is_1970_to_9999(moment: datetime) -> None:
     text = moment.isoformat()
     offset = moment.utcoffset()
     assert offset is not None

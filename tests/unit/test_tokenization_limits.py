@@ -21,18 +21,22 @@ from embedserve.tokenization import (
 LIMITS = TokenLimits(per_input=8, truncate=False, total=20)
 
 
-@pytest.mark.parametrize(("lengths", "seen", "limits", "expected"), [
-    ([3, 4, 5], 0, LIMITS, (3, None)),
-    ([3, 9, 5], 0, LIMITS, (2, Stop.INPUT)),  # the over-long input is counted in: the evidence
-    ([8, 8, 8], 0, LIMITS, (3, Stop.TOTAL)),
-    ([5], 16, LIMITS, (1, Stop.TOTAL)),  # earlier chunks count
-    ([4, 4, 4], 0, TokenLimits(per_input=8, truncate=False, total=100, budget=7), (2, Stop.BUDGET)),
-    ([6, 2], 0, TokenLimits(per_input=8, truncate=False, total=100, refuse_above=5), (1, Stop.INPUT)),
-    ([8, 8], 0, TokenLimits(per_input=8, truncate=True, total=100), (2, None)),
-    ([9, 1], 0, TokenLimits(per_input=8, truncate=False, total=5, budget=3), (1, Stop.INPUT)),
-])
-def test_scan_stops_at_the_first_limit_broken(lengths: list[int], seen: int, limits: TokenLimits,
-                                              expected: tuple[int, Stop | None]) -> None:
+@pytest.mark.parametrize(
+    ("lengths", "seen", "limits", "expected"),
+    [
+        ([3, 4, 5], 0, LIMITS, (3, None)),
+        ([3, 9, 5], 0, LIMITS, (2, Stop.INPUT)),  # the over-long input is counted in: the evidence
+        ([8, 8, 8], 0, LIMITS, (3, Stop.TOTAL)),
+        ([5], 16, LIMITS, (1, Stop.TOTAL)),  # earlier chunks count
+        ([4, 4, 4], 0, TokenLimits(per_input=8, truncate=False, total=100, budget=7), (2, Stop.BUDGET)),
+        ([6, 2], 0, TokenLimits(per_input=8, truncate=False, total=100, refuse_above=5), (1, Stop.INPUT)),
+        ([8, 8], 0, TokenLimits(per_input=8, truncate=True, total=100), (2, None)),
+        ([9, 1], 0, TokenLimits(per_input=8, truncate=False, total=5, budget=3), (1, Stop.INPUT)),
+    ],
+)
+def test_scan_stops_at_the_first_limit_broken(
+    lengths: list[int], seen: int, limits: TokenLimits, expected: tuple[int, Stop | None]
+) -> None:
     assert scan([[1] * n for n in lengths], limits, seen) == expected
 
 

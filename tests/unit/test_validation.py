@@ -210,8 +210,10 @@ def test_dimensions_that_is_not_a_positive_integer_is_400(dimensions: object) ->
     assert "positive integer" in info.value.message
 
 
-@pytest.mark.parametrize(("payload", "expected"), [(body(), None), (body(dimensions=None), None),
-                                                   (body(dimensions=1), 1), (body(dimensions=256), 256)])
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [(body(), None), (body(dimensions=None), None), (body(dimensions=1), 1), (body(dimensions=256), 256)],
+)
 def test_dimensions_null_or_positive_integer_is_accepted(payload: object, expected: int | None) -> None:
     assert parse(payload).dimensions == expected
 
@@ -225,23 +227,25 @@ def test_user_that_is_not_a_string_is_400(user: object) -> None:
 
 def test_unknown_fields_are_ignored() -> None:
     job = parse(body(temperature=0.5, extra={"x": [1]}, task="retrieval.query"))
-    assert job == EmbeddingJob(model="m", texts=("hello",), token_ids=None, encoding_format="float",
-                               dimensions=None, user=None)
+    assert job == EmbeddingJob(
+        model="m", texts=("hello",), token_ids=None, encoding_format="float", dimensions=None, user=None
+    )
 
 
 @pytest.mark.parametrize(
     ("payload", "expected"),
     [
-        (body(input="hello"),
-         EmbeddingJob("m", ("hello",), None, "float", None, None)),
-        (body(input=["a", "b c", " "]),
-         EmbeddingJob("m", ("a", "b c", " "), None, "float", None, None)),
-        (body(input=[0, 5, 7]),
-         EmbeddingJob("m", None, ((0, 5, 7),), "float", None, None)),
-        (body(input=[[1, 2], [3], [0, 0, 0]]),
-         EmbeddingJob("m", None, ((1, 2), (3,), (0, 0, 0)), "float", None, None)),
-        (body(model="bge", input=["x"], encoding_format="base64", dimensions=128, user="alice"),
-         EmbeddingJob("bge", ("x",), None, "base64", 128, "alice")),
+        (body(input="hello"), EmbeddingJob("m", ("hello",), None, "float", None, None)),
+        (body(input=["a", "b c", " "]), EmbeddingJob("m", ("a", "b c", " "), None, "float", None, None)),
+        (body(input=[0, 5, 7]), EmbeddingJob("m", None, ((0, 5, 7),), "float", None, None)),
+        (
+            body(input=[[1, 2], [3], [0, 0, 0]]),
+            EmbeddingJob("m", None, ((1, 2), (3,), (0, 0, 0)), "float", None, None),
+        ),
+        (
+            body(model="bge", input=["x"], encoding_format="base64", dimensions=128, user="alice"),
+            EmbeddingJob("bge", ("x",), None, "base64", 128, "alice"),
+        ),
     ],
 )
 def test_valid_body_gives_the_matching_job(payload: object, expected: EmbeddingJob) -> None:
@@ -366,6 +370,7 @@ def test_input_type_and_instruction_reach_the_job() -> None:
 
 @pytest.mark.parametrize(("keep_last", "expected"), [(False, [1, 2, 3]), (True, [1, 2, 9])])
 def test_truncation_can_keep_the_final_token(keep_last: bool, expected: list[int]) -> None:
-    out = check_lengths([[1, 2, 3, 4, 9]], model="m", max_tokens=3, truncate=True, max_total=100,
-                        keep_last=keep_last)
+    out = check_lengths(
+        [[1, 2, 3, 4, 9]], model="m", max_tokens=3, truncate=True, max_total=100, keep_last=keep_last
+    )
     assert out == [expected]

@@ -18,15 +18,25 @@ from embedserve.validation import parse_embedding_request, parse_json
 MAX_INPUTS = 8
 PARAMS = {"model", "input", "encoding_format", "dimensions", "user", "input_type", "instruction", None}
 
-json_scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | \
-    st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20)
-json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=5) |
-                           st.dictionaries(st.text(max_size=8), inner, max_size=5), max_leaves=20)
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
+    max_leaves=20,
+)
 token_ids = st.lists(st.integers(0, 2**31), min_size=1, max_size=6)
-good_inputs = (st.text(min_size=1, max_size=30)
-               | st.lists(st.text(min_size=1, max_size=10), min_size=1, max_size=MAX_INPUTS)
-               | token_ids
-               | st.lists(token_ids, min_size=1, max_size=MAX_INPUTS))
+good_inputs = (
+    st.text(min_size=1, max_size=30)
+    | st.lists(st.text(min_size=1, max_size=10), min_size=1, max_size=MAX_INPUTS)
+    | token_ids
+    | st.lists(token_ids, min_size=1, max_size=MAX_INPUTS)
+)
 fields = st.fixed_dictionaries(
     {},
     optional={
@@ -38,7 +48,8 @@ fields = st.fixed_dictionaries(
         "input_type": st.sampled_from(["query", "document", None]) | json_values,
         "instruction": st.text(min_size=1, max_size=10) | st.none(),
         "extra": json_values,
-    })
+    },
+)
 
 
 def _parse(payload: Any) -> EmbeddingJob | InvalidRequest:
@@ -91,8 +102,10 @@ def test_any_body_bytes_parse_to_json_or_an_invalid_request(body: bytes) -> None
         assert (outcome.status, outcome.code) == (400, "invalid_json")
 
 
-@pytest.mark.parametrize("payload", [{"model": "m", "input": ["a"] * (MAX_INPUTS + 1)},
-                                     {"model": "m", "input": [[1]] * (MAX_INPUTS + 1)}])
+@pytest.mark.parametrize(
+    "payload",
+    [{"model": "m", "input": ["a"] * (MAX_INPUTS + 1)}, {"model": "m", "input": [[1]] * (MAX_INPUTS + 1)}],
+)
 def test_one_input_over_the_limit_is_refused(payload: dict[str, Any]) -> None:
     outcome = _parse(payload)
     assert isinstance(outcome, InvalidRequest)

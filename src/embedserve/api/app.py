@@ -33,21 +33,30 @@ log = logging.getLogger("embedserve.app")
 NO_FASTAPI_TELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
 
 
-def create_app(settings: Settings, catalog: Catalog,
-               on_ready: Callable[[AppState], None] | None = None,
-               on_closed: Callable[[int], None] | None = None) -> FastAPI:
+def create_app(
+    settings: Settings,
+    catalog: Catalog,
+    on_ready: Callable[[AppState], None] | None = None,
+    on_closed: Callable[[int], None] | None = None,
+) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = await AppState.open(settings, catalog)
         app.state.embedserve = state
         if state.keys.open:
-            log.warning("no API key configured: the server is OPEN to anyone who can reach "
-                        "%s:%d (set --api-key, or create a key with `embedserve keys create`)",
-                        settings.host, settings.port)
+            log.warning(
+                "no API key configured: the server is OPEN to anyone who can reach "
+                "%s:%d (set --api-key, or create a key with `embedserve keys create`)",
+                settings.host,
+                settings.port,
+            )
         else:
-            log.info("API keys required (%d from the settings, %d in the key store); usage goes to %s",
-                     len(settings.api_keys) + len(settings.admin_keys), state.keys.managed_count,
-                     state.db.where)
+            log.info(
+                "API keys required (%d from the settings, %d in the key store); usage goes to %s",
+                len(settings.api_keys) + len(settings.admin_keys),
+                state.keys.managed_count,
+                state.db.where,
+            )
         state.start()
 
         async def load() -> None:
@@ -66,9 +75,15 @@ def create_app(settings: Settings, catalog: Catalog,
                 on_closed(lost)
 
     # docs_url=None: /docs is api.docs's page, whose Swagger UI files come from a package, not a CDN.
-    app = FastAPI(title="embedserve", version=__version__, lifespan=lifespan,
-                  description="OpenAI-compatible text-embeddings API", docs_url=None,
-                  redoc_url=None, telemetry=NO_FASTAPI_TELEMETRY)
+    app = FastAPI(
+        title="embedserve",
+        version=__version__,
+        lifespan=lifespan,
+        description="OpenAI-compatible text-embeddings API",
+        docs_url=None,
+        redoc_url=None,
+        telemetry=NO_FASTAPI_TELEMETRY,
+    )
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(manage_router)

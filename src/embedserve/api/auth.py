@@ -19,7 +19,8 @@ def bearer_key(authorization: str | None) -> str:
     if not authorization:
         raise AuthenticationFailed(
             "You didn't provide an API key. Provide it in an Authorization header using Bearer "
-            "auth (Authorization: Bearer YOUR_KEY).")
+            "auth (Authorization: Bearer YOUR_KEY)."
+        )
     scheme, _, key = authorization.strip().partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise AuthenticationFailed("The Authorization header must be 'Bearer YOUR_KEY'.")
@@ -50,6 +51,8 @@ async def admit(request: Request) -> Principal:
 async def require_admin(request: Request) -> Principal:
     principal = await authenticate(request)
     if not principal.admin:
-        raise PermissionDenied("This route needs an admin key (--admin-key, or a key created with "
-                               "`embedserve keys create --admin`).")
+        raise PermissionDenied(
+            "This route needs an admin key (--admin-key, or a key created with "
+            "`embedserve keys create --admin`)."
+        )
     return principal

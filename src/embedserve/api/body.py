@@ -11,8 +11,10 @@ from embedserve.errors import ClientDisconnected, PayloadTooLarge
 
 
 def _too_large(limit: int) -> PayloadTooLarge:
-    return PayloadTooLarge(f"The request body is larger than the server's limit of {limit} bytes. "
-                           "Split the input into several requests.")
+    return PayloadTooLarge(
+        f"The request body is larger than the server's limit of {limit} bytes. "
+        "Split the input into several requests."
+    )
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -28,7 +30,6 @@ async def read_body(request: Request, limit: int) -> bytes:
                 raise _too_large(limit)
             chunks.append(chunk)
     except ClientDisconnect:
-        raise ClientDisconnected("The client closed the connection before sending the whole body.") \
-            from None
+        raise ClientDisconnected("The client closed the connection before sending the whole body.") from None
     request.state.body_bytes = size  # the request middleware trims the heap after large bodies
     return b"".join(chunks)

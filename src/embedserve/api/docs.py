@@ -18,8 +18,11 @@ from embedserve.errors import RouteNotFound
 ASSETS = Path(str(files("fastapi_offline") / "static"))
 ASSETS_PATH = "/docs/assets"
 #: The files the page loads, and nothing else of the package's folder.
-_MEDIA_TYPES = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css",
-                "favicon.png": "image/png"}
+_MEDIA_TYPES = {
+    "swagger-ui-bundle.js": "text/javascript",
+    "swagger-ui.css": "text/css",
+    "favicon.png": "image/png",
+}
 #: validatorUrl off: Swagger UI's default validator is validator.swagger.io, a host off this server.
 _SWAGGER_UI = {"validatorUrl": None}
 
@@ -30,12 +33,15 @@ router = APIRouter(include_in_schema=False)
 async def docs_page(request: Request) -> HTMLResponse:
     root = request.scope.get("root_path", "").rstrip("/")  # behind a proxy's prefix, as FastAPI's page
     assets = f"{root}{ASSETS_PATH}"
-    return get_swagger_ui_html(openapi_url=f"{root}{request.app.openapi_url}",
-                               title=f"{request.app.title} - API",
-                               swagger_js_url=f"{assets}/swagger-ui-bundle.js",
-                               swagger_css_url=f"{assets}/swagger-ui.css",
-                               swagger_favicon_url=f"{assets}/favicon.png", oauth2_redirect_url=None,
-                               swagger_ui_parameters=_SWAGGER_UI)
+    return get_swagger_ui_html(
+        openapi_url=f"{root}{request.app.openapi_url}",
+        title=f"{request.app.title} - API",
+        swagger_js_url=f"{assets}/swagger-ui-bundle.js",
+        swagger_css_url=f"{assets}/swagger-ui.css",
+        swagger_favicon_url=f"{assets}/favicon.png",
+        oauth2_redirect_url=None,
+        swagger_ui_parameters=_SWAGGER_UI,
+    )
 
 
 @router.get(ASSETS_PATH + "/{name}")

@@ -24,18 +24,22 @@ log = logging.getLogger("embedserve.api")
 
 
 def error_body(exc: EmbedServeError) -> bytes:
-    return orjson.dumps({"error": {"message": exc.message, "type": exc.type, "param": exc.param,
-                                   "code": exc.code}})
+    return orjson.dumps(
+        {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
+    )
 
 
 def error_response(exc: EmbedServeError) -> Response:
-    return Response(error_body(exc), status_code=exc.status, media_type="application/json",
-                    headers=exc.headers())
+    return Response(
+        error_body(exc), status_code=exc.status, media_type="application/json", headers=exc.headers()
+    )
 
 
 def internal_error(request_id: str) -> InternalError:
-    return InternalError("The server had an error while processing your request. Quote request id "
-                         f"{request_id} when you report it.")
+    return InternalError(
+        "The server had an error while processing your request. Quote request id "
+        f"{request_id} when you report it."
+    )
 
 
 def from_http_exception(exc: StarletteHTTPException, method: str, path: str) -> EmbedServeError:
@@ -72,8 +76,9 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
-        return error_response(InvalidRequest(str(first.get("msg", "invalid request")),
-                                             param=".".join(loc) or None))
+        return error_response(
+            InvalidRequest(str(first.get("msg", "invalid request")), param=".".join(loc) or None)
+        )
 
     app.add_exception_handler(EmbedServeError, on_embedserve_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)

@@ -28,8 +28,9 @@ def _route(path: str, method: str) -> BaseRoute:
 
 
 class EmbeddingsFastPath:
-    def __init__(self, app: ASGIApp,
-                 handler: Callable[[Request], Awaitable[Response]] = create_embeddings) -> None:
+    def __init__(
+        self, app: ASGIApp, handler: Callable[[Request], Awaitable[Response]] = create_embeddings
+    ) -> None:
         self.app = app
         self.handler = handler
         self.route = _route(EMBEDDINGS_PATH, "POST")

@@ -23,9 +23,11 @@ async def _disconnected(request: Request) -> None:
 
 
 def timed_out(timeout_s: float) -> RequestTimedOut:
-    return RequestTimedOut(f"The request did not finish within the server's limit of {timeout_s:g} s; "
-                           "its work was dropped. Retry, or send fewer inputs per request.",
-                           retry_after_s=1)
+    return RequestTimedOut(
+        f"The request did not finish within the server's limit of {timeout_s:g} s; "
+        "its work was dropped. Retry, or send fewer inputs per request.",
+        retry_after_s=1,
+    )
 
 
 async def before(deadline: float, timeout_s: float, work: Coroutine[Any, Any, T]) -> T:
@@ -37,16 +39,18 @@ async def before(deadline: float, timeout_s: float, work: Coroutine[Any, Any, T]
         raise timed_out(timeout_s) from None
 
 
-async def bounded(request: Request, work: Coroutine[Any, Any, T], *, deadline: float,
-                  timeout_s: float) -> T:
+async def bounded(request: Request, work: Coroutine[Any, Any, T], *, deadline: float, timeout_s: float) -> T:
     """Await `work` until `deadline` (a time.perf_counter() value). Cancels it when the client
     disconnects (ClientDisconnected) or the deadline passes (RequestTimedOut)."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
     done: set[asyncio.Future[Any]] = set()
     try:
-        done, _ = await asyncio.wait({task, watcher}, timeout=max(0.0, deadline - time.perf_counter()),
-                                     return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {task, watcher},
+            timeout=max(0.0, deadline - time.perf_counter()),
+            return_when=asyncio.FIRST_COMPLETED,
+        )
         if task in done:
             return task.result()
         task.cancel()

@@ -56,7 +56,7 @@ def user_agent(headers: list[tuple[bytes, bytes]]) -> str | None:
     for name, value in headers:
         if name == b"user-agent":
             text = value.decode("latin-1")  # as ASGI decodes headers
-            return text if len(text) <= USER_AGENT_CHARS else text[:USER_AGENT_CHARS - 3] + "..."
+            return text if len(text) <= USER_AGENT_CHARS else text[: USER_AGENT_CHARS - 3] + "..."
     return None
 
 
@@ -100,16 +100,17 @@ class RequestContextMiddleware:
                 headers.append((b"x-request-id", request_id.encode("latin-1")))
                 extra = info.get("response_headers")  # e.g. a limited key's x-ratelimit-*
                 if extra is not None:
-                    headers += [(name.encode("latin-1"), value.encode("latin-1"))
-                                for name, value in extra()]
+                    headers += [(name.encode("latin-1"), value.encode("latin-1")) for name, value in extra()]
                 if state.draining:
                     headers.append((b"connection", b"close"))
                 message = {**message, "headers": headers}
             await send(message)
 
         async def refuse(exc: EmbedServeError) -> None:
-            headers = [(b"content-type", b"application/json"),
-                       *((k.lower().encode(), v.encode()) for k, v in exc.headers().items())]
+            headers = [
+                (b"content-type", b"application/json"),
+                *((k.lower().encode(), v.encode()) for k, v in exc.headers().items()),
+            ]
             await send_with_id({"type": "http.response.start", "status": exc.status, "headers": headers})
             await send({"type": "http.response.body", "body": error_body(exc)})
 
@@ -117,8 +118,9 @@ class RequestContextMiddleware:
             state.request_started()
         try:
             if state.draining and not probe:
-                await refuse(ShuttingDown("The server is shutting down; retry on another replica.",
-                                          retry_after_s=5))
+                await refuse(
+                    ShuttingDown("The server is shutting down; retry on another replica.", retry_after_s=5)
+                )
             else:
                 await self.app(scope, receive, send_with_id)
         except Exception:
@@ -135,8 +137,9 @@ class RequestContextMiddleware:
             request_id_var.reset(token)
 
     @staticmethod
-    def _account(state: AppState, scope: Scope, info: dict[str, Any], status: int, seconds: float,
-                 probe: bool) -> None:
+    def _account(
+        state: AppState, scope: Scope, info: dict[str, Any], status: int, seconds: float, probe: bool
+    ) -> None:
         route = _route_template(scope)
         model = state.registry.catalog.canonical_id(info.get("model") or "") or "-"
         status = status or 499  # no response started: the client left first
@@ -145,16 +148,33 @@ class RequestContextMiddleware:
         if not log.isEnabledFor(level):  # (--log-level warning: no line, so no fields to build)
             return
         principal = info.get("principal")
-        fields = {"event": "request", "request_id": info["request_id"], "method": scope["method"],
-                  "route": route, "status": status,
-                  "latency_ms": round(seconds * 1000, 1), "key_id": getattr(principal, "key_id", None),
-                  "key_prefix": getattr(principal, "prefix", None),
-                  "model": None if model == "-" else model, "inputs": info.get("inputs"),
-                  "tokens": info.get("tokens"), "user_agent": user_agent(scope["headers"])}
+        fields = {
+            "event": "request",
+            "request_id": info["request_id"],
+            "method": scope["method"],
+            "route": route,
+            "status": status,
+            "latency_ms": round(seconds * 1000, 1),
+            "key_id": getattr(principal, "key_id", None),
+            "key_prefix": getattr(principal, "prefix", None),
+            "model": None if model == "-" else model,
+            "inputs": info.get("inputs"),
+            "tokens": info.get("tokens"),
+            "user_agent": user_agent(scope["headers"]),
+        }
         agent = fields["user_agent"]
-        log.log(level, "%s %s %d %.1fms%s%s", scope["method"],
-                logged_path(scope), status, seconds * 1000,
-                "".join(f" {k}={v}" for k in ("model", "inputs", "tokens", "key_id", "key_prefix")
-                        if (v := fields[k]) is not None),
-                "" if agent is None else f" user_agent={_quoted(agent)}",
-                extra=fields)
+        log.log(
+            level,
+            "%s %s %d %.1fms%s%s",
+            scope["method"],
+            logged_path(scope),
+            status,
+            seconds * 1000,
+            "".join(
+                f" {k}={v}"
+                for k in ("model", "inputs", "tokens", "key_id", "key_prefix")
+                if (v := fields[k]) is not None
+            ),
+            "" if agent is None else f" user_agent={_quoted(agent)}",
+            extra=fields,
+        )

@@ -23,21 +23,28 @@ _SECURITY_SCHEME = {
     "type": "http",
     "scheme": "bearer",
     "description": "An API key (--api-key, --admin-key, or one made by `embedserve keys create`), sent "
-                   "as `Authorization: Bearer <key>`. The key and usage routes need an admin key.",
+    "as `Authorization: Bearer <key>`. The key and usage routes need an admin key.",
 }
 
 #: The headers errors.py's classes add to these statuses (`EmbedServeError.headers`).
 _HEADERS: dict[int, dict[str, Any]] = {
     429: {
-        "Retry-After": {"description": "Seconds until the key's window has room again.",
-                        "schema": {"type": "integer"}},
+        "Retry-After": {
+            "description": "Seconds until the key's window has room again.",
+            "schema": {"type": "integer"},
+        },
         "retry-after-ms": {"description": "The same wait in milliseconds.", "schema": {"type": "integer"}},
-        "x-should-retry": {"description": "`false` when the request could never fit the key's limit.",
-                           "schema": {"type": "string"}},
+        "x-should-retry": {
+            "description": "`false` when the request could never fit the key's limit.",
+            "schema": {"type": "string"},
+        },
     },
     503: {
-        "Retry-After": {"description": "Seconds to wait before retrying.", "required": True,
-                        "schema": {"type": "integer"}},
+        "Retry-After": {
+            "description": "Seconds to wait before retrying.",
+            "required": True,
+            "schema": {"type": "integer"},
+        },
     },
 }
 
@@ -65,8 +72,10 @@ def error_responses(*errors: type[EmbedServeError], probe: bool = False) -> dict
         by_status.setdefault(error.status, []).append(error)
     responses: dict[int | str, dict[str, Any]] = {}
     for status, classes in sorted(by_status.items()):
-        entry: dict[str, Any] = {"model": ErrorResponse,
-                                 "description": f"{HTTPStatus(status).phrase}: {_codes(classes)}"}
+        entry: dict[str, Any] = {
+            "model": ErrorResponse,
+            "description": f"{HTTPStatus(status).phrase}: {_codes(classes)}",
+        }
         if status in _HEADERS:
             entry["headers"] = copy.deepcopy(_HEADERS[status])
         responses[status] = entry

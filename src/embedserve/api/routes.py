@@ -74,10 +74,20 @@ EMBEDDINGS_PATH = "/v1/embeddings"
 @router.post(
     EMBEDDINGS_PATH,
     response_model=EmbeddingResponse,
-    responses=error_responses(*with_subclasses(InvalidRequest), AuthenticationFailed, ModelNotFound,
-                              PayloadTooLarge, RateLimitExceeded, *with_subclasses(ServiceUnavailable)),
-    openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": EmbeddingRequest.model_json_schema()}}}},
+    responses=error_responses(
+        *with_subclasses(InvalidRequest),
+        AuthenticationFailed,
+        ModelNotFound,
+        PayloadTooLarge,
+        RateLimitExceeded,
+        *with_subclasses(ServiceUnavailable),
+    ),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": EmbeddingRequest.model_json_schema()}},
+        }
+    },
 )
 async def create_embeddings(request: Request) -> Response:
     principal = await admit(request)  # the key and its request rate, before any body work
@@ -87,26 +97,36 @@ async def create_embeddings(request: Request) -> Response:
     body = await before(deadline, settings.request_timeout, read_body(request, settings.max_body_bytes))
     job = parse_embedding_request(parse_json(body), max_inputs=settings.max_inputs_per_request)
     request.state.model = job.model
-    caller = Caller(principal=principal, request_id=request.state.request_id,
-                    started=request.state.started)
-    result = await bounded(request, state.service.embed(job, caller),
-                           deadline=deadline, timeout_s=settings.request_timeout)
+    caller = Caller(principal=principal, request_id=request.state.request_id, started=request.state.started)
+    result = await bounded(
+        request, state.service.embed(job, caller), deadline=deadline, timeout_s=settings.request_timeout
+    )
     request.state.model, request.state.inputs = result.model_id, job.count
     request.state.tokens = result.prompt_tokens
     return Response(render_embeddings(result, job.model), media_type="application/json")
 
 
-@router.get("/v1/models", dependencies=[Depends(authenticate)], response_model=ModelList,
-            responses=error_responses(AuthenticationFailed))
+@router.get(
+    "/v1/models",
+    dependencies=[Depends(authenticate)],
+    response_model=ModelList,
+    responses=error_responses(AuthenticationFailed),
+)
 async def list_models(request: Request) -> Response:
     registry = _state(request).registry
-    cards = [model_card(spec, registry.status(spec), registry.backend_description(spec))
-             for spec in registry.catalog.specs_for(_principal(request))]
+    cards = [
+        model_card(spec, registry.status(spec), registry.backend_description(spec))
+        for spec in registry.catalog.specs_for(_principal(request))
+    ]
     return _json({"object": "list", "data": cards})
 
 
-@router.get("/v1/models/{model_id:any}", dependencies=[Depends(authenticate)],
-            response_model=ModelCard, responses=error_responses(AuthenticationFailed, ModelNotFound))
+@router.get(
+    "/v1/models/{model_id:any}",
+    dependencies=[Depends(authenticate)],
+    response_model=ModelCard,
+    responses=error_responses(AuthenticationFailed, ModelNotFound),
+)
 async def retrieve_model(request: Request, model_id: str) -> Response:
     registry = _state(request).registry
     spec = registry.catalog.resolve(model_id, _principal(request))

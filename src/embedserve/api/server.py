@@ -98,12 +98,17 @@ class GuardedProtocol(HttpToolsProtocol):
     def _head_timed_out(self) -> None:
         self._head_timer = None
         if self._awaiting_head:
-            self._refuse(HeaderTimeout(f"The request line and headers did not arrive within "
-                                       f"{self.header_timeout_s:g} s."))
+            self._refuse(
+                HeaderTimeout(
+                    f"The request line and headers did not arrive within {self.header_timeout_s:g} s."
+                )
+            )
 
     def _too_large(self) -> HeadersTooLarge:
-        return HeadersTooLarge(f"The request line and headers are larger than the server's limit of "
-                               f"{self.max_header_bytes} bytes.")
+        return HeadersTooLarge(
+            f"The request line and headers are larger than the server's limit of "
+            f"{self.max_header_bytes} bytes."
+        )
 
     # ---- parser callbacks ---------------------------------------------------------------------
 
@@ -117,13 +122,18 @@ class GuardedProtocol(HttpToolsProtocol):
         # What the parser read of the head (URL, header names and values), however it arrived (a head
         # still incomplete is bounded by its raw bytes in data_received, so at most a read is buffered).
         # Summed only when the bytes received could hold that much: a normal head costs a comparison.
-        if self._head_bound > self.max_header_bytes and \
-                len(self.url) + sum(map(len, chain.from_iterable(self.headers))) > self.max_header_bytes:
+        if (
+            self._head_bound > self.max_header_bytes
+            and len(self.url) + sum(map(len, chain.from_iterable(self.headers))) > self.max_header_bytes
+        ):
             self._refuse(self._too_large())
             raise _HeadRefused  # stops the parser; no cycle was made for this request
         if self._get_upgrade() == b"websocket":
-            self._refuse(WebSocketNotSupported("This server does not speak WebSocket; send plain HTTP "
-                                               "requests (POST /v1/embeddings)."))
+            self._refuse(
+                WebSocketNotSupported(
+                    "This server does not speak WebSocket; send plain HTTP requests (POST /v1/embeddings)."
+                )
+            )
             return
         super().on_headers_complete()
 
@@ -167,13 +177,17 @@ class GuardedProtocol(HttpToolsProtocol):
     def _malformed(self, exc: httptools.HttpParserError) -> MalformedRequest:
         first = self._first_bytes or b""
         if self._completed == 0 and first[:1] == b"\x16":  # a TLS handshake record
-            return MalformedRequest("This server speaks plain HTTP, not TLS: use an http:// URL, or put "
-                                    "a TLS-terminating proxy in front of it.")
+            return MalformedRequest(
+                "This server speaks plain HTTP, not TLS: use an http:// URL, or put "
+                "a TLS-terminating proxy in front of it."
+            )
         if self._completed == 0 and first.startswith(b"PRI * HTTP/2"):
             return MalformedRequest("This server speaks HTTP/1.1, not HTTP/2.")
         if isinstance(exc, httptools.HttpParserInvalidMethodError):
-            return MalformedRequest("The request does not start with an HTTP method this server knows "
-                                    "(GET, HEAD, POST, PATCH, DELETE, ...).")
+            return MalformedRequest(
+                "The request does not start with an HTTP method this server knows "
+                "(GET, HEAD, POST, PATCH, DELETE, ...)."
+            )
         if isinstance(exc, httptools.HttpParserCallbackError):  # (its cause may quote the request)
             return MalformedRequest("The request line or headers could not be parsed.")
         return MalformedRequest(f"The request is not valid HTTP/1.1: {exc}.")  # llhttp's fixed reasons
@@ -214,17 +228,22 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def _answer_refusal(self) -> None:
         running = self._running
-        if self.pipeline or (running is not None and not running.response_complete
-                             and not running.disconnected):
+        if self.pipeline or (
+            running is not None and not running.response_complete and not running.disconnected
+        ):
             return  # on_response_complete calls again
         exc = self._refusal
         if exc is None or self._answered or self.transport.is_closing():
             return
         request_id = uuid.uuid4().hex
         body = error_body(exc)
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
-                   (b"x-request-id", request_id.encode()), (b"connection", b"close"),
-                   *((k.lower().encode(), v.encode()) for k, v in exc.headers().items())]
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(body)),
+            (b"x-request-id", request_id.encode()),
+            (b"connection", b"close"),
+            *((k.lower().encode(), v.encode()) for k, v in exc.headers().items()),
+        ]
         head = b"HTTP/1.1 %d %s\r\n" % (exc.status, http.HTTPStatus(exc.status).phrase.encode())
         self.transport.write(head + b"".join(b"%s: %s\r\n" % h for h in headers) + b"\r\n" + body)
         self._answered = True
@@ -254,17 +273,26 @@ class GuardedProtocol(HttpToolsProtocol):
         token = request_id_var.set(request_id)
         try:
             client = f"{self.client[0]}:{self.client[1]}" if self.client else "-"
-            log.log(logging.DEBUG if silent else logging.INFO, "refused %d %s from %s: %s", exc.status,
-                    exc.code, client, exc.message,
-                    extra={"event": "refused", "status": exc.status, "code": exc.code, "client": client})
+            log.log(
+                logging.DEBUG if silent else logging.INFO,
+                "refused %d %s from %s: %s",
+                exc.status,
+                exc.code,
+                client,
+                exc.message,
+                extra={"event": "refused", "status": exc.status, "code": exc.code, "client": client},
+            )
         finally:
             request_id_var.reset(token)
 
 
 def guarded_protocol(settings: Settings) -> type[GuardedProtocol]:
     """GuardedProtocol with this server's limits (uvicorn builds one protocol object per connection)."""
-    return type("GuardedProtocol", (GuardedProtocol,), {"header_timeout_s": settings.header_timeout,
-                                                        "max_header_bytes": settings.max_header_bytes})
+    return type(
+        "GuardedProtocol",
+        (GuardedProtocol,),
+        {"header_timeout_s": settings.header_timeout, "max_header_bytes": settings.max_header_bytes},
+    )
 
 
 class EmbedServer(uvicorn.Server):
@@ -293,8 +321,12 @@ class EmbedServer(uvicorn.Server):
             return
         self._captured_signals.append(sig)
         state.draining = True
-        log.info("draining: %d request(s) in flight, up to %.0f s", state.in_flight, self._grace,
-                 extra={"event": "draining", "in_flight": state.in_flight})
+        log.info(
+            "draining: %d request(s) in flight, up to %.0f s",
+            state.in_flight,
+            self._grace,
+            extra={"event": "draining", "in_flight": state.in_flight},
+        )
         self._loop.call_soon_threadsafe(self._start_drain, state)
 
     def _start_drain(self, state: AppState) -> None:
@@ -315,8 +347,12 @@ def build_server(app: FastAPI, settings: Settings, **config: Any) -> EmbedServer
     """The server for `app`, with every limit explicit. `config` overrides uvicorn.Config's arguments
     (the tests pass their own socket and logging)."""
     options: dict[str, Any] = {
-        "host": settings.host, "port": settings.port, "log_config": None, "access_log": False,
-        "server_header": False, "http": guarded_protocol(settings),
+        "host": settings.host,
+        "port": settings.port,
+        "log_config": None,
+        "access_log": False,
+        "server_header": False,
+        "http": guarded_protocol(settings),
         "ws": "none",  # no WebSocket routes: GuardedProtocol answers upgrades with a 400
         "timeout_keep_alive": 30,  # idle keep-alive connections
         "timeout_graceful_shutdown": 1,  # after our drain, only stragglers past the grace are left

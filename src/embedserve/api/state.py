@@ -52,8 +52,9 @@ class AppState:
     def __post_init__(self) -> None:
         self.idle.set()
         self.metrics.in_flight.set_function(lambda: self.in_flight)
-        self.metrics.track_health(lambda: self.ledger.pending, ledger=self.ledger.health,
-                                  keys=self.keys.health)
+        self.metrics.track_health(
+            lambda: self.ledger.pending, ledger=self.ledger.health, keys=self.keys.health
+        )
 
     @property
     def draining(self) -> bool:
@@ -71,10 +72,19 @@ class AppState:
     def checks(self) -> dict[str, Any]:
         """The health detail of /health and /ready: the ledger's writes and the key ring's refreshes."""
         ledger, keys = self.ledger.health, self.keys.health
-        return {"ledger": {"status": ledger.status, "pending_records": self.ledger.pending,
-                           "write_failures": ledger.failures, "last_write": iso(ledger.last_success)},
-                "keys": {"status": keys.status, "refresh_failures": keys.failures,
-                         "last_refresh": iso(keys.last_success)}}
+        return {
+            "ledger": {
+                "status": ledger.status,
+                "pending_records": self.ledger.pending,
+                "write_failures": ledger.failures,
+                "last_write": iso(ledger.last_success),
+            },
+            "keys": {
+                "status": keys.status,
+                "refresh_failures": keys.failures,
+                "last_refresh": iso(keys.last_success),
+            },
+        }
 
     def request_started(self) -> None:
         self.in_flight += 1
@@ -111,9 +121,12 @@ class AppState:
         try:
             pepper = await asyncio.to_thread(load_pepper, settings.key_pepper, settings.data_dir)
             if db.dialect == "postgresql" and not settings.key_pepper:
-                log.warning("the key pepper comes from %s: every replica and CLI sharing %s needs the "
-                            "same one (set EMBEDSERVE_KEY_PEPPER)", settings.data_dir / "key-pepper",
-                            db.where)
+                log.warning(
+                    "the key pepper comes from %s: every replica and CLI sharing %s needs the "
+                    "same one (set EMBEDSERVE_KEY_PEPPER)",
+                    settings.data_dir / "key-pepper",
+                    db.where,
+                )
             store = KeyStore(db)
             await asyncio.to_thread(store.check_pepper, pepper)
             keys = KeyRing(store, pepper, api_keys=settings.api_keys, admin_keys=settings.admin_keys)
@@ -127,13 +140,23 @@ class AppState:
         registry = ModelRegistry(catalog, settings, metrics)
         limiter = RateLimiter()
         ledger = UsageLedger(db, settings.usage_flush_interval, journal)
-        return cls(settings=settings, registry=registry, db=db, key_store=store, keys=keys,
-                   limiter=limiter, ledger=ledger, metrics=metrics,
-                   service=EmbeddingService(registry, settings, metrics, limiter, ledger))
+        return cls(
+            settings=settings,
+            registry=registry,
+            db=db,
+            key_store=store,
+            keys=keys,
+            limiter=limiter,
+            ledger=ledger,
+            metrics=metrics,
+            service=EmbeddingService(registry, settings, metrics, limiter, ledger),
+        )
 
     def start(self) -> None:
-        self.tasks += [asyncio.create_task(self.keys.run(), name="refresh-keys"),
-                       asyncio.create_task(self.ledger.run(), name="flush-usage")]
+        self.tasks += [
+            asyncio.create_task(self.keys.run(), name="refresh-keys"),
+            asyncio.create_task(self.ledger.run(), name="flush-usage"),
+        ]
 
     async def close(self) -> int:
         """-> the usage records lost (0 unless the database and the journal both failed). The ledger

@@ -11,9 +11,16 @@ from embedserve.types import FloatMatrix, TokenBatch
 
 
 class FakeBackend:
-    def __init__(self, *, dimensions: int = 16, vocab_size: int = 1000, seed: int = 0,
-                 workers: int = 1, memory: MemoryModel | None = None,
-                 free_memory: int = 1 << 40) -> None:
+    def __init__(
+        self,
+        *,
+        dimensions: int = 16,
+        vocab_size: int = 1000,
+        seed: int = 0,
+        workers: int = 1,
+        memory: MemoryModel | None = None,
+        free_memory: int = 1 << 40,
+    ) -> None:
         """`memory`: what `peak_memory` reports a pass to cost (default: nothing); `free_memory`: what
         `memory_available` reports."""
         rng = np.random.default_rng(seed)

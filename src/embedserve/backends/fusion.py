@@ -80,8 +80,14 @@ def fuse(source: Path, target: Path, shape: EncoderShape) -> dict[str, int]:
     options = FusionOptions("bert")
     options.use_raw_attention_mask(True)
     with _quiet_optimizer():
-        model = optimize_model(str(source), model_type="bert", num_heads=shape.num_heads,
-                               hidden_size=shape.hidden_size, opt_level=0, optimization_options=options)
+        model = optimize_model(
+            str(source),
+            model_type="bert",
+            num_heads=shape.num_heads,
+            hidden_size=shape.hidden_size,
+            opt_level=0,
+            optimization_options=options,
+        )
         model.save_model_to_file(str(target), use_external_data_format=True)
         stats: dict[str, int] = model.get_fused_operator_statistics()
     return {op: count for op, count in stats.items() if count}
@@ -94,8 +100,9 @@ def _quiet_optimizer() -> Iterator[None]:
     import onnxruntime.transformers as package
 
     stems = {path.stem for path in Path(package.__file__).parent.glob("*.py")}
-    loggers = [logging.getLogger(name) for stem in stems
-               for name in (stem, f"onnxruntime.transformers.{stem}")]
+    loggers = [
+        logging.getLogger(name) for stem in stems for name in (stem, f"onnxruntime.transformers.{stem}")
+    ]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.WARNING)

@@ -31,11 +31,42 @@ CALIBRATION_TEXTS = 256
 # Standard-library modules whose docstrings are the calibration text: always installed, real prose and
 # code, and none of the benchmark corpus's modules (benchmarks/corpus.py), so fidelity measured there is
 # measured on text the calibration never saw.
-CALIBRATION_MODULES = ("abc", "ast", "base64", "calendar", "csv", "datetime", "difflib", "enum", "gettext",
-                       "glob", "gzip", "hashlib", "heapq", "ipaddress", "locale", "mailbox", "mimetypes",
-                       "operator", "optparse", "pickle", "pprint", "queue", "random", "secrets",
-                       "selectors", "smtplib", "struct", "textwrap", "timeit", "traceback", "types",
-                       "uuid", "warnings", "weakref")
+CALIBRATION_MODULES = (
+    "abc",
+    "ast",
+    "base64",
+    "calendar",
+    "csv",
+    "datetime",
+    "difflib",
+    "enum",
+    "gettext",
+    "glob",
+    "gzip",
+    "hashlib",
+    "heapq",
+    "ipaddress",
+    "locale",
+    "mailbox",
+    "mimetypes",
+    "operator",
+    "optparse",
+    "pickle",
+    "pprint",
+    "queue",
+    "random",
+    "secrets",
+    "selectors",
+    "smtplib",
+    "struct",
+    "textwrap",
+    "timeit",
+    "traceback",
+    "types",
+    "uuid",
+    "warnings",
+    "weakref",
+)
 
 # Fused Attention (encoders, fusion.py) becomes QAttention: its input quantized dynamically, QKV in int8.
 QUANTIZED_OPS = ("MatMul", "Attention")
@@ -47,8 +78,9 @@ def calibration_texts(count: int = CALIBRATION_TEXTS) -> list[str]:
     texts: list[str] = []
     for name in CALIBRATION_MODULES:
         module = importlib.import_module(name)
-        objects = [module] + [getattr(module, attr, None) for attr in sorted(dir(module))
-                              if not attr.startswith("_")]
+        objects = [module] + [
+            getattr(module, attr, None) for attr in sorted(dir(module)) if not attr.startswith("_")
+        ]
         for obj in objects:
             doc = inspect.getdoc(obj) if obj is not None else None
             for paragraph in re.split(r"\n\s*\n", doc or ""):
@@ -69,8 +101,11 @@ def int8_nodes(model: Any) -> list[Any]:
     shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
     chosen = []
     for node in model.graph.node:
-        if node.op_type in QUANTIZED_OPS and len(weight := shapes.get(node.input[1], ())) == 2 \
-                and weight[0] <= weight[1]:
+        if (
+            node.op_type in QUANTIZED_OPS
+            and len(weight := shapes.get(node.input[1], ())) == 2
+            and weight[0] <= weight[1]
+        ):
             chosen.append(node)
     return chosen
 
@@ -80,7 +115,7 @@ def smoothing_scales(x_max: np.ndarray, w_max: np.ndarray, alpha: float = ALPHA)
     calibration never saw (or a zero weight row) cannot blow the weights up."""
     x = np.maximum(np.asarray(x_max, dtype=np.float64), 1e-5)
     w = np.maximum(np.asarray(w_max, dtype=np.float64), 1e-5)
-    scales: FloatMatrix = np.clip(x ** alpha / w ** (1 - alpha), 1e-3, 1e3).astype(np.float32)
+    scales: FloatMatrix = np.clip(x**alpha / w ** (1 - alpha), 1e-3, 1e3).astype(np.float32)
     return scales
 
 
@@ -112,8 +147,7 @@ def activation_ranges(source: Path, feeds: Sequence[Feeds], names: Sequence[str]
     return ranges
 
 
-def smooth(model: Any, nodes: Sequence[Any], ranges: Mapping[str, np.ndarray],
-           alpha: float = ALPHA) -> None:
+def smooth(model: Any, nodes: Sequence[Any], ranges: Mapping[str, np.ndarray], alpha: float = ALPHA) -> None:
     """Rewrite `model` in place: each input of `nodes` passes through Mul(1/s) and the weights of every
     node reading it (unfused Q, K and V share one) are scaled by s row-wise. Exact in float32."""
     from onnx import helper, numpy_helper
@@ -130,8 +164,14 @@ def smooth(model: Any, nodes: Sequence[Any], ranges: Mapping[str, np.ndarray],
         inverse = numpy_helper.from_array((1.0 / scales).astype(np.float32), f"embedserve_smooth_{k}")
         model.graph.initializer.append(inverse)
         smoothed = f"{tensor}__smoothed_{k}"
-        inserts.append((group[0], helper.make_node("Mul", [tensor, inverse.name], [smoothed],
-                                                   name=f"embedserve_smooth_mul_{k}")))
+        inserts.append(
+            (
+                group[0],
+                helper.make_node(
+                    "Mul", [tensor, inverse.name], [smoothed], name=f"embedserve_smooth_mul_{k}"
+                ),
+            )
+        )
         for node, weight in zip(group, weights, strict=True):
             scaled = numpy_helper.from_array((weight * scales[:, None]).astype(np.float32), node.input[1])
             initializers[node.input[1]].CopyFrom(scaled)
@@ -164,11 +204,17 @@ def quantize_int8(source: Path, target: Path, feeds: Sequence[Feeds]) -> None:
     root = logging.getLogger()
     root.addFilter(_quiet_quantizer)
     try:
-        quantize_dynamic(str(smoothed), str(target), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_quantize=[n.name for n in nodes],
-                         use_external_data_format=True,
-                         # contrib ops (Attention, SkipLayerNormalization) defeat ONNX shape inference
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        quantize_dynamic(
+            str(smoothed),
+            str(target),
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=list(QUANTIZED_OPS),
+            nodes_to_quantize=[n.name for n in nodes],
+            use_external_data_format=True,
+            # contrib ops (Attention, SkipLayerNormalization) defeat ONNX shape inference
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
     finally:
         root.removeFilter(_quiet_quantizer)
         smoothed.unlink(missing_ok=True)

@@ -117,14 +117,16 @@ def _export(spec: ModelSpec, target: Path, feeds: Sequence[Feeds]) -> None:
             log.warning("model '%s': operator fusion skipped, serving the unfused graph: %s", spec.id, reason)
             target.unlink(missing_ok=True)
             target.with_name(target.name + ".data").unlink(missing_ok=True)
-            onnx.save(onnx.load(str(plain)), str(target), save_as_external_data=True,
-                      location=target.name + ".data")
+            onnx.save(
+                onnx.load(str(plain)), str(target), save_as_external_data=True, location=target.name + ".data"
+            )
     finally:
         shutil.rmtree(plain.parent, ignore_errors=True)
 
 
-def _fuse_checked(spec: ModelSpec, plain: Path, target: Path, shape: EncoderShape,
-                  feeds: Sequence[Feeds]) -> str | None:
+def _fuse_checked(
+    spec: ModelSpec, plain: Path, target: Path, shape: EncoderShape, feeds: Sequence[Feeds]
+) -> str | None:
     """Fuse `plain` into `target`; None if the result agrees with its source on the shortest and the
     longest calibration batch, else why not."""
     fused = fuse(plain, target, shape)
@@ -143,8 +145,9 @@ def _trace(spec: ModelSpec, target: Path, *, for_fusion: bool) -> None:
 
     from embedserve.backends.torch import TorchBackend
 
-    torch_backend = TorchBackend(spec, device="cpu", dtype="float32",
-                                 attention="eager" if for_fusion else "sdpa")
+    torch_backend = TorchBackend(
+        spec, device="cpu", dtype="float32", attention="eager" if for_fusion else "sdpa"
+    )
     graph = torch_backend.graph().eval()
     ids = torch.full((2, 16), 5, dtype=torch.int64)  # two rows, the second padded: a real mask
     mask = torch.ones_like(ids)
@@ -153,12 +156,19 @@ def _trace(spec: ModelSpec, target: Path, *, for_fusion: bool) -> None:
     if for_fusion:
         axes = {0: "batch", 1: "length"}
         options: dict[str, Any] = {
-            "dynamo": False, "opset_version": TORCHSCRIPT_OPSET,
-            "dynamic_axes": {"input_ids": axes, "attention_mask": axes, "pooled": {0: "batch"}}}
+            "dynamo": False,
+            "opset_version": TORCHSCRIPT_OPSET,
+            "dynamic_axes": {"input_ids": axes, "attention_mask": axes, "pooled": {0: "batch"}},
+        }
     else:
         dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("length")}
-        options = {"dynamo": True, "opset_version": OPSET, "external_data": True, "verbose": False,
-                   "dynamic_shapes": {"input_ids": dims, "attention_mask": dims}}
+        options = {
+            "dynamo": True,
+            "opset_version": OPSET,
+            "external_data": True,
+            "verbose": False,
+            "dynamic_shapes": {"input_ids": dims, "attention_mask": dims},
+        }
     with torch.inference_mode(False), torch.no_grad(), _quiet_exporter():
         torch.onnx.export(graph, (ids, mask), str(target), **names, **options)
     torch_backend.close()
@@ -167,15 +177,16 @@ def _trace(spec: ModelSpec, target: Path, *, for_fusion: bool) -> None:
 def calibration_feeds(spec: ModelSpec, batch: int = 32) -> list[Feeds]:
     """The calibration text as the server would feed it: the model's tokenizer, its EOS rule and padding
     side, in length-sorted batches."""
-    tok = tokenizer_factory(spec.folder, lower_case=spec.lower_case,
-                            truncate_to=min(spec.max_input_tokens, 512))()
+    tok = tokenizer_factory(
+        spec.folder, lower_case=spec.lower_case, truncate_to=min(spec.max_input_tokens, 512)
+    )()
     ids = [enc.ids for enc in tok.encode_batch(calibration_texts())]
     if spec.eos_token is not None and (eos := tok.token_to_id(spec.eos_token)) is not None:
         ids = ensure_last(ids, eos)
     ids.sort(key=len)
     feeds: list[Feeds] = []
     for start in range(0, len(ids), batch):
-        tokens = collate(ids[start:start + batch], pad_id_of(tok), spec.padding_side)
+        tokens = collate(ids[start : start + batch], pad_id_of(tok), spec.padding_side)
         feeds.append({"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask})
     return feeds
 
@@ -241,8 +252,15 @@ def attention_copies(path: Path) -> int:
 
 
 class OnnxBackend:
-    def __init__(self, spec: ModelSpec, *, cache_dir: Path, quantize: Quantize = "none",
-                 workers: int = 1, spin: bool = False) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        cache_dir: Path,
+        quantize: Quantize = "none",
+        workers: int = 1,
+        spin: bool = False,
+    ) -> None:
         """`workers`: forward passes that run at once on the one session (ORT's Run is thread-safe), each
         on usable_cores() // workers intra-op threads (backends.threads). `spin`: ORT's default of
         busy-waiting intra-op threads, best when nothing else needs the cores (the benchmark's
@@ -292,8 +310,9 @@ class OnnxBackend:
         if shrink:  # the arena gives back what this pass took once it is done
             options = ort.RunOptions()
             options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-        (pooled,) = self._session.run(["pooled"], {"input_ids": batch.input_ids,
-                                                  "attention_mask": batch.attention_mask}, options)
+        (pooled,) = self._session.run(
+            ["pooled"], {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}, options
+        )
         out: FloatMatrix = np.asarray(pooled, dtype=np.float32)
         return out
 

@@ -42,8 +42,9 @@ def _load_state(folder: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(safetensors))
-    state: dict[str, torch.Tensor] = torch.load(folder / "pytorch_model.bin", map_location="cpu",
-                                                weights_only=True)
+    state: dict[str, torch.Tensor] = torch.load(
+        folder / "pytorch_model.bin", map_location="cpu", weights_only=True
+    )
     return state
 
 
@@ -78,11 +79,11 @@ class TorchBackend:
         self._device = resolve_device(device)
         self._dtype = resolve_dtype(dtype, self._device)
         try:
-            model = AutoModel.from_pretrained(str(spec.folder), dtype=self._dtype,
-                                              attn_implementation=attention)
+            model = AutoModel.from_pretrained(
+                str(spec.folder), dtype=self._dtype, attn_implementation=attention
+            )
         except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"model '{spec.id}': cannot load weights from {spec.folder}: "
-                                 f"{exc}") from exc
+            raise ModelLoadError(f"model '{spec.id}': cannot load weights from {spec.folder}: {exc}") from exc
         self._model = model.to(self._device).eval()
         self._dense = torch.nn.Sequential(*(_dense_module(d) for d in spec.dense))
         self._dense = self._dense.to(self._device, self._dtype).eval()

@@ -66,17 +66,29 @@ class Admission:
     def __enter__(self) -> Admission:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.release()
 
 
 class Batcher:
-    def __init__(self, name: str, backend: Backend, *, pad_id: int, padding_side: PaddingSide,
-                 limits: BatchLimits, max_batch_items: int, max_queued: int | None = None,
-                 metrics: Metrics | None = None, max_queue_wait_s: float | None = None,
-                 tokens_per_s: float | None = None, memory: MemoryModel | None = None,
-                 budget: MemoryBudget | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        backend: Backend,
+        *,
+        pad_id: int,
+        padding_side: PaddingSide,
+        limits: BatchLimits,
+        max_batch_items: int,
+        max_queued: int | None = None,
+        metrics: Metrics | None = None,
+        max_queue_wait_s: float | None = None,
+        tokens_per_s: float | None = None,
+        memory: MemoryModel | None = None,
+        budget: MemoryBudget | None = None,
+    ) -> None:
         """`limits`: the device's packing rules (scheduler.packing.batch_limits). `tokens_per_s`: the
         model's throughput measured at load, until passes measure it. `memory`, `budget`: a pass's
         estimated peak and the memory the passes running at once may hold."""
@@ -150,8 +162,11 @@ class Batcher:
         if self._max_queued is not None and queued + inputs > self._max_queued:
             if self._metrics is not None:
                 self._metrics.observe_rejected(self.name, "queue_full", inputs)
-            raise Overloaded(f"The model '{self.name}' has {queued} inputs queued (limit "
-                             f"{self._max_queued}); retry shortly.", retry_after_s=1)
+            raise Overloaded(
+                f"The model '{self.name}' has {queued} inputs queued (limit "
+                f"{self._max_queued}); retry shortly.",
+                retry_after_s=1,
+            )
         self._check_wait(inputs)
         self._reserved_inputs += inputs
         return Admission(self, inputs)
@@ -162,8 +177,11 @@ class Batcher:
             if self._metrics is not None:
                 self._metrics.observe_rejected(self.name, "queue_wait", inputs)
             retry = max(1, math.ceil(wait - self._max_queue_wait_s))
-            raise Overloaded(f"The model '{self.name}' has about {wait:.0f} s of work queued ahead (limit "
-                             f"{self._max_queue_wait_s:g} s); retry in {retry} s.", retry_after_s=retry)
+            raise Overloaded(
+                f"The model '{self.name}' has about {wait:.0f} s of work queued ahead (limit "
+                f"{self._max_queue_wait_s:g} s); retry in {retry} s.",
+                retry_after_s=retry,
+            )
 
     def queue_depth(self) -> int:
         """Inputs waiting (for the metrics gauge, read at scrape time)."""
@@ -172,14 +190,20 @@ class Batcher:
     def start(self) -> None:
         if not self._threads:
             loop = asyncio.get_running_loop()
-            self._threads = [threading.Thread(target=self._work, args=(loop,), daemon=True,
-                                              name=f"embedserve-{self.name}-{i}")
-                             for i in range(self._backend.workers)]
+            self._threads = [
+                threading.Thread(
+                    target=self._work, args=(loop,), daemon=True, name=f"embedserve-{self.name}-{i}"
+                )
+                for i in range(self._backend.workers)
+            ]
             for thread in self._threads:
                 thread.start()
 
-    async def embed(self, sequences: Sequence[list[int]], admission: Admission | None = None,
-                    ) -> FloatMatrix:
+    async def embed(
+        self,
+        sequences: Sequence[list[int]],
+        admission: Admission | None = None,
+    ) -> FloatMatrix:
         """Embed id sequences; returns [N, D] in the order given. `admission`: the request's place,
         taken by `admit` before its tokenization (without one, it is admitted here). If the caller is
         cancelled (client gone), its items that have not reached the model are dropped."""
@@ -192,8 +216,10 @@ class Batcher:
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         seqs = [next(self._seq) for _ in sequences]
-        items = [WorkItem(ids=ids, seq=seq, future=loop.create_future(), queued_at=now, request=seqs[0])
-                 for ids, seq in zip(sequences, seqs, strict=True)]
+        items = [
+            WorkItem(ids=ids, seq=seq, future=loop.create_future(), queued_at=now, request=seqs[0])
+            for ids, seq in zip(sequences, seqs, strict=True)
+        ]
         if not self._arrivals:
             loop.call_soon(self._hand_over)
         self._arrivals.extend(items)
@@ -231,8 +257,7 @@ class Batcher:
 
     def _would_fill(self) -> bool:
         """Enough waiting for a full batch (padding ignored: a cheap, optimistic test)."""
-        return (len(self._pending) >= self._max_batch_items
-                or self._pending_tokens >= self._limits.max_tokens)
+        return len(self._pending) >= self._max_batch_items or self._pending_tokens >= self._limits.max_tokens
 
     def _next_batch(self, under_load: bool) -> tuple[list[WorkItem], float] | None:
         """(Under `_cond`.) Wait for inputs, then, under load, for the batch to fill, and for memory
@@ -244,15 +269,24 @@ class Batcher:
                 continue
             if under_load and self._max_wait_s > 0:
                 deadline = time.monotonic() + self._max_wait_s
-                while not self._closed and not self._would_fill() \
-                        and (remaining := deadline - time.monotonic()) > 0:
+                while (
+                    not self._closed
+                    and not self._would_fill()
+                    and (remaining := deadline - time.monotonic()) > 0
+                ):
                     self._cond.wait(remaining)
                 under_load = False  # waited once; whatever is there now goes
                 continue
             limits = self._limits
             room = None if self._budget is None else self._room()
-            batch, rest = take_batch(self._pending, limits.max_tokens, self._max_batch_items,
-                                     limits.max_padding, protect_last=limits.protect_last, memory=room)
+            batch, rest = take_batch(
+                self._pending,
+                limits.max_tokens,
+                self._max_batch_items,
+                limits.max_padding,
+                protect_last=limits.protect_last,
+                memory=room,
+            )
             cost = self._memory.peak(len(batch), max((item.length for item in batch), default=0))
             if not batch or (self._budget is not None and not self._budget.try_reserve(cost)):
                 self._cond.wait()  # a pass in flight holds the memory: woken when it gives it back
@@ -301,9 +335,13 @@ class Batcher:
                 self._measured(tokens.real_tokens, seconds)
             if self._metrics is not None and vectors is not None:
                 rows, length = tokens.shape
-                self._metrics.observe_batch(self.name, waits=[started - item.queued_at for item in batch],
-                                            seconds=seconds, real_tokens=tokens.real_tokens,
-                                            slots=rows * length)
+                self._metrics.observe_batch(
+                    self.name,
+                    waits=[started - item.queued_at for item in batch],
+                    seconds=seconds,
+                    real_tokens=tokens.real_tokens,
+                    slots=rows * length,
+                )
             # Under load: inputs arrived while this batch ran, so more are likely on their way (its
             # callers are about to send their next). Decided before the answers go out, so that a lone
             # caller's next input, which can only follow its answer, is never made to wait.

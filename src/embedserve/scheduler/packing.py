@@ -53,18 +53,23 @@ class BatchLimits:
     protect_last: bool = False
 
 
-def batch_limits(device: str, threads: int, *, max_tokens: int | None = None,
-                 max_wait_ms: float | None = None) -> BatchLimits:
+def batch_limits(
+    device: str, threads: int, *, max_tokens: int | None = None, max_wait_ms: float | None = None
+) -> BatchLimits:
     """The batching limits of a backend on `device` ("cpu", "cuda") whose passes use `threads` threads;
     explicit settings win over the device's defaults."""
     if device == "cpu":
         return BatchLimits(
             max_tokens=max_tokens if max_tokens is not None else CPU_BATCH_TOKENS_PER_THREAD * threads,
             max_wait_ms=max_wait_ms if max_wait_ms is not None else CPU_BATCH_WAIT_MS,
-            max_padding=CPU_MAX_PADDING, protect_last=True)
-    return BatchLimits(max_tokens=max_tokens if max_tokens is not None else GPU_BATCH_TOKENS,
-                       max_wait_ms=max_wait_ms if max_wait_ms is not None else GPU_BATCH_WAIT_MS,
-                       max_padding=MAX_PADDING)
+            max_padding=CPU_MAX_PADDING,
+            protect_last=True,
+        )
+    return BatchLimits(
+        max_tokens=max_tokens if max_tokens is not None else GPU_BATCH_TOKENS,
+        max_wait_ms=max_wait_ms if max_wait_ms is not None else GPU_BATCH_WAIT_MS,
+        max_padding=MAX_PADDING,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,9 +83,15 @@ class MemoryRoom:
         return self.model.rows_that_fit(length, self.room)
 
 
-def take_batch(pending: Sequence[WorkItem], token_budget: int, max_items: int,
-               max_padding: float = MAX_PADDING, *, protect_last: bool = False,
-               memory: MemoryRoom | None = None) -> tuple[list[WorkItem], list[WorkItem]]:
+def take_batch(
+    pending: Sequence[WorkItem],
+    token_budget: int,
+    max_items: int,
+    max_padding: float = MAX_PADDING,
+    *,
+    protect_last: bool = False,
+    memory: MemoryRoom | None = None,
+) -> tuple[list[WorkItem], list[WorkItem]]:
     """Split `pending` into (next batch, the rest). The batch is never empty if `pending` is not,
     unless the oldest input does not fit the memory room now (it waits for room; nothing overtakes
     it); an input longer than the budget goes alone. `protect_last`: no input younger than a
@@ -100,7 +111,7 @@ def take_batch(pending: Sequence[WorkItem], token_budget: int, max_items: int,
     best_real = 0
     position = {item.seq: i for i, item in enumerate(by_age)}
     for k, bound in enumerate([*last, None]):
-        candidates = by_age if bound is None else by_age[:position[bound]]
+        candidates = by_age if bound is None else by_age[: position[bound]]
         batch, _ = _best_window(candidates, token_budget, max_items, max_padding, memory)
         chosen = {item.seq for item in batch}
         if not all(seq in chosen for seq in last[:k]):
@@ -112,8 +123,13 @@ def take_batch(pending: Sequence[WorkItem], token_budget: int, max_items: int,
     return best, [item for item in pending if item.seq not in chosen]
 
 
-def _best_window(pending: Sequence[WorkItem], token_budget: int, max_items: int, max_padding: float,
-                 memory: MemoryRoom | None = None) -> tuple[list[WorkItem], list[WorkItem]]:
+def _best_window(
+    pending: Sequence[WorkItem],
+    token_budget: int,
+    max_items: int,
+    max_padding: float,
+    memory: MemoryRoom | None = None,
+) -> tuple[list[WorkItem], list[WorkItem]]:
     """The batch around the oldest of `pending` (not empty; the oldest fits `memory`), and the
     rest."""
     ordered = sorted(pending, key=lambda item: (item.length, item.seq))  # by length, stable by age
@@ -172,7 +188,8 @@ def collate(sequences: Sequence[Sequence[int]], pad_id: int, side: PaddingSide) 
             input_ids[row, :n] = seq
             mask[row, :n] = 1
         else:
-            input_ids[row, longest - n:] = seq
-            mask[row, longest - n:] = 1
-    return TokenBatch(input_ids=input_ids, attention_mask=mask,
-                      real_tokens=sum(len(seq) for seq in sequences))
+            input_ids[row, longest - n :] = seq
+            mask[row, longest - n :] = 1
+    return TokenBatch(
+        input_ids=input_ids, attention_mask=mask, real_tokens=sum(len(seq) for seq in sequences)
+    )
