@@ -45,7 +45,7 @@ def main() -> None:
         result = EmbeddingResult(
             vectors=vectors,
             encoding_format=fmt,  # type: ignore[arg-type]
-            prompt_tokens=args.inputs * 100,
+            token_counts=(100,) * args.inputs,
             model_id="bench",
         )
         return lambda: render_embeddings(result, "bench")

@@ -9,12 +9,10 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from openai import OpenAI
 
-import embedserve.runtime
 from embedserve.db import PostgresDatabase, SqliteDatabase, open_database
 from embedserve.settings import Settings
 from gates import Gate
@@ -194,18 +192,9 @@ def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
 
 
 @pytest.fixture
-def gate(monkeypatch: pytest.MonkeyPatch) -> Gate:
-    """Every backend built while the test runs has its forward pass behind this gate."""
-    gate = Gate()
-    real_make = embedserve.runtime.make_backend
-
-    def make(*args: Any, **kwargs: Any) -> Any:
-        backend = real_make(*args, **kwargs)
-        backend.forward = gate.wrap(backend.forward)
-        return backend
-
-    monkeypatch.setattr(embedserve.runtime, "make_backend", make)
-    return gate
+def gate() -> Gate:
+    """A fresh gate: serve with `live_server(..., backends=gate.backends())`."""
+    return Gate()
 
 
 @pytest.fixture

@@ -1,11 +1,16 @@
 """A gate on a live server's forward passes, so that a test decides when a batch may run (it then runs
-for real): the `gate` fixture (tests/conftest.py) wraps the real backend's forward in one."""
+for real), or makes them fail: `Gate.backends` is a backend factory whose backends' forward passes
+go through it (the `gate` fixture in tests/conftest.py gives a fresh one)."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
 
+from embedserve.backends.base import Backend
+from embedserve.backends.factory import BackendFactory, make_backend
+from embedserve.catalog import ModelSpec
+from embedserve.settings import Settings
 from embedserve.types import FloatMatrix, TokenBatch
 
 GUARD_S = 60
@@ -23,6 +28,8 @@ class Gate:
         self.opened = threading.Event()
         self.entered = threading.Event()
         self.seen: list[list[int]] = []
+        #: Raised by every forward pass while set (a fault of the model's: CUDA errors, a bug).
+        self.failure: Exception | None = None
 
     def wrap(self, forward: Callable[[TokenBatch], FloatMatrix]) -> Callable[[TokenBatch], FloatMatrix]:
         def gated(batch: TokenBatch) -> FloatMatrix:
@@ -33,6 +40,18 @@ class Gate:
                 )
                 self.entered.set()
                 assert self.opened.wait(GUARD_S), "the test never opened the gate"
+            if self.failure is not None:
+                raise self.failure
             return forward(batch)
 
         return gated
+
+    def backends(self, inner: BackendFactory = make_backend) -> BackendFactory:
+        """A factory of `inner`'s backends with their forward passes behind this gate."""
+
+        def make(spec: ModelSpec, settings: Settings) -> Backend:
+            backend = inner(spec, settings)
+            backend.forward = self.wrap(backend.forward)  # type: ignore[method-assign]
+            return backend
+
+        return make

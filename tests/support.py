@@ -21,16 +21,16 @@ import httpx
 
 from embedserve.api.app import create_app
 from embedserve.api.server import EmbedServer, build_server
-from embedserve.api.state import AppState
+from embedserve.api.state import AppState, app_state
+from embedserve.backends.factory import BackendFactory, make_backend
 from embedserve.catalog import (
     Catalog,
     ModelEntry,
     ModelSpec,
-    build_catalog,
-    declared_entries,
     locate,
     read_spec,
 )
+from embedserve.engine import catalog_of
 from embedserve.scheduler.packing import collate
 from embedserve.settings import Settings
 from embedserve.tokenization import ensure_last, pad_id_of, tokenizer_factory
@@ -49,10 +49,8 @@ class LiveServer:
 
     @property
     def state(self) -> AppState:
-        """The running app's state (its metrics, registry, draining flag)."""
-        app: Any = self.server.config.app
-        state: AppState = app.state.embedserve
-        return state
+        """The running app's state (its engine, metrics, draining flag)."""
+        return app_state(self.server.config.app)
 
 
 def free_port() -> int:
@@ -118,14 +116,16 @@ def wait_until_ok(url: str, *, alive: Callable[[], bool], timeout_s: float = 180
 
 @contextmanager
 def live_server(
-    settings: Settings, catalog: Catalog | None = None, ready_timeout_s: float = 180, wait_for: str = "/ready"
+    settings: Settings,
+    catalog: Catalog | None = None,
+    ready_timeout_s: float = 180,
+    wait_for: str = "/ready",
+    backends: BackendFactory = make_backend,
 ) -> Iterator[LiveServer]:
     """Serve `settings` on 127.0.0.1 (a free port) until the block ends; waits until `wait_for`
-    answers 200 (`/health` to see the server while its models load)."""
-    if catalog is None:
-        entries = declared_entries(settings.model_args, settings.models_file)
-        catalog = build_catalog(entries, allow_download=False, aliases=settings.aliases)
-    app = create_app(settings, catalog)
+    answers 200 (`/health` to see the server while its models load). `backends`: the app's backend
+    factory (backends.fake.fake_backends for the whole app without weights)."""
+    app = create_app(settings, catalog or catalog_of(settings), backends=backends)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))

@@ -156,6 +156,10 @@ class RateLimiter:
         self.release(hold)
         return self._too_large(hold.principal, at_least, exact=False)
 
+    def meter(self, principal: Principal) -> KeyMeter:
+        """One request's meter (service.Meter) on the key's tokens per minute."""
+        return KeyMeter(self, principal)
+
     def release(self, hold: TokenHold) -> None:
         """Give back a request's tokens: it was refused, or the model never embedded them."""
         bucket = self._bucket(hold.principal, "tokens")
@@ -199,3 +203,24 @@ class RateLimiter:
                     (f"x-ratelimit-reset-{kind}", format_duration(bucket.reset_s())),
                 ]
         return out
+
+
+class KeyMeter:
+    """service.Meter on a key's token bucket: one request's hold, from its estimate to its exact count."""
+
+    def __init__(self, limiter: RateLimiter, principal: Principal) -> None:
+        self._limiter = limiter
+        self._hold = TokenHold(principal)
+
+    def hold(self, estimate: int) -> int | None:
+        self._hold = self._limiter.hold_tokens(self._hold.principal, estimate)
+        return self._hold.stop_at
+
+    def settle(self, tokens: int) -> None:
+        self._limiter.settle(self._hold, tokens)
+
+    def over_limit(self, tokens: int) -> RateLimitExceeded:
+        return self._limiter.over_limit(self._hold, tokens)
+
+    def release(self) -> None:
+        self._limiter.release(self._hold)

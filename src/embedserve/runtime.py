@@ -12,11 +12,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from embedserve import tiktoken_ids
 from embedserve.backends.base import Backend
-from embedserve.backends.threads import default_workers, usable_cores
+from embedserve.backends.factory import BackendFactory, make_backend
 from embedserve.catalog import Catalog, ModelSpec
 from embedserve.errors import ModelLoadError, ModelNotReady, ServiceUnavailable
 from embedserve.metrics import Metrics
@@ -30,7 +30,7 @@ from embedserve.tokenization import (
     make_tokenizer_executor,
     tokenizer_factory,
 )
-from embedserve.types import BackendName, DeviceName, DtypeName, ModelStatus, Quantize
+from embedserve.types import ModelStatus
 
 if TYPE_CHECKING:
     import tiktoken
@@ -66,53 +66,6 @@ class ModelRuntime:
     def vocab_size(self) -> int:
         """Ids must be known to the tokenizer and have a row in the model's embedding table."""
         return min(self.tokenizer.vocab_size, self.backend.vocab_size)
-
-
-def choose_backend(
-    backend: BackendName, *, device: DeviceName, dtype: DtypeName, quantize: Quantize, cuda: bool
-) -> Literal["torch", "onnx"]:
-    """Pure. `auto`: ONNX Runtime on CPU in float32 or int8 (the fastest there), torch on CUDA or for
-    bf16/fp16 on CPU. An explicit choice that cannot serve the request is an error, never a fallback."""
-    on_cuda = device == "cuda" or (device == "auto" and cuda)
-    if quantize == "int8" and (backend == "torch" or on_cuda or dtype not in ("auto", "float32")):
-        raise ModelLoadError(
-            "--quantize int8 runs on the onnx backend on CPU (float32 weights in, int8 "
-            "matrix products out); drop --backend torch / --device cuda / --dtype"
-        )
-    if backend == "onnx" and (on_cuda or dtype not in ("auto", "float32")):
-        raise ModelLoadError(
-            "--backend onnx runs on CPU in float32 (or int8 with --quantize int8); "
-            "use --backend torch for CUDA or bf16/fp16"
-        )
-    if backend != "auto":
-        return backend
-    return "torch" if on_cuda or dtype not in ("auto", "float32") else "onnx"
-
-
-def make_backend(spec: ModelSpec, settings: Settings) -> Backend:
-    device = spec.device if spec.device != "auto" else settings.device
-    dtype = spec.dtype if spec.dtype != "auto" else settings.dtype
-    quantize = spec.quantize or settings.quantize
-    requested = spec.backend if spec.backend != "auto" else settings.backend
-    cuda = False
-    if device == "auto":
-        import torch
-
-        cuda = torch.cuda.is_available()
-    chosen = choose_backend(requested, device=device, dtype=dtype, quantize=quantize, cuda=cuda)
-    if chosen == "onnx":
-        from embedserve.backends.onnx import OnnxBackend  # onnxruntime is imported only when needed
-
-        workers = settings.model_workers or default_workers(usable_cores())
-        return OnnxBackend(spec, cache_dir=settings.data_dir / "onnx", quantize=quantize, workers=workers)
-    if settings.model_workers not in (None, 1):
-        raise ModelLoadError(
-            f"model '{spec.id}': --model-workers applies to the onnx backend; torch "
-            "runs one forward pass at a time (its CPU threads are process-wide)"
-        )
-    from embedserve.backends.torch import TorchBackend  # torch is imported only when needed
-
-    return TorchBackend(spec, device=device, dtype=dtype)
 
 
 def shape_floor(folder: Path, attention_copies: int) -> MemoryModel:
@@ -153,9 +106,11 @@ def load_runtime(
     tokenizer_executor: ThreadPoolExecutor,
     metrics: Metrics | None = None,
     budgets: Callable[[str], MemoryBudget] | None = None,
+    backends: BackendFactory = make_backend,
 ) -> ModelRuntime:
-    """Blocking: read the tokenizer, load the weights, run one warm-up batch, calibrate the memory
-    model and throughput of its passes. `budgets`: the memory budget of a device ("cpu", "cuda")."""
+    """Blocking: read the tokenizer, load the weights (through `backends`), run one warm-up batch,
+    calibrate the memory model and throughput of its passes. `budgets`: the memory budget of a device
+    ("cpu", "cuda")."""
     started = time.perf_counter()
     build = tokenizer_factory(spec.folder, lower_case=spec.lower_case)
     tokenizer = TokenizerPool(build, tokenizer_executor, copies=settings.tokenizer_threads)
@@ -169,7 +124,7 @@ def load_runtime(
             )
     encoding = settings.tiktoken_for(spec.tiktoken_ids)
     foreign = None if encoding is None else tiktoken_ids.load(encoding, settings.tiktoken_file)
-    backend = make_backend(spec, settings)
+    backend = backends(spec, settings)
     warm = tokenizer.encode_sync(["warm up", "a somewhat longer warm-up sentence for the model"])
     backend.forward(collate(warm, tokenizer.pad_id, spec.padding_side))
     memory, tokens_per_s = calibrate(backend, spec, warm[1], tokenizer.pad_id)
@@ -210,10 +165,17 @@ def load_runtime(
 class ModelRegistry:
     """Owns the runtimes of every cataloged model and their load status."""
 
-    def __init__(self, catalog: Catalog, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        backends: BackendFactory = make_backend,
+    ) -> None:
         self.catalog = catalog
         self._settings = settings
         self._metrics = metrics
+        self._backends = backends
         self._tokenizer_executor = make_tokenizer_executor(settings.tokenizer_threads)
         self._runtimes: dict[str, ModelRuntime] = {}
         self._status: dict[str, ModelStatus] = {spec.id: "loading" for spec in catalog.specs}
@@ -265,7 +227,13 @@ class ModelRegistry:
         for spec in self.catalog.specs:
             try:
                 runtime = await asyncio.to_thread(
-                    load_runtime, spec, self._settings, self._tokenizer_executor, self._metrics, self.budget
+                    load_runtime,
+                    spec,
+                    self._settings,
+                    self._tokenizer_executor,
+                    self._metrics,
+                    self.budget,
+                    self._backends,
                 )
             except Exception as exc:  # a model that fails to load must not take the others down
                 self._status[spec.id] = "failed"

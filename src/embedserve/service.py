@@ -1,47 +1,78 @@
-"""EmbeddingService.embed(): the one place where the order of the pipeline is written
-(resolve for the caller's key -> check against the model -> choose the prompt -> read token ids as the
-model's own, or as the text of a tiktoken encoding's ids -> hold the request's estimated tokens from the
-key's limit -> admit it to the model's queue -> tokenize, stopping at the first limit it breaks -> end
-with EOS where the model pools on it -> check lengths -> settle the exact tokens -> batch -> finish ->
-one usage record). Everything before tokenizing is cheap, so a request is refused before its work is
-done, not after."""
+"""EmbeddingPipeline.run(): the one place where the order of the pipeline is written, for the server and
+the library alike. Everything before tokenizing is cheap, so a request is refused before its work is
+done, not after; the caller's allowance (a key's token limit) is a `Meter` it is handed."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import replace
+from typing import Protocol
 
 from embedserve import tiktoken_ids
-from embedserve.errors import InvalidInputType
+from embedserve.errors import EmbedServeError, InvalidInputType
 from embedserve.metrics import Metrics
 from embedserve.postprocess import finish
 from embedserve.prompts import choose_prefix
-from embedserve.ratelimit import RateLimiter, TokenHold
 from embedserve.runtime import ModelRegistry, ModelRuntime
 from embedserve.settings import Settings
 from embedserve.tokenization import Stop, TokenLimits, ensure_last
-from embedserve.types import Caller, EmbeddingJob, EmbeddingResult, UsageRecord
-from embedserve.usage import UsageLedger
+from embedserve.types import ANONYMOUS, EmbeddingJob, EmbeddingResult, Principal
 from embedserve.validation import check_dimensions, check_framing, check_lengths, check_token_ids
 
 
-class EmbeddingService:
-    def __init__(
-        self,
-        registry: ModelRegistry,
-        settings: Settings,
-        metrics: Metrics,
-        limiter: RateLimiter,
-        ledger: UsageLedger,
-    ) -> None:
+class Meter(Protocol):
+    """What one request may spend, held across its run (a key's tokens per minute: ratelimit.KeyMeter)."""
+
+    def hold(self, estimate: int) -> int | None:
+        """Before tokenizing, from an upper bound of the tokens -> stop tokenizing once past this many
+        (None: the hold surely covers the request)."""
+        ...
+
+    def settle(self, tokens: int) -> None:
+        """Tokenized: the request holds exactly `tokens` (or is refused, the hold given back)."""
+        ...
+
+    def over_limit(self, tokens: int) -> EmbedServeError:
+        """Tokenizing stopped at the hold's limit with at least `tokens`: the error to raise."""
+        ...
+
+    def release(self) -> None:
+        """Refused or not embedded: give the hold back."""
+        ...
+
+
+class Unmetered:
+    """The library's caller: no limit but the engine's own."""
+
+    def hold(self, estimate: int) -> int | None:
+        return None
+
+    def settle(self, tokens: int) -> None:
+        return None
+
+    def over_limit(self, tokens: int) -> EmbedServeError:  # pragma: no cover - hold never stops one
+        raise AssertionError("an unmetered request has no limit to be over")
+
+    def release(self) -> None:
+        return None
+
+
+class EmbeddingPipeline:
+    """resolve for the caller -> check against the model -> choose the prompt -> read token ids as the
+    model's own, or as the text of a tiktoken encoding's ids -> hold the estimated tokens -> admit to
+    the model's queue -> tokenize, stopping at the first limit broken -> end with EOS where the model
+    pools on it -> check lengths -> settle the exact tokens -> batch -> finish."""
+
+    def __init__(self, registry: ModelRegistry, settings: Settings, metrics: Metrics) -> None:
         self._registry = registry
         self._settings = settings
         self._metrics = metrics
-        self._limiter = limiter
-        self._ledger = ledger
 
-    async def embed(self, job: EmbeddingJob, caller: Caller) -> EmbeddingResult:
-        spec = self._registry.catalog.resolve(job.model, caller.principal)
+    async def run(
+        self, job: EmbeddingJob, principal: Principal = ANONYMOUS, meter: Meter | None = None
+    ) -> EmbeddingResult:
+        meter = meter or Unmetered()
+        spec = self._registry.catalog.resolve(job.model, principal)
         check_dimensions(
             job.dimensions, model=job.model, native=spec.dimensions, allowed=spec.matryoshka_dimensions
         )
@@ -68,35 +99,19 @@ class EmbeddingService:
                     param="input_type",
                 )
             estimate = sum(len(ids) + 1 for ids in job.token_ids or ())
-        hold = self._limiter.hold_tokens(caller.principal, estimate)
+        stop_at = meter.hold(estimate)
         try:
             with runtime.batcher.admit(job.count) as admission:
-                sequences = await self._sequences(job, prefix, runtime, hold)
-                prompt_tokens = sum(len(ids) for ids in sequences)
-                self._limiter.settle(hold, prompt_tokens)
+                sequences = await self._sequences(job, prefix, runtime, stop_at, meter)
+                counts = tuple(len(ids) for ids in sequences)
+                meter.settle(sum(counts))
                 pooled = await runtime.batcher.embed(sequences, admission)  # [N, D]
         except BaseException:  # refused, or not embedded (overload, shutdown, cancelled): not counted
-            self._limiter.release(hold)
+            meter.release()
             raise
         vectors = finish(pooled, dimensions=job.dimensions, normalize=spec.normalize)
-        self._metrics.observe_embedded(spec.id, caller.principal.key_id, len(sequences), prompt_tokens)
-        self._ledger.record(
-            UsageRecord(
-                key_id=caller.principal.key_id,
-                model=spec.id,
-                prompt_tokens=prompt_tokens,
-                inputs=len(sequences),
-                request_id=caller.request_id,
-                created_at=time.time(),
-                latency_ms=(time.perf_counter() - caller.started) * 1000,
-                price_per_million=spec.price_per_million_input_tokens,
-            )
-        )
         return EmbeddingResult(
-            vectors=vectors,
-            encoding_format=job.encoding_format,
-            prompt_tokens=prompt_tokens,
-            model_id=spec.id,
+            vectors=vectors, encoding_format=job.encoding_format, token_counts=counts, model_id=spec.id
         )
 
     @staticmethod
@@ -122,7 +137,7 @@ class EmbeddingService:
         return job
 
     async def _sequences(
-        self, job: EmbeddingJob, prefix: str, runtime: ModelRuntime, hold: TokenHold
+        self, job: EmbeddingJob, prefix: str, runtime: ModelRuntime, stop_at: int | None, meter: Meter
     ) -> list[list[int]]:
         """The id sequences to embed, checked against every limit: tokenized (stopping at the first
         limit broken) or the given ids."""
@@ -135,7 +150,7 @@ class EmbeddingService:
                 per_input=spec.max_input_tokens,
                 truncate=settings.truncate,
                 total=settings.max_tokens_per_request,
-                budget=hold.stop_at,
+                budget=stop_at,
                 refuse_above=refuse_above,
             )
             started = time.perf_counter()
@@ -157,5 +172,5 @@ class EmbeddingService:
             partial=stopped is not None,
         )
         if stopped is Stop.BUDGET:
-            raise self._limiter.over_limit(hold, sum(len(ids) for ids in sequences))
+            raise meter.over_limit(sum(len(ids) for ids in sequences))
         return sequences

@@ -143,9 +143,13 @@ class TokenBatch:
 
 @dataclass(frozen=True, slots=True)
 class EmbeddingResult:
-    """What the service hands back to the route."""
+    """What the pipeline hands back (to the route, or to the engine's caller)."""
 
     vectors: FloatMatrix  # [N, D] float32, final (truncated and normalized)
     encoding_format: EncodingFormat
-    prompt_tokens: int
+    token_counts: tuple[int, ...]  # [N]: each input's tokens, as billed
     model_id: str  # the catalog id the request's model name resolved to
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(self.token_counts)

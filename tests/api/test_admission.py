@@ -218,14 +218,18 @@ def test_requests_refused_by_validation_still_count_against_the_request_rate(
 
 
 def test_a_full_queue_refuses_before_tokenizing(gate: Gate, pool: ThreadPoolExecutor) -> None:
-    with live_server(Settings(max_queued_inputs=8, max_inputs_per_request=8, **ONE)) as live:
+    settings = Settings(max_queued_inputs=8, max_inputs_per_request=8, **ONE)
+    with live_server(settings, backends=gate.backends()) as live:
         gate.armed = True
         first = pool.submit(post, live, {"model": MODEL, "input": ["held on the model"]})
         assert gate.entered.wait(60)
         waiting = pool.submit(post, live, {"model": MODEL, "input": [f"waiting {i}" for i in range(8)]})
         wait_until(
             lambda: (
-                live.state.registry.runtime(live.state.registry.catalog.resolve(MODEL)).batcher.queued == 8
+                live.state.engine.registry.runtime(
+                    live.state.engine.registry.catalog.resolve(MODEL)
+                ).batcher.queued
+                == 8
             ),
             "8 inputs are queued",
         )
@@ -242,8 +246,11 @@ def test_a_full_queue_refuses_before_tokenizing(gate: Gate, pool: ThreadPoolExec
 def test_a_request_behind_more_work_than_the_max_queue_wait_is_refused_with_that_wait(
     gate: Gate, pool: ThreadPoolExecutor
 ) -> None:
-    with live_server(Settings(max_queue_wait=0.5, request_timeout=10, **ONE)) as live:
-        batcher = live.state.registry.runtime(live.state.registry.catalog.resolve(MODEL)).batcher
+    settings = Settings(max_queue_wait=0.5, request_timeout=10, **ONE)
+    with live_server(settings, backends=gate.backends()) as live:
+        batcher = live.state.engine.registry.runtime(
+            live.state.engine.registry.catalog.resolve(MODEL)
+        ).batcher
         assert batcher.tokens_per_s, "the throughput is measured at load"
         gate.armed = True
         first = pool.submit(post, live, {"model": MODEL, "input": ["held on the model"]})
@@ -289,7 +296,9 @@ def qwen_ids(n: int) -> list[int]:
 def test_an_input_that_could_never_fit_the_memory_budget_is_400_naming_what_fits(
     budgeted: LiveServer,
 ) -> None:
-    batcher = budgeted.state.registry.runtime(budgeted.state.registry.catalog.resolve("qwen3")).batcher
+    batcher = budgeted.state.engine.registry.runtime(
+        budgeted.state.engine.registry.catalog.resolve("qwen3")
+    ).batcher
     fits = batcher.longest_that_fits()
     assert fits is not None and 64 < fits < 32_768
     for body in (
@@ -308,7 +317,9 @@ def test_an_input_that_could_never_fit_the_memory_budget_is_400_naming_what_fits
 def test_long_inputs_that_fit_only_one_at_a_time_all_succeed(
     budgeted: LiveServer, pool: ThreadPoolExecutor
 ) -> None:
-    batcher = budgeted.state.registry.runtime(budgeted.state.registry.catalog.resolve("qwen3")).batcher
+    batcher = budgeted.state.engine.registry.runtime(
+        budgeted.state.engine.registry.catalog.resolve("qwen3")
+    ).batcher
     fits = batcher.longest_that_fits()
     assert fits is not None
     long = fits * 3 // 4  # two of these do not fit the budget together

@@ -27,8 +27,8 @@ def post(live: LiveServer, inputs: list[str]) -> httpx.Response:
 
 
 def queued(live: LiveServer) -> int:
-    spec = live.state.registry.catalog.resolve(MODEL)
-    return live.state.registry.runtime(spec).batcher.queued
+    spec = live.state.engine.registry.catalog.resolve(MODEL)
+    return live.state.engine.registry.runtime(spec).batcher.queued
 
 
 def wait_until(condition: Callable[[], bool], what: str) -> None:
@@ -39,8 +39,8 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
 
 
 def ids_of(live: LiveServer, text: str) -> list[int]:
-    spec = live.state.registry.catalog.resolve(MODEL)
-    (ids,) = live.state.registry.runtime(spec).tokenizer.encode_sync([text])
+    spec = live.state.engine.registry.catalog.resolve(MODEL)
+    (ids,) = live.state.engine.registry.runtime(spec).tokenizer.encode_sync([text])
     return ids
 
 
@@ -57,7 +57,7 @@ def test_a_full_queue_answers_503_at_once_and_the_queued_requests_still_complete
     gate: Gate, pool: ThreadPoolExecutor
 ) -> None:
     settings = Settings(max_queued_inputs=8, max_inputs_per_request=4, **ONE)
-    with live_server(settings) as live:
+    with live_server(settings, backends=gate.backends()) as live:
         gate.armed = True
         first = pool.submit(post, live, [f"first {i}" for i in range(4)])
         assert gate.entered.wait(GUARD_S)  # its batch is on the model; the queue is empty again
@@ -84,7 +84,7 @@ def test_a_client_that_disconnects_takes_its_queued_inputs_with_it(
 ) -> None:
     from test_operations import scrape, value
 
-    with live_server(Settings(**ONE)) as live:
+    with live_server(Settings(**ONE), backends=gate.backends()) as live:
         gate.armed = True
         first = pool.submit(post, live, ["first in line"])
         assert gate.entered.wait(GUARD_S)
@@ -122,7 +122,7 @@ def test_a_client_that_disconnects_takes_its_queued_inputs_with_it(
 def test_a_request_past_its_deadline_gets_503_and_its_queued_inputs_never_run(
     gate: Gate, pool: ThreadPoolExecutor
 ) -> None:
-    with live_server(Settings(request_timeout=1.0, **ONE)) as live:
+    with live_server(Settings(request_timeout=1.0, **ONE), backends=gate.backends()) as live:
         gate.armed = True
         first = pool.submit(post, live, ["held on the model"])
         assert gate.entered.wait(GUARD_S)

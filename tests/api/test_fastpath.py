@@ -15,6 +15,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from embedserve.api.app import create_app
+from embedserve.api.context import RequestContext
 from embedserve.api.fastpath import EmbeddingsFastPath
 from embedserve.api.head import HeadAsGet
 from embedserve.api.middleware import RequestContextMiddleware
@@ -22,6 +23,13 @@ from embedserve.api.routes import EMBEDDINGS_PATH, create_embeddings
 from embedserve.catalog import Catalog
 from embedserve.errors import InternalError, InvalidRequest, ModelNotReady
 from embedserve.settings import Settings
+
+#: The route the fast path stands in for, as an app built by create_app has it.
+ROUTE = next(
+    m.kwargs["route"]
+    for m in create_app(Settings(), Catalog([])).user_middleware
+    if m.cls is EmbeddingsFastPath
+)
 
 
 class Recorder:
@@ -37,7 +45,7 @@ class Recorder:
 
 def serve(fast: EmbeddingsFastPath, method: str, path: str) -> httpx.Response:
     async def with_state(scope: Scope, receive: Receive, send: Send) -> None:
-        scope["state"] = {"request_id": "req-7"}  # as RequestContextMiddleware leaves it
+        RequestContext(request_id="req-7", started=0.0).attach(scope)  # as RequestContextMiddleware does
         await fast(scope, receive, send)
 
     async def call() -> httpx.Response:
@@ -56,7 +64,7 @@ def test_post_to_the_embeddings_path_goes_to_the_handler_with_its_route_set() ->
         routes.append(request.scope["route"])
         return Response(b"fast", media_type="application/json")
 
-    response = serve(EmbeddingsFastPath(behind, handler=handler), "POST", "/v1/embeddings?x=1")
+    response = serve(EmbeddingsFastPath(behind, ROUTE, handler=handler), "POST", "/v1/embeddings?x=1")
     assert response.status_code == 200 and response.content == b"fast"
     assert behind.seen == []
     assert [route.path for route in routes] == [EMBEDDINGS_PATH]
@@ -80,7 +88,7 @@ def test_everything_else_goes_on_through_fastapi(method: str, path: str) -> None
     async def handler(request: Request) -> Response:
         raise AssertionError("the fast path took a request it must leave alone")
 
-    response = serve(EmbeddingsFastPath(behind, handler=handler), method, path)
+    response = serve(EmbeddingsFastPath(behind, ROUTE, handler=handler), method, path)
     assert response.content == b"behind"
     assert behind.seen == [(method, path)]
 
@@ -89,7 +97,7 @@ def test_the_handlers_errors_are_openai_errors() -> None:
     async def invalid(request: Request) -> Response:
         raise InvalidRequest("bad dimensions", param="dimensions")
 
-    response = serve(EmbeddingsFastPath(Recorder(), handler=invalid), "POST", EMBEDDINGS_PATH)
+    response = serve(EmbeddingsFastPath(Recorder(), ROUTE, handler=invalid), "POST", EMBEDDINGS_PATH)
     assert response.status_code == 400
     assert orjson.loads(response.content) == {
         "error": {
@@ -105,7 +113,7 @@ def test_a_come_back_later_keeps_its_retry_after() -> None:
     async def loading(request: Request) -> Response:
         raise ModelNotReady("still loading", retry_after_s=2)
 
-    response = serve(EmbeddingsFastPath(Recorder(), handler=loading), "POST", EMBEDDINGS_PATH)
+    response = serve(EmbeddingsFastPath(Recorder(), ROUTE, handler=loading), "POST", EMBEDDINGS_PATH)
     assert response.status_code == 503
     assert response.headers["retry-after"] == "2"
     assert orjson.loads(response.content)["error"]["code"] == "model_not_ready"
@@ -115,7 +123,7 @@ def test_a_fault_of_ours_is_the_generic_500_with_the_request_id() -> None:
     async def broken(request: Request) -> Response:
         raise InternalError("secret detail of the fault")
 
-    response = serve(EmbeddingsFastPath(Recorder(), handler=broken), "POST", EMBEDDINGS_PATH)
+    response = serve(EmbeddingsFastPath(Recorder(), ROUTE, handler=broken), "POST", EMBEDDINGS_PATH)
     assert response.status_code == 500
     error = orjson.loads(response.content)["error"]
     assert error["code"] == "internal_error" and "req-7" in error["message"]
@@ -127,7 +135,7 @@ def test_other_exceptions_propagate_to_the_request_context_middleware() -> None:
         raise RuntimeError("unexpected")
 
     with pytest.raises(RuntimeError, match="unexpected"):
-        serve(EmbeddingsFastPath(Recorder(), handler=crash), "POST", EMBEDDINGS_PATH)
+        serve(EmbeddingsFastPath(Recorder(), ROUTE, handler=crash), "POST", EMBEDDINGS_PATH)
 
 
 def test_the_app_puts_the_fast_path_inside_the_request_context() -> None:
@@ -136,5 +144,5 @@ def test_the_app_puts_the_fast_path_inside_the_request_context() -> None:
     it."""
     app = create_app(Settings(), Catalog([]))
     assert [m.cls for m in app.user_middleware] == [RequestContextMiddleware, EmbeddingsFastPath, HeadAsGet]
-    assert EmbeddingsFastPath(Recorder()).handler is create_embeddings
+    assert EmbeddingsFastPath(Recorder(), ROUTE).handler is create_embeddings
     assert EMBEDDINGS_PATH in app.openapi()["paths"]

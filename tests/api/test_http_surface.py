@@ -7,6 +7,8 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -16,8 +18,11 @@ import pytest
 from openai import OpenAI
 
 from conftest import API_KEY, MRL_DIMS, OTHER_KEY
+from embedserve.backends.fake import fake_backends
 from embedserve.logs import RequestIdFilter
-from support import LiveServer
+from embedserve.settings import Settings
+from gates import Gate
+from support import LiveServer, live_server
 
 MODEL = "all-MiniLM-L6-v2"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -225,53 +230,59 @@ def test_openapi_document_describes_the_embeddings_route(server: LiveServer) -> 
 # ---- failures of ours: 500, generic message, request id, no traceback; then still serving ----------
 
 
+@pytest.fixture(scope="module")
+def faulty() -> Iterator[tuple[LiveServer, Gate]]:
+    """The whole app on fake backends whose forward passes fail while the gate's `failure` is set."""
+    gate = Gate()
+    with live_server(Settings(api_keys=[API_KEY]), backends=gate.backends(fake_backends())) as live:
+        yield live, gate
+
+
 def test_unexpected_exception_is_500_with_request_id_and_no_traceback(
-    server: LiveServer, monkeypatch: pytest.MonkeyPatch
+    faulty: tuple[LiveServer, Gate],
 ) -> None:
-    from embedserve.service import EmbeddingService
-
-    async def explode(self: object, job: object, caller: object) -> None:
-        raise RuntimeError("secret internal detail")
-
-    monkeypatch.setattr(EmbeddingService, "embed", explode)
-    response = httpx.post(
-        f"{server.v1}/embeddings",
-        json={"model": MODEL, "input": "x"},
-        headers={**AUTH, "X-Request-ID": "boom-1"},
-    )
-    monkeypatch.undo()
+    live, gate = faulty
+    gate.failure = RuntimeError("secret internal detail")
+    try:
+        response = httpx.post(
+            f"{live.v1}/embeddings",
+            json={"model": MODEL, "input": "x"},
+            headers={**AUTH, "X-Request-ID": "boom-1"},
+        )
+    finally:
+        gate.failure = None
     assert response.status_code == 500
     error = error_of(response)
-    assert error["type"] == "server_error"
+    assert error["type"] == "server_error" and error["code"] == "internal_error"
     assert "boom-1" in error["message"]
     assert "secret internal detail" not in response.text
     assert response.headers["x-request-id"] == "boom-1"
     assert (
-        httpx.post(f"{server.v1}/embeddings", json={"model": MODEL, "input": "x"}, headers=AUTH).status_code
+        httpx.post(f"{live.v1}/embeddings", json={"model": MODEL, "input": "x"}, headers=AUTH).status_code
         == 200
     )
 
 
-def test_failing_forward_pass_is_500_and_the_batcher_keeps_serving(
-    server: LiveServer, monkeypatch: pytest.MonkeyPatch
+def test_failing_forward_passes_are_500_and_the_batcher_keeps_serving(
+    faulty: tuple[LiveServer, Gate], pool: ThreadPoolExecutor
 ) -> None:
-    from embedserve.backends.onnx import OnnxBackend
-    from embedserve.backends.torch import TorchBackend
-
-    def broken(self: object, batch: object) -> None:
-        raise RuntimeError("CUDA error: device-side assert (simulated)")
-
-    for backend in (TorchBackend, OnnxBackend):  # whichever serves
-        monkeypatch.setattr(backend, "forward", broken)
-    response = httpx.post(f"{server.v1}/embeddings", json={"model": MODEL, "input": "x"}, headers=AUTH)
-    monkeypatch.undo()
-    assert response.status_code == 500
-    assert "simulated" not in response.text
-    assert error_of(response)["code"] == "internal_error"
-    assert (
-        httpx.post(f"{server.v1}/embeddings", json={"model": MODEL, "input": "x"}, headers=AUTH).status_code
-        == 200
-    )
+    live, gate = faulty
+    gate.failure = RuntimeError("CUDA error: device-side assert (simulated)")
+    try:
+        failed = list(
+            pool.map(
+                lambda i: httpx.post(
+                    f"{live.v1}/embeddings", json={"model": MODEL, "input": [f"t{i}"] * 3}, headers=AUTH
+                ),
+                range(8),
+            )
+        )
+    finally:
+        gate.failure = None
+    assert [r.status_code for r in failed] == [500] * 8
+    assert all("simulated" not in r.text and error_of(r)["code"] == "internal_error" for r in failed)
+    after = httpx.post(f"{live.v1}/embeddings", json={"model": MODEL, "input": ["a", "b"]}, headers=AUTH)
+    assert after.status_code == 200 and len(after.json()["data"]) == 2
 
 
 # ---- concurrency: items of many requests share batches, each gets its own vectors -------------------

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import threading
-from typing import Any
 
 import httpx
-import pytest
 
-import embedserve.runtime
+from embedserve.backends.base import Backend
+from embedserve.backends.factory import make_backend
+from embedserve.catalog import ModelSpec
 from embedserve.errors import ModelLoadError
 from embedserve.settings import Settings
 from support import live_server
@@ -17,18 +17,14 @@ from support import live_server
 BODY = {"model": "all-MiniLM-L6-v2", "input": "hello"}
 
 
-def test_while_loading_health_is_200_and_ready_and_embeddings_are_503(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_while_loading_health_is_200_and_ready_and_embeddings_are_503() -> None:
     release = threading.Event()
-    real_load = embedserve.runtime.load_runtime
 
-    def slow_load(*args: Any, **kwargs: Any) -> Any:
+    def slow_backends(spec: ModelSpec, settings: Settings) -> Backend:
         release.wait(60)
-        return real_load(*args, **kwargs)
+        return make_backend(spec, settings)
 
-    monkeypatch.setattr(embedserve.runtime, "load_runtime", slow_load)
-    with live_server(Settings(), wait_for="/health") as live:
+    with live_server(Settings(), wait_for="/health", backends=slow_backends) as live:
         ready = httpx.get(f"{live.base_url}/ready")
         assert ready.status_code == 503
         assert ready.headers["retry-after"]
@@ -50,14 +46,11 @@ def test_while_loading_health_is_200_and_ready_and_embeddings_are_503(
         assert httpx.get(f"{live.v1}/models/all-MiniLM-L6-v2").json()["status"] == "ready"
 
 
-def test_a_model_that_fails_to_load_is_reported_and_the_server_keeps_running(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    def broken_load(*args: Any, **kwargs: Any) -> Any:
+def test_a_model_that_fails_to_load_is_reported_and_the_server_keeps_running() -> None:
+    def broken_backends(spec: ModelSpec, settings: Settings) -> Backend:
         raise ModelLoadError("weights are corrupt (simulated)")
 
-    monkeypatch.setattr(embedserve.runtime, "load_runtime", broken_load)
-    with live_server(Settings(), wait_for="/health") as live:
+    with live_server(Settings(), wait_for="/health", backends=broken_backends) as live:
         for _ in range(600):
             card = httpx.get(f"{live.v1}/models/all-MiniLM-L6-v2").json()
             if card["status"] != "loading":

@@ -98,7 +98,7 @@ def test_counters_move_by_exactly_the_requests_sent(server: LiveServer, client: 
 
 def test_gauges_report_each_model_the_queue_and_the_process(server: LiveServer) -> None:
     samples = scrape(server)
-    for spec in server.state.registry.catalog.specs:
+    for spec in server.state.engine.registry.catalog.specs:
         assert value(samples, "embedserve_model_ready", model=spec.id) == 1
         assert value(samples, "embedserve_model_load_seconds", model=spec.id) > 0
         assert ("embedserve_queue_depth_inputs", frozenset({("model", spec.id)})) in samples

@@ -1,6 +1,6 @@
-"""runtime.choose_backend (pure): ONNX Runtime on CPU, torch on CUDA and for bf16/fp16; explicit choices
-that cannot serve are errors, never silent fallbacks. backends.threads: how a CPU backend spreads over
-the cores."""
+"""backends.factory.choose_backend (pure): ONNX Runtime on CPU, torch on CUDA and for bf16/fp16;
+explicit choices that cannot serve are errors, never silent fallbacks. backends.threads: how a CPU
+backend spreads over the cores."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from embedserve.backends.factory import choose_backend
 from embedserve.backends.threads import default_workers, threads_per_worker, usable_cores
 from embedserve.errors import ModelLoadError
-from embedserve.runtime import choose_backend
 
 
 @pytest.mark.parametrize(

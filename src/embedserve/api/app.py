@@ -5,24 +5,28 @@ shutdown, the usage ledger's last flush included (`on_closed` learns how many re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.telemetry import TelemetryConfig
+from starlette.convertors import register_url_convertor
 
 from embedserve import __version__
 from embedserve.api.docs import router as docs_router
 from embedserve.api.errors import install_error_handlers
-from embedserve.api.fastpath import EmbeddingsFastPath
+from embedserve.api.fastpath import EmbeddingsFastPath, route_of
 from embedserve.api.head import HeadAsGet
 from embedserve.api.manage import router as manage_router
 from embedserve.api.middleware import RequestContextMiddleware
 from embedserve.api.openapi import install_document
-from embedserve.api.routes import router
+from embedserve.api.routes import EMBEDDINGS_PATH, AnyTextConvertor, api_router
 from embedserve.api.state import AppState
+from embedserve.backends.factory import BackendFactory, make_backend
 from embedserve.catalog import Catalog
+from embedserve.errors import ModelLoadError
 from embedserve.settings import Settings
 
 log = logging.getLogger("embedserve.app")
@@ -38,10 +42,13 @@ def create_app(
     catalog: Catalog,
     on_ready: Callable[[AppState], None] | None = None,
     on_closed: Callable[[int], None] | None = None,
+    backends: BackendFactory = make_backend,
 ) -> FastAPI:
+    """`backends` builds each model's backend (the fake one in fast tests of the whole app)."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = await AppState.open(settings, catalog)
+        state = await AppState.open(settings, catalog, backends)
         app.state.embedserve = state
         if state.keys.open:
             log.warning(
@@ -57,19 +64,20 @@ def create_app(
                 state.keys.managed_count,
                 state.db.where,
             )
-        state.start()
+        state.start()  # the models load in the background: /health answers meanwhile
 
-        async def load() -> None:
-            await state.registry.load_all()
-            if state.registry.ready and on_ready is not None:
-                on_ready(state)
+        async def announce() -> None:
+            with contextlib.suppress(ModelLoadError):  # (each failure is logged; /ready names it)
+                await state.engine.wait_loaded()
+                if on_ready is not None:
+                    on_ready(state)
 
-        loading = asyncio.create_task(load(), name="load-models")
+        loaded = asyncio.create_task(announce(), name="announce-ready")
         try:
             yield
         finally:
-            loading.cancel()
-            await asyncio.gather(loading, return_exceptions=True)
+            loaded.cancel()
+            await asyncio.gather(loaded, return_exceptions=True)
             lost = await state.close()
             if on_closed is not None:
                 on_closed(lost)
@@ -85,7 +93,9 @@ def create_app(
         telemetry=NO_FASTAPI_TELEMETRY,
     )
     install_error_handlers(app)
-    app.include_router(router)
+    register_url_convertor("any", AnyTextConvertor())  # before the routes that use it are built
+    api = api_router()
+    app.include_router(api)
     app.include_router(manage_router)
     app.include_router(docs_router)
     install_document(app)
@@ -93,6 +103,7 @@ def create_app(
     # HEAD is served wherever GET is.
     app.router.redirect_slashes = False
     app.add_middleware(HeadAsGet)
-    app.add_middleware(EmbeddingsFastPath)  # inside the request context: ids, draining, accounting
-    app.add_middleware(RequestContextMiddleware)
+    # Inside the request context: ids, draining, accounting.
+    app.add_middleware(EmbeddingsFastPath, route=route_of(api, EMBEDDINGS_PATH, "POST"))
+    app.add_middleware(RequestContextMiddleware, routes=api.routes)
     return app

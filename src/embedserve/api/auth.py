@@ -4,15 +4,12 @@ admits the request against its rate limit and arranges the x-ratelimit-* headers
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from fastapi import Request
 
+from embedserve.api.context import context_of
+from embedserve.api.state import app_state
 from embedserve.errors import AuthenticationFailed, PermissionDenied
 from embedserve.types import ANONYMOUS, Principal
-
-if TYPE_CHECKING:
-    from embedserve.api.state import AppState
 
 
 def bearer_key(authorization: str | None) -> str:
@@ -28,14 +25,14 @@ def bearer_key(authorization: str | None) -> str:
 
 
 async def authenticate(request: Request) -> Principal:
-    state: AppState = request.app.state.embedserve
+    state, context = app_state(request.app), context_of(request)
     if state.keys.open:
         principal = ANONYMOUS
     else:
         principal = state.keys.authenticate(bearer_key(request.headers.get("authorization")))
-    request.state.principal = principal
+    context.principal = principal
     if principal.limited:  # the middleware adds these to whatever response this request gets
-        request.state.response_headers = lambda: state.limiter.headers(principal)
+        context.response_headers = lambda: state.limiter.headers(principal)
     return principal
 
 
@@ -43,8 +40,7 @@ async def admit(request: Request) -> Principal:
     """Authenticate, then take one request from the key's requests-per-minute (429 when empty): a
     request refused later, by validation, still counts."""
     principal = await authenticate(request)
-    state: AppState = request.app.state.embedserve
-    state.limiter.admit_request(principal)
+    app_state(request.app).limiter.admit_request(principal)
     return principal
 
 

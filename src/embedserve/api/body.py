@@ -7,6 +7,7 @@ from __future__ import annotations
 from fastapi import Request
 from starlette.requests import ClientDisconnect
 
+from embedserve.api.context import context_of
 from embedserve.errors import ClientDisconnected, PayloadTooLarge
 
 
@@ -31,5 +32,5 @@ async def read_body(request: Request, limit: int) -> bytes:
             chunks.append(chunk)
     except ClientDisconnect:
         raise ClientDisconnected("The client closed the connection before sending the whole body.") from None
-    request.state.body_bytes = size  # the request middleware trims the heap after large bodies
+    context_of(request).body_bytes = size  # the request middleware trims the heap after large bodies
     return b"".join(chunks)

@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from embedserve.api.context import context_of
 from embedserve.errors import (
     EmbedServeError,
     InternalError,
@@ -66,7 +67,7 @@ def answer_error(exc: EmbedServeError, request_id: str) -> Response:
 def install_error_handlers(app: FastAPI) -> None:
     async def on_embedserve_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, EmbedServeError)
-        return answer_error(exc, request.state.request_id)
+        return answer_error(exc, context_of(request).request_id)
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)

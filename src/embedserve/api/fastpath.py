@@ -9,31 +9,36 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from embedserve.api.context import context_of
 from embedserve.api.errors import answer_error
 from embedserve.api.routes import EMBEDDINGS_PATH, create_embeddings
-from embedserve.api.routes import router as api_routes
 from embedserve.errors import EmbedServeError
 
 
-def _route(path: str, method: str) -> BaseRoute:
-    for route in api_routes.routes:
+def route_of(router: APIRouter, path: str, method: str) -> BaseRoute:
+    """The router's route of `method` on `path` (as routing would find it, for the access log)."""
+    for route in router.routes:
         if getattr(route, "path", None) == path and method in (getattr(route, "methods", None) or ()):
             return route
-    raise LookupError(f"no {method} {path} route")  # pragma: no cover - a wiring fault, caught at start
+    raise LookupError(f"no {method} {path} route")  # a wiring fault, caught when the app is built
 
 
 class EmbeddingsFastPath:
     def __init__(
-        self, app: ASGIApp, handler: Callable[[Request], Awaitable[Response]] = create_embeddings
+        self,
+        app: ASGIApp,
+        route: BaseRoute,
+        handler: Callable[[Request], Awaitable[Response]] = create_embeddings,
     ) -> None:
         self.app = app
         self.handler = handler
-        self.route = _route(EMBEDDINGS_PATH, "POST")
+        self.route = route
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != EMBEDDINGS_PATH:
@@ -44,5 +49,5 @@ class EmbeddingsFastPath:
         try:
             response = await self.handler(request)
         except EmbedServeError as exc:
-            response = answer_error(exc, request.state.request_id)
+            response = answer_error(exc, context_of(request).request_id)
         await response(scope, receive, send)

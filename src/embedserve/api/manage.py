@@ -4,16 +4,15 @@ show, update, revoke) and usage reports. Thin, like routes.py: the database work
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
-import orjson
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from embedserve.api.auth import require_admin
 from embedserve.api.body import read_body
 from embedserve.api.openapi import error_responses
-from embedserve.api.state import AppState
+from embedserve.api.responses import json_response
+from embedserve.api.state import AppState, app_state
 from embedserve.errors import (
     AuthenticationFailed,
     InvalidJSON,
@@ -37,15 +36,6 @@ _BODY = (InvalidRequest, InvalidJSON, InvalidType, MissingParameter, PayloadTooL
 _MAX_BODY = 64 * 1024
 
 
-def _state(request: Request) -> AppState:
-    state: AppState = request.app.state.embedserve
-    return state
-
-
-def _json(content: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(content), status_code=status, media_type="application/json")
-
-
 async def _changed(state: AppState) -> None:
     """This replica applies a change at once; the others within the key refresh interval."""
     await asyncio.to_thread(state.keys.refresh_sync)
@@ -53,48 +43,48 @@ async def _changed(state: AppState) -> None:
 
 @router.get("/v1/keys", responses=error_responses(*_ADMIN))
 async def list_keys(request: Request) -> Response:
-    records = await asyncio.to_thread(_state(request).key_store.list_keys)
-    return _json({"object": "list", "data": [key_json(r) for r in records]})
+    records = await asyncio.to_thread(app_state(request.app).key_store.list_keys)
+    return json_response({"object": "list", "data": [key_json(r) for r in records]})
 
 
 @router.post("/v1/keys", status_code=201, responses=error_responses(*_BODY, *_ADMIN))
 async def create_key(request: Request) -> Response:
     """Create a key. The response is the only place its secret (`key`) ever appears."""
-    state = _state(request)
+    state = app_state(request.app)
     fields = parse_key_fields(parse_json(await read_body(request, _MAX_BODY)), creating=True)
     record, secret = await asyncio.to_thread(state.key_store.create, state.keys.pepper, fields)
     await _changed(state)
-    return _json({**key_json(record), "key": secret}, status=201)
+    return json_response({**key_json(record), "key": secret}, status=201)
 
 
 @router.get("/v1/keys/{key_id}", responses=error_responses(KeyNotFound, *_ADMIN))
 async def show_key(request: Request, key_id: str) -> Response:
-    return _json(key_json(await asyncio.to_thread(_state(request).key_store.get, key_id)))
+    return json_response(key_json(await asyncio.to_thread(app_state(request.app).key_store.get, key_id)))
 
 
 @router.patch("/v1/keys/{key_id}", responses=error_responses(*_BODY, KeyNotFound, *_ADMIN))
 async def update_key(request: Request, key_id: str) -> Response:
-    state = _state(request)
+    state = app_state(request.app)
     changes = parse_key_fields(parse_json(await read_body(request, _MAX_BODY)), creating=False)
     record = await asyncio.to_thread(state.key_store.update, key_id, changes)
     await _changed(state)
-    return _json(key_json(record))
+    return json_response(key_json(record))
 
 
 @router.delete("/v1/keys/{key_id}", responses=error_responses(KeyNotFound, *_ADMIN))
 async def revoke_key(request: Request, key_id: str) -> Response:
     """Revoke (the key stays listed, with `revoked_at`, so its usage keeps a name)."""
-    state = _state(request)
+    state = app_state(request.app)
     record = await asyncio.to_thread(state.key_store.revoke, key_id)
     await _changed(state)
-    return _json(key_json(record))
+    return json_response(key_json(record))
 
 
 @router.get("/v1/usage", responses=error_responses(InvalidRequest, InvalidType, *_ADMIN))
 async def usage(request: Request) -> Response:
     """Usage report: `key`, `model`, `since`, `until` (ISO dates or date-times, UTC unless given),
     `group_by` (key | model | day)."""
-    state = _state(request)
+    state = app_state(request.app)
     query = parse_query(dict(request.query_params))
     await state.ledger.flush()  # this replica's pending records count too
-    return _json(await asyncio.to_thread(report, state.db, query))
+    return json_response(await asyncio.to_thread(report, state.db, query))

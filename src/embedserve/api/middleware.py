@@ -1,6 +1,6 @@
 """Outermost ASGI middleware: gives every request an id (the client's X-Request-ID when it is sane) and
 puts it on every response and log line; adds the headers a handler asked for on whatever response goes
-out (`scope["state"]["response_headers"]`, a callable: a limited key's x-ratelimit-*); turns requests
+out (the request context's `response_headers`: a limited key's x-ratelimit-*); turns requests
 away while the server drains; counts requests in flight; records the request's metrics and writes its
 access-log line (never the input text, never a key: its id and non-secret prefix; the path as sent
 and the bounded user agent, whose control characters the log formatters escape); and turns any
@@ -12,18 +12,16 @@ import logging
 import re
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
 
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from embedserve.api.context import RequestContext
 from embedserve.api.errors import error_body, internal_error
-from embedserve.api.routes import router as api_routes
+from embedserve.api.state import AppState, app_state
 from embedserve.errors import EmbedServeError, ShuttingDown
 from embedserve.logs import request_id_var
-
-if TYPE_CHECKING:
-    from embedserve.api.state import AppState
 
 log = logging.getLogger("embedserve.access")
 
@@ -65,29 +63,31 @@ def _quoted(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _route_template(scope: Scope) -> str:
+def _route_template(scope: Scope, routes: Sequence[BaseRoute]) -> str:
     """The matched route's template (bounded, unlike raw paths); for a request refused before routing
     (while draining), the route it would have reached; "unmatched" for unknown paths."""
     route = scope.get("route")
     if route is None:
-        route = next((r for r in api_routes.routes if r.matches(scope)[0] == Match.FULL), None)
+        route = next((r for r in routes if r.matches(scope)[0] == Match.FULL), None)
     path = getattr(route, "path", None)
     return path if isinstance(path, str) else "unmatched"
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, routes: Sequence[BaseRoute] = ()) -> None:
+        """`routes`: what a request refused before routing (while draining) is counted under."""
         self.app = app
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        state: AppState = scope["app"].state.embedserve
+        state = app_state(scope["app"])
         request_id = pick_request_id(scope["headers"])
         started = time.perf_counter()
-        info: dict[str, Any] = scope.setdefault("state", {})
-        info.update(request_id=request_id, started=started)
+        info = RequestContext(request_id=request_id, started=started)
+        info.attach(scope)
         token = request_id_var.set(request_id)
         probe = scope["path"] in PROBES
         status = 0
@@ -98,7 +98,7 @@ class RequestContextMiddleware:
                 status = message["status"]
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode("latin-1")))
-                extra = info.get("response_headers")  # e.g. a limited key's x-ratelimit-*
+                extra = info.response_headers  # e.g. a limited key's x-ratelimit-*
                 if extra is not None:
                     headers += [(name.encode("latin-1"), value.encode("latin-1")) for name, value in extra()]
                 if state.draining:
@@ -131,35 +131,34 @@ class RequestContextMiddleware:
         finally:
             if not probe:
                 state.request_finished()
-            if info.get("body_bytes", 0) >= LARGE_BODY_BYTES:
+            if info.body_bytes >= LARGE_BODY_BYTES:
                 state.after_large_body()
             self._account(state, scope, info, status, time.perf_counter() - started, probe)
             request_id_var.reset(token)
 
-    @staticmethod
     def _account(
-        state: AppState, scope: Scope, info: dict[str, Any], status: int, seconds: float, probe: bool
+        self, state: AppState, scope: Scope, info: RequestContext, status: int, seconds: float, probe: bool
     ) -> None:
-        route = _route_template(scope)
-        model = state.registry.catalog.canonical_id(info.get("model") or "") or "-"
+        route = _route_template(scope, self.routes)
+        model = state.engine.catalog.canonical_id(info.model or "") or "-"
         status = status or 499  # no response started: the client left first
         state.metrics.observe_request(route, model, status, seconds)
         level = logging.DEBUG if probe else logging.INFO
         if not log.isEnabledFor(level):  # (--log-level warning: no line, so no fields to build)
             return
-        principal = info.get("principal")
+        principal = info.principal
         fields = {
             "event": "request",
-            "request_id": info["request_id"],
+            "request_id": info.request_id,
             "method": scope["method"],
             "route": route,
             "status": status,
             "latency_ms": round(seconds * 1000, 1),
-            "key_id": getattr(principal, "key_id", None),
-            "key_prefix": getattr(principal, "prefix", None),
+            "key_id": None if principal is None else principal.key_id,
+            "key_prefix": None if principal is None else principal.prefix,
             "model": None if model == "-" else model,
-            "inputs": info.get("inputs"),
-            "tokens": info.get("tokens"),
+            "inputs": info.inputs,
+            "tokens": info.tokens,
             "user_agent": user_agent(scope["headers"]),
         }
         agent = fields["user_agent"]

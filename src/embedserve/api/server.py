@@ -21,7 +21,7 @@ from fastapi import FastAPI
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from embedserve.api.errors import error_body
-from embedserve.api.state import AppState
+from embedserve.api.state import AppState, app_state
 from embedserve.errors import (
     EmbedServeError,
     HeadersTooLarge,
@@ -41,9 +41,11 @@ LINGER_S = 2.0
 
 
 def _app_state(app: Any) -> AppState | None:
-    """The running app's state, once its lifespan has opened it."""
-    state: AppState | None = getattr(app.state, "embedserve", None) if isinstance(app, FastAPI) else None
-    return state
+    """The running app's state, once its lifespan has opened it (a signal or a refusal may come first)."""
+    try:
+        return app_state(app)
+    except LookupError:
+        return None
 
 
 class _HeadRefused(Exception):

@@ -1,6 +1,6 @@
-"""AppState: everything a running app owns (settings, model registry, database, key ring, rate limiter,
-usage ledger, service, metrics, the draining flag and the background tasks), opened in the lifespan and
-reachable from handlers as `request.app.state.embedserve`. No module-level state."""
+"""AppState: everything a running app owns (the engine, the database, key ring, rate limiter, usage
+ledger, metrics, the draining flag and the background tasks), opened in the lifespan; `app_state` is
+the one way to reach it. No module-level state."""
 
 from __future__ import annotations
 
@@ -11,15 +11,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from embedserve.backends.factory import BackendFactory
 from embedserve.backends.memory import trim
 from embedserve.catalog import Catalog
 from embedserve.db import Database, open_database
+from embedserve.engine import Engine
 from embedserve.journal import UsageJournal
 from embedserve.keys import KeyRing, KeyStore, load_pepper
+from embedserve.metered import MeteredEmbeddings
 from embedserve.metrics import Metrics
 from embedserve.ratelimit import RateLimiter
-from embedserve.runtime import ModelRegistry
-from embedserve.service import EmbeddingService
 from embedserve.settings import Settings
 from embedserve.timestamps import iso
 from embedserve.usage import UsageLedger, replay_journal
@@ -30,13 +31,13 @@ log = logging.getLogger("embedserve.app")
 @dataclass(slots=True)
 class AppState:
     settings: Settings
-    registry: ModelRegistry
+    engine: Engine
     db: Database
     key_store: KeyStore
     keys: KeyRing
     limiter: RateLimiter
     ledger: UsageLedger
-    service: EmbeddingService
+    embeddings: MeteredEmbeddings
     metrics: Metrics
     #: When the drain began (monotonic seconds), None while serving; see `draining`.
     drain_started: float | None = None
@@ -112,10 +113,10 @@ class AppState:
         asyncio.get_running_loop().run_in_executor(None, trim).add_done_callback(trimmed)
 
     @classmethod
-    async def open(cls, settings: Settings, catalog: Catalog) -> AppState:
+    async def open(cls, settings: Settings, catalog: Catalog, backends: BackendFactory) -> AppState:
         """Open the database (creating or migrating the schema), check the pepper, load the keys, replay
         the usage journal: a server never answers a request before it knows every key, and a usage
-        report never misses what the last shutdown journaled."""
+        report never misses what the last shutdown journaled. The engine's models load after (`start`)."""
         db = await asyncio.to_thread(open_database, settings.database_url, settings.data_dir)
         journal = UsageJournal(settings.usage_journal_path)
         try:
@@ -137,22 +138,24 @@ class AppState:
             await asyncio.to_thread(db.close)
             raise
         metrics = Metrics()
-        registry = ModelRegistry(catalog, settings, metrics)
+        engine = Engine(settings, catalog, backends=backends, metrics=metrics)
         limiter = RateLimiter()
         ledger = UsageLedger(db, settings.usage_flush_interval, journal)
         return cls(
             settings=settings,
-            registry=registry,
+            engine=engine,
             db=db,
             key_store=store,
             keys=keys,
             limiter=limiter,
             ledger=ledger,
             metrics=metrics,
-            service=EmbeddingService(registry, settings, metrics, limiter, ledger),
+            embeddings=MeteredEmbeddings(engine, limiter, ledger, metrics),
         )
 
     def start(self) -> None:
+        """Begin loading the models, refreshing the keys and flushing the ledger, in the background."""
+        self.engine.start()
         self.tasks += [
             asyncio.create_task(self.keys.run(), name="refresh-keys"),
             asyncio.create_task(self.ledger.run(), name="flush-usage"),
@@ -167,9 +170,19 @@ class AppState:
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self.registry.close()
         began = time.monotonic() if self.drain_started is None else self.drain_started
+        deadline = began + self.settings.shutdown_grace
+        await self.engine.close(grace=max(0.0, deadline - time.monotonic()))
         # After the last request: every record it made is pending.
-        lost = await self.ledger.close(deadline=began + self.settings.shutdown_grace)
+        lost = await self.ledger.close(deadline=deadline)
         await asyncio.to_thread(self.db.close)
         return lost
+
+
+def app_state(app: object) -> AppState:
+    """The state of a running app (its lifespan opened it): the one way handlers, middleware and the
+    server reach it. LookupError before the lifespan has opened it."""
+    state = getattr(getattr(app, "state", None), "embedserve", None)
+    if not isinstance(state, AppState):
+        raise LookupError("the app's state is not open (its lifespan has not started)")
+    return state

@@ -1,12 +1,17 @@
-"""A deterministic, torch-free backend for fast tests of the batching and service layers: each token id
-maps to a fixed pseudo-random vector and a row is the mean over its real tokens, so a vector depends
-only on that row's ids (any cross-talk between rows or requests shows up as a wrong vector)."""
+"""A deterministic, torch-free backend for fast tests of the batcher, the engine and the whole app: each
+token id maps to a fixed pseudo-random vector and a row is the mean over its real tokens, so a vector
+depends only on that row's ids (any cross-talk between rows or requests shows up as a wrong vector)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
+from embedserve.backends.factory import BackendFactory
+from embedserve.catalog import ModelSpec
 from embedserve.scheduler.memory import MemoryModel
+from embedserve.settings import Settings
 from embedserve.types import FloatMatrix, TokenBatch
 
 
@@ -59,3 +64,17 @@ class FakeBackend:
 
     def close(self) -> None:
         return None
+
+
+def fake_backends(*, seed: int = 0) -> BackendFactory:
+    """A backend factory that serves every model on a FakeBackend of the model's width and vocabulary
+    (its tokenizer and the rest of the app stay real): the full app without loading weights."""
+
+    def make(spec: ModelSpec, settings: Settings) -> FakeBackend:
+        config = json.loads((spec.folder / "config.json").read_text(encoding="utf-8"))
+        vocab = int(config.get("text_config", config)["vocab_size"])
+        return FakeBackend(
+            dimensions=spec.dimensions, vocab_size=vocab, seed=seed, workers=settings.model_workers or 1
+        )
+
+    return make

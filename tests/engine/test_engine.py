@@ -1,0 +1,237 @@
+"""embedserve.Engine, the pipeline as a library: the vectors, token counts and errors of the HTTP route
+for the same inputs; concurrent callers batched together; closing drains the calls in flight."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from openai import OpenAI
+
+import embedserve
+from conftest import API_KEY, MAX_TOKENS_PER_REQUEST
+from embedserve import Engine, Settings
+from embedserve.backends.base import Backend
+from embedserve.backends.fake import FakeBackend, fake_backends
+from embedserve.catalog import ModelSpec
+from embedserve.errors import EmbedServeError, ModelLoadError, ModelNotFound, ShuttingDown
+from gates import GUARD_S, Gate
+from support import LiveServer
+
+MODEL = "all-MiniLM-L6-v2"
+TEXTS = ["The cat sat on the mat.", "Embeddings map text to vectors.", "ünïcödé and emoji 🙂"]
+
+
+@pytest.fixture(scope="module")
+def engine_like_server(models_file: Path) -> Iterator[Engine]:
+    """An engine on the settings of the session's live server (less its keys), on one loop."""
+    loop = asyncio.new_event_loop()
+    engine = Engine(Settings(models_file=models_file, max_tokens_per_request=MAX_TOKENS_PER_REQUEST))
+    loop.run_until_complete(engine.__aenter__())
+    engine.loop = loop  # type: ignore[attr-defined]
+    yield engine
+    loop.run_until_complete(engine.close())
+    loop.close()
+
+
+def on_loop(engine: Engine, work: Any) -> Any:
+    return engine.loop.run_until_complete(work)  # type: ignore[attr-defined]
+
+
+# ---- the same answers as the HTTP route ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "options"),
+    [
+        (MODEL, {}),
+        ("minilm-mrl", {"dimensions": 128}),
+        ("minilm-prompted", {"input_type": "query"}),
+        ("tiny-cls-dense", {}),
+    ],
+)
+def test_vectors_and_token_counts_equal_the_http_routes(
+    engine_like_server: Engine, client: OpenAI, model: str, options: dict[str, Any]
+) -> None:
+    extra = {"input_type": options["input_type"]} if "input_type" in options else None
+    dims = {"dimensions": options["dimensions"]} if "dimensions" in options else {}
+    http = client.embeddings.create(model=model, input=TEXTS, extra_body=extra, **dims)
+    result = on_loop(engine_like_server, engine_like_server.embed(model, TEXTS, **options))
+    assert result.vectors.dtype == np.float32
+    assert result.vectors.shape == (len(TEXTS), len(http.data[0].embedding))
+    np.testing.assert_array_equal(result.vectors, np.asarray([d.embedding for d in http.data], np.float32))
+    assert result.total_tokens == http.usage.prompt_tokens
+    assert result.model == model
+    assert len(result.token_counts) == len(TEXTS) and all(n > 2 for n in result.token_counts)
+
+
+def test_token_id_inputs_python_or_numpy_equal_the_http_routes(
+    engine_like_server: Engine, client: OpenAI
+) -> None:
+    ids = [[101, 7592, 2088, 102], [101, 2088, 102]]
+    http = client.embeddings.create(model=MODEL, input=ids)
+    expected = np.asarray([d.embedding for d in http.data], np.float32)
+    for given in (ids, [np.asarray(row) for row in ids], [tuple(row) for row in ids]):
+        result = on_loop(engine_like_server, engine_like_server.embed(MODEL, given))
+        np.testing.assert_array_equal(result.vectors, expected)
+        assert result.token_counts == (4, 3)
+
+
+@pytest.mark.parametrize(
+    ("model", "inputs", "options"),
+    [
+        (MODEL, "", {}),
+        (MODEL, [], {}),
+        (MODEL, ["text", 7], {}),
+        (MODEL, ["fine", ""], {}),
+        (MODEL, [[101, -3, 102]], {}),
+        (MODEL, [[101, 10**9, 102]], {}),
+        (MODEL, "x", {"dimensions": 0}),
+        (MODEL, "x", {"dimensions": 100}),
+        ("minilm-mrl", "x", {"dimensions": 100}),
+        (MODEL, "x", {"input_type": "nonsense"}),
+        (MODEL, "x", {"instruction": "  "}),
+        (MODEL, "word " * 400, {}),
+        (MODEL, ["word " * 100] * 300, {}),
+        ("no-such-model", "x", {}),
+    ],
+    ids=lambda v: repr(v)[:24],
+)
+def test_bad_inputs_raise_the_error_the_http_route_answers(
+    engine_like_server: Engine, server: LiveServer, model: str, inputs: Any, options: dict[str, Any]
+) -> None:
+    response = httpx.post(
+        f"{server.v1}/embeddings",
+        json={"model": model, "input": inputs, **options},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=60,
+    )
+    assert 400 <= response.status_code < 500
+    with pytest.raises(EmbedServeError) as raised:
+        on_loop(engine_like_server, engine_like_server.embed(model, inputs, **options))
+    exc = raised.value
+    assert (exc.status, exc.type, exc.code, exc.param, exc.message) == (
+        response.status_code,
+        *(response.json()["error"][k] for k in ("type", "code", "param", "message")),
+    )
+    # and the engine still serves
+    assert on_loop(engine_like_server, engine_like_server.embed(MODEL, "still here")).vectors.shape == (
+        1,
+        384,
+    )
+
+
+# ---- batching and closing, on fake backends (the pipeline and tokenizers stay real) -----------------------
+
+
+def fake_backend_of(engine: Engine, model: str = MODEL) -> FakeBackend:
+    backend = engine.registry.runtime(engine.catalog.resolve(model)).backend
+    assert isinstance(backend, FakeBackend)
+    return backend
+
+
+def test_concurrent_callers_are_batched_together_and_each_gets_its_own_vector() -> None:
+    """While the model is busy (a pass held at the gate), the callers that arrive queue, and go to the
+    model together once it is free, each with the vector its text gets alone. (Texts of one length: on
+    CPU the batcher keeps inputs of unlike lengths apart, and lets no single-input caller be overtaken.)"""
+    gate = Gate()
+    texts = [f"caller number {i} says hello" for i in range(10, 50)]
+
+    async def run() -> tuple[list[embedserve.Embeddings], list[int], list[Any]]:
+        async with Engine.open(backends=gate.backends(fake_backends())) as engine:
+            backend = fake_backend_of(engine)
+            runtime = engine.registry.runtime(engine.catalog.resolve(MODEL))
+            lengths = {len(ids) for ids in runtime.tokenizer.encode_sync(texts)}
+            assert len(lengths) == 1
+            tokens = len(texts) * lengths.pop()
+            gate.armed = True
+            first = asyncio.ensure_future(engine.embed(MODEL, "the model is busy with this"))
+            assert await asyncio.to_thread(gate.entered.wait, GUARD_S)
+            before = len(backend.batches)
+            calls = asyncio.gather(*(engine.embed(MODEL, text) for text in texts))
+            while runtime.batcher.queued_tokens < tokens:  # all tokenized and queued for the model
+                await asyncio.sleep(0.01)
+            gate.opened.set()
+            results, _ = await asyncio.gather(calls, first)
+            alone = [backend.reference(ids) for ids in runtime.tokenizer.encode_sync(texts)]
+            return list(results), [rows for rows, _ in backend.batches[before:]], alone
+
+    results, rows, alone = asyncio.run(run())
+    # The busy pass, then the 40 in as few passes as the CPU pass budget (256 tokens: 36 of them) allows.
+    assert rows[0] == 1 and sum(rows[1:]) == len(texts) and len(rows[1:]) <= 2, rows
+    for result, reference in zip(results, alone, strict=True):
+        expected = reference / np.linalg.norm(reference)
+        np.testing.assert_allclose(result.vectors[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_closing_lets_the_calls_in_flight_finish_and_refuses_new_ones() -> None:
+    gate = Gate()
+
+    async def run() -> None:
+        engine = Engine.open(backends=gate.backends(fake_backends()))
+        await engine.__aenter__()
+        gate.armed = True
+        calls = [asyncio.ensure_future(engine.embed(MODEL, [f"in flight {i}"] * 3)) for i in range(6)]
+        assert await asyncio.to_thread(gate.entered.wait, GUARD_S)
+        closing = asyncio.ensure_future(engine.close())
+        await asyncio.sleep(0)
+        with pytest.raises(ShuttingDown) as refused:
+            await engine.embed(MODEL, "too late")
+        assert refused.value.status == 503 and refused.value.code == "shutting_down"
+        assert not closing.done() and engine.in_flight == 6
+        gate.opened.set()
+        results = await asyncio.gather(*calls)
+        await closing
+        assert [r.vectors.shape for r in results] == [(3, 384)] * 6
+        assert engine.in_flight == 0
+
+    asyncio.run(run())
+
+
+def test_a_model_that_fails_to_load_fails_the_engine_naming_it() -> None:
+    def broken(spec: ModelSpec, settings: Settings) -> Backend:
+        raise ModelLoadError("weights are corrupt (simulated)")
+
+    async def run() -> None:
+        async with Engine.open(backends=broken):
+            raise AssertionError("an engine whose model failed must not open")
+
+    with pytest.raises(ModelLoadError, match=rf"{MODEL}: failed \(weights are corrupt \(simulated\)\)"):
+        asyncio.run(run())
+
+
+def test_a_model_that_cannot_be_found_is_one_clear_error_at_open(tmp_path: Path) -> None:
+    with pytest.raises(EmbedServeError) as raised:
+        Engine.open([str(tmp_path / "missing-model")])
+    assert str(tmp_path / "missing-model") in raised.value.message
+    assert "\n" not in raised.value.message
+
+
+def test_an_unknown_model_is_model_not_found_listing_what_is_served() -> None:
+    async def run() -> None:
+        async with Engine.open(backends=fake_backends()) as engine:
+            await engine.embed("text-embedding-3-small", "x")
+
+    with pytest.raises(ModelNotFound, match=f"Models you may use: {MODEL}."):
+        asyncio.run(run())
+
+
+def test_settings_are_the_servers_and_reach_the_pipeline() -> None:
+    async def run() -> tuple[embedserve.Embeddings, embedserve.Embeddings]:
+        long = "word " * 1000
+        async with Engine.open(backends=fake_backends(), truncate=True) as truncating:
+            cut = await truncating.embed(MODEL, long)
+        async with Engine.open(
+            backends=fake_backends(), aliases=["text-embedding-3-small=all-MiniLM-L6-v2"]
+        ) as aliased:
+            named = await aliased.embed("text-embedding-3-small", "x")
+        return cut, named
+
+    cut, named = asyncio.run(run())
+    assert cut.token_counts == (256,)  # the model's limit, as --truncate does on the server
+    assert named.model == MODEL
