@@ -154,7 +154,9 @@ def test_concurrent_callers_are_batched_together_and_each_gets_its_own_vector() 
             assert await asyncio.to_thread(gate.entered.wait, GUARD_S)
             before = len(backend.batches)
             calls = asyncio.gather(*(engine.embed(MODEL, text) for text in texts))
-            while runtime.batcher.queued_tokens < tokens:  # all tokenized and queued for the model
+            for _ in range(GUARD_S * 100):  # until all are tokenized and queued for the model
+                if runtime.batcher.queued_tokens >= tokens:
+                    break
                 await asyncio.sleep(0.01)
             gate.opened.set()
             results, _ = await asyncio.gather(calls, first)
