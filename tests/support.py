@@ -22,6 +22,7 @@ import httpx
 from embedserve.api.app import create_app
 from embedserve.api.server import EmbedServer, build_server
 from embedserve.api.state import AppState, app_state
+from embedserve.backends.batch import collate
 from embedserve.backends.factory import BackendFactory, make_backend
 from embedserve.catalog import (
     Catalog,
@@ -31,7 +32,6 @@ from embedserve.catalog import (
     read_spec,
 )
 from embedserve.engine import catalog_of
-from embedserve.scheduler.packing import collate
 from embedserve.settings import Settings
 from embedserve.tokenization import ensure_last, pad_id_of, tokenizer_factory
 from embedserve.types import TokenBatch

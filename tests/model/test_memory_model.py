@@ -21,7 +21,7 @@ from pathlib import Path
 from embedserve.backends.onnx import OnnxBackend
 from embedserve.backends.torch import TorchBackend
 from embedserve.runtime import calibrate
-from embedserve.scheduler.packing import collate
+from embedserve.backends.batch import collate
 sys.path.insert(0, "tests")
 from support import spec_of
 folder, kind, cache = sys.argv[1:4]

@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import pytest
 
+from embedserve.backends.batch import collate
 from embedserve.scheduler.memory import MemoryModel
 from embedserve.scheduler.packing import (
     CPU_BATCH_TOKENS_PER_THREAD,
@@ -20,7 +21,6 @@ from embedserve.scheduler.packing import (
     BatchLimits,
     MemoryRoom,
     batch_limits,
-    collate,
     last_waiting,
     take_batch,
 )

@@ -10,7 +10,6 @@ import numpy as np
 
 from embedserve.backends.factory import BackendFactory
 from embedserve.catalog import ModelSpec
-from embedserve.scheduler.memory import MemoryModel
 from embedserve.settings import Settings
 from embedserve.types import FloatMatrix, TokenBatch
 
@@ -23,11 +22,9 @@ class FakeBackend:
         vocab_size: int = 1000,
         seed: int = 0,
         workers: int = 1,
-        memory: MemoryModel | None = None,
         free_memory: int = 1 << 40,
     ) -> None:
-        """`memory`: what `peak_memory` reports a pass to cost (default: nothing); `free_memory`: what
-        `memory_available` reports."""
+        """`free_memory`: what `memory_available` reports (a pass costs it nothing)."""
         rng = np.random.default_rng(seed)
         self._table = rng.standard_normal((vocab_size, dimensions)).astype(np.float32)  # [V, D]
         self.dimensions = dimensions
@@ -35,10 +32,9 @@ class FakeBackend:
         self.kind, self.device, self.precision = "fake", "cpu", "float32"
         self.description = "fake cpu float32"
         self.workers, self.threads = workers, 1
-        self.attention_copies = 0  # it has no attention: `memory` is all it costs
+        self.attention_copies = 0  # it has no attention
         self.batches: list[tuple[int, int]] = []  # (rows, padded length) of every forward, for tests
         self.real_tokens: list[int] = []  # real (unpadded) tokens of every forward
-        self.memory = memory or MemoryModel()
         self.free_memory = free_memory
 
     def forward(self, batch: TokenBatch) -> FloatMatrix:
@@ -56,8 +52,7 @@ class FakeBackend:
 
     def peak_memory(self, batch: TokenBatch) -> int | None:
         self.forward(batch)
-        rows, length = batch.shape
-        return int(self.memory.peak(rows, length))
+        return 0
 
     def memory_available(self) -> int:
         return self.free_memory

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from embedserve.backends.batch import collate
 from embedserve.backends.fusion import AGREEMENT, EncoderShape, encoder_shape, fuse, memory_shortfall, outputs
 from embedserve.backends.int8 import RECIPE as INT8_RECIPE
 from embedserve.backends.int8 import calibration_texts, quantize_int8
@@ -27,7 +28,6 @@ from embedserve.backends.threads import threads_per_worker, usable_cores
 from embedserve.catalog import WEIGHT_FILES, ModelSpec, sha256_of
 from embedserve.errors import ModelLoadError
 from embedserve.postprocess import min_cosine
-from embedserve.scheduler.packing import collate
 from embedserve.tokenization import ensure_last, pad_id_of, tokenizer_factory
 from embedserve.types import Feeds, FloatMatrix, Quantize, TokenBatch
 

@@ -33,11 +33,12 @@ from types import TracebackType
 import numpy as np
 
 from embedserve.backends.base import Backend
+from embedserve.backends.batch import collate
 from embedserve.backends.memory import trim
 from embedserve.errors import InternalError, Overloaded, ServiceUnavailable
 from embedserve.metrics import Metrics
 from embedserve.scheduler.memory import MemoryBudget, MemoryModel
-from embedserve.scheduler.packing import BatchLimits, MemoryRoom, collate, take_batch
+from embedserve.scheduler.packing import BatchLimits, MemoryRoom, take_batch
 from embedserve.types import FloatMatrix, PaddingSide, WorkItem
 
 log = logging.getLogger("embedserve.batcher")

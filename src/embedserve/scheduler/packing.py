@@ -14,10 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 
-import numpy as np
-
 from embedserve.scheduler.memory import MemoryModel
-from embedserve.types import PaddingSide, TokenBatch, WorkItem
+from embedserve.types import WorkItem
 
 #: Padding slots allowed per real token in a batch (0.25: at most 20% of a batch is padding). On a GPU a
 #: forward pass costs about the same for a wide batch as for a narrow one, so filling it matters more
@@ -175,21 +173,3 @@ def last_waiting(pending: Sequence[WorkItem], oldest: WorkItem) -> list[int]:
     anyway.)"""
     waiting = Counter(item.caller for item in pending)
     return sorted(item.seq for item in pending if item is not oldest and waiting[item.caller] == 1)
-
-
-def collate(sequences: Sequence[Sequence[int]], pad_id: int, side: PaddingSide) -> TokenBatch:
-    """Pad id sequences into a [B, T] matrix with its attention mask."""
-    longest = max(len(seq) for seq in sequences)
-    input_ids = np.full((len(sequences), longest), pad_id, dtype=np.int64)  # [B, T]
-    mask = np.zeros((len(sequences), longest), dtype=np.int64)  # [B, T]
-    for row, seq in enumerate(sequences):
-        n = len(seq)
-        if side == "right":
-            input_ids[row, :n] = seq
-            mask[row, :n] = 1
-        else:
-            input_ids[row, longest - n :] = seq
-            mask[row, longest - n :] = 1
-    return TokenBatch(
-        input_ids=input_ids, attention_mask=mask, real_tokens=sum(len(seq) for seq in sequences)
-    )
