@@ -1,11 +1,6 @@
-"""Per-key rate limits: a token bucket per key for requests per minute and one for tokens per minute
-(pure arithmetic on an injected clock), and OpenAI's x-ratelimit-* headers. Everything runs on the event
-loop's thread, so no lock is needed; the limiter lives in AppState, and limits are per process.
-
-A request's tokens are held before it is tokenized, from an upper estimate of its size, and settled
-with the exact count once tokenized; a request that may not fit is tokenized only until it passes the
-key's whole limit, so a key never makes the server tokenize more than its limit for nothing (design
-note 31)."""
+"""Per-key rate limits: token buckets for requests and tokens per minute (pure arithmetic on an injected
+clock), a request's token hold from its estimate to its exact count, and OpenAI's x-ratelimit-* headers.
+Per process, on the event loop's thread (design notes 17 and 31)."""
 
 from __future__ import annotations
 

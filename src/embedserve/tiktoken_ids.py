@@ -1,8 +1,5 @@
-"""Token ids of OpenAI's tokenizers (tiktoken's `cl100k_base`, `o200k_base`), which clients such as
-LangChain's OpenAIEmbeddings send by default: a model that opts in reads them back as the text they
-came from and tokenizes that with its own tokenizer, so the vectors are exact and usage counts the
-model's tokens. The encoding is found offline, in tiktoken's cache or a configured file, never
-downloaded (design note 34)."""
+"""Token ids of OpenAI's tokenizers (tiktoken's `cl100k_base`, `o200k_base`), read back into the text
+they came from for a model that opts in; the encoding is found offline, never downloaded (design note 34)."""
 
 from __future__ import annotations
 

@@ -1,13 +1,6 @@
-"""Tokenization off the event loop, bounded by the request's limits: a shared thread pool, and for each
-model as many copies of its fast tokenizer as there are tokenizer threads, each built exactly as
-transformers builds it (a copy made by serializing one tokenizer can break ties between equally scored
-Unigram segmentations differently).
-
-A request is tokenized in chunks, one chunk per trip to the pool (so concurrent requests take turns),
-and stops at the first input over the model's limit, or once the request passes its token total or its
-key's budget: the work done on a request that will be refused is bounded by its limits, not by its
-size. A text far longer than the model's limit is tokenized only as far as its limit needs (a window of
-its first characters, widened while it is not enough), not in full (design note 31)."""
+"""Tokenization off the event loop, bounded by the request's limits: per model, copies of its fast
+tokenizer built as transformers builds them, fed in chunks that stop at the first limit a request
+breaks (design notes 9, 12 and 31)."""
 
 from __future__ import annotations
 

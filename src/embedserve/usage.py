@@ -1,7 +1,5 @@
-"""The usage ledger: one record per successful /v1/embeddings request, buffered in memory and written in
-batches off the event loop every flush interval (a crash loses at most that interval's records; a clean
-shutdown writes them all, to the journal when the database will not take them), and the reports read
-from it (`embedserve usage`, GET /v1/usage)."""
+"""The usage ledger: one record per embedded request, buffered and written in batches off the event loop
+(to the journal when the database will not take them), and the reports read from it (design note 35)."""
 
 from __future__ import annotations
 

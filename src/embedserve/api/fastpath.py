@@ -1,9 +1,5 @@
-"""POST /v1/embeddings straight from the outer middleware to its handler, past FastAPI's per-request
-machinery (route matching over every route, dependency solving, the exception-middleware wrappers):
-about a fifth of the event loop's CPU per single-input request (design note 29). Every other request,
-and every other method on this path (405), goes through FastAPI as before. The handler is the same function
-FastAPI would call (api.routes.create_embeddings), and its errors are answered by the one translator
-(api.errors.answer_error); anything else propagates to RequestContextMiddleware's generic 500."""
+"""POST /v1/embeddings straight from the outer middleware to its handler (the one FastAPI would call),
+past FastAPI's per-request machinery; every other request goes through FastAPI (design note 29)."""
 
 from __future__ import annotations
 

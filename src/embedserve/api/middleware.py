@@ -1,10 +1,6 @@
-"""Outermost ASGI middleware: gives every request an id (the client's X-Request-ID when it is sane) and
-puts it on every response and log line; adds the headers a handler asked for on whatever response goes
-out (the request context's `response_headers`: a limited key's x-ratelimit-*); turns requests
-away while the server drains; counts requests in flight; records the request's metrics and writes its
-access-log line (never the input text, never a key: its id and non-secret prefix; the path as sent
-and the bounded user agent, whose control characters the log formatters escape); and turns any
-exception that escaped the routes into the generic 500 (traceback in the log only)."""
+"""Outermost ASGI middleware: every request's context and id, the headers a handler asked for, the
+drain's refusals, requests in flight, metrics and the access-log line, and the generic 500 for whatever
+escaped the routes (design notes 4, 7, 17 and 38)."""
 
 from __future__ import annotations
 

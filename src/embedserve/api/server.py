@@ -1,7 +1,5 @@
-"""The HTTP server: uvicorn with its limits set explicitly, a connection guard that keeps the HTTP edge's
-promises (a request-head timeout and size limit, which uvicorn and httptools lack; OpenAI-shaped answers,
-with a request id, to whatever the parser refuses), and a graceful drain on SIGTERM (/ready turns 503 and
-new requests are refused while in-flight requests finish)."""
+"""The HTTP server: uvicorn with every limit explicit, a connection guard that keeps the HTTP edge's
+promises (head timeout and size, OpenAI-shaped refusals), and a drain on SIGTERM (design notes 21, 22, 39)."""
 
 from __future__ import annotations
 

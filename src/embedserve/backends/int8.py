@@ -1,13 +1,5 @@
-"""int8 for the exported ONNX graph: activation-smoothed dynamic quantization.
-
-Dynamic int8 quantizes each MatMul's input with one scale for the whole tensor, so the few hidden
-channels that carry outlier activations in every transformer squeeze all the others into a handful of
-levels (all-MiniLM-L6-v2: min cosine 0.98 against float32 on the benchmark corpus). Smoothing
-(SmoothQuant, Xiao et al., 2023) moves that range into the weights first: x @ W == (x / s) @ (diag(s) W)
-with, per input channel j, s_j = max|x_j|^alpha / max|W_j|^(1 - alpha), max|x_j| measured on calibration
-text. The smoothed graph computes what the original computes in float32; int8 then sees flat
-activations (min cosine 0.998). The feed-forward down-projections stay float32: even smoothed, their
-inputs cost the most fidelity."""
+"""int8 for the exported ONNX graph: activation-smoothed (SmoothQuant) dynamic quantization, the
+feed-forward down-projections kept in float32 (design note 25)."""
 
 from __future__ import annotations
 

@@ -1,11 +1,5 @@
 """How a CPU backend spreads over the cores: how many forward passes run at once (workers, one batcher
-thread each) and how many threads each pass uses.
-
-Measured on 2 cores (all-MiniLM-L6-v2, fused ONNX graph, batches of 1-5 similar-length inputs, design
-note 28): two single-threaded passes side by side embed 16-21% more than one pass on two threads; a
-small matrix product does not split well in two, and the threads of one pass meet at a barrier after
-every op. Only sorted batches of 32 prefer one two-threaded pass (+11%), and the server's batches are
-smaller than that (see `scheduler.packing.batch_limits`)."""
+thread each) and how many threads each pass uses (design note 28)."""
 
 from __future__ import annotations
 

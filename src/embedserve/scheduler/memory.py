@@ -1,7 +1,5 @@
-"""Memory as admitted work: what a forward pass of `rows` inputs padded to `length` tokens costs at its
-peak (a model fitted at load from measured passes: a term per token slot, for hidden states, and a term
-per row and squared length, for attention scores), and the budget that the passes running at once
-share (`--max-batch-memory`), so that no batch can take the machine down (design note 32)."""
+"""Memory as admitted work: the fitted peak of a forward pass of `rows` inputs of `length` tokens, and
+the budget the passes running at once share (`--max-batch-memory`; design note 32)."""
 
 from __future__ import annotations
 
