@@ -15,7 +15,9 @@ from embedserve.backends.memory import trim
 from embedserve.catalog import Catalog
 from embedserve.db import Database, open_database
 from embedserve.journal import UsageJournal
-from embedserve.keys import KeyRing, KeyStore, load_pepper
+from embedserve.keys.ring import KeyRing
+from embedserve.keys.secret import load_pepper
+from embedserve.keys.store import KeyStore
 from embedserve.metrics import Metrics
 from embedserve.ratelimit import RateLimiter
 from embedserve.runtime import ModelRegistry
