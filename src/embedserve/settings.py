@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, JsonValue, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from embedserve.types import BackendName, DeviceName, DtypeName, Quantize, TiktokenName
@@ -60,80 +60,237 @@ def _split_csv(value: object) -> object:
     return value
 
 
+def _flag(group: str, *, metavar: str | None = None, default: str | None = None) -> dict[str, JsonValue]:
+    """How a setting shows as a `serve` flag (cli/flags.py reads it): its section of `--help`, the
+    placeholder of its value, and what its default means where the value alone does not say."""
+    extra: dict[str, JsonValue] = {"group": group}
+    if metavar is not None:
+        extra["metavar"] = metavar
+    if default is not None:
+        extra["default_text"] = default
+    return extra
+
+
 class Settings(BaseSettings):
+    """Each field is a flag of `embedserve serve` (cli/flags.py: its description is the flag's help) and
+    an EMBEDSERVE_<FIELD> variable; list fields take comma-separated values from the environment."""
+
     model_config = SettingsConfigDict(env_prefix="EMBEDSERVE_", extra="ignore", frozen=True)
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    # ---- models
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="a bundled model, a local folder, a Hugging Face repo id, or ID=SOURCE",
+        json_schema_extra=_flag("models", metavar="MODEL", default=f"the bundled {DEFAULT_MODEL}"),
+    )
+    models_file: Path | None = Field(
+        None,
+        description="a catalog declaring several models ([[models]] tables)",
+        json_schema_extra=_flag("models", metavar="TOML"),
+    )
+    allow_download: bool = Field(
+        False,
+        description="fetch missing weights from the Hugging Face hub",
+        json_schema_extra=_flag("models"),
+    )
+    aliases: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="another name for a served model, e.g. text-embedding-3-small=all-MiniLM-L6-v2",
+        json_schema_extra=_flag("models", metavar="NAME=MODEL"),
+    )
+    tiktoken_ids: TiktokenName | None = Field(
+        None,
+        description="read token-id inputs that are not the model's own as this tiktoken encoding's "
+        "(LangChain's default), tokenizing their text with the model's own tokenizer (per model: "
+        "tiktoken_ids in the models file)",
+        json_schema_extra=_flag("models"),
+    )
+    tiktoken_file: Path | None = Field(
+        None,
+        description="the encoding's .tiktoken ranks file",
+        json_schema_extra=_flag("models", metavar="PATH", default="tiktoken's cache, TIKTOKEN_CACHE_DIR"),
+    )
+    backend: BackendName = Field(
+        "auto", description="auto: ONNX Runtime on CPU, torch on CUDA", json_schema_extra=_flag("models")
+    )
+    device: DeviceName = Field("auto", description="auto: CUDA if present", json_schema_extra=_flag("models"))
+    dtype: DtypeName = Field(
+        "auto",
+        description="auto: float32 on CPU, bfloat16/float16 on CUDA",
+        json_schema_extra=_flag("models"),
+    )
+    quantize: Quantize = Field(
+        "none", description="int8: dynamically quantized ONNX graph (CPU)", json_schema_extra=_flag("models")
+    )
 
-    # Models: `--model` specs (id, alias, folder, hub repo id, or NAME=SOURCE) and/or a catalog file.
-    models: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    models_file: Path | None = None
-    allow_download: bool = False
-    # `--alias NAME=MODEL`: more names for a served model (clients' defaults, text-embedding-3-small).
-    aliases: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    # Token-id inputs that are not the model's own are read as this tiktoken encoding's (LangChain's
-    # default); its ranks come from tiktoken's cache or `tiktoken_file`.
-    tiktoken_ids: TiktokenName | None = None
-    tiktoken_file: Path | None = None
-    backend: BackendName = "auto"
-    device: DeviceName = "auto"
-    dtype: DtypeName = "auto"
-    quantize: Quantize = "none"
-    data_dir: Path = Field(default_factory=default_data_dir)
+    # ---- auth: with no key of any kind (these, or one in the key store) the server runs open.
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        repr=False,
+        description="an accepted Bearer key, unlimited; with no key of any kind the server runs open",
+        json_schema_extra=_flag("auth", metavar="KEY"),
+    )
+    admin_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        repr=False,
+        description="a key that may also call the management and usage routes",
+        json_schema_extra=_flag("auth", metavar="KEY"),
+    )
+    key_pepper: str | None = Field(
+        None,
+        repr=False,
+        description="HMAC pepper of stored keys; replicas and the CLI sharing a database need the same",
+        json_schema_extra=_flag(
+            "auth", metavar="SECRET", default="the file <data-dir>/key-pepper, created on first use"
+        ),
+    )
 
-    # Auth: comma-separated in EMBEDSERVE_API_KEYS / EMBEDSERVE_ADMIN_KEYS. With none of these and no
-    # key in the key store, the server runs open.
-    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
-    admin_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
-    # HMAC pepper of stored keys; default: `<data_dir>/key-pepper`, created on first use.
-    key_pepper: str | None = Field(None, repr=False)
+    # ---- storage: the key store and usage ledger
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="the server's state: SQLite database, key pepper, ONNX cache under onnx/",
+        json_schema_extra=_flag("storage", metavar="PATH", default="./.embedserve"),
+    )
+    # The URL may hold a password, hence repr=False.
+    database_url: str | None = Field(
+        None,
+        repr=False,
+        description="postgresql://... to share keys and usage between replicas, or sqlite:///PATH",
+        json_schema_extra=_flag("storage", metavar="URL", default="SQLite <data-dir>/embedserve.db"),
+    )
+    usage_flush_interval: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="how often usage records are written (a crash loses at most this much)",
+        json_schema_extra=_flag("storage", metavar="SECONDS"),
+    )
+    # A setting because the default, in data_dir, may be on the very file system that failed.
+    usage_journal: Path | None = Field(
+        None,
+        description="where usage records the database would not take at shutdown wait for the next start",
+        json_schema_extra=_flag("storage", metavar="PATH", default=f"<data-dir>/{USAGE_JOURNAL_FILE}"),
+    )
 
-    # Key store and usage ledger: SQLite under data_dir, or postgresql://... (the URL may hold a
-    # password, hence repr=False).
-    database_url: str | None = Field(None, repr=False)
-    usage_flush_interval: float = Field(1.0, gt=0, le=60)  # seconds; the crash-loss bound
-    # Where records the database would not take at shutdown wait for the next start (default: in
-    # data_dir, which may be the very file system that failed: hence a setting).
-    usage_journal: Path | None = None
+    # ---- request limits
+    max_inputs_per_request: int = Field(
+        2048, ge=1, description="items in a request's input", json_schema_extra=_flag("limits", metavar="N")
+    )
+    max_tokens_per_request: int = Field(
+        300_000,
+        ge=1,
+        description="tokens of a request's inputs together",
+        json_schema_extra=_flag("limits", metavar="N"),
+    )
+    max_body_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        description="largest accepted request body (413 beyond)",
+        json_schema_extra=_flag("limits", metavar="BYTES", default="16777216, 16 MiB"),
+    )
+    truncate: bool = Field(
+        False,
+        description="cut over-long inputs to the model's limit instead of answering 400",
+        json_schema_extra=_flag("limits"),
+    )
+    request_timeout: float = Field(
+        120.0,
+        gt=0,
+        description="a request not answered by then gets 503 and its queued inputs are dropped",
+        json_schema_extra=_flag("limits", metavar="SECONDS"),
+    )
 
-    # Request limits.
-    max_inputs_per_request: int = Field(2048, ge=1)
-    max_tokens_per_request: int = Field(300_000, ge=1)
-    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
-    truncate: bool = False
+    # ---- batching and backpressure; None: the device's default (scheduler.packing.batch_limits,
+    # backends.threads, backends.memory).
+    max_batch_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="token slots (padding included) per forward pass",
+        json_schema_extra=_flag(
+            "batching", metavar="N", default="256 per thread of a pass on CPU, 16384 on CUDA"
+        ),
+    )
+    max_batch_items: int = Field(
+        256, ge=1, description="inputs per forward pass", json_schema_extra=_flag("batching", metavar="N")
+    )
+    max_batch_wait_ms: float | None = Field(
+        None,
+        ge=0,
+        le=1000,
+        description="under load, how long a batch may wait to fill, never when idle",
+        json_schema_extra=_flag("batching", metavar="MS", default="0 on CPU, 2 on CUDA"),
+    )
+    model_workers: int | None = Field(
+        None,
+        ge=1,
+        description="onnx on CPU: forward passes run at once per model, each on cores/N threads",
+        json_schema_extra=_flag("batching", metavar="N", default="2 from 2 cores, then one per 4 cores"),
+    )
+    tokenizer_threads: int = Field(
+        2,
+        ge=1,
+        description="tokenizer worker threads (each model holds one tokenizer per thread)",
+        json_schema_extra=_flag("batching", metavar="N"),
+    )
+    max_queued_inputs: int = Field(
+        8192,
+        ge=1,
+        description="inputs that may wait per model; beyond it requests get 503 at once",
+        json_schema_extra=_flag("batching", metavar="N"),
+    )
+    # Seconds of work queued ahead of a request: its tokens over the measured throughput.
+    max_queue_wait: float = Field(
+        10.0,
+        gt=0,
+        description="a request that would wait longer than this for the work queued ahead of it gets "
+        "503 at once",
+        json_schema_extra=_flag("batching", metavar="SECONDS"),
+    )
+    max_batch_memory: Annotated[int, BeforeValidator(parse_size)] | None = Field(
+        None,
+        ge=1 << 20,
+        description="memory the forward passes running at once may hold, e.g. 8GiB",
+        json_schema_extra=_flag(
+            "batching", metavar="SIZE", default="half the memory left once the models are loaded"
+        ),
+    )
 
-    # Batching.
-    # None: the device's default (scheduler.packing.batch_limits; backends.threads).
-    max_batch_tokens: int | None = Field(None, ge=1)
-    max_batch_items: int = Field(256, ge=1)
-    max_batch_wait_ms: float | None = Field(None, ge=0, le=1000)
-    model_workers: int | None = Field(None, ge=1)
-    tokenizer_threads: int = Field(2, ge=1)
+    # ---- HTTP
+    host: str = Field("127.0.0.1", description="listen address", json_schema_extra=_flag("http"))
+    port: int = Field(8000, ge=0, le=65535, description="listen port", json_schema_extra=_flag("http"))
+    shutdown_grace: float = Field(
+        30.0,
+        ge=0,
+        description="after SIGTERM, how long in-flight requests may take to finish",
+        json_schema_extra=_flag("http", metavar="SECONDS"),
+    )
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="how long a client may take to send a request's line and headers (then 408)",
+        json_schema_extra=_flag("http", metavar="SECONDS"),
+    )
+    max_header_bytes: int = Field(
+        32 * 1024,
+        ge=1024,
+        description="largest request line + headers (431 beyond)",
+        json_schema_extra=_flag("http", metavar="BYTES"),
+    )
 
-    # Backpressure and HTTP limits.
-    max_queued_inputs: int = Field(8192, ge=1)  # per model; beyond it 503 at once
-    # Seconds of work that may be queued ahead of a request (tokens over the measured throughput).
-    max_queue_wait: float = Field(10.0, gt=0)
-    # Bytes the forward passes running at once may hold; None: half the memory left once loaded.
-    max_batch_memory: int | None = Field(None, ge=1 << 20)
-    request_timeout: float = Field(120.0, gt=0)  # seconds from the request's arrival to its answer
-    shutdown_grace: float = Field(30.0, ge=0)  # seconds in-flight requests get after SIGTERM
-    header_timeout: float = Field(10.0, gt=0)  # seconds a client gets to send a request's head
-    max_header_bytes: int = Field(32 * 1024, ge=1024)
-
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["text", "json"] = "text"
+    # ---- logging
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="the least severe level logged", json_schema_extra=_flag("logging")
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="json: one object per line with the request's fields",
+        json_schema_extra=_flag("logging"),
+    )
 
     @field_validator("models", "aliases", "api_keys", "admin_keys", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
-
-    @field_validator("max_batch_memory", mode="before")
-    @classmethod
-    def _size(cls, value: object) -> object:
-        return parse_size(value)
 
     @model_validator(mode="after")
     def _queue_holds_a_request(self) -> Settings:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from embedserve.cli import banner
+from embedserve.cli.serve import banner
 from embedserve.logs import CONTINUATION
 from embedserve.settings import Settings
 from support import free_port, wait_until_ok

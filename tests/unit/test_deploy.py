@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from embedserve.cli import _settings, build_parser
+from embedserve.cli import build_parser
+from embedserve.cli.flags import settings_from
 from embedserve.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,7 +26,7 @@ def _unit_values(key: str) -> list[str]:
 
 
 def _parses(argv: list[str]) -> Settings:
-    return _settings(build_parser().parse_args(argv))
+    return settings_from(build_parser().parse_args(argv))
 
 
 def test_the_units_command_line_parses_into_valid_settings() -> None:

@@ -24,7 +24,7 @@ from embedserve.errors import (
     PermissionDenied,
     ServiceUnavailable,
 )
-from embedserve.keys import key_json, parse_key_fields
+from embedserve.keys.records import key_json, parse_key_fields
 from embedserve.usage import parse_query, report
 from embedserve.validation import parse_json
 

@@ -17,7 +17,9 @@ from embedserve.catalog import Catalog
 from embedserve.db import Database, open_database
 from embedserve.engine import Engine
 from embedserve.journal import UsageJournal
-from embedserve.keys import KeyRing, KeyStore, load_pepper
+from embedserve.keys.ring import KeyRing
+from embedserve.keys.secret import load_pepper
+from embedserve.keys.store import KeyStore
 from embedserve.metered import MeteredEmbeddings
 from embedserve.metrics import Metrics
 from embedserve.ratelimit import RateLimiter

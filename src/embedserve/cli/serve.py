@@ -1,0 +1,111 @@
+"""`embedserve serve`: every setting as a flag, the checks made before binding (models, database, pepper,
+journal, tiktoken files), then the HTTP server until a signal drains it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from typing import TYPE_CHECKING, Any
+
+from embedserve.catalog import Catalog
+from embedserve.cli.flags import add_serve_flags
+from embedserve.engine import catalog_of
+from embedserve.errors import ConfigError
+from embedserve.settings import Settings
+
+if TYPE_CHECKING:
+    from embedserve.api.state import AppState
+
+log = logging.getLogger("embedserve")
+
+
+def add_parser(sub: Any) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="run the OpenAI-compatible HTTP server",
+        description="Run the OpenAI-compatible HTTP server. Every flag is also an EMBEDSERVE_<NAME> "
+        "environment variable (EMBEDSERVE_MAX_BATCH_TOKENS for --max-batch-tokens, EMBEDSERVE_MODELS for "
+        "--model; repeatable ones comma-separated); a flag wins over the environment.",
+    )
+    add_serve_flags(serve)
+    serve.set_defaults(run=run)
+
+
+def banner(settings: Settings, model: str, *, open_server: bool) -> str:
+    base = f"http://{settings.host}:{settings.port}/v1"
+    key = "none" if open_server else "YOUR_KEY"
+    auth = "" if open_server else ' -H "Authorization: Bearer YOUR_KEY"'
+    return "\n".join(
+        [
+            f"embedserve is ready on {base}",
+            "  curl:",
+            f"    curl {base}/embeddings -H 'Content-Type: application/json'{auth} \\",
+            f'      -d \'{{"model": "{model}", "input": "hello world"}}\'',
+            "  OpenAI SDK (Python):",
+            "    from openai import OpenAI",
+            f'    client = OpenAI(base_url="{base}", api_key="{key}")',
+            f'    print(client.embeddings.create(model="{model}", input="hello world")'
+            ".data[0].embedding[:4])",
+        ]
+    )
+
+
+def run(settings: Settings, args: argparse.Namespace) -> int:
+    from embedserve.api.app import create_app
+    from embedserve.api.server import build_server
+
+    catalog = catalog_of(settings)
+    _check_store(settings)
+    _check_tiktoken(settings, catalog)
+    first = catalog.specs[0].id
+
+    def announce(state: AppState) -> None:
+        if settings.log_format == "json":  # every stderr line stays one JSON object
+            base = f"http://{settings.host}:{settings.port}/v1"
+            log.info("embedserve is ready on %s", base, extra={"event": "ready", "base_url": base})
+        else:
+            print(banner(settings, first, open_server=state.keys.open), file=sys.stderr, flush=True)
+
+    lost: list[int] = []
+    app = create_app(settings, catalog, on_ready=announce, on_closed=lost.append)
+    server = build_server(app, settings)
+    # The server drains on SIGTERM/SIGINT, then re-raises the signal under the handlers it found at
+    # start. No-op handlers there make a graceful stop end with exit status 0, as a supervisor
+    # (systemd, Kubernetes) expects, instead of "killed by SIGTERM".
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run()
+    # 0 only when the app's shutdown ran to its end with every usage record in the database or the
+    # journal; 1 when records were lost (the ledger's log line says how many), when the app never
+    # started, or when a second signal cut the shutdown short (its records were never written).
+    return 0 if server.started and lost == [0] else 1
+
+
+def _check_tiktoken(settings: Settings, catalog: Catalog) -> None:
+    """Before binding: every tiktoken encoding a model reads is on disk (never downloaded)."""
+    from embedserve.tiktoken_ids import locate
+
+    for spec in catalog.specs:
+        if (name := settings.tiktoken_for(spec.tiktoken_ids)) is not None:
+            try:
+                locate(name, settings.tiktoken_file)
+            except ConfigError as exc:
+                raise ConfigError(f"model '{spec.id}': {exc.message}") from None
+
+
+def _check_store(settings: Settings) -> None:
+    """Before binding: the database opens (schema created or migrated), the pepper matches its keys and
+    the usage journal can be written."""
+    from embedserve.db import open_database
+    from embedserve.journal import UsageJournal
+    from embedserve.keys.secret import load_pepper
+    from embedserve.keys.store import KeyStore
+
+    UsageJournal(settings.usage_journal_path).check()
+    db = open_database(settings.database_url, settings.data_dir)
+    try:
+        KeyStore(db).check_pepper(load_pepper(settings.key_pepper, settings.data_dir))
+    finally:
+        db.close()
