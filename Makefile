@@ -6,7 +6,7 @@ PIP    := $(BIN)/pip install --quiet --disable-pip-version-check -c constraints.
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint pytest bench install install-dev clean
+.PHONY: serve test lint docs-check pytest docs bench install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,8 @@ install-dev: $(VENV)/.installed-dev
 serve: install
 	$(BIN)/embedserve serve $(ARGS)
 
-## make test: set up with the dev extras, then lint, type-check and run the whole suite
-test: lint pytest
+## make test: set up with the dev extras, then lint, type-check, build the docs strictly and run the whole suite
+test: lint docs-check pytest
 
 lint: install-dev
 	$(BIN)/ruff check src tests benchmarks
@@ -36,12 +36,21 @@ lint: install-dev
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+# The docs site must build with no broken link, anchor or page left out of the nav (mkdocs.yml: strict).
+# NO_MKDOCS_2_WARNING silences the theme's banner about its successor: one notice, not a warning.
+docs-check: install-dev
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
 pytest: install-dev
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## make docs: serve the documentation site on 127.0.0.1:8001, rebuilt as docs/ changes
+docs: install-dev
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8001
 
 ## make bench: embedserve vs Infinity and in-process baselines, 3 runs (prints a Markdown table)
 bench: install-dev
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/load.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .site
