@@ -22,17 +22,13 @@ import httpx
 from embedserve.api.app import create_app
 from embedserve.api.server import EmbedServer, build_server
 from embedserve.api.state import AppState
-from embedserve.catalog import (
-    Catalog,
-    ModelEntry,
-    ModelSpec,
-    build_catalog,
-    declared_entries,
-    locate,
-    read_spec,
-)
+from embedserve.catalog import Catalog, build_catalog, declared_entries
+from embedserve.catalog.compose import read_spec
+from embedserve.catalog.entries import ModelEntry
+from embedserve.catalog.locate import locate
 from embedserve.scheduler.packing import collate
 from embedserve.settings import Settings
+from embedserve.spec import ModelSpec
 from embedserve.tokenization import ensure_last, pad_id_of, tokenizer_factory
 from embedserve.types import TokenBatch
 

@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING, Any, Literal
 from embedserve import tiktoken_ids
 from embedserve.backends.base import Backend
 from embedserve.backends.threads import default_workers, usable_cores
-from embedserve.catalog import Catalog, ModelSpec
+from embedserve.catalog import Catalog
 from embedserve.errors import ModelLoadError, ModelNotReady, ServiceUnavailable
 from embedserve.metrics import Metrics
 from embedserve.scheduler.batcher import Batcher
 from embedserve.scheduler.memory import DEFAULT_SHARE, MemoryBudget, MemoryModel, fit
 from embedserve.scheduler.packing import batch_limits, collate
 from embedserve.settings import Settings
+from embedserve.spec import ModelSpec
 from embedserve.tokenization import (
     Framing,
     TokenizerPool,
