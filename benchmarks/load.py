@@ -282,7 +282,9 @@ def _onnx_runtime(corpus: list[str]) -> float:
     """Our exported graph in ORT, no server: tokenize, sort by length, batches of 32."""
     from embedserve.backends.batch import collate
     from embedserve.backends.onnx import OnnxBackend
-    from embedserve.catalog import ModelEntry, locate, read_spec
+    from embedserve.catalog.compose import read_spec
+    from embedserve.catalog.entries import ModelEntry
+    from embedserve.catalog.locate import locate
     from embedserve.settings import default_data_dir
     from embedserve.tokenization import tokenizer_factory
 

@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 from embedserve.backends.base import Backend
 from embedserve.backends.factory import BackendFactory, make_backend
-from embedserve.catalog import ModelSpec
 from embedserve.settings import Settings
+from embedserve.spec import ModelSpec
 from embedserve.types import FloatMatrix, TokenBatch
 
 GUARD_S = 60

@@ -24,15 +24,13 @@ from embedserve.api.server import EmbedServer, build_server
 from embedserve.api.state import AppState, app_state
 from embedserve.backends.batch import collate
 from embedserve.backends.factory import BackendFactory, make_backend
-from embedserve.catalog import (
-    Catalog,
-    ModelEntry,
-    ModelSpec,
-    locate,
-    read_spec,
-)
+from embedserve.catalog import Catalog
+from embedserve.catalog.compose import read_spec
+from embedserve.catalog.entries import ModelEntry
+from embedserve.catalog.locate import locate
 from embedserve.engine import catalog_of
 from embedserve.settings import Settings
+from embedserve.spec import ModelSpec
 from embedserve.tokenization import ensure_last, pad_id_of, tokenizer_factory
 from embedserve.types import TokenBatch
 

@@ -8,8 +8,8 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, Field
 
-from embedserve.catalog import ModelSpec
 from embedserve.postprocess import encode_vectors
+from embedserve.spec import ModelSpec
 from embedserve.types import EmbeddingResult, ModelStatus
 
 

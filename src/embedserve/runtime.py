@@ -18,13 +18,14 @@ from embedserve import tiktoken_ids
 from embedserve.backends.base import Backend
 from embedserve.backends.batch import collate
 from embedserve.backends.factory import BackendFactory, make_backend
-from embedserve.catalog import Catalog, ModelSpec
+from embedserve.catalog import Catalog
 from embedserve.errors import ModelLoadError, ModelNotReady, ServiceUnavailable
 from embedserve.metrics import Metrics
 from embedserve.scheduler.batcher import Batcher
 from embedserve.scheduler.memory import DEFAULT_SHARE, MemoryBudget, MemoryModel, fit
 from embedserve.scheduler.packing import batch_limits
 from embedserve.settings import Settings
+from embedserve.spec import ModelSpec
 from embedserve.tokenization import (
     Framing,
     TokenizerPool,

@@ -9,9 +9,9 @@ import httpx
 
 from embedserve.backends.base import Backend
 from embedserve.backends.factory import make_backend
-from embedserve.catalog import ModelSpec
 from embedserve.errors import ModelLoadError
 from embedserve.settings import Settings
+from embedserve.spec import ModelSpec
 from support import live_server
 
 BODY = {"model": "all-MiniLM-L6-v2", "input": "hello"}

@@ -69,13 +69,25 @@ def test_weights_with_the_wrong_sha256_are_refused(tmp_path: Path) -> None:
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_bad_models_file_is_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ('pooling = "max"', 'pooling: "max" is not one of cls, mean, last_token'),
+        ('poolin = "mean"', "poolin: unknown key (did you mean 'pooling'?)"),
+        ("normalize = 1", "normalize: must be true or false, got 1"),
+        ('aliases = "mini"', 'aliases: must be a list of non-empty strings, got "mini"'),
+    ],
+)
+def test_bad_models_file_entry_is_one_line_naming_file_entry_and_field(
+    tmp_path: Path, entry: str, problem: str
+) -> None:
     catalog = tmp_path / "models.toml"
-    catalog.write_text('[[models]]\nsource = "all-MiniLM-L6-v2"\npooling = "max"\n')
+    fine = '[[models]]\nsource = "all-MiniLM-L6-v2"\n'
+    catalog.write_text(f'{fine}\n[[models]]\nid = "mini"\nsource = "all-MiniLM-L6-v2"\n{entry}\n')
     result = run_cli("models", "--models-file", str(catalog))
     assert result.returncode == 2
-    assert "pooling must be one of" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr == f'embedserve: error: models file {catalog}, model #2 ("mini"): {problem}\n'
+    assert result.stdout == ""
 
 
 def test_models_command_lists_the_bundled_default_as_json() -> None:

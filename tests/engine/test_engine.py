@@ -18,8 +18,8 @@ from conftest import API_KEY, MAX_TOKENS_PER_REQUEST
 from embedserve import Engine, Settings
 from embedserve.backends.base import Backend
 from embedserve.backends.fake import FakeBackend, fake_backends
-from embedserve.catalog import ModelSpec
 from embedserve.errors import EmbedServeError, ModelLoadError, ModelNotFound, ShuttingDown
+from embedserve.spec import ModelSpec
 from gates import GUARD_S, Gate
 from support import LiveServer
 

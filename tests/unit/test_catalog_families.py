@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from embedserve.catalog import load_models_file
+from embedserve.catalog.entries import load_models_file
+from embedserve.catalog.families import QWEN3_DEFAULT_TASK
 from embedserve.errors import ConfigError
-from embedserve.families import QWEN3_DEFAULT_TASK
 from support import spec_of
 
 XLMR_CONFIG = {
@@ -178,11 +178,11 @@ def test_default_prompt_name_must_name_a_prompt(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ('family = "bert"', "family must be one of"),
-        ('query_template = "Query: "', "query_template must contain {instruction}"),
-        ('instruction = ""', "'instruction' must be a non-empty string"),
-        ("instruction = 3", "'instruction' must be a non-empty string"),
-        ("prompts = { query = 1 }", "'prompts' must be a table of strings"),
+        ('family = "bert"', 'family: "bert" is not one of auto, none, bge-m3, qwen3-embedding'),
+        ('query_template = "Query: "', "query_template: must contain {instruction}"),
+        ('instruction = ""', 'instruction: must be a non-empty string, got ""'),
+        ("instruction = 3", "instruction: must be a non-empty string, got 3"),
+        ("prompts = { query = 1 }", 'prompts: must be a table of strings (name = prompt), got {"query": 1}'),
     ],
 )
 def test_bad_family_keys_in_the_models_file_are_config_errors(
@@ -190,8 +190,9 @@ def test_bad_family_keys_in_the_models_file_are_config_errors(
 ) -> None:
     path = tmp_path / "models.toml"
     path.write_text(f'[[models]]\nsource = "x"\n{line}\n')
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError) as info:
         load_models_file(path)
+    assert info.value.message == f'models file {path}, model #1 ("x"): {message}'
 
 
 def test_family_keys_in_the_models_file_reach_the_entry(tmp_path: Path) -> None:

@@ -1,11 +1,10 @@
-"""embedserve.families (pure presets) and embedserve.prompts (pure prompt choice)."""
+"""embedserve.catalog.families (pure presets) and embedserve.prompts (pure prompt choice)."""
 
 from __future__ import annotations
 
 import pytest
 
-from embedserve.errors import InvalidInputType, InvalidInstruction
-from embedserve.families import (
+from embedserve.catalog.families import (
     FAMILIES,
     QWEN3_DEFAULT_TASK,
     canonical_names,
@@ -13,6 +12,7 @@ from embedserve.families import (
     family_by_name,
     query_instruction_of,
 )
+from embedserve.errors import InvalidInputType, InvalidInstruction
 from embedserve.prompts import choose_prefix, input_types
 
 QWEN = FAMILIES["qwen3-embedding"]

@@ -7,9 +7,9 @@ from typing import Literal, Protocol
 
 from embedserve.backends.base import Backend
 from embedserve.backends.threads import default_workers, usable_cores
-from embedserve.catalog import ModelSpec
 from embedserve.errors import ModelLoadError
 from embedserve.settings import Settings
+from embedserve.spec import ModelSpec
 from embedserve.types import BackendName, DeviceName, DtypeName, Quantize
 
 

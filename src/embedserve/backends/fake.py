@@ -9,8 +9,8 @@ import json
 import numpy as np
 
 from embedserve.backends.factory import BackendFactory
-from embedserve.catalog import ModelSpec
 from embedserve.settings import Settings
+from embedserve.spec import ModelSpec
 from embedserve.types import FloatMatrix, TokenBatch
 
 

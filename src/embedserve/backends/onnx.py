@@ -25,11 +25,12 @@ from embedserve.backends.int8 import RECIPE as INT8_RECIPE
 from embedserve.backends.int8 import calibration_texts, quantize_int8
 from embedserve.backends.memory import available, peak_during
 from embedserve.backends.threads import threads_per_worker, usable_cores
-from embedserve.catalog import WEIGHT_FILES, ModelSpec, sha256_of
 from embedserve.errors import ModelLoadError
 from embedserve.postprocess import min_cosine
+from embedserve.spec import ModelSpec
 from embedserve.tokenization import ensure_last, pad_id_of, tokenizer_factory
 from embedserve.types import Feeds, FloatMatrix, Quantize, TokenBatch
+from embedserve.weights import WEIGHT_FILES, sha256_of
 
 log = logging.getLogger("embedserve.backends.onnx")
 

@@ -11,8 +11,8 @@ import torch
 
 from embedserve.backends.memory import available, peak_during
 from embedserve.backends.pooling import pool
-from embedserve.catalog import DenseLayer, ModelSpec
 from embedserve.errors import ModelLoadError
+from embedserve.spec import DenseLayer, ModelSpec
 from embedserve.types import FloatMatrix, Pooling, TokenBatch
 
 log = logging.getLogger("embedserve.backends.torch")

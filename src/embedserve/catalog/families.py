@@ -9,9 +9,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from embedserve.spec import FamilyName
 from embedserve.types import PaddingSide, Pooling
-
-FamilyName = Literal["bge-m3", "qwen3-embedding"]
 
 # Qwen3-Embedding was trained with Matryoshka representation learning at these sizes; each model serves
 # the ones up to its hidden size (0.6B: 64..1024, 4B: 64..2560, 8B: 64..4096).

@@ -1,0 +1,65 @@
+"""ModelSpec, the resolved description of one served model, and its Dense layers. A leaf (no files, no
+frameworks, nothing of the catalog), so that backends and the wire layer import it alone."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from embedserve.prompts import input_types
+from embedserve.types import BackendName, DeviceName, DtypeName, PaddingSide, Pooling, Quantize, TiktokenName
+
+FamilyName = Literal["bge-m3", "qwen3-embedding"]
+
+
+@dataclass(frozen=True, slots=True)
+class DenseLayer:
+    """A sentence-transformers Dense module: y = activation(x @ W.T + b)."""
+
+    folder: Path
+    in_features: int
+    out_features: int
+    bias: bool
+    activation: str  # "identity" | "tanh"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """Everything the runtime needs to serve one model exactly as its authors run it."""
+
+    id: str
+    aliases: tuple[str, ...]
+    source: str
+    folder: Path
+    pooling: Pooling
+    normalize: bool
+    max_input_tokens: int
+    dimensions: int
+    matryoshka_dimensions: tuple[int, ...]
+    prompts: Mapping[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None
+    query_template: str | None = None
+    default_instruction: str | None = None
+    family: FamilyName | None = None
+    eos_token: str | None = None  # appended to every sequence that does not already end with it
+    padding_side: PaddingSide = "right"
+    lower_case: bool = False  # sentence-transformers `do_lower_case`
+    dense: tuple[DenseLayer, ...] = ()
+    backend: BackendName = "auto"
+    dtype: DtypeName = "auto"
+    device: DeviceName = "auto"
+    quantize: Quantize | None = None
+    price_per_million_input_tokens: float = 0.0
+    tiktoken_ids: TiktokenName | None = None  # token ids not the model's own are read as this encoding's
+    owned_by: str = "embedserve"
+    created: int = 0
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.id, *self.aliases)
+
+    @property
+    def input_types(self) -> list[str]:
+        return input_types(self.prompts)
