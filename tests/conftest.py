@@ -22,8 +22,9 @@ from postgres import PostgresCluster, postgres_cluster
 from support import LiveServer, build_tiny_st_model, live_server, private_data_dir
 
 #: Which tests are `model`, `load` and `postgres` (pyproject.toml registers the markers): by directory, then
-#: by the fixtures a test requests, so that no test carries the mark by hand and none can forget it. The
-#: api/ and cli/ suites serve the bundled model (live servers, `embedserve serve` as a subprocess).
+#: by the fixtures a test requests, so that a new test cannot forget its mark (only a test outside these
+#: directories that starts a live server itself marks it by hand). The api/ and cli/ suites serve the
+#: bundled model (live servers, `embedserve serve` as a subprocess).
 MODEL_DIRS = frozenset({"model", "api", "cli"})
 #: The fixtures that build or serve a model (a test's fixture names include those its fixtures request).
 MODEL_FIXTURES = frozenset({"server", "st_model", "tiny_dense_model", "family_models"})
@@ -32,7 +33,7 @@ MODEL_FIXTURES = frozenset({"server", "st_model", "tiny_dense_model", "family_mo
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     tests = Path(__file__).parent
     for item in items:
-        suite = item.path.relative_to(tests).parts[0]
+        suite = item.path.relative_to(tests).parts[0] if item.path.is_relative_to(tests) else ""
         fixtures = set(getattr(item, "fixturenames", ()))
         params = getattr(getattr(item, "callspec", None), "params", {})
         if suite in MODEL_DIRS or fixtures & MODEL_FIXTURES:
