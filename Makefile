@@ -6,7 +6,7 @@ PIP    := $(BIN)/pip install --quiet --disable-pip-version-check -c constraints.
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint docs-check pytest docs bench install install-dev clean
+.PHONY: serve test test-fast lint docs-check pytest docs bench install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ serve: install
 
 ## make test: set up with the dev extras, then lint, type-check, build the docs strictly and run the whole suite
 test: lint docs-check pytest
+
+## make test-fast: the pure and fake-backend tests only (no model, load or PostgreSQL tests), in about a minute
+test-fast: install-dev
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -m "not model and not load and not postgres" $(PYTEST_ARGS)
 
 lint: install-dev
 	$(BIN)/ruff check src tests benchmarks

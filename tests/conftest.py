@@ -19,6 +19,29 @@ from gates import Gate
 from postgres import PostgresCluster, postgres_cluster
 from support import LiveServer, build_tiny_st_model, live_server, private_data_dir
 
+#: Which tests are `model`, `load` and `postgres` (pyproject.toml registers the markers): by directory, then
+#: by the fixtures a test requests, so that a new test cannot forget its mark (only a test outside these
+#: directories that starts a live server itself marks it by hand). The api/ and cli/ suites serve the
+#: bundled model (live servers, `embedserve serve` as a subprocess).
+MODEL_DIRS = frozenset({"model", "api", "cli"})
+#: The fixtures that build or serve a model (a test's fixture names include those its fixtures request).
+MODEL_FIXTURES = frozenset({"server", "st_model", "tiny_dense_model", "family_models"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    tests = Path(__file__).parent
+    for item in items:
+        suite = item.path.relative_to(tests).parts[0] if item.path.is_relative_to(tests) else ""
+        fixtures = set(getattr(item, "fixturenames", ()))
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if suite in MODEL_DIRS or fixtures & MODEL_FIXTURES:
+            item.add_marker(pytest.mark.model)
+        if suite == "load":
+            item.add_marker(pytest.mark.load)
+        if "postgres" in fixtures or params.get("storage") == "postgresql":
+            item.add_marker(pytest.mark.postgres)
+
+
 API_KEY = "sk-test-primary"
 OTHER_KEY = "sk-test-secondary"
 MAX_TOKENS_PER_REQUEST = 20_000

@@ -1,7 +1,6 @@
-"""The server's database behind one narrow interface: SQLite (WAL, the embedded default, a file under
-the data dir) or PostgreSQL (by URL, for replicas sharing one key store and ledger). SQL is written once
-with `?` placeholders; the schema is created on first use and an older one migrated in place. Blocking:
-call it from a thread."""
+"""The server's database behind one interface: SQLite (WAL, the default, a file in the data dir) or
+PostgreSQL (by URL, for replicas sharing keys and ledger; the `postgres` extra). SQL is written once with
+`?` placeholders; the schema is created on first use, an older one migrated in place. Blocking."""
 
 from __future__ import annotations
 
@@ -254,8 +253,14 @@ class PostgresDatabase:
     dialect: Dialect = "postgresql"
 
     def __init__(self, url: str) -> None:
-        import psycopg
-        from psycopg_pool import ConnectionPool
+        try:
+            import psycopg
+            from psycopg_pool import ConnectionPool
+        except ImportError:  # an optional extra: the default install serves SQLite only
+            raise ConfigError(
+                "--database-url names a PostgreSQL database, whose driver is not installed: "
+                "pip install 'embedserve[postgres]'"
+            ) from None
 
         self._errors: tuple[type[Exception], ...] = (psycopg.OperationalError, psycopg.InterfaceError)
         try:

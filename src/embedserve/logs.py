@@ -1,13 +1,14 @@
-"""Logging set-up: every line carries its request id (a context variable the request middleware sets,
-so concurrent requests never see each other's id). `text` is for people; `json` writes one object per
-line with the record's structured fields. Both formatters escape control characters, so no text a
-client sent (a path, a header) can start a log line of its own or drive the terminal showing it."""
+"""Logging set-up: every line carries its request id (a context variable the request middleware sets);
+`text` for people, `json` one object per line with the record's fields; both escape control characters
+(design note 38), so no text a client sent can start a log line or drive a terminal. `quieted` mutes."""
 
 from __future__ import annotations
 
 import logging
 import re
 import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -131,3 +132,18 @@ def configure_logging(level: str, fmt: Literal["text", "json"] = "text") -> None
     root.setLevel(level.upper())
     for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@contextmanager
+def quieted(names: Iterable[str], level: int) -> Iterator[None]:
+    """The loggers `names` drop records below `level` for the block, then get their own levels back: a
+    library that logs every step of one call gets the caller's one summary line instead."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        for logger, previous in zip(loggers, levels, strict=True):
+            logger.setLevel(previous)

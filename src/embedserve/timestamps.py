@@ -43,12 +43,6 @@ def iso(ts: float | None) -> str | None:
     return None if moment is None else moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def day(ts: float | None) -> str | None:
-    """`2025-01-31`, with iso()'s rules. Never raises."""
-    moment = None if ts is None else _utc(ts)
-    return None if moment is None else moment.date().isoformat()
-
-
 def parse_time(value: object, param: str, *, now: float | None = None, relative: bool = False) -> float:
     """`2025-01-31`, `2025-01-31T12:00`, `2025-01-31T12:00:00+02:00`, `...Z` -> unix seconds. With
     `relative`, also `30d`, `12h`, `15m`, `45s` from `now`. InvalidRequest naming `param` otherwise,

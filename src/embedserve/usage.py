@@ -265,7 +265,7 @@ def parse_query(params: Mapping[str, object]) -> UsageQuery:
 
 
 def _day_sql(db: Database) -> str:
-    """The UTC day of `u.created_at`, total like timestamps.day(): a time past the years 1..9999 (which
+    """The UTC day of `u.created_at`, total like timestamps.iso(): a time past the years 1..9999 (which
     only a row written by hand could hold) is the nearest end of them, NaN (PostgreSQL only) NULL,
     where PostgreSQL's to_timestamp would fail the whole report and SQLite's strftime give NULL."""
     if db.dialect == "postgresql":

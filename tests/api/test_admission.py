@@ -224,15 +224,10 @@ def test_a_full_queue_refuses_before_tokenizing(gate: Gate, pool: ThreadPoolExec
         first = pool.submit(post, live, {"model": MODEL, "input": ["held on the model"]})
         assert gate.entered.wait(60)
         waiting = pool.submit(post, live, {"model": MODEL, "input": [f"waiting {i}" for i in range(8)]})
-        wait_until(
-            lambda: (
-                live.state.engine.registry.runtime(
-                    live.state.engine.registry.catalog.resolve(MODEL)
-                ).batcher.queued
-                == 8
-            ),
-            "8 inputs are queued",
-        )
+        batcher = live.state.engine.registry.runtime(
+            live.state.engine.registry.catalog.resolve(MODEL)
+        ).batcher
+        wait_until(lambda: batcher.queue_depth() == 8, "8 inputs are queued")
         before = tokenized(live)
         refused = post(live, {"model": MODEL, "input": ["never tokenized " * 30] * 4})
         assert_error(refused, 503, "server_overloaded")

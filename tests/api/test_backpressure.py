@@ -28,7 +28,7 @@ def post(live: LiveServer, inputs: list[str]) -> httpx.Response:
 
 def queued(live: LiveServer) -> int:
     spec = live.state.engine.registry.catalog.resolve(MODEL)
-    return live.state.engine.registry.runtime(spec).batcher.queued
+    return live.state.engine.registry.runtime(spec).batcher.queue_depth()
 
 
 def wait_until(condition: Callable[[], bool], what: str) -> None:

@@ -109,13 +109,10 @@ def test_explicit_null_encoding_format_means_float_and_unknown_fields_are_ignore
 
 def test_openai_sdk_default_path_asks_base64_and_gets_floats(server: LiveServer, client: OpenAI) -> None:
     requests: list[httpx.Request] = []
-    sdk = OpenAI(
-        base_url=server.v1,
-        api_key=API_KEY,
-        max_retries=0,
-        http_client=httpx.Client(event_hooks={"request": [requests.append]}),
-    )
-    result = sdk.embeddings.create(model=MODEL, input=["hello world", "bonjour"])
+    # A client we pass in is ours to close: only the SDK's own closes itself when it is collected.
+    with httpx.Client(event_hooks={"request": [requests.append]}) as http:
+        sdk = OpenAI(base_url=server.v1, api_key=API_KEY, max_retries=0, http_client=http)
+        result = sdk.embeddings.create(model=MODEL, input=["hello world", "bonjour"])
     assert b'"encoding_format":"base64"' in requests[0].content.replace(b" ", b"")
     reference = post(server, {"model": MODEL, "input": ["hello world", "bonjour"]}).json()
     for got, want in zip(result.data, reference["data"], strict=True):

@@ -46,7 +46,7 @@ else:
 ids = np.array([[0, 5, 6, 2]], dtype=np.int64)
 backend.forward(TokenBatch(input_ids=ids, attention_mask=np.ones_like(ids), real_tokens=4))
 if kind == "torch":
-    touched = sum(float(p.sum()) for p in backend._model.parameters())  # every page in memory
+    touched = sum(float(p.sum()) for p in backend.graph().parameters())  # every page in memory
 print(json.dumps({"before": before, "peak": status("VmHWM"), "after": status("VmRSS")}))
 """
 

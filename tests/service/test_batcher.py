@@ -270,7 +270,7 @@ def test_items_of_requests_that_arrive_together_share_a_forward_pass() -> None:
             requests = [[[10 + i, 20 + i]] for i in range(20)]
             tasks = [asyncio.create_task(batcher.embed(seqs)) for seqs in requests]
             await asyncio.sleep(0)  # let every task queue its items
-            assert batcher.queued == 20
+            assert batcher.queue_depth() == 20
             backend.release.set()
             results = await asyncio.gather(*tasks)
             await first
@@ -293,7 +293,7 @@ def test_a_cancelled_callers_items_never_reach_the_backend() -> None:
             await forward_started(backend)
             b = asyncio.create_task(batcher.embed([[777, 777], [777]]))
             await asyncio.sleep(0)
-            assert batcher.queued == 2
+            assert batcher.queue_depth() == 2
             b.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await b
@@ -301,7 +301,7 @@ def test_a_cancelled_callers_items_never_reach_the_backend() -> None:
             assert_own_vectors([[1, 2, 3], [4, 5]], await a)
             c = await batcher.embed([[8, 9]])  # the batcher goes on serving
             assert_own_vectors([[8, 9]], c)
-            assert batcher.queued == 0
+            assert batcher.queue_depth() == 0
         assert all(777 not in row for row in backend.rows)
         assert sorted(backend.rows) == sorted([[1, 2, 3], [4, 5], [8, 9]])
 
@@ -350,7 +350,7 @@ def test_close_fails_waiting_items_with_service_unavailable() -> None:
         await forward_started(backend)
         waiting = asyncio.create_task(batcher.embed([[3, 4], [5]]))
         await asyncio.sleep(0)
-        assert batcher.queued == 2
+        assert batcher.queue_depth() == 2
         closing = asyncio.create_task(batcher.close())  # closes at once, then waits for the running batch
         await asyncio.sleep(0)
         backend.release.set()
@@ -362,7 +362,7 @@ def test_close_fails_waiting_items_with_service_unavailable() -> None:
                 waiting.result()
             assert info.value.status == 503
             assert info.value.headers()["Retry-After"]
-            assert batcher.queued == 0
+            assert batcher.queue_depth() == 0
             assert all(3 not in row and 5 not in row for row in backend.rows)
         finally:
             running.cancel()
@@ -505,15 +505,15 @@ def test_an_admitted_request_holds_its_place_in_the_queue_until_its_inputs_join_
     async def main() -> None:
         async with started(RecordingBackend(), max_queued=10) as batcher:
             admission = batcher.admit(8)  # being tokenized: its inputs already count
-            assert batcher.queued == 8
+            assert batcher.queue_depth() == 8
             with pytest.raises(Overloaded) as refused:
                 batcher.admit(3)
             assert "limit 10" in refused.value.message and refused.value.headers()["Retry-After"] == "1"
             vectors = await batcher.embed([[1, 2]] * 8, admission)
-            assert vectors.shape == (8, 16) and batcher.queued == 0
+            assert vectors.shape == (8, 16) and batcher.queue_depth() == 0
             with batcher.admit(10):  # a request refused after admission gives its place back
                 pass
-            assert batcher.queued == 0
+            assert batcher.queue_depth() == 0
 
     run(main())
 

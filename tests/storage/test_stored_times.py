@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 import httpx
+import pytest
 
 from conftest import Storage
 from embedserve.db import Database
@@ -139,6 +140,7 @@ def test_the_cli_lists_shows_and_reports_them_without_a_traceback(storage: Stora
     assert "9999-12-31" in cli(storage, "usage", "--group-by", "day").stdout
 
 
+@pytest.mark.model  # a live server on the bundled model
 def test_a_running_server_lists_and_shows_them_and_keeps_serving(storage: Storage) -> None:
     secrets, expected = poisoned_store(storage)
     auth = {"Authorization": f"Bearer {ADMIN}"}

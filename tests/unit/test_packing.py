@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -20,46 +19,36 @@ from embedserve.scheduler.packing import (
     MAX_PADDING,
     BatchLimits,
     MemoryRoom,
+    Waiting,
     batch_limits,
     last_waiting,
     take_batch,
 )
-from embedserve.types import WorkItem
-
-
-@pytest.fixture(scope="module")
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    """One loop to own the (never awaited) futures of the work items."""
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
 
 
 def make_items(
-    loop: asyncio.AbstractEventLoop,
     lengths: Sequence[int],
     seqs: Sequence[int] | None = None,
     requests: Sequence[int | None] | None = None,
-) -> list[WorkItem]:
-    """Items with the given lengths; seq defaults to the list position (the first is the oldest).
-    By default all are inputs of one request (request 0), free to be packed in any order; pass
-    `requests` (None: a one-input request) to see the rule that protects a request's last input."""
+) -> list[Waiting]:
+    """Waiting inputs with the given lengths; seq defaults to the list position (the first is the
+    oldest). By default all are inputs of one request (caller 0), free to be packed in any order; pass
+    `requests` (None: a one-input request, its own caller) to see the rule that protects a request's last
+    input."""
     seqs = range(len(lengths)) if seqs is None else seqs
     requests = [0] * len(lengths) if requests is None else requests
     return [
-        WorkItem(ids=[seq % 100 + 1] * length, seq=seq, future=loop.create_future(), request=request)
+        Waiting(seq=seq, length=length, caller=seq if request is None else request)
         for length, seq, request in zip(lengths, seqs, requests, strict=True)
     ]
 
 
-def padded_cost(batch: Sequence[WorkItem]) -> int:
+def padded_cost(batch: Sequence[Waiting]) -> int:
     return len(batch) * max(item.length for item in batch)
 
 
-def assert_partition(
-    pending: Sequence[WorkItem], batch: Sequence[WorkItem], rest: Sequence[WorkItem]
-) -> None:
-    assert sorted(map(id, [*batch, *rest])) == sorted(map(id, pending))
+def assert_partition(pending: Sequence[Waiting], batch: Sequence[Waiting], rest: Sequence[Waiting]) -> None:
+    assert sorted(item.seq for item in [*batch, *rest]) == sorted(item.seq for item in pending)
 
 
 # ---- take_batch ----------------------------------------------------------------------------------
@@ -78,39 +67,37 @@ def test_empty_pending_gives_an_empty_batch_and_rest() -> None:
         ([8] * 10, [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]),
     ],
 )
-def test_the_oldest_item_is_always_in_the_batch(
-    loop: asyncio.AbstractEventLoop, lengths: list[int], seqs: list[int]
-) -> None:
-    pending = make_items(loop, lengths, seqs)
+def test_the_oldest_item_is_always_in_the_batch(lengths: list[int], seqs: list[int]) -> None:
+    pending = make_items(lengths, seqs)
     batch, rest = take_batch(pending, token_budget=64, max_items=4)
     assert min(pending, key=lambda item: item.seq) in batch
     assert_partition(pending, batch, rest)
 
 
-def test_an_item_longer_than_the_budget_goes_alone(loop: asyncio.AbstractEventLoop) -> None:
-    pending = make_items(loop, [500, 3, 3, 3])
+def test_an_item_longer_than_the_budget_goes_alone() -> None:
+    pending = make_items([500, 3, 3, 3])
     batch, rest = take_batch(pending, token_budget=100, max_items=8)
     assert batch == [pending[0]]
     assert_partition(pending, batch, rest)
 
 
-def test_items_that_fit_together_go_in_one_batch(loop: asyncio.AbstractEventLoop) -> None:
-    pending = make_items(loop, [4, 4, 4, 4])
+def test_items_that_fit_together_go_in_one_batch() -> None:
+    pending = make_items([4, 4, 4, 4])
     batch, rest = take_batch(pending, token_budget=100, max_items=8)
     assert sorted(item.seq for item in batch) == [0, 1, 2, 3]
     assert rest == []
 
 
-def test_max_items_caps_the_batch(loop: asyncio.AbstractEventLoop) -> None:
-    pending = make_items(loop, [2] * 10)
+def test_max_items_caps_the_batch() -> None:
+    pending = make_items([2] * 10)
     batch, rest = take_batch(pending, token_budget=10_000, max_items=3)
     assert len(batch) == 3
     assert pending[0] in batch
     assert len(rest) == 7
 
 
-def test_padded_cost_stays_within_the_token_budget(loop: asyncio.AbstractEventLoop) -> None:
-    pending = make_items(loop, [10, 30, 20, 30, 10, 25])
+def test_padded_cost_stays_within_the_token_budget() -> None:
+    pending = make_items([10, 30, 20, 30, 10, 25])
     batch, _ = take_batch(pending, token_budget=60, max_items=16)
     assert padded_cost(batch) <= 60
 
@@ -123,36 +110,34 @@ def test_padded_cost_stays_within_the_token_budget(loop: asyncio.AbstractEventLo
         [6, 5, 5, 5, 200, 200, 200],
     ],
 )
-def test_short_items_are_not_padded_to_long_ones_when_that_is_wasteful(
-    loop: asyncio.AbstractEventLoop, lengths: list[int]
-) -> None:
+def test_short_items_are_not_padded_to_long_ones_when_that_is_wasteful(lengths: list[int]) -> None:
     # The short items together cost a few slots, all real; adding a 200-token item fills the 600-slot
     # budget with hundreds of slots of padding. The oldest (short) item goes with the other short
     # ones, and the long ones get their own batch.
-    pending = make_items(loop, lengths)
+    pending = make_items(lengths)
     batch, rest = take_batch(pending, token_budget=600, max_items=16)
     assert pending[0] in batch
     assert sorted(item.length for item in batch) == sorted(n for n in lengths if n < 200)
     assert sorted(item.length for item in rest) == [n for n in lengths if n == 200]
 
 
-def test_the_oldest_long_item_is_grouped_with_other_long_items(loop: asyncio.AbstractEventLoop) -> None:
-    pending = make_items(loop, [200, 5, 5, 5, 200, 200])
+def test_the_oldest_long_item_is_grouped_with_other_long_items() -> None:
+    pending = make_items([200, 5, 5, 5, 200, 200])
     batch, rest = take_batch(pending, token_budget=600, max_items=16)
     assert pending[0] in batch
     assert sorted(item.length for item in batch) == [200, 200, 200]
     assert_partition(pending, batch, rest)
 
 
-def test_items_closest_in_length_to_the_oldest_are_preferred(loop: asyncio.AbstractEventLoop) -> None:
-    pending = make_items(loop, [50, 1, 49, 51, 100, 2])
+def test_items_closest_in_length_to_the_oldest_are_preferred() -> None:
+    pending = make_items([50, 1, 49, 51, 100, 2])
     batch, _ = take_batch(pending, token_budget=160, max_items=3)
     assert pending[0] in batch
     assert sorted(item.length for item in batch) == [49, 50, 51]
 
 
 @pytest.mark.parametrize("seed", range(300))
-def test_random_pending_sets_keep_every_invariant(loop: asyncio.AbstractEventLoop, seed: int) -> None:
+def test_random_pending_sets_keep_every_invariant(seed: int) -> None:
     rng = random.Random(seed)
     n = rng.randint(1, 40)
     long_tail = rng.random() < 0.3
@@ -160,13 +145,13 @@ def test_random_pending_sets_keep_every_invariant(loop: asyncio.AbstractEventLoo
     seqs = rng.sample(range(1000), n)
     token_budget = rng.choice([1, 16, 64, 256, 512, 2048])
     max_items = rng.randint(1, 32)
-    pending = make_items(loop, lengths, seqs)
+    pending = make_items(lengths, seqs)
 
     batch, rest = take_batch(pending, token_budget=token_budget, max_items=max_items)
 
     assert batch, "a non-empty pending list gives a non-empty batch"
     assert_partition(pending, batch, rest)
-    assert len(set(map(id, batch))) == len(batch)
+    assert len({item.seq for item in batch}) == len(batch)
     assert min(pending, key=lambda item: item.seq) in batch
     assert len(batch) <= max_items
     assert padded_cost(batch) <= token_budget or len(batch) == 1
@@ -174,11 +159,9 @@ def test_random_pending_sets_keep_every_invariant(loop: asyncio.AbstractEventLoo
 
 @pytest.mark.parametrize("max_padding", [CPU_MAX_PADDING, MAX_PADDING])
 @pytest.mark.parametrize("seed", range(100))
-def test_a_batch_of_several_items_never_pads_beyond_the_tolerance(
-    loop: asyncio.AbstractEventLoop, seed: int, max_padding: float
-) -> None:
+def test_a_batch_of_several_items_never_pads_beyond_the_tolerance(seed: int, max_padding: float) -> None:
     rng = random.Random(seed)
-    pending = make_items(loop, [rng.randint(1, 250) for _ in range(rng.randint(1, 130))])
+    pending = make_items([rng.randint(1, 250) for _ in range(rng.randint(1, 130))])
     while pending:
         batch, pending = take_batch(pending, token_budget=16_384, max_items=256, max_padding=max_padding)
         real = sum(item.length for item in batch)
@@ -213,12 +196,12 @@ def test_explicit_batch_settings_win_over_the_device_defaults(device: str) -> No
     assert batch_limits(device, 2, max_wait_ms=0.0).max_wait_ms == 0.0  # an explicit 0 is kept
 
 
-def test_a_tighter_tolerance_pads_less_over_a_whole_queue(loop: asyncio.AbstractEventLoop) -> None:
+def test_a_tighter_tolerance_pads_less_over_a_whole_queue() -> None:
     rng = random.Random(3)
     lengths = [rng.randint(5, 250) for _ in range(128)]
 
     def slots(max_padding: float) -> int:
-        pending, total = make_items(loop, lengths), 0
+        pending, total = make_items(lengths), 0
         while pending:
             batch, pending = take_batch(pending, 16_384, 256, max_padding)
             total += padded_cost(batch)
@@ -227,10 +210,10 @@ def test_a_tighter_tolerance_pads_less_over_a_whole_queue(loop: asyncio.Abstract
     assert slots(CPU_MAX_PADDING) <= 1.05 * sum(lengths) < slots(MAX_PADDING)
 
 
-def test_draining_pending_eventually_serves_every_item(loop: asyncio.AbstractEventLoop) -> None:
+def test_draining_pending_eventually_serves_every_item() -> None:
     rng = random.Random(7)
-    pending = make_items(loop, [rng.randint(1, 300) for _ in range(200)])
-    served: list[WorkItem] = []
+    pending = make_items([rng.randint(1, 300) for _ in range(200)])
+    served: list[Waiting] = []
     while pending:
         batch, pending = take_batch(pending, token_budget=512, max_items=16)
         served.extend(batch)
@@ -268,50 +251,48 @@ def test_collate_of_equal_lengths_has_no_padding(side: str) -> None:
 # ---- a request's last waiting input is never overtaken by a younger request's input ----------------
 
 
-def test_one_input_requests_are_not_overtaken_by_younger_ones_of_their_length(
-    loop: asyncio.AbstractEventLoop,
-) -> None:
+def test_one_input_requests_are_not_overtaken_by_younger_ones_of_their_length() -> None:
     """Online callers: the two younger 200-token inputs would batch with the oldest, but the 5-token
     callers between them would then wait behind a batch they are older than."""
-    pending = make_items(loop, [200, 5, 5, 5, 200, 200], requests=[None] * 6)
+    pending = make_items([200, 5, 5, 5, 200, 200], requests=[None] * 6)
     batch, rest = take_batch(pending, token_budget=600, max_items=16, protect_last=True)
     assert batch == [pending[0]]
     assert_partition(pending, batch, rest)
 
 
-def test_one_input_requests_in_arrival_order_still_share_a_batch(loop: asyncio.AbstractEventLoop) -> None:
-    pending = make_items(loop, [4, 4, 4, 4, 40], requests=[None] * 5)
+def test_one_input_requests_in_arrival_order_still_share_a_batch() -> None:
+    pending = make_items([4, 4, 4, 4, 40], requests=[None] * 5)
     batch, rest = take_batch(pending, token_budget=100, max_items=8, protect_last=True)
     assert sorted(item.seq for item in batch) == [0, 1, 2, 3]
     assert rest == [pending[4]]
 
 
-def test_an_input_whose_request_has_others_waiting_may_be_overtaken(loop: asyncio.AbstractEventLoop) -> None:
+def test_an_input_whose_request_has_others_waiting_may_be_overtaken() -> None:
     """Request 0 waits for both of its inputs anyway: request 2's input may go before its short one."""
-    pending = make_items(loop, [50, 5, 50], requests=[0, 0, None])
+    pending = make_items([50, 5, 50], requests=[0, 0, None])
     batch, rest = take_batch(pending, token_budget=1000, max_items=8, protect_last=True)
     assert sorted(item.seq for item in batch) == [0, 2]
     assert rest == [pending[1]]
 
 
-def test_a_younger_input_waits_when_it_would_pass_a_lone_input(loop: asyncio.AbstractEventLoop) -> None:
-    pending = make_items(loop, [50, 5, 50], requests=[0, None, None])
+def test_a_younger_input_waits_when_it_would_pass_a_lone_input() -> None:
+    pending = make_items([50, 5, 50], requests=[0, None, None])
     batch, _ = take_batch(pending, token_budget=1000, max_items=8, protect_last=True)
     assert batch == [pending[0]]
 
 
-def test_last_waiting_counts_inputs_per_request(loop: asyncio.AbstractEventLoop) -> None:
-    pending = make_items(loop, [1, 1, 1, 1, 1], requests=[None, 7, 7, 9, None])
+def test_last_waiting_counts_inputs_per_request() -> None:
+    pending = make_items([1, 1, 1, 1, 1], requests=[None, 7, 7, 9, None])
     assert last_waiting(pending, pending[0]) == [3, 4]  # request 7 has two waiting; 0 is the oldest
 
 
 @pytest.mark.parametrize("seed", range(200))
-def test_no_batch_leaves_behind_an_older_last_input(loop: asyncio.AbstractEventLoop, seed: int) -> None:
+def test_no_batch_leaves_behind_an_older_last_input(seed: int) -> None:
     rng = random.Random(seed)
     n = rng.randint(1, 30)
     lengths = [rng.randint(1, 64) for _ in range(n)]
     requests: list[int | None] = [rng.choice([None, 0, 1, 2]) for _ in range(n)]
-    pending = make_items(loop, lengths, seqs=rng.sample(range(1000), n), requests=requests)
+    pending = make_items(lengths, seqs=rng.sample(range(1000), n), requests=requests)
     batch, rest = take_batch(
         pending, token_budget=rng.choice([64, 256, 1024]), max_items=16, protect_last=True
     )
@@ -330,18 +311,16 @@ def test_no_batch_leaves_behind_an_older_last_input(loop: asyncio.AbstractEventL
 MEMORY = MemoryModel(per_token=1000.0, per_square=10.0)
 
 
-def test_a_batch_fits_the_memory_room(loop: asyncio.AbstractEventLoop) -> None:
-    pending = make_items(loop, [100] * 20)
+def test_a_batch_fits_the_memory_room() -> None:
+    pending = make_items([100] * 20)
     room = MemoryRoom(MEMORY, MEMORY.peak(5, 100))
     batch, rest = take_batch(pending, 16_384, 256, memory=room)
     assert len(batch) == 5 and len(rest) == 15
     assert MEMORY.peak(len(batch), 100) <= room.room
 
 
-def test_the_oldest_input_that_does_not_fit_the_room_waits_and_nothing_overtakes_it(
-    loop: asyncio.AbstractEventLoop,
-) -> None:
-    pending = make_items(loop, [400, 10, 10, 10])  # the oldest is long, the others would fit
+def test_the_oldest_input_that_does_not_fit_the_room_waits_and_nothing_overtakes_it() -> None:
+    pending = make_items([400, 10, 10, 10])  # the oldest is long, the others would fit
     room = MemoryRoom(MEMORY, MEMORY.peak(1, 399))
     batch, rest = take_batch(pending, 16_384, 256, memory=room)
     assert batch == [] and rest == pending
@@ -350,10 +329,10 @@ def test_the_oldest_input_that_does_not_fit_the_room_waits_and_nothing_overtakes
 
 
 @pytest.mark.parametrize("seed", range(20))
-def test_random_queues_never_pack_past_the_memory_room(loop: asyncio.AbstractEventLoop, seed: int) -> None:
+def test_random_queues_never_pack_past_the_memory_room(seed: int) -> None:
     rng = random.Random(seed)
     lengths = [rng.randint(1, 600) for _ in range(rng.randint(1, 60))]
-    pending = make_items(loop, lengths, requests=[rng.choice([None, 0, 1]) for _ in lengths])
+    pending = make_items(lengths, requests=[rng.choice([None, 0, 1]) for _ in lengths])
     room = MemoryRoom(MEMORY, rng.uniform(MEMORY.peak(1, 600), MEMORY.peak(40, 600)))
     while pending:
         batch, pending = take_batch(pending, 4096, 64, protect_last=bool(seed % 2), memory=room)

@@ -1,23 +1,18 @@
 """Operator fusion for encoder graphs: ONNX Runtime's transformer optimizer rewrites each BERT-style layer
-into its fused CPU kernels (Attention, SkipLayerNormalization, BiasGelu, EmbedLayerNormalization), which
-run the layer in fewer, larger passes over memory: all-MiniLM-L6-v2 runs 1.15x faster in float32 and
-1.5x faster in int8 (design note 26).
-
-The optimizer recognises the TorchScript exporter's pattern of eager attention, so encoders are exported
-that way (backends/onnx.py); decoders (Qwen3) keep the unfused dynamo graph. The fused graph is checked
-against the graph it came from before it is used: a pattern matched wrongly is never served."""
+into its fused CPU kernels (1.15x faster in float32, 1.5x in int8 on all-MiniLM-L6-v2: design note 26);
+the fused graph is checked against its source before it is used, so a wrong match is never served."""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from embedserve.logs import quieted
 from embedserve.types import Feeds, FloatMatrix
 
 # config.json `model_type`s whose layers ORT's "bert" fusions match (position ids may differ: RoBERTa's
@@ -73,13 +68,15 @@ def memory_shortfall(source: Path) -> str | None:
 def fuse(source: Path, target: Path, shape: EncoderShape) -> dict[str, int]:
     """Write the fused graph of `source` to `target` (weights in `target`.data); return how many of each
     fused operator it holds. The attention mask stays the raw [batch, length] mask, so any padding side
-    and any mask the batcher builds mean what they mean in the source graph."""
+    and any mask the batcher builds mean what they mean in the source graph. The optimizer recognises
+    the TorchScript exporter's pattern of eager attention, so encoders are exported that way
+    (backends/onnx.py); decoders (Qwen3) keep the unfused dynamo graph."""
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     options = FusionOptions("bert")
     options.use_raw_attention_mask(True)
-    with _quiet_optimizer():
+    with quieted(_optimizer_loggers(), logging.WARNING):
         model = optimize_model(
             str(source),
             model_type="bert",
@@ -93,24 +90,13 @@ def fuse(source: Path, target: Path, shape: EncoderShape) -> dict[str, int]:
     return {op: count for op, count in stats.items() if count}
 
 
-@contextmanager
-def _quiet_optimizer() -> Iterator[None]:
+def _optimizer_loggers() -> list[str]:
     """The optimizer logs every rewrite at INFO, from loggers named after its modules (imported both
     as `fusion_base` and as `onnxruntime.transformers.fusion_base`); the caller logs one summary."""
     import onnxruntime.transformers as package
 
-    stems = {path.stem for path in Path(package.__file__).parent.glob("*.py")}
-    loggers = [
-        logging.getLogger(name) for stem in stems for name in (stem, f"onnxruntime.transformers.{stem}")
-    ]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
+    stems = sorted(path.stem for path in Path(package.__file__).parent.glob("*.py"))
+    return [name for stem in stems for name in (stem, f"onnxruntime.transformers.{stem}")]
 
 
 def outputs(path: Path, feeds: Sequence[Feeds]) -> list[FloatMatrix]:

@@ -1,7 +1,6 @@
-"""ONNX Runtime backend for CPU: the model, its mask-driven pooler and its Dense head exported once to one
-ONNX graph (cached under the data dir, keyed by the weights' hash and everything else that shapes the
-graph), encoders' layers fused into ORT's transformer kernels (fusion.py), optionally quantized to int8
-(activation-smoothed first: int8.py), run with ORT's full graph optimizations."""
+"""ONNX Runtime backend for CPU: the model, its pooler and its Dense head exported once to one ONNX graph
+(cached under the data dir, keyed by everything that shapes it), encoders fused (fusion.py), optionally
+quantized to int8 (activation-smoothed first: int8.py), run with ORT's full graph optimizations."""
 
 from __future__ import annotations
 
@@ -26,6 +25,7 @@ from embedserve.backends.int8 import calibration_texts, quantize_int8
 from embedserve.backends.memory import available, peak_during
 from embedserve.backends.threads import threads_per_worker, usable_cores
 from embedserve.errors import ModelLoadError
+from embedserve.logs import quieted
 from embedserve.postprocess import min_cosine
 from embedserve.spec import ModelSpec
 from embedserve.tokenization import ensure_last, pad_id_of, tokenizer_factory
@@ -82,17 +82,9 @@ _NOISY_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "
 def _quiet_exporter() -> Iterator[None]:
     """The exporter logs hundreds of INFO lines (rewrite passes, skipped torchvision ops) and warnings;
     an operator's log gets our one line before and after instead."""
-    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
+    with quieted(_NOISY_LOGGERS, logging.ERROR), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def _export(spec: ModelSpec, target: Path, feeds: Sequence[Feeds]) -> None:

@@ -57,13 +57,16 @@ def _dense_module(layer: DenseLayer) -> torch.nn.Sequential:
 
 
 class _EmbeddingGraph(torch.nn.Module):
+    """The whole pass, (input_ids, attention_mask) -> pooled: the backend runs it, the ONNX backend
+    exports it, so both compute the same function."""
+
     def __init__(self, model: torch.nn.Module, dense: torch.nn.Module, pooling: Pooling) -> None:
         super().__init__()
         self.model, self.dense, self.pooling = model, dense, pooling
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        pooled: torch.Tensor = self.dense(pool(self.pooling, hidden, attention_mask))
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
+        pooled: torch.Tensor = self.dense(pool(self.pooling, hidden, attention_mask))  # [B, D]
         return pooled
 
 
@@ -75,7 +78,6 @@ class TorchBackend:
 
         hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # noise in a server log
 
-        self._spec = spec
         self._device = resolve_device(device)
         self._dtype = resolve_dtype(dtype, self._device)
         try:
@@ -84,13 +86,13 @@ class TorchBackend:
             )
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"model '{spec.id}': cannot load weights from {spec.folder}: {exc}") from exc
-        self._model = model.to(self._device).eval()
-        self._dense = torch.nn.Sequential(*(_dense_module(d) for d in spec.dense))
-        self._dense = self._dense.to(self._device, self._dtype).eval()
+        model = model.to(self._device).eval()
+        dense = torch.nn.Sequential(*(_dense_module(d) for d in spec.dense))
+        self._graph = _EmbeddingGraph(model, dense.to(self._device, self._dtype).eval(), spec.pooling)
         self.dimensions = spec.dimensions
         self.kind, self.device = "torch", self._device.type
         self.precision = str(self._dtype).removeprefix("torch.")
-        self.vocab_size = int(self._model.get_input_embeddings().weight.shape[0])
+        self.vocab_size = int(model.get_input_embeddings().weight.shape[0])
         self.description = f"torch {self.device} {self.precision}"
         # One pass at a time: torch's CPU threads are process-wide and a CUDA stream is one queue.
         self.workers = 1
@@ -99,16 +101,14 @@ class TorchBackend:
         self.attention_copies = 1
 
     def graph(self) -> torch.nn.Module:
-        """The whole forward pass as one module, (input_ids, attention_mask) -> pooled: what the ONNX
-        backend exports, so both backends compute the same function."""
-        return _EmbeddingGraph(self._model, self._dense, self._spec.pooling)
+        """The module that `forward` runs, (input_ids, attention_mask) -> pooled (what onnx.py exports)."""
+        return self._graph
 
     @torch.inference_mode()
     def forward(self, batch: TokenBatch) -> FloatMatrix:
         input_ids = torch.from_numpy(batch.input_ids).to(self._device)  # [B, T]
         mask = torch.from_numpy(batch.attention_mask).to(self._device)  # [B, T]
-        hidden = self._model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # [B, T, H]
-        pooled = self._dense(pool(self._spec.pooling, hidden, mask))  # [B, D]
+        pooled = self._graph(input_ids, mask)  # [B, D]
         out: FloatMatrix = pooled.float().cpu().numpy().astype(np.float32, copy=False)
         return out
 
@@ -128,6 +128,6 @@ class TorchBackend:
         return int(free)
 
     def close(self) -> None:
-        del self._model
+        del self._graph
         if self._device.type == "cuda":
             torch.cuda.empty_cache()

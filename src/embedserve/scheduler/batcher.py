@@ -1,23 +1,6 @@
-"""Per-model dynamic batcher: every input of every request is one WorkItem; the model's own threads (one
-per backend worker: `Backend.workers` passes may run at once) each pack waiting items
-(scheduler.packing), run the batch and start the next one at once, without a round trip through the
-event loop (which, busy with HTTP, left the model idle ~3 ms between batches: 20% of the online load's
-time). The event loop only queues inputs and receives vectors.
-
-Inputs queued during one turn of the event loop are handed to the model threads together at its end, so
-the inputs of requests that arrive together share a forward pass. There is no added wait when the queue
-is idle. Under load (a batch has just finished and inputs are waiting), a model thread waits at most
-`max_batch_wait_ms` for the batch to fill: the callers whose answers just went out are typically sending
-their next input, and on a GPU one full batch beats a small one followed by another (on CPU the default
-is no wait: scheduler.packing.batch_limits).
-
-Admission comes before any work (`admit`, called before tokenization): a request that would overfill
-the queue (`max_queued` inputs), or whose expected wait (the tokens queued ahead of it over the
-model's measured throughput) is beyond `max_queue_wait_s`, is refused at once with 503; an admitted
-request's inputs count against the queue's bound while it is tokenized, and its wait is checked again
-once its tokens are known and join the queue. A batch also
-fits the memory budget that the passes running at once share (scheduler.memory): an input waits for
-room, and nothing younger overtakes it meanwhile (design notes 31, 32)."""
+"""Per-model dynamic batcher: every input of every request is one WorkItem with its future; the model's own
+threads pack waiting inputs (scheduler.packing), run each batch and deliver its vectors to the event loop;
+admission is bounded before any work (design notes 27, 31, 32)."""
 
 from __future__ import annotations
 
@@ -38,7 +21,7 @@ from embedserve.backends.memory import trim
 from embedserve.errors import InternalError, Overloaded, ServiceUnavailable
 from embedserve.metrics import Metrics
 from embedserve.scheduler.memory import MemoryBudget, MemoryModel
-from embedserve.scheduler.packing import BatchLimits, MemoryRoom, take_batch
+from embedserve.scheduler.packing import BatchLimits, MemoryRoom, Waiting, take_batch
 from embedserve.types import FloatMatrix, PaddingSide, WorkItem
 
 log = logging.getLogger("embedserve.batcher")
@@ -74,6 +57,27 @@ class Admission:
 
 
 class Batcher:
+    """The model's threads (one per backend worker: `Backend.workers` passes may run at once) each pack
+    waiting inputs (packing sees their lengths and callers, not the items), run the batch and start the next
+    one at once, without a round trip through the event loop (which, busy with HTTP, left the model idle ~3 ms
+    between batches: 20% of the online load's time). The event loop only queues inputs and receives vectors.
+
+    Inputs queued during one turn of the event loop are handed to the model threads together at its end, so
+    the inputs of requests that arrive together share a forward pass. There is no added wait when the queue is
+    idle. Under load (a batch has just finished and inputs are waiting), a model thread waits at most
+    `max_batch_wait_ms` for the batch to fill: the callers whose answers just went out are typically sending
+    their next input, and on a GPU one full batch beats a small one followed by another (on CPU the default is
+    no wait: scheduler.packing.batch_limits).
+
+    Admission comes before any work (`admit`, called before tokenization): a request that would overfill the
+    queue (`max_queued` inputs), or whose expected wait (the tokens queued ahead of it over the model's
+    measured throughput) is beyond `max_queue_wait_s`, is refused at once with 503; an admitted request's
+    inputs count against the queue's bound while it is tokenized, and its wait is checked again once its
+    tokens are known and join the queue. A batch also fits the memory budget that the passes running at once
+    share (scheduler.memory): an input waits for room, and nothing younger overtakes it meanwhile (design
+    notes 31, 32).
+    """
+
     def __init__(
         self,
         name: str,
@@ -115,17 +119,15 @@ class Batcher:
         self._arrivals: list[WorkItem] = []
         self._arrival_tokens = 0
         self._reserved_inputs = 0
-        # Shared with the model threads, under `_cond` (read without it by the loop: one int each).
-        self._pending: list[WorkItem] = []
+        # Shared with the model threads, under `_cond` (read without it by the loop: one int each): what
+        # packing sees of each waiting input, and the items themselves by `seq`.
+        self._pending: list[Waiting] = []
+        self._items: dict[int, WorkItem] = {}
         self._pending_tokens = 0
         self._closed = False
         # Throughput: tokens and seconds of recent passes, each decayed by RATE_DECAY per pass.
         self._rate_tokens = float(tokens_per_s or 0.0)
         self._rate_seconds = 1.0 if tokens_per_s else 0.0
-
-    @property
-    def queued(self) -> int:
-        return len(self._arrivals) + len(self._pending) + self._reserved_inputs
 
     @property
     def queued_tokens(self) -> int:
@@ -159,7 +161,7 @@ class Batcher:
         once (the queue is full, or the wait ahead of it too long)."""
         if self._closed:
             raise ServiceUnavailable(f"model '{self.name}' is shutting down")
-        queued = self.queued
+        queued = self.queue_depth()
         if self._max_queued is not None and queued + inputs > self._max_queued:
             if self._metrics is not None:
                 self._metrics.observe_rejected(self.name, "queue_full", inputs)
@@ -185,8 +187,8 @@ class Batcher:
             )
 
     def queue_depth(self) -> int:
-        """Inputs waiting (for the metrics gauge, read at scrape time)."""
-        return self.queued
+        """Inputs admitted and not yet in a forward pass (also the metrics gauge, read at scrape time)."""
+        return len(self._arrivals) + len(self._pending) + self._reserved_inputs
 
     def start(self) -> None:
         if not self._threads:
@@ -238,8 +240,10 @@ class Batcher:
         close() there are none: it took them, and embed() refuses new ones.)"""
         arrivals, self._arrivals = self._arrivals, []
         tokens, self._arrival_tokens = self._arrival_tokens, 0
+        waiting = [Waiting(item.seq, item.length, item.caller) for item in arrivals]
         with self._cond:
-            self._pending.extend(arrivals)
+            self._items.update((item.seq, item) for item in arrivals)
+            self._pending.extend(waiting)
             self._pending_tokens += tokens
             self._cond.notify()
 
@@ -248,12 +252,13 @@ class Batcher:
     def _prune(self) -> bool:
         """(Under `_cond`.) Drop items whose caller has gone (client disconnected, deadline passed);
         True if anything is still waiting."""
-        kept = [item for item in self._pending if not item.future.cancelled()]
-        if len(kept) != len(self._pending):
-            self._pending_tokens = sum(item.length for item in kept)
+        gone = [seq for seq, item in self._items.items() if item.future.cancelled()]
+        if gone:
+            for seq in gone:
+                self._pending_tokens -= self._items.pop(seq).length
+            self._pending = [waiting for waiting in self._pending if waiting.seq in self._items]
             if self._metrics is not None:
-                self._metrics.observe_rejected(self.name, "cancelled", len(self._pending) - len(kept))
-        self._pending = kept
+                self._metrics.observe_rejected(self.name, "cancelled", len(gone))
         return bool(self._pending)
 
     def _would_fill(self) -> bool:
@@ -288,15 +293,15 @@ class Batcher:
                 protect_last=limits.protect_last,
                 memory=room,
             )
-            cost = self._memory.peak(len(batch), max((item.length for item in batch), default=0))
+            cost = self._memory.peak(len(batch), max((waiting.length for waiting in batch), default=0))
             if not batch or (self._budget is not None and not self._budget.try_reserve(cost)):
                 self._cond.wait()  # a pass in flight holds the memory: woken when it gives it back
                 continue
             self._pending = rest
-            self._pending_tokens -= sum(item.length for item in batch)
+            self._pending_tokens -= sum(waiting.length for waiting in batch)
             if self._pending:  # more than this batch was waiting: an idle worker can take it
                 self._cond.notify()
-            return batch, cost
+            return [self._items.pop(waiting.seq) for waiting in batch], cost
         return None
 
     def _room(self) -> MemoryRoom:
@@ -376,8 +381,8 @@ class Batcher:
         callers get its vectors); release the model thread."""
         with self._cond:
             self._closed = True
-            waiting = [*self._arrivals, *self._pending]
-            self._arrivals, self._pending = [], []
+            waiting = [*self._arrivals, *self._items.values()]
+            self._arrivals, self._pending, self._items = [], [], {}
             self._arrival_tokens = self._pending_tokens = 0
             self._cond.notify_all()
         for item in waiting:

@@ -1,11 +1,6 @@
-"""Pure batch packing: which waiting inputs go into the next forward pass, and how they are padded.
-
-A batch costs `len(batch) * longest` token slots (padding included). We always serve the oldest
-waiting input (no starvation) and surround it with the inputs closest to it in length, choosing the
-window that embeds the most real tokens among those that fit the budget and waste at most
-`max_padding` of their real tokens on padding. A request's last waiting input is never overtaken by a
-younger request's input: it is what its caller waits for (design note 30). A batch also fits the memory
-that is free for it, by the model's memory estimate (scheduler.memory, design note 32)."""
+"""Pure batch packing over plain values (`Waiting`: arrival order, length, caller; never the batcher's
+items): which waiting inputs form the next forward pass under the token, item, padding and memory limits
+(design notes 28, 30, 32), and how a batch is padded (`collate`)."""
 
 from __future__ import annotations
 
@@ -15,7 +10,6 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 from embedserve.scheduler.memory import MemoryModel
-from embedserve.types import WorkItem
 
 #: Padding slots allowed per real token in a batch (0.25: at most 20% of a batch is padding). On a GPU a
 #: forward pass costs about the same for a wide batch as for a narrow one, so filling it matters more
@@ -40,6 +34,16 @@ CPU_BATCH_TOKENS_PER_THREAD = 256
 #: On CPU the next batch never waits to fill: a waiting worker leaves its core idle, and filling matters
 #: little (above). Paired runs, 2 workers: online 140/s at 0 ms against 131/s at 2 ms, bulk +5%.
 CPU_BATCH_WAIT_MS = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """What packing knows of a waiting input: `seq` orders arrival (oldest first, unique), `length` is
+    its tokens, `caller` which request it belongs to (inputs with the same caller share one answer)."""
+
+    seq: int
+    length: int
+    caller: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,17 +86,20 @@ class MemoryRoom:
 
 
 def take_batch(
-    pending: Sequence[WorkItem],
+    pending: Sequence[Waiting],
     token_budget: int,
     max_items: int,
     max_padding: float = MAX_PADDING,
     *,
     protect_last: bool = False,
     memory: MemoryRoom | None = None,
-) -> tuple[list[WorkItem], list[WorkItem]]:
-    """Split `pending` into (next batch, the rest). The batch is never empty if `pending` is not,
-    unless the oldest input does not fit the memory room now (it waits for room; nothing overtakes
-    it); an input longer than the budget goes alone. `protect_last`: no input younger than a
+) -> tuple[list[Waiting], list[Waiting]]:
+    """Split `pending` into (next batch, the rest). A batch costs `len(batch) * longest` token slots
+    (padding included): the oldest waiting input always goes (no starvation), with the inputs closest to
+    it in length, in the window that embeds the most real tokens among those that fit the budget and
+    waste at most `max_padding` of their real tokens on padding. The batch is never empty if `pending`
+    is not, unless the oldest input does not fit the memory room now (it waits for room; nothing
+    overtakes it); an input longer than the budget goes alone. `protect_last`: no input younger than a
     request's last waiting input goes without it (on CPU, where each input added lengthens the pass)."""
     if not pending:
         return [], []
@@ -105,7 +112,7 @@ def take_batch(
     # The batch may hold inputs younger than a request's last waiting input only if it holds that
     # input too: try "everything older than the k-th such input, the k-1 before it included",
     # k = 1, 2, ..., while those k-1 fit in the best window, and keep the window with the most tokens.
-    best: list[WorkItem] = []
+    best: list[Waiting] = []
     best_real = 0
     position = {item.seq: i for i, item in enumerate(by_age)}
     for k, bound in enumerate([*last, None]):
@@ -122,12 +129,12 @@ def take_batch(
 
 
 def _best_window(
-    pending: Sequence[WorkItem],
+    pending: Sequence[Waiting],
     token_budget: int,
     max_items: int,
     max_padding: float,
     memory: MemoryRoom | None = None,
-) -> tuple[list[WorkItem], list[WorkItem]]:
+) -> tuple[list[Waiting], list[Waiting]]:
     """The batch around the oldest of `pending` (not empty; the oldest fits `memory`), and the
     rest."""
     ordered = sorted(pending, key=lambda item: (item.length, item.seq))  # by length, stable by age
@@ -166,10 +173,10 @@ def _best_window(
     return batch, rest
 
 
-def last_waiting(pending: Sequence[WorkItem], oldest: WorkItem) -> list[int]:
+def last_waiting(pending: Sequence[Waiting], oldest: Waiting) -> list[int]:
     """The `seq`s, oldest first, of the waiting inputs other than `oldest` that are the last their
     request still waits for: a younger input that goes before one of them makes its caller wait
     longer. (An input whose request has others waiting may be overtaken: its caller waits for those
     anyway.)"""
     waiting = Counter(item.caller for item in pending)
-    return sorted(item.seq for item in pending if item is not oldest and waiting[item.caller] == 1)
+    return sorted(item.seq for item in pending if item.seq != oldest.seq and waiting[item.caller] == 1)
