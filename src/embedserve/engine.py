@@ -184,6 +184,8 @@ class Engine:
             "instruction": instruction,
         }
         job = parse_embedding_request(payload, max_inputs=self.settings.max_inputs_per_request)
+        if not self.registry.ready and not self._closing:  # (the server's routes answer 503 instead)
+            await self.wait_loaded()  # an engine used without `async with` loads on its first call
         result = await self.run(job)
         return Embeddings(vectors=result.vectors, token_counts=result.token_counts, model=result.model_id)
 

@@ -195,6 +195,17 @@ def test_closing_lets_the_calls_in_flight_finish_and_refuses_new_ones() -> None:
     asyncio.run(run())
 
 
+def test_an_engine_used_without_async_with_loads_its_models_on_the_first_call() -> None:
+    async def run() -> tuple[int, int]:
+        engine = Engine.open(backends=fake_backends())
+        try:
+            return (await engine.embed(MODEL, ["loaded on demand", "x"])).vectors.shape
+        finally:
+            await engine.close()
+
+    assert asyncio.run(run()) == (2, 384)
+
+
 def test_a_model_that_fails_to_load_fails_the_engine_naming_it() -> None:
     def broken(spec: ModelSpec, settings: Settings) -> Backend:
         raise ModelLoadError("weights are corrupt (simulated)")
