@@ -34,7 +34,7 @@ from embedserve.protocol import (
     model_card,
     render_embeddings,
 )
-from embedserve.types import ANONYMOUS, Caller, Principal
+from embedserve.types import Caller, Principal
 from embedserve.validation import parse_embedding_request, parse_json
 
 
@@ -49,7 +49,11 @@ class AnyTextConvertor(PathConvertor):
 
 
 def _principal(request: Request) -> Principal:
-    return context_of(request).principal or ANONYMOUS
+    """The caller, as the route's `authenticate` dependency found it (never a default: fail closed)."""
+    principal = context_of(request).principal
+    if principal is None:
+        raise RuntimeError("an authenticated route ran without its authentication")
+    return principal
 
 
 #: The hot route: served by api.fastpath (no FastAPI dependency solving per request); registered here too,
