@@ -15,7 +15,7 @@ from openai import OpenAI
 
 import embedserve
 from conftest import API_KEY, MAX_TOKENS_PER_REQUEST
-from embedserve import Engine, Settings
+from embedserve import Engine, EngineSync, Settings
 from embedserve.backends.base import Backend
 from embedserve.backends.fake import FakeBackend, fake_backends
 from embedserve.errors import EmbedServeError, ModelLoadError, ModelNotFound, ShuttingDown
@@ -28,19 +28,12 @@ TEXTS = ["The cat sat on the mat.", "Embeddings map text to vectors.", "ünïcö
 
 
 @pytest.fixture(scope="module")
-def engine_like_server(models_file: Path) -> Iterator[Engine]:
-    """An engine on the settings of the session's live server (less its keys), on one loop."""
-    loop = asyncio.new_event_loop()
-    engine = Engine(Settings(models_file=models_file, max_tokens_per_request=MAX_TOKENS_PER_REQUEST))
-    loop.run_until_complete(engine.__aenter__())
-    engine.loop = loop  # type: ignore[attr-defined]
-    yield engine
-    loop.run_until_complete(engine.close())
-    loop.close()
-
-
-def on_loop(engine: Engine, work: Any) -> Any:
-    return engine.loop.run_until_complete(work)  # type: ignore[attr-defined]
+def engine_like_server(models_file: Path) -> Iterator[EngineSync]:
+    """An engine on the settings of the session's live server (less its keys), called through the
+    blocking facade (the async Engine underneath is what is compared)."""
+    settings = Settings(models_file=models_file, max_tokens_per_request=MAX_TOKENS_PER_REQUEST)
+    with EngineSync(Engine(settings)) as engine:
+        yield engine
 
 
 # ---- the same answers as the HTTP route ---------------------------------------------------------------
@@ -56,12 +49,12 @@ def on_loop(engine: Engine, work: Any) -> Any:
     ],
 )
 def test_vectors_and_token_counts_equal_the_http_routes(
-    engine_like_server: Engine, client: OpenAI, model: str, options: dict[str, Any]
+    engine_like_server: EngineSync, client: OpenAI, model: str, options: dict[str, Any]
 ) -> None:
     extra = {"input_type": options["input_type"]} if "input_type" in options else None
     dims = {"dimensions": options["dimensions"]} if "dimensions" in options else {}
     http = client.embeddings.create(model=model, input=TEXTS, extra_body=extra, **dims)
-    result = on_loop(engine_like_server, engine_like_server.embed(model, TEXTS, **options))
+    result = engine_like_server.embed(model, TEXTS, **options)
     assert result.vectors.dtype == np.float32
     assert result.vectors.shape == (len(TEXTS), len(http.data[0].embedding))
     np.testing.assert_array_equal(result.vectors, np.asarray([d.embedding for d in http.data], np.float32))
@@ -71,13 +64,13 @@ def test_vectors_and_token_counts_equal_the_http_routes(
 
 
 def test_token_id_inputs_python_or_numpy_equal_the_http_routes(
-    engine_like_server: Engine, client: OpenAI
+    engine_like_server: EngineSync, client: OpenAI
 ) -> None:
     ids = [[101, 7592, 2088, 102], [101, 2088, 102]]
     http = client.embeddings.create(model=MODEL, input=ids)
     expected = np.asarray([d.embedding for d in http.data], np.float32)
     for given in (ids, [np.asarray(row) for row in ids], [tuple(row) for row in ids]):
-        result = on_loop(engine_like_server, engine_like_server.embed(MODEL, given))
+        result = engine_like_server.embed(MODEL, given)
         np.testing.assert_array_equal(result.vectors, expected)
         assert result.token_counts == (4, 3)
 
@@ -103,7 +96,7 @@ def test_token_id_inputs_python_or_numpy_equal_the_http_routes(
     ids=lambda v: repr(v)[:24],
 )
 def test_bad_inputs_raise_the_error_the_http_route_answers(
-    engine_like_server: Engine, server: LiveServer, model: str, inputs: Any, options: dict[str, Any]
+    engine_like_server: EngineSync, server: LiveServer, model: str, inputs: Any, options: dict[str, Any]
 ) -> None:
     response = httpx.post(
         f"{server.v1}/embeddings",
@@ -113,17 +106,14 @@ def test_bad_inputs_raise_the_error_the_http_route_answers(
     )
     assert 400 <= response.status_code < 500
     with pytest.raises(EmbedServeError) as raised:
-        on_loop(engine_like_server, engine_like_server.embed(model, inputs, **options))
+        engine_like_server.embed(model, inputs, **options)
     exc = raised.value
     assert (exc.status, exc.type, exc.code, exc.param, exc.message) == (
         response.status_code,
         *(response.json()["error"][k] for k in ("type", "code", "param", "message")),
     )
     # and the engine still serves
-    assert on_loop(engine_like_server, engine_like_server.embed(MODEL, "still here")).vectors.shape == (
-        1,
-        384,
-    )
+    assert engine_like_server.embed(MODEL, "still here").vectors.shape == (1, 384)
 
 
 # ---- batching and closing, on fake backends (the pipeline and tokenizers stay real) -----------------------
