@@ -4,7 +4,9 @@ go through it (the `gate` fixture in tests/conftest.py gives a fresh one)."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from collections.abc import Callable
 
 from embedserve.backends.base import Backend
@@ -17,6 +19,22 @@ GUARD_S = 60
 #: One forward pass at a time, so that a batch held at the gate holds the model and what comes next
 #: stays queued (a second worker would take it).
 ONE = {"model_workers": 1}
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    """Until `condition` holds, at most GUARD_S seconds (then the test fails saying `what`)."""
+    deadline = time.monotonic() + GUARD_S
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.02)
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """wait_until on an event loop: the loop keeps running while the test waits."""
+    deadline = time.monotonic() + GUARD_S
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        await asyncio.sleep(0.02)
 
 
 class Gate:

@@ -15,13 +15,12 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from test_backpressure import wait_until
 from test_operations import scrape, value
 
 from conftest import FamilyModels
 from embedserve.keys import KeyChanges, KeyStore, load_pepper
 from embedserve.settings import Settings
-from gates import ONE, Gate
+from gates import ONE, Gate, wait_until
 from support import LiveServer, ServerProcess, live_server, private_data_dir, server_process
 
 MODEL = "all-MiniLM-L6-v2"

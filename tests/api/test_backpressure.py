@@ -6,8 +6,6 @@ tests decide when a batch may run (it then runs for real)."""
 from __future__ import annotations
 
 import socket
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -15,7 +13,7 @@ import numpy as np
 import orjson
 
 from embedserve.settings import Settings
-from gates import ONE, Gate
+from gates import ONE, Gate, wait_until
 from support import LiveServer, live_server
 
 MODEL = "all-MiniLM-L6-v2"
@@ -29,13 +27,6 @@ def post(live: LiveServer, inputs: list[str]) -> httpx.Response:
 def queued(live: LiveServer) -> int:
     spec = live.state.engine.registry.catalog.resolve(MODEL)
     return live.state.engine.registry.runtime(spec).batcher.queue_depth()
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + GUARD_S
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.02)
 
 
 def ids_of(live: LiveServer, text: str) -> list[int]:

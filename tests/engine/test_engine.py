@@ -20,7 +20,7 @@ from embedserve.backends.base import Backend
 from embedserve.backends.fake import FakeBackend, fake_backends
 from embedserve.errors import EmbedServeError, ModelLoadError, ModelNotFound, ShuttingDown
 from embedserve.spec import ModelSpec
-from gates import GUARD_S, Gate
+from gates import GUARD_S, Gate, until
 from support import LiveServer
 
 MODEL = "all-MiniLM-L6-v2"
@@ -144,10 +144,7 @@ def test_concurrent_callers_are_batched_together_and_each_gets_its_own_vector() 
             assert await asyncio.to_thread(gate.entered.wait, GUARD_S)
             before = len(backend.batches)
             calls = asyncio.gather(*(engine.embed(MODEL, text) for text in texts))
-            for _ in range(GUARD_S * 100):  # until all are tokenized and queued for the model
-                if runtime.batcher.queued_tokens >= tokens:
-                    break
-                await asyncio.sleep(0.01)
+            await until(lambda: runtime.batcher.queued_tokens >= tokens, "all are queued for the model")
             gate.opened.set()
             results, _ = await asyncio.gather(calls, first)
             alone = [backend.reference(ids) for ids in runtime.tokenizer.encode_sync(texts)]

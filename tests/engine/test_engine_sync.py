@@ -4,7 +4,6 @@ calls are batched together), usable where an event loop already runs, closed onc
 from __future__ import annotations
 
 import asyncio
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 from embedserve import Engine, EngineSync
 from embedserve.backends.fake import FakeBackend, fake_backends
 from embedserve.errors import InvalidRequest, ShuttingDown
-from gates import GUARD_S, Gate
+from gates import GUARD_S, Gate, wait_until
 
 MODEL = "all-MiniLM-L6-v2"
 
@@ -29,8 +28,7 @@ def test_calls_from_many_threads_are_batched_together_and_equal_the_async_engine
             runtime = engine.engine.registry.runtime(engine.engine.catalog.resolve(MODEL))
             tokens = sum(len(ids) for ids in runtime.tokenizer.encode_sync(texts))
             rest = [threads.submit(engine.embed, MODEL, text) for text in texts]
-            while runtime.batcher.queued_tokens < tokens:  # all queued while the model is held
-                threading.Event().wait(0.01)
+            wait_until(lambda: runtime.batcher.queued_tokens >= tokens, "all are queued behind the held pass")
             gate.opened.set()
             results = [future.result(GUARD_S) for future in rest]
             first.result(GUARD_S)

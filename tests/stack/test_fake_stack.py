@@ -4,7 +4,6 @@ official client's vectors are the engine's, usage is billed per key, and bad inp
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -15,6 +14,7 @@ from openai import OpenAI
 
 from embedserve import Engine, Settings
 from embedserve.backends.fake import fake_backends
+from gates import wait_until
 from support import LiveServer, live_server, private_data_dir
 
 MODEL = "all-MiniLM-L6-v2"
@@ -68,22 +68,18 @@ def test_usage_is_recorded_for_the_key_and_a_refusal_bills_nothing(
         report = httpx.get(f"{fake_server.v1}/usage", params={"group_by": "key"}, headers=admin).json()
         return sum(row["prompt_tokens"] for row in report["data"] if row.get("key_name") == "fake-stack")
 
-    def settled(at_least: int) -> int:
-        """The key's billed tokens once the ledger has flushed at least `at_least` (every 50 ms), and
-        a few flushes after."""
-        for _ in range(200):
-            if billed() >= at_least:
-                break
-            time.sleep(0.05)
-        time.sleep(0.3)
+    def settled() -> int:
+        """The key's billed tokens once the ledger has written every record made so far (a record is
+        made before its response is sent)."""
+        wait_until(lambda: fake_server.state.ledger.pending == 0, "the ledger has flushed")
         return billed()
 
-    before = settled(0)
+    before = settled()
     sent = client.embeddings.create(model=MODEL, input="counted once").usage.prompt_tokens
     with pytest.raises(openai.RateLimitError) as refused:
         client.embeddings.create(model=MODEL, input="word " * 250)  # past the key's 200 tokens a minute
     assert refused.value.body["code"] == "rate_limit_exceeded"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError):
         client.embeddings.create(model=MODEL, input=[""])
-    assert settled(before + sent) == before + sent
+    assert settled() == before + sent
     assert client.embeddings.create(model=MODEL, input="still served").data
