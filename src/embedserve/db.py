@@ -1,10 +1,10 @@
 """The server's database behind one interface: SQLite (WAL, the default, a file in the data dir) or
 PostgreSQL (by URL, for replicas sharing keys and ledger; the `postgres` extra). SQL is written once with
-`?` placeholders; the schema is created on first use, an older one migrated in place. Blocking."""
+`?` placeholders; the schema (migrations.py) is created on first use, an older one migrated in place.
+Blocking."""
 
 from __future__ import annotations
 
-import re
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -13,50 +13,12 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from embedserve.errors import ConfigError, DatabaseUnavailable, ServiceUnavailable
+from embedserve.migrations import SCHEMA_VERSION, migrate
 
 Dialect = Literal["sqlite", "postgresql"]
 BUSY_TIMEOUT_S = 30.0  # how long a SQLite connection waits for another one's lock
-SCHEMA_VERSION = 2  # 2: usage_records.record_id (design note 35)
 SQLITE_FILE = "embedserve.db"
 _PG_SCHEMA_LOCK = 0x656D6265  # pg_advisory_xact_lock key: replicas starting together create it once
-
-_TABLES = """
-CREATE TABLE IF NOT EXISTS embedserve_meta (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    schema_version INTEGER NOT NULL,
-    keys_version BIGINT NOT NULL,          -- bumped by every change to api_keys: servers poll it
-    pepper_check TEXT                      -- HMAC(pepper, constant): catches a pepper that differs
-);
-CREATE TABLE IF NOT EXISTS api_keys (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    prefix TEXT NOT NULL,                  -- the first characters of the key, for listings and logs
-    key_hash TEXT NOT NULL UNIQUE,         -- hex HMAC-SHA256(pepper, key), never the key
-    models TEXT,                           -- JSON array of model names, NULL for every model
-    rpm INTEGER,
-    tpm INTEGER,
-    expires_at DOUBLE PRECISION,           -- unix seconds, NULL for never
-    admin INTEGER NOT NULL,
-    created_at DOUBLE PRECISION NOT NULL,
-    revoked_at DOUBLE PRECISION
-);
-CREATE TABLE IF NOT EXISTS usage_records (
-    id {id_column},
-    key_id TEXT NOT NULL,
-    model TEXT NOT NULL,
-    prompt_tokens INTEGER NOT NULL,
-    inputs INTEGER NOT NULL,
-    request_id TEXT NOT NULL,
-    created_at DOUBLE PRECISION NOT NULL,  -- unix seconds, when the response was ready
-    latency_ms DOUBLE PRECISION NOT NULL,
-    price_per_million DOUBLE PRECISION NOT NULL,  -- the model's price when it was used
-    record_id TEXT                         -- made by the server, unique; NULL only in rows from version 1
-);
-CREATE INDEX IF NOT EXISTS usage_records_created_at ON usage_records (created_at);
-CREATE INDEX IF NOT EXISTS usage_records_key_created_at ON usage_records (key_id, created_at);
-INSERT INTO embedserve_meta (id, schema_version, keys_version) VALUES (1, {version}, 0)
-    ON CONFLICT (id) DO NOTHING;
-"""
 
 
 class Cursor(Protocol):
@@ -80,36 +42,6 @@ class Database(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-#: Version -> what brings a database of that version to the next (run under the schema lock).
-_MIGRATIONS: dict[int, tuple[str, ...]] = {
-    1: ("ALTER TABLE usage_records ADD COLUMN record_id TEXT",),
-}
-#: Created once the table has its latest columns: a replayed or retried record is written once at most.
-_INDEXES = ("CREATE UNIQUE INDEX IF NOT EXISTS usage_records_record_id ON usage_records (record_id)",)
-
-
-def _statements(script: str) -> list[str]:
-    return [s for s in re.sub(r"--[^\n]*", "", script).split(";") if s.strip()]
-
-
-def _set_up(tx: Cursor, id_column: str) -> None:
-    """Create what is missing, then migrate an older schema in place, in the caller's transaction (which
-    holds the schema lock, so replicas starting together migrate once). A newer schema is left alone for
-    check_schema_version to refuse."""
-    for statement in _statements(_TABLES.format(id_column=id_column, version=SCHEMA_VERSION)):
-        tx.execute(statement)
-    ((version,),) = tx.fetchall("SELECT schema_version FROM embedserve_meta WHERE id = 1")
-    if version > SCHEMA_VERSION:
-        return
-    for step in range(version, SCHEMA_VERSION):
-        for statement in _MIGRATIONS[step]:
-            tx.execute(statement)
-    for statement in _INDEXES:
-        tx.execute(statement)
-    if version != SCHEMA_VERSION:
-        tx.execute("UPDATE embedserve_meta SET schema_version = ? WHERE id = 1", (SCHEMA_VERSION,))
 
 
 def _unavailable(where: str, exc: Exception) -> DatabaseUnavailable:
@@ -194,7 +126,7 @@ class SqliteDatabase:
         try:
             self._enter_wal(conn)
             conn.execute("BEGIN IMMEDIATE")  # the schema lock: one process creates or migrates
-            _set_up(_SqliteCursor(conn), id_column="INTEGER PRIMARY KEY")
+            migrate(_SqliteCursor(conn), id_column="INTEGER PRIMARY KEY")
             conn.execute("COMMIT")
         except sqlite3.OperationalError as exc:
             raise _unreachable(f"cannot set up the database {self.where}: {exc}") from None
@@ -310,7 +242,7 @@ class PostgresDatabase:
         try:
             with self.transaction() as tx:
                 tx.execute(f"SELECT pg_advisory_xact_lock({_PG_SCHEMA_LOCK})")
-                _set_up(tx, id_column="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY")
+                migrate(tx, id_column="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY")
         except ServiceUnavailable as exc:
             raise _unreachable(f"cannot set up the database {self.where}: {exc.message}") from None
 

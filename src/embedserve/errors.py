@@ -117,6 +117,20 @@ class KeyNotFound(EmbedServeError):
     code = "key_not_found"
 
 
+class FileNotFound(EmbedServeError):
+    """No file of that id that the key may see (another key's file is not found, never forbidden)."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "file_not_found"
+
+
+class BatchNotFound(EmbedServeError):
+    status = 404
+    type = "invalid_request_error"
+    code = "batch_not_found"
+
+
 class MethodNotAllowed(EmbedServeError):
     status = 405
     type = "invalid_request_error"
@@ -127,6 +141,15 @@ class PayloadTooLarge(EmbedServeError):
     status = 413
     type = "invalid_request_error"
     code = "payload_too_large"
+
+
+class Conflict(EmbedServeError):
+    """The object's state forbids the call: cancelling a batch that has ended, deleting a file that a
+    running batch reads."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
 
 
 class RateLimitExceeded(EmbedServeError):
@@ -207,6 +230,22 @@ class ShuttingDown(ServiceUnavailable):
 class DatabaseUnavailable(ServiceUnavailable):
     """The key store and usage ledger's database cannot be reached or opened (a server answers 503
     `service_unavailable` on the routes that need it; the CLI exits 1)."""
+
+
+class InsufficientStorage(EmbedServeError):
+    """The file store's disk is full (or down to its reserve, --files-min-free): an upload is refused and
+    whatever it had written removed. A "come back later" (Retry-After), not a fault of ours."""
+
+    status = 507
+    type = "server_error"
+    code = "insufficient_storage"
+
+    def __init__(self, message: str, *, retry_after_s: int = 60, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 # ---- refused by the HTTP layer before the request reaches the app ---------------------------------

@@ -22,6 +22,7 @@ _TEXTS = ("key_id", "model", "request_id", "record_id")
 _COUNTS = ("prompt_tokens", "inputs")
 _NUMBERS = ("created_at", "latency_ms", "price_per_million")
 _FIELDS = frozenset(_TEXTS + _COUNTS + _NUMBERS)
+_OPTIONAL = frozenset({"batch_id"})  # a text or null; absent from the lines of a journal before batches
 
 
 def encode_record(record: UsageRecord) -> bytes:
@@ -32,8 +33,10 @@ def encode_record(record: UsageRecord) -> bytes:
 def decode_record(line: bytes) -> UsageRecord:
     """A journal line -> its record; ValueError for anything else (a line torn by a crash, an edit)."""
     doc: Any = json.loads(line)  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-    if not isinstance(doc, dict) or set(doc) != _FIELDS:
+    if not isinstance(doc, dict) or not _FIELDS <= set(doc) <= _FIELDS | _OPTIONAL:
         raise ValueError("not a usage record")
+    if not (doc.get("batch_id") is None or (isinstance(doc["batch_id"], str) and doc["batch_id"])):
+        raise ValueError("batch_id is not a non-empty string or null")
     for name in _TEXTS:
         if not isinstance(doc[name], str) or not doc[name]:
             raise ValueError(f"{name} is not a non-empty string")

@@ -255,6 +255,61 @@ class Settings(BaseSettings):
         ),
     )
 
+    # ---- files and batches (the Batch API)
+    files_dir: Path | None = Field(
+        None,
+        description="where uploaded files and batch outputs are kept",
+        json_schema_extra=_flag("batch", metavar="PATH", default="<data-dir>/files"),
+    )
+    max_file_bytes: Annotated[int, BeforeValidator(parse_size)] = Field(
+        200 * 1000**2,
+        ge=1,
+        description="largest uploaded file (413 as soon as an upload passes it), e.g. 200MB",
+        json_schema_extra=_flag("batch", metavar="SIZE", default="200000000, 200 MB"),
+    )
+    files_min_free: Annotated[int, BeforeValidator(parse_size)] = Field(
+        256 * 1024**2,
+        ge=0,
+        description="free space an upload must leave on the files' disk (507 before it would not)",
+        json_schema_extra=_flag("batch", metavar="SIZE", default="268435456, 256 MiB"),
+    )
+    file_expiry: float = Field(
+        30 * 86400.0,
+        gt=0,
+        description="uploaded files and batch outputs are removed this long after they are created",
+        json_schema_extra=_flag("batch", metavar="SECONDS", default="2592000, 30 days"),
+    )
+    batch_max_requests: int = Field(
+        50_000,
+        ge=1,
+        description="lines of a batch's input file",
+        json_schema_extra=_flag("batch", metavar="N"),
+    )
+    batch_max_inputs: int = Field(
+        50_000,
+        ge=1,
+        description="embedding inputs of a batch's lines together",
+        json_schema_extra=_flag("batch", metavar="N"),
+    )
+    batch_window: float = Field(
+        86400.0,
+        gt=0,
+        description='how long a batch\'s "24h" completion window really is; past it the batch expires',
+        json_schema_extra=_flag("batch", metavar="SECONDS", default="86400, 24 hours"),
+    )
+    batch_max_queued_tokens: int = Field(
+        50_000_000,
+        ge=1,
+        description="tokens a key's unfinished batches may hold (a batch beyond fails validation)",
+        json_schema_extra=_flag("batch", metavar="N"),
+    )
+    sweep_interval: float = Field(
+        60.0,
+        gt=0,
+        description="how often expired batches and files are looked for",
+        json_schema_extra=_flag("batch", metavar="SECONDS"),
+    )
+
     # ---- HTTP
     host: str = Field("127.0.0.1", description="listen address", json_schema_extra=_flag("http"))
     port: int = Field(8000, ge=0, le=65535, description="listen port", json_schema_extra=_flag("http"))
@@ -301,6 +356,10 @@ class Settings(BaseSettings):
                 "fits no queue could never be served"
             )
         return self
+
+    @property
+    def files_path(self) -> Path:
+        return self.files_dir or self.data_dir / "files"
 
     @property
     def usage_journal_path(self) -> Path:

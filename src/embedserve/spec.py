@@ -52,6 +52,15 @@ class ModelSpec:
     device: DeviceName = "auto"
     quantize: Quantize | None = None
     price_per_million_input_tokens: float = 0.0
+    batch_price_per_million_input_tokens: float | None = None  # None: half the online price
+
+    @property
+    def batch_price(self) -> float:
+        """What a batch line is billed per million input tokens."""
+        if self.batch_price_per_million_input_tokens is None:
+            return self.price_per_million_input_tokens / 2
+        return self.batch_price_per_million_input_tokens
+
     tiktoken_ids: TiktokenName | None = None  # token ids not the model's own are read as this encoding's
     owned_by: str = "embedserve"
     created: int = 0

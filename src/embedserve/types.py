@@ -22,6 +22,8 @@ EncodingFormat = Literal["float", "base64"]
 #: tiktoken encodings whose token ids a model may accept (tiktoken_ids).
 TiktokenName = Literal["cl100k_base", "o200k_base"]
 ModelStatus = Literal["loading", "ready", "failed"]
+#: Who waits for an input: a client of the online API, or a batch job that fills idle capacity.
+WorkClass = Literal["online", "batch"]
 FloatMatrix = npt.NDArray[np.float32]
 #: One ONNX session input: tensor name -> array (input_ids, attention_mask).
 Feeds = Mapping[str, np.ndarray]
@@ -73,7 +75,8 @@ def new_record_id() -> str:
 
 @dataclass(frozen=True, slots=True)
 class UsageRecord:
-    """One successful /v1/embeddings request, as the ledger keeps it (keyed by key id, never the key)."""
+    """One successful /v1/embeddings request or batch line, as the ledger keeps it (keyed by key id, never
+    the key)."""
 
     key_id: str
     model: str  # the served id (aliases are resolved)
@@ -85,6 +88,9 @@ class UsageRecord:
     price_per_million: float  # the model's price per million input tokens at the time
     #: Made here, unique: what makes a retried or replayed write count once (clients reuse request ids).
     record_id: str = field(default_factory=new_record_id)
+    #: The batch whose line this was (None: an online request). A batch line's record id is derived from
+    #: the batch and the line, so that a line run again after a crash is billed once.
+    batch_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,7 @@ RETRY_PAUSE_S = (0.05, 1.0)  # shutdown retries: the first pause, doubled up to 
 FIRST_TRY_S = 1.0  # the shutdown's first write may take this long even when the drain used the grace
 _INSERT = (
     "INSERT INTO usage_records (key_id, model, prompt_tokens, inputs, request_id, created_at, "
-    "latency_ms, price_per_million, record_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "latency_ms, price_per_million, record_id, batch_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (record_id) DO NOTHING"
 )
 

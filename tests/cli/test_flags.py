@@ -51,6 +51,15 @@ SERVE_FLAGS = {
     "--max-queued-inputs": "max_queued_inputs",
     "--max-queue-wait": "max_queue_wait",
     "--max-batch-memory": "max_batch_memory",
+    "--files-dir": "files_dir",
+    "--max-file-bytes": "max_file_bytes",
+    "--files-min-free": "files_min_free",
+    "--file-expiry": "file_expiry",
+    "--batch-max-requests": "batch_max_requests",
+    "--batch-max-inputs": "batch_max_inputs",
+    "--batch-window": "batch_window",
+    "--batch-max-queued-tokens": "batch_max_queued_tokens",
+    "--sweep-interval": "sweep_interval",
     "--host": "host",
     "--port": "port",
     "--shutdown-grace": "shutdown_grace",
@@ -92,6 +101,15 @@ SAMPLES: dict[str, tuple[list[str], Any]] = {
     "max_queued_inputs": (["--max-queued-inputs", "4096"], 4096),
     "max_queue_wait": (["--max-queue-wait", "2"], 2.0),
     "max_batch_memory": (["--max-batch-memory", "2GiB"], 2 * 1024**3),
+    "files_dir": (["--files-dir", "/srv/files"], Path("/srv/files")),
+    "max_file_bytes": (["--max-file-bytes", "1GiB"], 1024**3),
+    "files_min_free": (["--files-min-free", "0"], 0),
+    "file_expiry": (["--file-expiry", "3600"], 3600.0),
+    "batch_max_requests": (["--batch-max-requests", "10"], 10),
+    "batch_max_inputs": (["--batch-max-inputs", "20"], 20),
+    "batch_window": (["--batch-window", "5"], 5.0),
+    "batch_max_queued_tokens": (["--batch-max-queued-tokens", "1000"], 1000),
+    "sweep_interval": (["--sweep-interval", "0.5"], 0.5),
     "host": (["--host", "0.0.0.0"], "0.0.0.0"),
     "port": (["--port", "9001"], 9001),
     "shutdown_grace": (["--shutdown-grace", "0"], 0.0),
@@ -227,7 +245,7 @@ def test_every_serve_flag_has_help_that_shows_its_default() -> None:
         if isinstance(value, bool):
             assert text == ("on" if value else "off"), flag
         elif isinstance(value, int | float | str):  # the value itself, perhaps with a gloss after a comma
-            assert text.split(",")[0] == (f"{value:g}" if isinstance(value, float) else str(value)), flag
+            assert text.split(",")[0] == (f"{value:.15g}" if isinstance(value, float) else str(value)), flag
         elif isinstance(value, Path):
             assert str(value) in text, flag
         else:

@@ -1,6 +1,6 @@
-"""The schema on a real database, SQLite and PostgreSQL alike: a version-1 database (as the previous
-release made it) is migrated in place on first open, once even when several processes open it together,
-keeping its records; a newer one is refused and left alone."""
+"""The schema on a real database, SQLite and PostgreSQL alike: a version-1 or version-2 database (as
+earlier releases made them) is migrated in place on first open, once even when several processes open it
+together, keeping its keys and records; a newer one is refused and left alone."""
 
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def test_a_version_1_database_is_migrated_once_by_processes_opening_it_together_
     for thread in threads:
         thread.join(60)
     assert results == ["ok"] * 4
-    assert columns(storage)[-1] == "record_id"
+    assert columns(storage)[-2:] == ["record_id", "batch_id"]
     db = storage.open()
     try:
         with db.transaction(write=False) as tx:
@@ -139,3 +139,64 @@ def test_a_database_newer_than_this_release_is_refused_and_left_alone(storage: S
                 )
             ]
     assert "record_id" not in names
+
+
+#: Version 2 as the release before the Batch API made it, with a key and usage in it.
+V2_DATA = """
+ALTER TABLE usage_records ADD COLUMN record_id TEXT;
+CREATE UNIQUE INDEX usage_records_record_id ON usage_records (record_id);
+INSERT INTO api_keys (id, name, prefix, key_hash, models, rpm, tpm, expires_at, admin, created_at,
+    revoked_at) VALUES ('key_v2', 'ops', 'es-abc', 'aa11', NULL, 60, NULL, NULL, 1, 1.7e9, NULL);
+UPDATE embedserve_meta SET keys_version = 7, pepper_check = 'check';
+INSERT INTO usage_records (key_id, model, prompt_tokens, inputs, request_id, created_at, latency_ms,
+    price_per_million, record_id) VALUES ('key_v2', 'm', 40, 1, 'r2', 1.7e9, 1.0, 0.5, 'rec-v2')
+"""
+
+
+def test_a_version_2_database_upgraded_in_place_keeps_its_keys_and_ledger_and_gains_the_batch_tables(
+    storage: Storage,
+) -> None:
+    make_old_database(storage, version=2)
+    if storage.url is None:
+        lite = sqlite3.connect(storage.data_dir / SQLITE_FILE)
+        lite.executescript(V2_DATA)
+        lite.close()
+    else:
+        import psycopg
+
+        with psycopg.connect(storage.url, autocommit=True) as conn:
+            for statement in V2_DATA.split(";"):
+                conn.execute(statement)
+    db = storage.open()
+    try:
+        with db.transaction(write=False) as tx:
+            assert tx.fetchall("SELECT schema_version, keys_version, pepper_check FROM embedserve_meta") == [
+                (SCHEMA_VERSION, 7, "check")
+            ]
+            assert tx.fetchall("SELECT id, name, rpm, admin FROM api_keys") == [("key_v2", "ops", 60, 1)]
+            for table in ("files", "batches", "batch_requests"):
+                assert tx.fetchall(f"SELECT COUNT(*) FROM {table}") == [(0,)]
+        assert report(db, UsageQuery())["total"] == {
+            "requests": 3,
+            "inputs": 4,
+            "prompt_tokens": 340,
+            "cost": 40 * 0.5 / 1_000_000,
+        }
+        again = UsageRecord(
+            key_id="key_v2",
+            model="m",
+            prompt_tokens=40,
+            inputs=1,
+            request_id="r2",
+            created_at=1.7e9,
+            latency_ms=1.0,
+            price_per_million=0.5,
+            record_id="rec-v2",
+            batch_id="batch_x",
+        )
+        assert write_records(db, [again]) == 0  # its record id survived the upgrade, unique as before
+    finally:
+        db.close()
+    db = storage.open()  # a second start finds nothing to migrate
+    db.close()
+    assert columns(storage)[-2:] == ["record_id", "batch_id"]

@@ -8,9 +8,16 @@ import pytest
 from starlette.exceptions import HTTPException
 
 import embedserve.errors as errors_module
-from embedserve.api.errors import error_body, error_response, from_http_exception, internal_error
+from embedserve.api.errors import (
+    answer_error,
+    error_body,
+    error_response,
+    from_http_exception,
+    internal_error,
+)
 from embedserve.errors import (
     EmbedServeError,
+    InsufficientStorage,
     InternalError,
     InvalidRequest,
     MethodNotAllowed,
@@ -23,7 +30,7 @@ from embedserve.errors import (
 
 # 408 / 431: the connection guard refuses a slow or oversized request head; 499: the client left (only
 # the access log and the metrics ever see it).
-ALLOWED_STATUSES = {400, 401, 403, 404, 405, 408, 413, 429, 431, 499, 500, 503}
+ALLOWED_STATUSES = {400, 401, 403, 404, 405, 408, 409, 413, 429, 431, 499, 500, 503, 507}
 
 
 def all_subclasses(cls: type) -> list[type]:
@@ -92,13 +99,24 @@ def test_service_unavailable_responses_carry_retry_after(cls: type[ServiceUnavai
     assert explicit.headers["retry-after"] == "7"
 
 
+def test_a_full_disk_is_507_with_retry_after_and_never_the_generic_500() -> None:
+    response = answer_error(InsufficientStorage("disk full"), "req-1")
+    assert response.status_code == 507
+    assert response.headers["retry-after"] == "60"
+    assert orjson.loads(response.body)["error"]["code"] == "insufficient_storage"
+
+
 def test_model_not_ready_is_a_service_unavailable() -> None:
     assert issubclass(ModelNotReady, ServiceUnavailable)
 
 
 @pytest.mark.parametrize(
     "cls",
-    [c for c in ERROR_CLASSES if not issubclass(c, ServiceUnavailable | RateLimitExceeded)],
+    [
+        c
+        for c in ERROR_CLASSES
+        if not issubclass(c, ServiceUnavailable | RateLimitExceeded | InsufficientStorage)
+    ],
     ids=lambda cls: cls.__name__,
 )
 def test_other_errors_carry_no_retry_after(cls: type[EmbedServeError]) -> None:

@@ -84,6 +84,7 @@ def read_spec(entry: ModelEntry, folder: Path) -> ModelSpec:
         device=entry.device,
         quantize=entry.quantize,
         price_per_million_input_tokens=entry.price_per_million_input_tokens,
+        batch_price_per_million_input_tokens=entry.batch_price_per_mtok,
         tiktoken_ids=entry.tiktoken_ids,
         owned_by=owner(entry.source),
         created=int(time.time()),

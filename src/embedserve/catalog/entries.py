@@ -79,6 +79,10 @@ class ModelEntry(BaseModel):
     price_per_million_input_tokens: Annotated[
         float, Field(strict=True, ge=0, allow_inf_nan=False, description="a number >= 0")
     ] = 0.0
+    # A batch line's price (the Batch API's discount); None: half the online price.
+    batch_price_per_mtok: Annotated[
+        float | None, Field(strict=True, ge=0, allow_inf_nan=False, description="a number >= 0")
+    ] = None
     tiktoken_ids: TiktokenName | None = None  # None: the server's --tiktoken-ids
 
 

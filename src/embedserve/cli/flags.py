@@ -33,6 +33,7 @@ GROUPS = {
     "storage": "storage (the key store and the usage ledger)",
     "limits": "request limits",
     "batching": "batching and backpressure",
+    "batch": "files and batches (the Batch API)",
     "http": "HTTP server",
     "logging": "logging",
 }
@@ -64,7 +65,7 @@ def _default_text(info: FieldInfo) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, float):
-        return f"{value:g}"
+        return f"{value:.15g}"  # (never an exponent: 2592000, not 2.592e+06)
     return str(value)
 
 
@@ -84,6 +85,8 @@ def _argument(field: str, info: FieldInfo) -> dict[str, Any]:
     if "metavar" in _extra(info):
         kwargs["metavar"] = _extra(info)["metavar"]
     kind: Any = info.annotation
+    if any(isinstance(m, BeforeValidator) for m in info.metadata):  # pydantic's place for a bare Annotated
+        return kwargs
     if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None: the flag gives an X
         (kind,) = [arm for arm in typing.get_args(kind) if arm is not type(None)]
     if typing.get_origin(kind) is Annotated:
