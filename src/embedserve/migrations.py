@@ -77,8 +77,6 @@ CREATE TABLE IF NOT EXISTS batches (
     failed INTEGER NOT NULL,
     input_tokens BIGINT NOT NULL,
     queued_tokens BIGINT NOT NULL,         -- upper bound of the tokens still to embed (per-key limit)
-    claimed_by TEXT,                       -- the worker running it, until claimed_until (unix seconds)
-    claimed_until DOUBLE PRECISION,
     created_at BIGINT NOT NULL,
     in_progress_at BIGINT,
     expires_at BIGINT NOT NULL,
@@ -98,6 +96,7 @@ CREATE TABLE IF NOT EXISTS batch_requests (
     byte_offset BIGINT NOT NULL,           -- where the line starts in the input file
     byte_length INTEGER NOT NULL,
     inputs INTEGER NOT NULL,
+    token_bound BIGINT NOT NULL,           -- most tokens its inputs can make (the per-key batch limit)
     state TEXT NOT NULL,                   -- pending | completed | failed
     PRIMARY KEY (batch_id, line)
 );

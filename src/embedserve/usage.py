@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import astuple, dataclass
 from typing import Any, Literal, cast, get_args
 
-from embedserve.db import Database
+from embedserve.db import Cursor, Database
 from embedserve.errors import InvalidRequest, InvalidType
 from embedserve.health import Health
 from embedserve.journal import Replayed, UsageJournal
@@ -31,11 +31,19 @@ _INSERT = (
 )
 
 
+def insert_records(tx: Cursor, records: Sequence[UsageRecord]) -> int:
+    """In the caller's transaction (a batch's progress commits its lines' usage with it). A record whose
+    id the ledger already has is skipped. -> how many were new."""
+    if not records:
+        return 0
+    return tx.executemany(_INSERT, [astuple(record) for record in records])
+
+
 def write_records(db: Database, records: Sequence[UsageRecord]) -> int:
     """Blocking: one transaction for the whole batch. A record whose id the ledger already has is skipped:
     a retry of a write that committed unseen, or a journal replayed again. -> how many were new."""
     with db.transaction() as tx:
-        return tx.executemany(_INSERT, [astuple(record) for record in records])
+        return insert_records(tx, records)
 
 
 def replay_journal(db: Database, journal: UsageJournal) -> Replayed:

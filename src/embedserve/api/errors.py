@@ -55,13 +55,24 @@ def from_http_exception(exc: StarletteHTTPException, method: str, path: str) -> 
     return InternalError(str(exc.detail))
 
 
-def answer_error(exc: EmbedServeError, request_id: str) -> Response:
-    """The response for an EmbedServeError raised while serving a request: its own, except for a fault
-    of ours (5xx without Retry-After), which is logged and answered with the generic 500."""
+def answered(exc: EmbedServeError, request_id: str) -> EmbedServeError:
+    """The error a client is shown: its own, except for a fault of ours (5xx without Retry-After), which
+    is logged and shown as the generic 500."""
     if exc.status >= 500 and not exc.headers():  # a fault of ours, not a "come back later"
         log.error("request failed: %s", exc.message, exc_info=exc)
-        return error_response(internal_error(request_id))
-    return error_response(exc)
+        return internal_error(request_id)
+    return exc
+
+
+def answer_error(exc: EmbedServeError, request_id: str) -> Response:
+    """The response for an EmbedServeError raised while serving a request."""
+    return error_response(answered(exc, request_id))
+
+
+def batch_line_error(exc: EmbedServeError, request_id: str) -> tuple[int, bytes]:
+    """A batch line's failure as its own POST /v1/embeddings would have answered it: (status, body)."""
+    shown = answered(exc, request_id)
+    return shown.status, error_body(shown)
 
 
 def install_error_handlers(app: FastAPI) -> None:

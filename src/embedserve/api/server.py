@@ -334,8 +334,10 @@ class EmbedServer(uvicorn.Server):
         self._drain_task = self._loop.create_task(self.drain(state))
 
     async def drain(self, state: AppState) -> None:
-        """Wait for in-flight requests (at most the grace period), then let uvicorn shut down."""
+        """Wait for in-flight requests (at most the grace period), then let uvicorn shut down. The batch
+        runner takes no new line from now on (AppState.close waits for those in flight)."""
         state.draining = True
+        state.batches.stop()
         try:
             await asyncio.wait_for(state.idle.wait(), self._grace)
         except TimeoutError:

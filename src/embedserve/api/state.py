@@ -11,11 +11,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from embedserve.api.errors import batch_line_error
 from embedserve.backends.factory import BackendFactory
 from embedserve.backends.memory import trim
+from embedserve.batches.runner import BatchRunner
+from embedserve.batches.store import BatchStore
+from embedserve.batches.sweeper import sweep_forever
 from embedserve.catalog import Catalog
 from embedserve.db import Database, open_database
 from embedserve.engine import Engine
+from embedserve.files.store import FileStore
 from embedserve.journal import UsageJournal
 from embedserve.keys.ring import KeyRing
 from embedserve.keys.secret import load_pepper
@@ -41,12 +46,17 @@ class AppState:
     ledger: UsageLedger
     embeddings: MeteredEmbeddings
     metrics: Metrics
+    files: FileStore
+    batch_store: BatchStore
+    batches: BatchRunner
     #: When the drain began (monotonic seconds), None while serving; see `draining`.
     drain_started: float | None = None
     #: Requests being served (probes and /metrics excluded); `idle` is set whenever it is 0.
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    #: The batch runner's task: stopped first at shutdown, so that its lines in flight are committed.
+    runner: asyncio.Task[None] | None = None
     #: A heap trim is running (after a large request; one at a time), and whether another large
     #: request finished meanwhile (its pages may have been freed after the running trim passed them).
     trimming: bool = False
@@ -143,6 +153,22 @@ class AppState:
         engine = Engine(settings, catalog, backends=backends, metrics=metrics)
         limiter = RateLimiter()
         ledger = UsageLedger(db, settings.usage_flush_interval, journal)
+        files = FileStore(
+            db,
+            settings.files_path,
+            max_bytes=settings.max_file_bytes,
+            min_free=settings.files_min_free,
+            expiry_s=settings.file_expiry,
+        )
+        batch_store = BatchStore(db)
+        runner = BatchRunner(
+            batch_store,
+            files,
+            engine,
+            settings,
+            principal_of=keys.principal_of,
+            render_error=batch_line_error,
+        )
         return cls(
             settings=settings,
             engine=engine,
@@ -153,27 +179,45 @@ class AppState:
             ledger=ledger,
             metrics=metrics,
             embeddings=MeteredEmbeddings(engine, limiter, ledger, metrics),
+            files=files,
+            batch_store=batch_store,
+            batches=runner,
         )
 
     def start(self) -> None:
         """Begin loading the models, refreshing the keys and flushing the ledger, in the background."""
         self.engine.start()
+        settings = self.settings
         self.tasks += [
             asyncio.create_task(self.keys.run(), name="refresh-keys"),
             asyncio.create_task(self.ledger.run(), name="flush-usage"),
+            asyncio.create_task(
+                sweep_forever(
+                    self.files,
+                    self.batch_store,
+                    interval_s=settings.sweep_interval,
+                    keep_s=settings.file_expiry,
+                ),
+                name="sweep",
+            ),
         ]
+        self.runner = asyncio.create_task(self.batches.run(), name="run-batches")
 
     async def close(self) -> int:
         """-> the usage records lost (0 unless the database and the journal both failed). The ledger
         gets until `shutdown_grace` after the drain began (after now without a drain): the whole
         shutdown stays within the one grace a supervisor is told about (design note 35)."""
+        began = time.monotonic() if self.drain_started is None else self.drain_started
+        deadline = began + self.settings.shutdown_grace
+        if self.runner is not None:  # its lines in the engine finish and are committed; the rest resume
+            self.batches.stop()
+            await asyncio.wait([self.runner], timeout=max(0.0, deadline - time.monotonic()))
+            self.tasks.append(self.runner)
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        began = time.monotonic() if self.drain_started is None else self.drain_started
-        deadline = began + self.settings.shutdown_grace
         await self.engine.close(grace=max(0.0, deadline - time.monotonic()))
         # After the last request: every record it made is pending.
         lost = await self.ledger.close(deadline=deadline)

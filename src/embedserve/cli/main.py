@@ -10,9 +10,10 @@ from collections.abc import Callable, Sequence
 from pydantic import ValidationError
 
 from embedserve import __version__
-from embedserve.cli import keys, models, serve, usage
+from embedserve.cli import batches, keys, models, serve, usage
 from embedserve.cli.flags import settings_from
 from embedserve.errors import (
+    BatchNotFound,
     ConfigError,
     EmbedServeError,
     InvalidRequest,
@@ -24,7 +25,8 @@ from embedserve.settings import Settings
 
 DESCRIPTION = """\
 Command line: flags -> Settings, then `serve` (the HTTP server), `models` (what would be served),
-`keys` (create, list, show, update, revoke API keys) or `usage` (reports from the ledger). Failures print
+`keys` (create, list, show, update, revoke API keys), `usage` (reports from the ledger) or `batches`
+(list, show, cancel Batch API batches). Failures print
 one line, never a traceback: exit 2 for a bad flag, setting, catalog or value, 1 for an unknown key id
 or a database that cannot be reached (and for a `serve` that lost usage records)."""
 
@@ -35,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="embedserve", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"embedserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (serve, models, keys, usage):
+    for command in (serve, models, keys, usage, batches):
         command.add_parser(sub)
     return parser
 
@@ -58,6 +60,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ModelLoadError, ConfigError, InvalidRequest) as exc:
         print(f"embedserve: error: {exc.message}", file=sys.stderr)
         return 2
-    except (KeyNotFound, ServiceUnavailable, EmbedServeError) as exc:
+    except (KeyNotFound, BatchNotFound, ServiceUnavailable, EmbedServeError) as exc:
         print(f"embedserve: error: {exc.message}", file=sys.stderr)
         return 1

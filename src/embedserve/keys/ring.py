@@ -109,6 +109,25 @@ class KeyRing:
                 if self.health.failed():
                     log.error("cannot refresh API keys, serving the last snapshot: %s", exc)
 
+    def principal_of(self, key_id: str) -> Principal:
+        """The key of this id as it stands now (a batch runs on its owner's account long after the
+        request that created it): AuthenticationFailed once it is unknown, revoked or expired."""
+        if key_id == ANONYMOUS.key_id and self.open:
+            return ANONYMOUS
+        for entry in (*self._static.values(), *self._managed.values()):
+            if entry.principal.key_id == key_id:
+                return self._check(entry)
+        raise AuthenticationFailed(f"The API key {key_id} that created this batch is unknown.")
+
+    def _check(self, entry: _Entry) -> Principal:
+        if entry.revoked:
+            raise AuthenticationFailed(f"The API key {entry.principal.prefix}... has been revoked.")
+        if entry.expires_at is not None and entry.expires_at <= self._clock():
+            raise AuthenticationFailed(
+                f"The API key {entry.principal.prefix}... expired at {iso(entry.expires_at)}."
+            )
+        return entry.principal
+
     def authenticate(self, key: str) -> Principal:
         """The presented Bearer key -> its Principal, or AuthenticationFailed."""
         if self.open:
@@ -117,10 +136,4 @@ class KeyRing:
         entry = self._static.get(digest) or self._managed.get(digest)
         if entry is None:
             raise AuthenticationFailed("Incorrect API key provided.")
-        if entry.revoked:
-            raise AuthenticationFailed(f"The API key {entry.principal.prefix}... has been revoked.")
-        if entry.expires_at is not None and entry.expires_at <= self._clock():
-            raise AuthenticationFailed(
-                f"The API key {entry.principal.prefix}... expired at {iso(entry.expires_at)}."
-            )
-        return entry.principal
+        return self._check(entry)

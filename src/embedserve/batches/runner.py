@@ -1,0 +1,497 @@
+"""The batch runner: takes the oldest unfinished batch, validates its input file, runs its lines through
+the engine as `batch` work (online inputs always go first: the batch fills idle capacity), and writes
+their output, exactly once across crashes and restarts (design note 48):
+
+- a line's result is appended to the output (or error) file, the file fsynced, and only then is the
+  line marked done in the database, in one transaction with the new committed length of each file and
+  the line's usage record (whose id is made of the batch id and the line: billed once however often
+  the line runs);
+- a run of a batch starts by cutting its files back to the committed lengths: whatever a crash left
+  beyond them belongs to lines still pending, which run again.
+
+One runner per files directory (an flock on it) runs batches one after another, in the order they came."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import functools
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+
+from embedserve.batches.lines import InputCheck, RequestLine, error_line, output_line
+from embedserve.batches.records import BatchError, BatchRecord, BatchStatus
+from embedserve.batches.store import BatchStore, LineDone
+from embedserve.engine import Engine
+from embedserve.errors import (
+    EmbedServeError,
+    InvalidJSON,
+    ModelLoadError,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    ShuttingDown,
+)
+from embedserve.files.records import FileRecord, new_file_id
+from embedserve.files.store import FileStore
+from embedserve.protocol import render_embeddings
+from embedserve.settings import Settings
+from embedserve.types import Principal, UsageRecord
+from embedserve.validation import parse_embedding_request
+
+log = logging.getLogger("embedserve.batches")
+
+#: Lines whose results wait in memory for the next commit, at most; and how long at most.
+COMMIT_LINES = 256
+COMMIT_INTERVAL_S = 0.5
+#: Inputs of the lines in the engine at once: enough to keep every model worker busy between commits,
+#: few enough that the online queue's bound and its wait are never this batch's (scheduler: batch work).
+INPUTS_IN_FLIGHT = 512
+READ_AHEAD_LINES = 64  # lines read from the input file per thread call
+LOCK_FILE = ".runner.lock"
+
+#: (the error, the line's request id) -> the status and body its own POST /v1/embeddings would answer.
+RenderError = Callable[[EmbedServeError, str], tuple[int, bytes]]
+#: A key id -> its Principal now (AuthenticationFailed once revoked or expired).
+PrincipalOf = Callable[[str], Principal]
+
+
+@dataclass
+class _Outputs:
+    """A running batch's output and error files, opened for appending past their committed lengths, and
+    what waits for the next commit."""
+
+    out: int
+    err: int
+    out_bytes: int
+    err_bytes: int
+    done: list[LineDone] = field(default_factory=list)
+    out_lines: list[bytes] = field(default_factory=list)
+    err_lines: list[bytes] = field(default_factory=list)
+
+    def close(self) -> None:
+        os.close(self.out)
+        os.close(self.err)
+
+
+class _Window:
+    """The inputs of the lines in the engine: a line waits while they would pass `limit` (a line alone
+    always goes, however many inputs it has)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._freed = asyncio.Event()
+
+    async def enter(self, inputs: int) -> None:
+        while self.used and self.used + inputs > self.limit:
+            self._freed.clear()
+            await self._freed.wait()
+        self.used += inputs
+
+    def leave(self, inputs: int) -> None:
+        self.used -= inputs
+        self._freed.set()
+
+
+def _leave(window: _Window, inputs: int, _: object) -> None:
+    window.leave(inputs)
+
+
+def _open_at(path: Path, committed: int) -> int:
+    """The file open for appending, cut back to its committed length (a torn or uncommitted write
+    beyond it is dropped: its lines are still pending)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    size = os.fstat(fd).st_size
+    if size > committed:
+        log.info(
+            "batch file %s: dropping %d bytes past the committed %d", path.name, size - committed, committed
+        )
+        os.ftruncate(fd, committed)
+        os.fsync(fd)
+    elif size < committed:  # never, unless the file was damaged: the committed lines are gone
+        os.close(fd)
+        raise RuntimeError(f"batch file {path} holds {size} bytes, fewer than the {committed} committed")
+    os.lseek(fd, 0, os.SEEK_END)
+    return fd
+
+
+def _append(fd: int, lines: list[bytes]) -> int:
+    """Blocking: append and fsync -> the file's new length."""
+    data = memoryview(b"".join(lines))
+    while data:
+        data = data[os.write(fd, data) :]
+    os.fsync(fd)
+    return os.fstat(fd).st_size
+
+
+def _read_lines(path: Path, lines: list[RequestLine]) -> list[bytes]:
+    with open(path, "rb") as file:
+        return [os.pread(file.fileno(), line.length, line.offset) for line in lines]
+
+
+def _check_file(path: Path, check: InputCheck) -> None:
+    """Blocking: every line of the input file through `check`, one line in memory at a time."""
+    offset = 0
+    with open(path, "rb") as file:
+        for raw in file:
+            check.feed(raw, offset)
+            offset += len(raw)
+
+
+class BatchRunner:
+    def __init__(
+        self,
+        store: BatchStore,
+        files: FileStore,
+        engine: Engine,
+        settings: Settings,
+        *,
+        principal_of: PrincipalOf,
+        render_error: RenderError,
+        poll_s: float = 1.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._files = files
+        self._engine = engine
+        self._settings = settings
+        self._principal_of = principal_of
+        self._render_error = render_error
+        self._poll_s = poll_s
+        self._clock = clock
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._lock_fd: int | None = None
+
+    def wake(self) -> None:
+        """A batch was created or cancelled: look now rather than at the next poll."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        """SIGTERM: take no new line; the lines in the engine finish and are committed (the next start
+        resumes the rest)."""
+        self._stopping = True
+        self._wake.set()
+
+    async def _pause(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), self._poll_s)
+        self._wake.clear()
+
+    def _take_lock(self) -> bool:
+        """Blocking: whether this process runs the batches of its files directory (one process does)."""
+        if self._lock_fd is not None:
+            return True
+        root = self._settings.files_path
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd
+        return True
+
+    async def run(self) -> None:
+        """Until stopped: the oldest unfinished batch, one step of it at a time."""
+        try:
+            try:
+                await self._engine.wait_loaded()
+            except ModelLoadError:
+                log.error("batches will not run: a model failed to load")
+                return
+            while not self._stopping:
+                if not await asyncio.to_thread(self._take_lock):
+                    await self._pause()
+                    continue
+                try:
+                    batch = await asyncio.to_thread(self._store.next_unfinished)
+                    if batch is None:
+                        await self._pause()
+                    elif not await self._advance(batch):
+                        await self._pause()  # no progress (the database, a model): not a busy loop
+                except ShuttingDown:
+                    return
+                except ServiceUnavailable as exc:
+                    log.warning("batches paused: %s", exc.message)
+                    await self._pause()
+                except Exception:
+                    log.exception("the batch runner failed; retrying")
+                    await self._pause()
+        finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    async def _advance(self, batch: BatchRecord) -> bool:
+        """One step of a batch's life. -> whether it made progress."""
+        now = self._clock()
+        if batch.status == "validating" and now < batch.expires_at:
+            await self._validate(batch)
+            return True
+        if batch.status == "finalizing":
+            await self._finish(batch, "completed")
+            return True
+        if now >= batch.expires_at:
+            await self._write_off(batch, "expired")
+            return True
+        if batch.status == "cancelling":
+            await self._write_off(batch, "cancelled")
+            return True
+        return await self._run_lines(batch)
+
+    # ---- validating ------------------------------------------------------------------------------
+
+    async def _validate(self, batch: BatchRecord) -> None:
+        settings = self._settings
+        check = InputCheck(
+            endpoint=batch.endpoint,
+            max_requests=settings.batch_max_requests,
+            max_inputs=settings.batch_max_inputs,
+        )
+        try:
+            await asyncio.to_thread(_check_file, self._files.path(batch.input_file_id), check)
+        except FileNotFoundError:
+            check.errors.append(
+                BatchError(code="file_not_found", message=f"The input file {batch.input_file_id} is gone.")
+            )
+        errors = check.finish()
+        if not errors:
+            queued = await asyncio.to_thread(self._store.queued_tokens, batch.owner)
+            if queued + check.token_bound > settings.batch_max_queued_tokens:
+                errors.append(
+                    BatchError(
+                        code="token_limit_exceeded",
+                        message=(
+                            f"Enqueued token limit reached: this batch may hold up to {check.token_bound} "
+                            f"tokens, and the key's unfinished batches {queued}, of at most "
+                            f"{settings.batch_max_queued_tokens} (--batch-max-queued-tokens). Retry once "
+                            "they have completed."
+                        ),
+                    )
+                )
+        if errors:
+            await asyncio.to_thread(self._store.fail, batch.id, errors)
+            log.info("batch %s failed validation (%d errors)", batch.id, len(errors))
+            return
+        await asyncio.to_thread(
+            self._store.start,
+            batch.id,
+            check.requests,
+            model=check.model,
+            output_file_id=new_file_id(),
+            error_file_id=new_file_id(),
+        )
+        log.info("batch %s: %d requests, %d inputs, in progress", batch.id, len(check.requests), check.inputs)
+
+    # ---- running lines ---------------------------------------------------------------------------
+
+    async def _outputs(self, batch: BatchRecord) -> _Outputs:
+        assert batch.output_file_id is not None and batch.error_file_id is not None
+        out_path, err_path = self._files.path(batch.output_file_id), self._files.path(batch.error_file_id)
+
+        def open_both() -> _Outputs:
+            out = _open_at(out_path, batch.output_bytes)
+            try:
+                err = _open_at(err_path, batch.error_bytes)
+            except BaseException:
+                os.close(out)
+                raise
+            return _Outputs(out=out, err=err, out_bytes=batch.output_bytes, err_bytes=batch.error_bytes)
+
+        return await asyncio.to_thread(open_both)
+
+    async def _commit(self, batch_id: str, outputs: _Outputs) -> BatchStatus:
+        """The waiting results to disk, then to the database. A failed commit ends the run: the next one
+        starts from the database's committed lengths, whatever reached the files."""
+        done, out_lines, err_lines = outputs.done, outputs.out_lines, outputs.err_lines
+        outputs.done, outputs.out_lines, outputs.err_lines = [], [], []
+
+        def write() -> tuple[int, int]:
+            out = _append(outputs.out, out_lines) if out_lines else outputs.out_bytes
+            err = _append(outputs.err, err_lines) if err_lines else outputs.err_bytes
+            return out, err
+
+        out_bytes, err_bytes = await asyncio.to_thread(write)
+        status = await asyncio.to_thread(
+            self._store.commit, batch_id, done, output_bytes=out_bytes, error_bytes=err_bytes
+        )
+        outputs.out_bytes, outputs.err_bytes = out_bytes, err_bytes
+        return status
+
+    async def _run_lines(self, batch: BatchRecord) -> bool:
+        """Run the pending lines until none is left (then the batch finalizes), or a cancel, the
+        window's end or SIGTERM stops taking them. -> whether any line was done."""
+        pending = await asyncio.to_thread(self._store.pending, batch.id)
+        outputs = await self._outputs(batch)
+        input_path = self._files.path(batch.input_file_id)
+        window = _Window(INPUTS_IN_FLIGHT)
+        tasks: set[asyncio.Task[None]] = set()
+        status: BatchStatus = batch.status
+        last_commit = time.monotonic()
+        progressed = False
+        try:
+            principal: Principal | EmbedServeError = self._principal_of(batch.owner)
+        except EmbedServeError as exc:  # the owner's key was revoked or has expired: each line says so
+            principal = exc
+        try:
+            for start in range(0, len(pending), READ_AHEAD_LINES):
+                chunk = pending[start : start + READ_AHEAD_LINES]
+                raws = await asyncio.to_thread(_read_lines, input_path, chunk)
+                for line, raw in zip(chunk, raws, strict=True):
+                    if self._stopping or status != "in_progress" or self._clock() >= batch.expires_at:
+                        break
+                    await window.enter(line.inputs)
+                    task = asyncio.create_task(self._run_line(batch, line, raw, principal, outputs))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                    task.add_done_callback(functools.partial(_leave, window, line.inputs))
+                    if (
+                        len(outputs.done) >= COMMIT_LINES
+                        or time.monotonic() - last_commit > COMMIT_INTERVAL_S
+                    ):
+                        progressed = progressed or bool(outputs.done)
+                        status = await self._commit(batch.id, outputs)
+                        last_commit = time.monotonic()
+                else:
+                    continue
+                break
+            await asyncio.gather(*tasks, return_exceptions=True)
+            progressed = progressed or bool(outputs.done)
+            status = await self._commit(batch.id, outputs)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            outputs.close()
+        if status == "in_progress" and not self._stopping and self._clock() < batch.expires_at:
+            left = await asyncio.to_thread(self._store.pending, batch.id)
+            if not left:
+                await asyncio.to_thread(self._store.finalizing, batch.id)
+        return progressed
+
+    async def _run_line(
+        self,
+        batch: BatchRecord,
+        line: RequestLine,
+        raw: bytes,
+        principal: Principal | EmbedServeError,
+        outputs: _Outputs,
+    ) -> None:
+        """One line, exactly as its owner's POST /v1/embeddings: its result joins the next commit. A
+        "come back later" (the model loading, the server shutting down) leaves it pending."""
+        request_id = uuid.uuid4().hex
+        started = time.perf_counter()
+        body: object = None
+        try:
+            if isinstance(principal, EmbedServeError):
+                raise principal
+            body = orjson.loads(raw)["body"]
+            encoded = orjson.dumps(body)
+            if len(encoded) > self._settings.max_body_bytes:
+                raise PayloadTooLarge(
+                    f"The request body is larger than the server's limit of {self._settings.max_body_bytes} "
+                    "bytes. Split the input into several requests."
+                )
+            job = parse_embedding_request(body, max_inputs=self._settings.max_inputs_per_request)
+            result = await self._engine.run(job, principal, work="batch")
+        except ServiceUnavailable:
+            return  # ShuttingDown included: the line stays pending for the next run
+        except orjson.JSONDecodeError:  # (validation parsed it: only a changed file gets here)
+            self._failed(line, outputs, InvalidJSON("The line is not valid JSON."), request_id)
+            return
+        except EmbedServeError as exc:
+            self._failed(line, outputs, exc, request_id)
+            return
+        spec = self._engine.catalog.resolve(result.model_id)
+        assert isinstance(principal, Principal)
+        usage = UsageRecord(
+            key_id=principal.key_id,
+            model=spec.id,
+            prompt_tokens=result.prompt_tokens,
+            inputs=len(result.token_counts),
+            request_id=request_id,
+            created_at=time.time(),
+            latency_ms=(time.perf_counter() - started) * 1000,
+            price_per_million=spec.batch_price,
+            record_id=f"{batch.id}:{line.line}",
+            batch_id=batch.id,
+        )
+        self._engine.metrics.observe_embedded(spec.id, principal.key_id, usage.inputs, usage.prompt_tokens)
+        outputs.out_lines.append(
+            output_line(line.custom_id, request_id, 200, render_embeddings(result, job.model))
+        )
+        outputs.done.append(LineDone(line.line, "completed", line.token_bound, result.prompt_tokens, usage))
+
+    def _failed(self, line: RequestLine, outputs: _Outputs, exc: EmbedServeError, request_id: str) -> None:
+        status, body = self._render_error(exc, request_id)
+        outputs.err_lines.append(output_line(line.custom_id, request_id, status, body))
+        outputs.done.append(LineDone(line.line, "failed", line.token_bound))
+
+    # ---- ending ----------------------------------------------------------------------------------
+
+    async def _write_off(self, batch: BatchRecord, status: BatchStatus) -> None:
+        """Cancelled or expired: the lines not done go to the error file as never run, then the batch
+        ends with the output of those that were."""
+        if batch.output_file_id is not None:
+            pending = await asyncio.to_thread(self._store.pending, batch.id)
+            outputs = await self._outputs(batch)
+            try:
+                code = "batch_cancelled" if status == "cancelled" else "batch_expired"
+                message = (
+                    "The batch was cancelled before this request ran."
+                    if status == "cancelled"
+                    else "This request could not be executed before the completion window expired."
+                )
+                for line in pending:
+                    outputs.err_lines.append(error_line(line.custom_id, code, message))
+                    outputs.done.append(LineDone(line.line, "failed", line.token_bound))
+                await self._commit(batch.id, outputs)
+            finally:
+                outputs.close()
+        reloaded = await asyncio.to_thread(self._store.load, batch.id)
+        assert reloaded is not None
+        await self._finish(reloaded, status)
+
+    async def _finish(self, batch: BatchRecord, status: BatchStatus) -> None:
+        """Register the output and error files (those with a line in them) for the owner, then end."""
+        now = int(self._clock())
+        expires = int(now + self._settings.file_expiry)
+        for file_id, size, kind in (
+            (batch.output_file_id, batch.output_bytes, "output"),
+            (batch.error_file_id, batch.error_bytes, "error"),
+        ):
+            if file_id is None:
+                continue
+            if size == 0:
+                with contextlib.suppress(FileNotFoundError):
+                    await asyncio.to_thread(os.unlink, self._files.path(file_id))
+                continue
+            record = FileRecord(
+                id=file_id,
+                owner=batch.owner,
+                filename=f"{batch.id}_{kind}.jsonl",
+                purpose="batch_output",
+                bytes=size,
+                created_at=now,
+                expires_at=expires,
+            )
+            await asyncio.to_thread(self._files.register, record)
+        await asyncio.to_thread(self._store.finish, batch.id, status)
+        log.info(
+            "batch %s %s: %d completed, %d failed, %d tokens",
+            batch.id,
+            status,
+            batch.completed,
+            batch.failed,
+            batch.input_tokens,
+        )
