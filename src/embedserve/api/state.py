@@ -16,6 +16,7 @@ from embedserve.backends.memory import trim
 from embedserve.catalog import Catalog
 from embedserve.db import Database, open_database
 from embedserve.engine import Engine
+from embedserve.files import FileStore
 from embedserve.journal import UsageJournal
 from embedserve.keys.ring import KeyRing
 from embedserve.keys.secret import load_pepper
@@ -41,6 +42,7 @@ class AppState:
     ledger: UsageLedger
     embeddings: MeteredEmbeddings
     metrics: Metrics
+    files: FileStore
     #: When the drain began (monotonic seconds), None while serving; see `draining`.
     drain_started: float | None = None
     #: Requests being served (probes and /metrics excluded); `idle` is set whenever it is 0.
@@ -136,6 +138,14 @@ class AppState:
             await asyncio.to_thread(keys.refresh_sync)
             await asyncio.to_thread(journal.check)
             await asyncio.to_thread(replay_journal, db, journal)
+            files = await asyncio.to_thread(
+                FileStore,
+                db,
+                settings.files_path,
+                max_bytes=settings.max_file_bytes,
+                min_free=settings.files_min_free,
+                expiry_s=settings.file_expiry,
+            )
         except BaseException:
             await asyncio.to_thread(db.close)
             raise
@@ -152,6 +162,7 @@ class AppState:
             limiter=limiter,
             ledger=ledger,
             metrics=metrics,
+            files=files,
             embeddings=MeteredEmbeddings(engine, limiter, ledger, metrics),
         )
 
@@ -161,6 +172,7 @@ class AppState:
         self.tasks += [
             asyncio.create_task(self.keys.run(), name="refresh-keys"),
             asyncio.create_task(self.ledger.run(), name="flush-usage"),
+            asyncio.create_task(self.files.run(self.settings.sweep_interval), name="sweep-files"),
         ]
 
     async def close(self) -> int:
