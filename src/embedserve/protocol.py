@@ -73,6 +73,34 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class FileObject(BaseModel):
+    """OpenAI's File object (`status` and `status_details` are deprecated there, and kept)."""
+
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    expires_at: int | None
+    status: Literal["processed"] = "processed"
+    status_details: None = None
+
+
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str

@@ -19,6 +19,7 @@ from embedserve.api.batches import router as batches_router
 from embedserve.api.docs import router as docs_router
 from embedserve.api.errors import install_error_handlers
 from embedserve.api.fastpath import EmbeddingsFastPath, route_of
+from embedserve.api.files import files_router
 from embedserve.api.head import HeadAsGet
 from embedserve.api.manage import router as manage_router
 from embedserve.api.middleware import RequestContextMiddleware
@@ -99,6 +100,7 @@ def create_app(
     app.include_router(api)
     app.include_router(manage_router)
     app.include_router(batches_router)
+    app.include_router(files_router())
     app.include_router(docs_router)
     install_document(app)
     # Design note 40: `/v1/embeddings/` is a 404 like any unknown path, not a redirect;

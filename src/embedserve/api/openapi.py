@@ -46,6 +46,13 @@ _HEADERS: dict[int, dict[str, Any]] = {
             "schema": {"type": "integer"},
         },
     },
+    507: {
+        "Retry-After": {
+            "description": "Seconds to wait before uploading again.",
+            "required": True,
+            "schema": {"type": "integer"},
+        },
+    },
 }
 
 #: Answers of every route that are not its own: listed once, in the document's description.

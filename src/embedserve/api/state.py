@@ -20,7 +20,7 @@ from embedserve.batches.sweeper import sweep_forever
 from embedserve.catalog import Catalog
 from embedserve.db import Database, open_database
 from embedserve.engine import Engine
-from embedserve.files.store import FileStore
+from embedserve.files import FileStore
 from embedserve.journal import UsageJournal
 from embedserve.keys.ring import KeyRing
 from embedserve.keys.secret import load_pepper
@@ -146,6 +146,14 @@ class AppState:
             await asyncio.to_thread(keys.refresh_sync)
             await asyncio.to_thread(journal.check)
             await asyncio.to_thread(replay_journal, db, journal)
+            files = await asyncio.to_thread(
+                FileStore,
+                db,
+                settings.files_path,
+                max_bytes=settings.max_file_bytes,
+                min_free=settings.files_min_free,
+                expiry_s=settings.file_expiry,
+            )
         except BaseException:
             await asyncio.to_thread(db.close)
             raise
@@ -153,13 +161,6 @@ class AppState:
         engine = Engine(settings, catalog, backends=backends, metrics=metrics)
         limiter = RateLimiter()
         ledger = UsageLedger(db, settings.usage_flush_interval, journal)
-        files = FileStore(
-            db,
-            settings.files_path,
-            max_bytes=settings.max_file_bytes,
-            min_free=settings.files_min_free,
-            expiry_s=settings.file_expiry,
-        )
         batch_store = BatchStore(db)
         runner = BatchRunner(
             batch_store,
