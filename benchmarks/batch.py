@@ -102,6 +102,7 @@ def main() -> None:
             started = time.perf_counter()
             _wait(sdk, _submit(sdk, corpus))
             batch_s.append(len(corpus) / (time.perf_counter() - started))
+            print(f"run {run}: bulk {bulk_s[-1]:.0f}/s, batch {batch_s[-1]:.0f}/s", file=sys.stderr)
             _, latencies = asyncio.run(_online(base, MODEL, corpus, 16))
             alone["p50"].append(_pct(latencies, 50))
             alone["p99"].append(_pct(latencies, 99))

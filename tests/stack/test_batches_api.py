@@ -144,6 +144,9 @@ def test_bad_lines_go_to_the_error_file_with_the_answer_the_route_gives_and_the_
 ) -> None:
     bodies = {
         "good": {"model": MODEL, "input": "fine"},
+        # Of one kind with its neighbours (they run as one call): its error still names its own index.
+        "long": {"model": MODEL, "input": ["short", "word " * 1000]},
+        "good-too": {"model": MODEL, "input": ["also fine", "and this"]},
         "empty": {"model": MODEL, "input": ""},
         "unknown-model": {"model": "no-such-model", "input": "x"},
         "bad-type": {"model": MODEL, "input": [1.5]},
@@ -152,10 +155,11 @@ def test_bad_lines_go_to_the_error_file_with_the_answer_the_route_gives_and_the_
     batch = finished(server, submit(server, [request_line(k, v) for k, v in bodies.items()]))
     assert batch.status == "completed"
     assert batch.request_counts is not None
-    assert (batch.request_counts.completed, batch.request_counts.failed) == (1, 4)
-    assert set(lines_of(server, batch.output_file_id)) == {"good"}
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (2, 5)
+    assert set(lines_of(server, batch.output_file_id)) == {"good", "good-too"}
     errors = lines_of(server, batch.error_file_id)
-    assert set(errors) == set(bodies) - {"good"}
+    assert set(errors) == set(bodies) - {"good", "good-too"}
+    assert errors["long"]["response"]["body"]["error"]["code"] == "context_length_exceeded"
     for custom_id, row in errors.items():
         online = embeddings_answer(server, bodies[custom_id])
         assert row["response"]["status_code"] == online.status_code >= 400

@@ -5,17 +5,25 @@ lines. What a line's body holds is checked when it runs, exactly as `POST /v1/em
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, field
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field, replace
+from itertools import chain
 from typing import Any
 
 import orjson
 
 from embedserve.batches.records import BatchError
+from embedserve.errors import InvalidJSON, PayloadTooLarge
+from embedserve.types import EmbeddingJob, EmbeddingResult
+from embedserve.validation import parse_embedding_request
 
 #: Validation errors kept of a file (the rest are counted in the last one): enough to fix a file by.
 MAX_ERRORS = 1000
 #: Tokens an input may make beyond one per byte of its text: the special tokens and a prompt's prefix.
 TOKEN_SLACK = 64
+#: Lines of one kind (the same model and options; texts, or token ids) run as one engine call of up to
+#: this many inputs: a call of its own per line would cost the pipeline's per-request work each time.
+GROUP_INPUTS = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +159,47 @@ class InputCheck:
                 param=self.errors[-1].param,
             )
         return self.errors
+
+
+def line_job(raw: bytes, max_body_bytes: int, max_inputs: int) -> EmbeddingJob:
+    """A checked line's body as POST /v1/embeddings would read it: the same limit on its size, the same
+    validation (EmbedServeError as the route would raise)."""
+    try:
+        body = orjson.loads(raw)["body"]
+    except orjson.JSONDecodeError:  # (validation parsed it: only a file changed since gets here)
+        raise InvalidJSON("The line is not valid JSON.") from None
+    if len(orjson.dumps(body)) > max_body_bytes:
+        raise PayloadTooLarge(
+            f"The request body is larger than the server's limit of {max_body_bytes} bytes. "
+            "Split the input into several requests."
+        )
+    return parse_embedding_request(body, max_inputs=max_inputs)
+
+
+def kind_of(job: EmbeddingJob) -> Hashable:
+    """Jobs of one kind may run as one call: everything but their inputs is the same."""
+    return (
+        job.model,
+        job.encoding_format,
+        job.dimensions,
+        job.input_type,
+        job.instruction,
+        job.texts is None,
+    )
+
+
+def merged(jobs: Sequence[EmbeddingJob]) -> EmbeddingJob:
+    """Jobs of one kind as one, their inputs in order."""
+    first = jobs[0]
+    if first.texts is not None:
+        return replace(first, texts=tuple(chain.from_iterable(job.texts or () for job in jobs)))
+    return replace(first, token_ids=tuple(chain.from_iterable(job.token_ids or () for job in jobs)))
+
+
+def part(result: EmbeddingResult, start: int, count: int) -> EmbeddingResult:
+    """The answer of the inputs [start, start + count) of a merged job: one line's."""
+    end = start + count
+    return replace(result, vectors=result.vectors[start:end], token_counts=result.token_counts[start:end])
 
 
 def new_request_id() -> str:

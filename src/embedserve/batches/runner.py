@@ -25,26 +25,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import orjson
-
-from embedserve.batches.lines import InputCheck, RequestLine, error_line, output_line
+from embedserve.batches.lines import (
+    GROUP_INPUTS,
+    InputCheck,
+    RequestLine,
+    error_line,
+    kind_of,
+    line_job,
+    merged,
+    output_line,
+    part,
+)
 from embedserve.batches.records import BatchError, BatchRecord, BatchStatus
 from embedserve.batches.store import BatchStore, LineDone
 from embedserve.engine import Engine
-from embedserve.errors import (
-    EmbedServeError,
-    InvalidJSON,
-    ModelLoadError,
-    PayloadTooLarge,
-    ServiceUnavailable,
-    ShuttingDown,
-)
+from embedserve.errors import EmbedServeError, ModelLoadError, ServiceUnavailable, ShuttingDown
 from embedserve.files.records import FileRecord, new_file_id
 from embedserve.files.store import FileStore
 from embedserve.protocol import render_embeddings
 from embedserve.settings import Settings
-from embedserve.types import Principal, UsageRecord
-from embedserve.validation import parse_embedding_request
+from embedserve.types import EmbeddingJob, EmbeddingResult, Principal, UsageRecord
 
 log = logging.getLogger("embedserve.batches")
 
@@ -347,14 +347,15 @@ class BatchRunner:
             for start in range(0, len(pending), READ_AHEAD_LINES):
                 chunk = pending[start : start + READ_AHEAD_LINES]
                 raws = await asyncio.to_thread(_read_lines, input_path, chunk)
-                for line, raw in zip(chunk, raws, strict=True):
+                for group in self._groups(chunk, raws, outputs):
                     if self._stopping or status != "in_progress" or self._clock() >= batch.expires_at:
                         break
-                    await window.enter(line.inputs)
-                    task = asyncio.create_task(self._run_line(batch, line, raw, principal, outputs))
+                    inputs = sum(job.count for _, job in group)
+                    await window.enter(inputs)
+                    task = asyncio.create_task(self._run_group(batch, group, principal, outputs))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
-                    task.add_done_callback(functools.partial(_leave, window, line.inputs))
+                    task.add_done_callback(functools.partial(_leave, window, inputs))
                     if (
                         len(outputs.done) >= COMMIT_LINES
                         or time.monotonic() - last_commit > COMMIT_INTERVAL_S
@@ -379,41 +380,92 @@ class BatchRunner:
                 await asyncio.to_thread(self._store.finalizing, batch.id)
         return progressed
 
-    async def _run_line(
+    def _groups(
+        self, chunk: list[RequestLine], raws: list[bytes], outputs: _Outputs
+    ) -> list[list[tuple[RequestLine, EmbeddingJob]]]:
+        """The chunk's lines parsed as their requests would be (a body the route refuses is that line's
+        error at once), in runs of one kind of up to GROUP_INPUTS inputs."""
+        groups: list[list[tuple[RequestLine, EmbeddingJob]]] = []
+        for line, raw in zip(chunk, raws, strict=True):
+            try:
+                job = line_job(raw, self._settings.max_body_bytes, self._settings.max_inputs_per_request)
+            except EmbedServeError as exc:
+                self._failed(line, outputs, exc, uuid.uuid4().hex)
+                continue
+            last = groups[-1] if groups else None
+            if (
+                last is not None
+                and kind_of(last[0][1]) == kind_of(job)
+                and sum(j.count for _, j in last) + job.count <= GROUP_INPUTS
+            ):
+                last.append((line, job))
+            else:
+                groups.append([(line, job)])
+        return groups
+
+    async def _run_group(
         self,
         batch: BatchRecord,
-        line: RequestLine,
-        raw: bytes,
+        group: list[tuple[RequestLine, EmbeddingJob]],
         principal: Principal | EmbedServeError,
         outputs: _Outputs,
     ) -> None:
-        """One line, exactly as its owner's POST /v1/embeddings: its result joins the next commit. A
-        "come back later" (the model loading, the server shutting down) leaves it pending."""
-        request_id = uuid.uuid4().hex
+        """Lines of one kind as one engine call; should any line make it fail, each line runs alone, so
+        that each gets exactly the answer its own request would (the index in a message included)."""
         started = time.perf_counter()
-        body: object = None
+        if isinstance(principal, EmbedServeError):  # the owner's key was revoked or has expired
+            for line, _ in group:
+                self._failed(line, outputs, principal, uuid.uuid4().hex)
+            return
+        if len(group) > 1:
+            try:
+                result = await self._engine.run(merged([job for _, job in group]), principal, work="batch")
+            except ServiceUnavailable:
+                return  # ShuttingDown included: the lines stay pending for the next run
+            except EmbedServeError:
+                pass
+            else:
+                at = 0
+                for line, job in group:
+                    self._completed(
+                        batch, line, job, part(result, at, job.count), principal, started, outputs
+                    )
+                    at += job.count
+                return
+        await asyncio.gather(*(self._run_one(batch, line, job, principal, outputs) for line, job in group))
+
+    async def _run_one(
+        self,
+        batch: BatchRecord,
+        line: RequestLine,
+        job: EmbeddingJob,
+        principal: Principal,
+        outputs: _Outputs,
+    ) -> None:
+        """One line alone. A "come back later" (the model loading, the server shutting down) leaves it
+        pending."""
+        started = time.perf_counter()
         try:
-            if isinstance(principal, EmbedServeError):
-                raise principal
-            body = orjson.loads(raw)["body"]
-            encoded = orjson.dumps(body)
-            if len(encoded) > self._settings.max_body_bytes:
-                raise PayloadTooLarge(
-                    f"The request body is larger than the server's limit of {self._settings.max_body_bytes} "
-                    "bytes. Split the input into several requests."
-                )
-            job = parse_embedding_request(body, max_inputs=self._settings.max_inputs_per_request)
             result = await self._engine.run(job, principal, work="batch")
         except ServiceUnavailable:
-            return  # ShuttingDown included: the line stays pending for the next run
-        except orjson.JSONDecodeError:  # (validation parsed it: only a changed file gets here)
-            self._failed(line, outputs, InvalidJSON("The line is not valid JSON."), request_id)
             return
         except EmbedServeError as exc:
-            self._failed(line, outputs, exc, request_id)
+            self._failed(line, outputs, exc, uuid.uuid4().hex)
             return
+        self._completed(batch, line, job, result, principal, started, outputs)
+
+    def _completed(
+        self,
+        batch: BatchRecord,
+        line: RequestLine,
+        job: EmbeddingJob,
+        result: EmbeddingResult,
+        principal: Principal,
+        started: float,
+        outputs: _Outputs,
+    ) -> None:
+        request_id = uuid.uuid4().hex
         spec = self._engine.catalog.resolve(result.model_id)
-        assert isinstance(principal, Principal)
         usage = UsageRecord(
             key_id=principal.key_id,
             model=spec.id,
@@ -427,9 +479,8 @@ class BatchRunner:
             batch_id=batch.id,
         )
         self._engine.metrics.observe_embedded(spec.id, principal.key_id, usage.inputs, usage.prompt_tokens)
-        outputs.out_lines.append(
-            output_line(line.custom_id, request_id, 200, render_embeddings(result, job.model))
-        )
+        body = render_embeddings(result, job.model)
+        outputs.out_lines.append(output_line(line.custom_id, request_id, 200, body))
         outputs.done.append(LineDone(line.line, "completed", line.token_bound, result.prompt_tokens, usage))
 
     def _failed(self, line: RequestLine, outputs: _Outputs, exc: EmbedServeError, request_id: str) -> None:
