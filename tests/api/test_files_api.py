@@ -333,6 +333,21 @@ def test_an_upload_is_on_disk_as_it_arrives_and_a_client_that_leaves_leaves_noth
     assert_still_serving(files_server)
 
 
+def test_an_upload_that_stalls_for_the_request_timeout_is_503_and_keeps_nothing(tmp_path: Path) -> None:
+    settings = Settings(data_dir=private_data_dir(tmp_path / "data"), request_timeout=1)
+    opening = b'--%s\r\nContent-Disposition: form-data; name="file"; filename="f.jsonl"\r\n\r\n' % BOUNDARY
+    with live_server(settings, backends=fake_backends(), wait_for="/health") as live, connect(live) as sock:
+        sock.sendall(
+            b"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=%s\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n%s" % (BOUNDARY, _chunk(opening + b"z" * 65536))
+        )  # and then nothing
+        answer = read_response(sock)
+        assert answer.status == 503 and answer.json()["error"]["code"] == "request_timeout"
+        assert answer.headers["retry-after"].isdigit()
+        assert list(settings.files_path.iterdir()) == []
+        assert httpx.get(f"{live.v1}/files").status_code == 200
+
+
 @pytest.mark.parametrize(
     ("body", "status", "code", "param"),
     [
