@@ -1,5 +1,5 @@
-"""Wire shapes of the OpenAI embeddings API, for the OpenAPI document, and the fast renderers that write
-them (orjson straight from float32 buffers; pydantic is never on the hot path)."""
+"""Wire shapes of the OpenAI embeddings and files APIs, for the OpenAPI document, and the fast renderers
+that write them (orjson straight from float32 buffers; pydantic is never on the hot path)."""
 
 from __future__ import annotations
 

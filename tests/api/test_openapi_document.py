@@ -28,6 +28,11 @@ KEYED = {
     ("patch", "/v1/keys/{key_id}"),
     ("delete", "/v1/keys/{key_id}"),
     ("get", "/v1/usage"),
+    ("post", "/v1/files"),
+    ("get", "/v1/files"),
+    ("get", "/v1/files/{file_id}"),
+    ("get", "/v1/files/{file_id}/content"),
+    ("delete", "/v1/files/{file_id}"),
 }
 PUBLIC = {("get", "/health"), ("get", "/ready"), ("get", "/metrics")}
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
@@ -86,6 +91,11 @@ def test_every_error_answer_is_the_error_schema_as_json_with_its_codes(document:
         (("post", "/v1/keys"), {"201", "400", "401", "403", "413", "500", "503"}),
         (("patch", "/v1/keys/{key_id}"), {"200", "400", "401", "403", "404", "413", "500", "503"}),
         (("get", "/v1/usage"), {"200", "400", "401", "403", "500", "503"}),
+        (("post", "/v1/files"), {"200", "400", "401", "413", "500", "503", "507"}),
+        (("get", "/v1/files"), {"200", "400", "401", "500", "503"}),
+        (("get", "/v1/files/{file_id}"), {"200", "401", "404", "500", "503"}),
+        (("get", "/v1/files/{file_id}/content"), {"200", "401", "404", "500", "503"}),
+        (("delete", "/v1/files/{file_id}"), {"200", "401", "404", "409", "500", "503"}),
         (("get", "/health"), {"200", "500"}),
         (("get", "/ready"), {"200", "500", "503"}),
         (("get", "/metrics"), {"200", "500"}),
@@ -116,6 +126,22 @@ def test_embeddings_errors_name_every_request_and_availability_code(document: di
 def test_metrics_success_is_documented_as_text(document: dict[str, Any]) -> None:
     ok = operations(document)[("get", "/metrics")]["responses"]["200"]
     assert set(ok["content"]) == {"text/plain"}
+
+
+def test_the_upload_is_documented_as_a_multipart_form_and_the_content_as_bytes(
+    document: dict[str, Any],
+) -> None:
+    upload = operations(document)[("post", "/v1/files")]
+    form = upload["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert form["required"] == ["file", "purpose"]
+    assert form["properties"]["file"] == {**form["properties"]["file"], "type": "string", "format": "binary"}
+    assert form["properties"]["purpose"]["enum"] == ["batch"]
+    assert upload["responses"]["507"]["headers"]["Retry-After"]["required"] is True
+    content = operations(document)[("get", "/v1/files/{file_id}/content")]["responses"]["200"]
+    assert set(content["content"]) == {"application/octet-stream"}
+    listing = {p["name"]: p for p in operations(document)[("get", "/v1/files")]["parameters"]}
+    assert set(listing) == {"after", "limit", "order", "purpose"}
+    assert (listing["limit"]["schema"]["minimum"], listing["limit"]["schema"]["maximum"]) == (1, 10000)
 
 
 def test_finishing_leaves_fastapis_document_as_it_was() -> None:
@@ -154,6 +180,7 @@ def test_the_document_is_built_once(document: dict[str, Any]) -> None:
 
 def call(server: LiveServer, method: str, path: str, headers: dict[str, str]) -> httpx.Response:
     url = server.base_url + path.replace("{model_id}", "all-MiniLM-L6-v2").replace("{key_id}", "nope")
+    url = url.replace("{file_id}", "file-nope")
     body = {"model": "all-MiniLM-L6-v2", "input": "x"} if method in ("post", "patch") else None
     return httpx.request(method.upper(), url, json=body, headers=headers)
 

@@ -1,6 +1,6 @@
 """AppState: everything a running app owns (the engine, the database, key ring, rate limiter, usage
-ledger, metrics, the draining flag and the background tasks), opened in the lifespan; `app_state` is
-the one way to reach it. No module-level state."""
+ledger, file store, metrics, the draining flag and the background tasks), opened in the lifespan;
+`app_state` is the one way to reach it. No module-level state."""
 
 from __future__ import annotations
 

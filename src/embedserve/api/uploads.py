@@ -45,7 +45,7 @@ class Upload:
 
 @dataclass(slots=True)
 class _Part:
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, bytes] = field(default_factory=dict)  # raw: parse_options_header reads bytes
     header_name: bytearray = field(default_factory=bytearray)
     header_value: bytearray = field(default_factory=bytearray)
     name: str | None = None
@@ -182,7 +182,7 @@ class _Reader:
         elif kind == "header_value":
             part.header_value += data
         elif kind == "header_end":
-            part.headers[_text(bytes(part.header_name)).strip().lower()] = _text(bytes(part.header_value))
+            part.headers[_text(bytes(part.header_name)).strip().lower()] = bytes(part.header_value)
             part.header_name, part.header_value = bytearray(), bytearray()
         elif kind == "headers_finished":
             self._named(part)
