@@ -33,6 +33,10 @@ KEYED = {
     ("get", "/v1/files/{file_id}"),
     ("get", "/v1/files/{file_id}/content"),
     ("delete", "/v1/files/{file_id}"),
+    ("post", "/v1/batches"),
+    ("get", "/v1/batches"),
+    ("get", "/v1/batches/{batch_id}"),
+    ("post", "/v1/batches/{batch_id}/cancel"),
 }
 PUBLIC = {("get", "/health"), ("get", "/ready"), ("get", "/metrics")}
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}

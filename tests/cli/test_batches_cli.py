@@ -12,6 +12,7 @@ from typing import Any
 
 from embedserve.batches.store import BatchStore
 from embedserve.db import open_database
+from embedserve.files import FileStore
 
 
 def cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -33,12 +34,15 @@ def cli_json(data_dir: Path, *args: str) -> Any:
 def make_batches(data_dir: Path) -> list[str]:
     db = open_database(None, data_dir)
     try:
+        files = FileStore(db, data_dir / "files", max_bytes=1 << 20, min_free=0, expiry_s=86400)
+        for i in range(3):
+            files.register(files.new_record(f"file-{i:032x}", "key_a", "in.jsonl", "batch", 1))
         store = BatchStore(db)
         return [
             store.create(
                 batch_id=f"batch_0000000000000{i}",
                 owner=owner,
-                input_file_id=f"file-{i}",
+                input_file_id=f"file-{i:032x}",
                 endpoint="/v1/embeddings",
                 completion_window="24h",
                 metadata={"n": str(i)},

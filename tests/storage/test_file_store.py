@@ -420,26 +420,6 @@ def test_the_sweep_removes_what_a_crash_left_once_it_is_an_hour_old(db: Database
     )
 
 
-def test_the_sweep_runs_in_the_background_until_cancelled(sqlite: Database, tmp_path: Path) -> None:
-    clock = Clock()
-    store = make_store(sqlite, tmp_path / "files", clock)
-    record = upload(store, ALICE, b"x")
-    clock.now = NOW + 31 * DAY
-
-    async def run() -> None:
-        task = asyncio.ensure_future(store.run(3600))
-        deadline = time.monotonic() + 30
-        while store.path(record.id).exists():
-            assert time.monotonic() < deadline, "the first sweep did not come"
-            await asyncio.sleep(0.02)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-    asyncio.run(run())
-    assert store.list(ADMIN) == ([], False)
-
-
 def test_the_store_refuses_a_files_dir_it_cannot_create(sqlite: Database, tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")

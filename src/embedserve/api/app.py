@@ -15,7 +15,7 @@ from fastapi.telemetry import TelemetryConfig
 from starlette.convertors import register_url_convertor
 
 from embedserve import __version__
-from embedserve.api.batches import router as batches_router
+from embedserve.api.batches import batches_router
 from embedserve.api.docs import router as docs_router
 from embedserve.api.errors import install_error_handlers
 from embedserve.api.fastpath import EmbeddingsFastPath, route_of
@@ -99,7 +99,7 @@ def create_app(
     api = api_router()
     app.include_router(api)
     app.include_router(manage_router)
-    app.include_router(batches_router)
+    app.include_router(batches_router())
     app.include_router(files_router())
     app.include_router(docs_router)
     install_document(app)

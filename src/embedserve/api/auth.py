@@ -36,14 +36,6 @@ async def authenticate(request: Request) -> Principal:
     return principal
 
 
-def authenticated(request: Request) -> Principal:
-    """The caller, as the route's `authenticate` dependency found it (never a default: fail closed)."""
-    principal = context_of(request).principal
-    if principal is None:
-        raise RuntimeError("an authenticated route ran without its authentication")
-    return principal
-
-
 async def admit(request: Request) -> Principal:
     """Authenticate, then take one request from the key's requests-per-minute (429 when empty): a
     request refused later, by validation, still counts."""

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.convertors import PathConvertor
 from starlette.responses import Response
 
-from embedserve.api.auth import admit, authenticate, authenticated
+from embedserve.api.auth import admit, authenticate
 from embedserve.api.body import read_body
 from embedserve.api.context import context_of
 from embedserve.api.lifetime import before, bounded
@@ -34,7 +34,7 @@ from embedserve.protocol import (
     model_card,
     render_embeddings,
 )
-from embedserve.types import Caller
+from embedserve.types import Caller, Principal
 from embedserve.validation import parse_embedding_request, parse_json
 
 
@@ -46,6 +46,14 @@ class AnyTextConvertor(PathConvertor):
     route's path again, so a route subclass with its own pattern would not survive `include_router`.)"""
 
     regex = "(?s:.*)"
+
+
+def _principal(request: Request) -> Principal:
+    """The caller, as the route's `authenticate` dependency found it (never a default: fail closed)."""
+    principal = context_of(request).principal
+    if principal is None:
+        raise RuntimeError("an authenticated route ran without its authentication")
+    return principal
 
 
 #: The hot route: served by api.fastpath (no FastAPI dependency solving per request); registered here too,
@@ -73,14 +81,14 @@ async def list_models(request: Request) -> Response:
     registry = app_state(request.app).engine.registry
     cards = [
         model_card(spec, registry.status(spec), registry.backend_description(spec))
-        for spec in registry.catalog.specs_for(authenticated(request))
+        for spec in registry.catalog.specs_for(_principal(request))
     ]
     return json_response({"object": "list", "data": cards})
 
 
 async def retrieve_model(request: Request, model_id: str) -> Response:
     registry = app_state(request.app).engine.registry
-    spec = registry.catalog.resolve(model_id, authenticated(request))
+    spec = registry.catalog.resolve(model_id, _principal(request))
     return json_response(model_card(spec, registry.status(spec), registry.backend_description(spec)))
 
 

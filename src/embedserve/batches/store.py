@@ -14,7 +14,7 @@ from typing import Any, cast
 from embedserve.batches.lines import RequestLine
 from embedserve.batches.records import UNFINISHED, BatchError, BatchRecord, BatchStatus
 from embedserve.db import Cursor, Database
-from embedserve.errors import BatchNotFound, Conflict
+from embedserve.errors import BatchNotFound, Conflict, FileNotFound
 from embedserve.types import Principal, UsageRecord
 from embedserve.usage import insert_records
 
@@ -110,7 +110,12 @@ class BatchStore:
         window_s: float,
     ) -> BatchRecord:
         now = self._now()
+        # FOR SHARE (PostgreSQL): a delete of the input file (FOR UPDATE) waits for this batch and then
+        # finds it unfinished, or this finds no file. SQLite's write transactions are serial already.
+        lock = " FOR SHARE" if self._db.dialect == "postgresql" else ""
         with self._db.transaction() as tx:
+            if not tx.fetchall(f"SELECT id FROM files WHERE id = ?{lock}", (input_file_id,)):
+                raise FileNotFound(f"No such File object: {input_file_id}", param="input_file_id")
             tx.execute(
                 "INSERT INTO batches (id, owner, status, endpoint, input_file_id, completion_window, "
                 "metadata, created_at, expires_at, output_bytes, error_bytes, total, completed, failed, "

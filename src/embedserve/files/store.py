@@ -365,16 +365,6 @@ class FileStore:
             log.info("swept %d expired files and %d left by a crash", len(expired), len(strays))
         return len(expired) + len(strays)
 
-    async def run(self, interval_s: float) -> None:
-        """Sweep at start, then every `interval_s`, until cancelled (a failed sweep is logged; the next
-        one tries again)."""
-        while True:
-            try:
-                await asyncio.to_thread(self.sweep, self._clock())
-            except Exception:
-                log.exception("sweeping the files failed; trying again in %g s", interval_s)
-            await asyncio.sleep(interval_s)
-
     def _strays(self, now: float) -> builtins.list[str]:
         parts: builtins.list[Path] = []
         unnamed: dict[str, Path] = {}
