@@ -348,10 +348,11 @@ class BatchRunner:
                 chunk = pending[start : start + READ_AHEAD_LINES]
                 raws = await asyncio.to_thread(_read_lines, input_path, chunk)
                 for group in self._groups(chunk, raws, outputs):
-                    if self._stopping or status != "in_progress" or self._clock() >= batch.expires_at:
-                        break
                     inputs = sum(job.count for _, job in group)
                     await window.enter(inputs)
+                    if self._stopping or status != "in_progress" or self._clock() >= batch.expires_at:
+                        window.leave(inputs)
+                        break
                     task = asyncio.create_task(self._run_group(batch, group, principal, outputs))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
@@ -378,6 +379,7 @@ class BatchRunner:
             left = await asyncio.to_thread(self._store.pending, batch.id)
             if not left:
                 await asyncio.to_thread(self._store.finalizing, batch.id)
+                return True
         return progressed
 
     def _groups(
