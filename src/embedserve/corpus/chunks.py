@@ -32,15 +32,21 @@ def estimate_tokens(text: str) -> int:
 
 def chunked(rows: Iterable[Row], *, batch_tokens: int, max_items: int) -> Iterator[Chunk]:
     """Consecutive rows, a chunk closed once it holds about `batch_tokens` tokens or `max_items` rows
-    (a text longer than `batch_tokens` is a chunk alone)."""
+    (a text longer than `batch_tokens` is a chunk alone). A bad record comes after the rows before it:
+    their chunk first, then its error."""
     pending: list[Row] = []
     tokens = 0
-    for row in rows:
-        pending.append(row)
-        tokens += estimate_tokens(row.text)
-        if tokens >= batch_tokens or len(pending) >= max_items:
+    try:
+        for row in rows:
+            pending.append(row)
+            tokens += estimate_tokens(row.text)
+            if tokens >= batch_tokens or len(pending) >= max_items:
+                yield Chunk(tuple(pending))
+                pending, tokens = [], 0
+    except InvalidRequest:
+        if pending:
             yield Chunk(tuple(pending))
-            pending, tokens = [], 0
+        raise
     if pending:
         yield Chunk(tuple(pending))
 

@@ -66,8 +66,6 @@ class JsonlOutput:
             if output._found:
                 with path.open("rb") as fh:
                     check_width(path, len(_parse(fh.readline(), path, 1)[1]), info)
-        else:
-            path.touch()
         return output
 
     def done_ids(self) -> Iterator[str]:
@@ -97,6 +95,7 @@ class JsonlOutput:
 
     def finish(self) -> None:
         self.checkpoint()
+        self.path.touch()  # (a corpus of no rows: an empty output)
 
 
 def _parse(line: bytes, path: Path, number: int) -> tuple[str, list[float]]:

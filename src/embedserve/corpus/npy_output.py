@@ -72,20 +72,21 @@ class NpyOutput:
         output = NpyOutput(path, info, checkpoint_rows)
         if resume:
             output._recover()
-        else:
-            with path.open("wb") as fh:
-                fh.write(npy_header(0, info.dimensions))
-                sync_file(fh)
-            output._ids.write_bytes(b"")
         return output
+
+    def _create(self) -> None:
+        """The files, at the first checkpoint: a run that fails before any row leaves none."""
+        with self.path.open("wb") as fh:
+            fh.write(npy_header(0, self.info.dimensions))
+            sync_file(fh)
+        self._ids.touch()
 
     def _recover(self) -> None:
         """Rows whole in both files: vectors are synced before their ids at each checkpoint, so the ids
         say how many rows are complete (fewer, if the vectors were cut short some other way)."""
         row_bytes = 4 * self.info.dimensions
-        if not self.path.exists():  # the sidecar alone: nothing of the vectors survived
-            with self.path.open("wb") as fh:
-                fh.write(npy_header(0, self.info.dimensions))
+        if not self.path.exists() or self.path.stat().st_size < HEADER_BYTES:  # killed in _create
+            self._create()
         with self.path.open("rb") as fh:
             _, dimensions = read_npy_header(fh.read(HEADER_BYTES), self.path)
         check_width(self.path, dimensions, self.info)
@@ -134,6 +135,8 @@ class NpyOutput:
         """Vectors appended and synced, then their ids, then the header's row count."""
         if not self._lines:
             return
+        if not self.path.exists():
+            self._create()
         with self.path.open("r+b") as fh:
             fh.seek(HEADER_BYTES + self._durable * 4 * self.info.dimensions)
             for block in self._vectors:
@@ -150,3 +153,5 @@ class NpyOutput:
 
     def finish(self) -> None:
         self.checkpoint()
+        if not self.path.exists():  # (a corpus of no rows: an empty [0, D] array)
+            self._create()

@@ -24,10 +24,10 @@ _COUNT_BLOCK = 1 << 20
 def open_rows(path: Path, fmt: InputFormat, fields: Fields) -> tuple[Source, Iterator[Row]]:
     """The input's records. What can be checked before the first record is checked now (the file
     exists; a CSV header or Parquet schema has the fields): the rest as the records are read."""
-    if not path.is_file():
-        raise ConfigError(
-            f"input {str(path)!r} is not a file" if path.exists() else f"no input {str(path)!r}"
-        )
+    if not path.exists():
+        raise ConfigError(f"no input {str(path)!r}")
+    if path.is_dir():
+        raise ConfigError(f"input {str(path)!r} is a folder, not a file")
     if fmt == "parquet":
         return Source(path, "row"), _parquet(path, fields)
     if fmt == "csv":
@@ -40,9 +40,12 @@ def open_rows(path: Path, fmt: InputFormat, fields: Fields) -> tuple[Source, Ite
     return source, (_jsonl(source, fields) if fmt == "jsonl" else _text(source))
 
 
-def count_records(path: Path, fmt: InputFormat) -> int:
+def count_records(path: Path, fmt: InputFormat) -> int | None:
     """About how many records the input holds, for the progress bar's ETA, reading a block at a time:
-    exact for Parquet (its footer) and plain text; JSONL counts blank lines too, CSV a quoted line break."""
+    exact for Parquet (its footer) and plain text; JSONL counts blank lines too, CSV a quoted line break.
+    None for a pipe, which can be read only once."""
+    if not path.is_file():
+        return None
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -113,29 +116,31 @@ def _record_id(record: dict[str, Any], id_field: str, where: str, number: int) -
 
 def _csv(path: Path, fields: Fields) -> Iterator[Row]:
     """A header row, then a record each (a quoted field may span lines: a record is named by the line
-    it starts on). Without --id-field, an "id" column gives the ids, else each record's line number."""
+    it starts on). Without --id-field, an "id" column gives the ids, else each record's line number.
+    The header is checked before the first record is asked for (the file is opened once: it may be a
+    pipe)."""
+    records = _csv_records(path, fields)
+    assert next(records) is None  # (the header checked)
+    return records  # type: ignore[return-value]  # (only Rows from here on)
+
+
+def _csv_records(path: Path, fields: Fields) -> Iterator[Row | None]:
+    source = Source(path, "line")
     with path.open("r", encoding="utf-8-sig", newline="") as fh:
-        try:
-            header = next(csv.reader(fh), None)
-        except (csv.Error, UnicodeDecodeError) as exc:
-            raise InvalidRequest(f"{path.name} line 1: {exc}") from None
-    if header is None:
-        raise ConfigError(f"input {path.name} is empty: a CSV input starts with a header row")
-    text_at = _column(header, fields.text, path, "--text-field")
-    id_name = (
-        fields.id if fields.id is not None else (DEFAULT_ID_FIELD if DEFAULT_ID_FIELD in header else None)
-    )
-    id_at = None if id_name is None else _column(header, id_name, path, "--id-field")
-    return _csv_records(
-        Source(path, "line"), (fields.text, text_at), None if id_name is None else (id_name, id_at)
-    )
-
-
-def _csv_records(source: Source, text: tuple[str, int], ids: tuple[str, int | None] | None) -> Iterator[Row]:
-    (text_name, text_at), (id_name, id_at) = text, ids or ("", None)
-    with source.path.open("r", encoding="utf-8-sig", newline="") as fh:
         reader = csv.reader(fh)
-        consumed = 0
+        try:
+            header = next(reader, None)
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise InvalidRequest(f"{source.where(1)}: {exc}") from None
+        if header is None:
+            raise ConfigError(f"input {path.name} is empty: a CSV input starts with a header row")
+        text_at = _column(header, fields.text, path, "--text-field")
+        id_name = (
+            fields.id if fields.id is not None else (DEFAULT_ID_FIELD if DEFAULT_ID_FIELD in header else None)
+        )
+        id_at = None if id_name is None else _column(header, id_name, path, "--id-field")
+        yield None
+        consumed = reader.line_num
         while True:
             number = consumed + 1
             try:
@@ -144,16 +149,16 @@ def _csv_records(source: Source, text: tuple[str, int], ids: tuple[str, int | No
                 raise InvalidRequest(f"{source.where(number)}: {exc}") from None
             if record is None:
                 return
-            first, consumed = consumed == 0, reader.line_num
-            if first or not record:  # the header; a blank line
+            consumed = reader.line_num
+            if not record:  # a blank line
                 continue
             where = source.where(number)
             if text_at >= len(record) or (id_at is not None and id_at >= len(record)):
-                missing = text_name if text_at >= len(record) else id_name
+                missing = fields.text if text_at >= len(record) else id_name
                 raise InvalidRequest(
                     f"{where}: {len(record)} fields, fewer than the header's: no {missing!r} value"
                 )
-            row_id = str(number) if id_at is None else id_of(record[id_at], id_name, where)
+            row_id = str(number) if id_at is None or id_name is None else id_of(record[id_at], id_name, where)
             yield Row(row_id, record[text_at], number)
 
 
