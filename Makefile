@@ -6,7 +6,7 @@ PIP    := $(BIN)/pip install --quiet --disable-pip-version-check -c constraints.
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-fast lint docs-check pytest docs bench install install-dev clean
+.PHONY: serve test test-fast lint docs-check pytest docs bench bench-embed install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ docs: install-dev
 ## make bench: embedserve vs Infinity and in-process baselines, 3 runs (prints a Markdown table)
 bench: install-dev
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/load.py $(ARGS)
+
+## make bench-embed: `embedserve embed` against in-process ONNX Runtime, 3 runs (prints a Markdown table)
+bench-embed: install-dev
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/embed_command.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .site

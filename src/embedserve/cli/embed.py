@@ -332,10 +332,11 @@ async def _keep_written(checkpoint: Awaitable[None], failure: BaseException) -> 
             raise
 
 
-def _total(task: asyncio.Task[int], skipped: int) -> int | None:
-    if task.cancelled() or task.exception() is not None:
+def _total(task: asyncio.Task[int | None], skipped: int) -> int | None:
+    """The rows left to embed, once counted (None: not countable, a pipe)."""
+    if task.cancelled() or task.exception() is not None or (counted := task.result()) is None:
         return None
-    return max(0, task.result() - skipped)
+    return max(0, counted - skipped)
 
 
 class _Bar:
