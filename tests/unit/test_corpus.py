@@ -439,11 +439,15 @@ def test_a_finished_parquet_output_resumed_takes_more_rows_after_its_own(tmp_pat
     output = open_output(path, "parquet", INFO, resume=False, overwrite=False)
     write_rows(output, 0, 30)
     output.finish()
+    unchanged = open_output(path, "parquet", INFO, resume=True, overwrite=False)
+    assert unchanged.rows == 30 and list(unchanged.done_ids()) == ids(0, 30)
+    unchanged.finish()  # nothing to add: the file stays as it is
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vectors.parquet"]
     resumed = open_output(path, "parquet", INFO, resume=True, overwrite=False)
-    assert resumed.rows == 30 and list(resumed.done_ids()) == ids(0, 30)
     write_rows(resumed, 30, 45)
     resumed.finish()
     assert read_back(path, "parquet")[0] == ids(0, 45)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vectors.parquet"]
 
 
 def test_a_parquet_merge_renamed_in_wins_over_the_parts_left_behind(tmp_path: Path) -> None:
@@ -492,6 +496,22 @@ def test_overwrite_replaces_an_output_and_its_leftovers(tmp_path: Path, fmt: str
     write_rows(again, 100, 103)
     again.finish()
     assert read_back(path, fmt)[0] == ids(100, 3)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "content", "message"),
+    [
+        ("parquet", b"not parquet", r"vectors\.parquet is not a Parquet file"),
+        ("jsonl", b'{"a": 1}\n', r"vectors\.jsonl line 1 is not a row of an `embedserve embed` output"),
+    ],
+)
+def test_a_resume_onto_a_file_this_command_did_not_write_is_refused(
+    tmp_path: Path, fmt: str, content: bytes, message: str
+) -> None:
+    path = out_path(tmp_path, fmt)
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message):
+        open_output(path, fmt, INFO, resume=True, overwrite=False)  # type: ignore[arg-type]
 
 
 def test_an_npy_header_is_fixed_size_and_numpy_reads_it(tmp_path: Path) -> None:

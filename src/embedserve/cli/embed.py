@@ -79,8 +79,12 @@ def add_parser(sub: Any) -> None:
     embed.add_argument(
         "-o", "--output", dest="embed_output", metavar="OUT", type=Path, required=True, help="the output file"
     )
-    embed.add_argument("--input-format", dest="embed_input_format", choices=INPUT_FORMATS)
-    embed.add_argument("--output-format", dest="embed_output_format", choices=OUTPUT_FORMATS)
+    embed.add_argument(
+        "--input-format", dest="embed_input_format", choices=INPUT_FORMATS, help="default: by extension"
+    )
+    embed.add_argument(
+        "--output-format", dest="embed_output_format", choices=OUTPUT_FORMATS, help="default: by extension"
+    )
     embed.add_argument(
         "--text-field",
         dest="embed_text_field",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -65,7 +66,7 @@ class JsonlOutput:
             output.rows = output._found
             if output._found:
                 with path.open("rb") as fh:
-                    check_width(path, len(_parse(fh.readline(), path, 1)[1]), info)
+                    check_width(path, len(_parse(fh.readline(), path, 1)["embedding"]), info)
         return output
 
     def done_ids(self) -> Iterator[str]:
@@ -73,7 +74,7 @@ class JsonlOutput:
             for number, line in enumerate(fh, 1):
                 if number > self._found:
                     return
-                yield _parse(line, self.path, number)[0]
+                yield str(_parse(line, self.path, number)["id"])
 
     def write(self, ids: Sequence[str], vectors: FloatMatrix, tokens: Sequence[int]) -> None:
         for row_id, vector, count in zip(ids, vectors.astype(np.float32, copy=False), tokens, strict=True):
@@ -98,11 +99,14 @@ class JsonlOutput:
         self.path.touch()  # (a corpus of no rows: an empty output)
 
 
-def _parse(line: bytes, path: Path, number: int) -> tuple[str, list[float]]:
+def _parse(line: bytes, path: Path, number: int) -> dict[str, Any]:
+    """A line this output wrote, else a resume is refused (the file is someone else's)."""
     try:
         row = orjson.loads(line)
-        return str(row["id"]), list(row["embedding"])
-    except (orjson.JSONDecodeError, KeyError, TypeError):
-        raise ConfigError(
-            f"cannot resume: {path.name} line {number} is not a row of an `embedserve embed` output"
-        ) from None
+        if isinstance(row, dict) and "id" in row and isinstance(row.get("embedding"), list):
+            return row
+    except orjson.JSONDecodeError:
+        pass
+    raise ConfigError(
+        f"cannot resume: {path.name} line {number} is not a row of an `embedserve embed` output"
+    )

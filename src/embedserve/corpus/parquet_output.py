@@ -76,27 +76,31 @@ class ParquetOutput:
 
     def _recover(self) -> None:
         """Finished parts only: a part is renamed in once whole, so `*.tmp` files and a merge cut short
-        are thrown away. A finished OUT (the merge renamed it in) wins over parts left behind, and
-        becomes part 0 of this run, so rows can follow it."""
+        are thrown away. A finished OUT (the merge renamed it in) wins over parts left behind, and is
+        this run's first part: moved in as part 0 once a row follows it, so that a resume refused, or
+        with nothing to add, leaves it where it is."""
         remove(_merging(self.path))
         if self.path.exists():
             remove(self._parts)
-            self._parts.mkdir()
-            replace_durably(self.path, self._parts / _PART.format(0))
-        for tmp in self._parts.glob("*.tmp"):
-            tmp.unlink()
-        self._found = sorted(self._parts.glob("part-*.parquet"))
+            self._found = [self.path]
+        else:
+            for tmp in self._parts.glob("*.tmp"):
+                tmp.unlink()
+            self._found = sorted(self._parts.glob("part-*.parquet"))
         for part in self._found:
-            meta = pq.read_metadata(part)
+            try:
+                meta = pq.read_metadata(part)
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise ConfigError(f"cannot resume: {part} is not a Parquet file ({exc})") from None
             self._check(part, meta.schema.to_arrow_schema())
             self.rows += meta.num_rows
-        if self._found:
+        if self._found and self._found[-1] != self.path:
             self._next_part = int(self._found[-1].stem.removeprefix("part-")) + 1
 
     def _check(self, part: Path, schema: pa.Schema) -> None:
         raw = (schema.metadata or {}).get(INFO_KEY)
         if raw is None or schema.names != self._schema.names:
-            raise ConfigError(f"cannot resume: {part} is not a part of an `embedserve embed` output")
+            raise ConfigError(f"cannot resume: {part} is not an `embedserve embed` output")
         found = orjson.loads(raw)
         check_width(self.path, int(found["dimensions"]), self.info)
         wanted = _info_json(self.info)
@@ -136,6 +140,9 @@ class ParquetOutput:
         if not self._buffer:
             return
         self._parts.mkdir(exist_ok=True)
+        if self._found == [self.path]:  # rows after a finished output's: it becomes part 0
+            replace_durably(self.path, self._parts / _PART.format(0))
+            self._found = [self._parts / _PART.format(0)]
         final = self._parts / _PART.format(self._next_part)
         tmp = final.with_name(final.name + ".tmp")
         with tmp.open("wb") as fh:
@@ -150,6 +157,8 @@ class ParquetOutput:
         """The parts, in order, merged into one file beside OUT, synced and renamed to OUT; then the
         parts go. A kill before the rename leaves the parts (a resume merges again), after it OUT."""
         self.checkpoint()
+        if self._found == [self.path]:  # a finished output, nothing added
+            return
         merging = _merging(self.path)
         with merging.open("wb") as fh:
             with pq.ParquetWriter(fh, self._schema) as writer:

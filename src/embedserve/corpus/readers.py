@@ -90,9 +90,8 @@ def _jsonl(source: Source, fields: Fields) -> Iterator[Row]:
                 raise InvalidRequest(f"{where}: {json_type(record)}, not a JSON object")
             if id_field is None:  # the first record decides
                 id_field = DEFAULT_ID_FIELD if DEFAULT_ID_FIELD in record else ""
-            yield Row(
-                _record_id(record, id_field, where, number), _record_text(record, fields, where), number
-            )
+            row_id = _record_id(record, id_field, where, number, named=fields.id is not None)
+            yield Row(row_id, _record_text(record, fields, where), number)
 
 
 def _record_text(record: dict[str, Any], fields: Fields, where: str) -> str:
@@ -104,13 +103,12 @@ def _record_text(record: dict[str, Any], fields: Fields, where: str) -> str:
     return text_of(record[fields.text], fields.text, where)
 
 
-def _record_id(record: dict[str, Any], id_field: str, where: str, number: int) -> str:
+def _record_id(record: dict[str, Any], id_field: str, where: str, number: int, *, named: bool) -> str:
     if not id_field:
         return str(number)
     if id_field not in record:
-        raise InvalidRequest(
-            f"{where}: no {id_field!r} field (ids: --id-field, or the first record's)", param=id_field
-        )
+        why = "--id-field names it" if named else "the first record has one, so every record needs one"
+        raise InvalidRequest(f"{where}: no {id_field!r} field ({why})", param=id_field)
     return id_of(record[id_field], id_field, where)
 
 
@@ -120,7 +118,8 @@ def _csv(path: Path, fields: Fields) -> Iterator[Row]:
     The header is checked before the first record is asked for (the file is opened once: it may be a
     pipe)."""
     records = _csv_records(path, fields)
-    assert next(records) is None  # (the header checked)
+    checked = next(records)  # the header, up to the first record
+    assert checked is None
     return records  # type: ignore[return-value]  # (only Rows from here on)
 
 
