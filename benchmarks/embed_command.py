@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus import build_corpus
@@ -30,7 +31,7 @@ from corpus import build_corpus
 from load import MODEL, Row, _cell, _onnx_runtime
 
 
-def _command(corpus_file: Path, out: Path) -> tuple[float, dict[str, float]]:
+def _command(corpus_file: Path, out: Path) -> tuple[float, dict[str, Any]]:
     """One `embedserve embed` process: its wall seconds and its --json summary."""
     command = [
         sys.executable, "-m", "embedserve", "embed", str(corpus_file), "--model", MODEL,
@@ -41,7 +42,7 @@ def _command(corpus_file: Path, out: Path) -> tuple[float, dict[str, float]]:
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"embedserve embed failed ({done.returncode}): {done.stderr.strip()}")
-    summary: dict[str, float] = json.loads(done.stdout)
+    summary: dict[str, Any] = json.loads(done.stdout)
     return wall, summary
 
 
