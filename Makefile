@@ -6,7 +6,7 @@ PIP    := $(BIN)/pip install --quiet --disable-pip-version-check -c constraints.
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-fast lint docs-check pytest docs bench bench-batch install install-dev clean
+.PHONY: serve test test-fast lint docs-check pytest docs bench bench-batch bench-embed install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,9 +56,14 @@ docs: install-dev
 bench: install-dev
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/load.py $(ARGS)
 
-## make bench-batch: the Batch API against bulk HTTP, online latency beside a batch, `embedserve embed` against ONNX Runtime
+## make bench-batch: the Batch API against bulk HTTP and online latency beside a batch, then bench-embed's table
 bench-batch: install-dev
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/batch.py $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/embed_command.py $(ARGS)
+
+## make bench-embed: `embedserve embed` against in-process ONNX Runtime, 3 runs (prints a Markdown table)
+bench-embed: install-dev
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/embed_command.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .site

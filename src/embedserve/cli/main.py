@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pydantic import ValidationError
 
 from embedserve import __version__
-from embedserve.cli import batches, keys, models, serve, usage
+from embedserve.cli import batches, embed, keys, models, serve, usage
 from embedserve.cli.flags import settings_from
 from embedserve.errors import (
     BatchNotFound,
@@ -25,10 +25,11 @@ from embedserve.settings import Settings
 
 DESCRIPTION = """\
 Command line: flags -> Settings, then `serve` (the HTTP server), `models` (what would be served),
-`keys` (create, list, show, update, revoke API keys), `usage` (reports from the ledger) or `batches`
-(list, show, cancel Batch API batches). Failures print
-one line, never a traceback: exit 2 for a bad flag, setting, catalog or value, 1 for an unknown key id
-or a database that cannot be reached (and for a `serve` that lost usage records)."""
+`keys` (create, list, show, update, revoke API keys), `usage` (reports from the ledger), `batches`
+(list, show, cancel Batch API batches) or `embed` (a corpus file embedded in this process, no server).
+Failures print one line, never a traceback: exit 2 for a bad flag, setting, catalog or value, 1 for an
+unknown key or batch id or a database that cannot be reached (and for a `serve` that lost usage
+records)."""
 
 Run = Callable[[Settings, argparse.Namespace], int]
 
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="embedserve", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"embedserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (serve, models, keys, usage, batches):
+    for command in (serve, models, keys, usage, batches, embed):
         command.add_parser(sub)
     return parser
 
