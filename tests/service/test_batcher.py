@@ -876,3 +876,26 @@ def test_the_metrics_count_each_class_apart() -> None:
         assert sample(metrics, "embedserve_batch_size_inputs_sum") == 6
 
     run(main())
+
+
+def test_under_load_an_online_batch_waits_for_online_inputs_on_their_way_not_for_a_batch_backlog() -> None:
+    """As test_under_load_a_batch_waits_for_inputs_on_their_way, with batch inputs queued too: they
+    cannot fill an online pass (no fill on this device), so the online pass still waits for C."""
+
+    async def main() -> None:
+        backend = GatedBackend()
+        async with started(backend, max_batch_items=2, max_batch_wait_ms=GUARD_S * 1000) as batcher:
+            a = asyncio.ensure_future(batcher.embed([[1]]))
+            await forward_started(backend)
+            background = asyncio.ensure_future(batcher.embed([[9]] * 4, work="batch"))  # 2 full passes
+            b = asyncio.ensure_future(batcher.embed([[2]]))
+            await handed_over()
+            backend.release.set()
+            await asyncio.wait_for(a, GUARD_S)
+            c = await asyncio.wait_for(batcher.embed([[3]]), GUARD_S)
+            await asyncio.wait_for(asyncio.gather(b, background), GUARD_S)
+            assert_own_vectors([[3]], c)
+        assert backend.rows[:3] == [[1], [2], [3]]
+        assert [rows for rows, _ in backend.batches][:2] == [1, 2]
+
+    run(main())

@@ -319,10 +319,14 @@ class Batcher:
         return bool(self._pending)
 
     def _would_fill(self) -> bool:
-        """Enough waiting for a full batch (padding ignored: a cheap, optimistic test; batch-class
-        inputs count, since they fill a pass, or form one)."""
-        tokens = sum(tally.pending_tokens for tally in self._tally.values())
-        return len(self._pending) >= self._max_batch_items or tokens >= self._limits.max_tokens
+        """Enough waiting for a full batch (padding ignored: a cheap, optimistic test) of the inputs the
+        next pass may take: online ones while any waits (batch ones too where they fill its room)."""
+        online = self._tally["online"]
+        if online.pending and not self._limits.fill:
+            inputs, tokens = online.pending, online.pending_tokens
+        else:
+            inputs, tokens = len(self._pending), sum(t.pending_tokens for t in self._tally.values())
+        return inputs >= self._max_batch_items or tokens >= self._limits.max_tokens
 
     def _next_batch(self, under_load: bool) -> tuple[list[WorkItem], float] | None:
         """(Under `_cond`.) Wait for inputs, then, under load, for the batch to fill, and for memory
