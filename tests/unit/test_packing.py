@@ -181,9 +181,14 @@ def test_cpu_batches_are_smaller_tighter_and_never_wait_unlike_gpu_batches() -> 
         max_wait_ms=CPU_BATCH_WAIT_MS,
         max_padding=CPU_MAX_PADDING,
         protect_last=True,
+        recent_batch_tokens=CPU_BATCH_TOKENS_PER_THREAD // 4,
     )
     assert cuda == BatchLimits(
-        max_tokens=GPU_BATCH_TOKENS, max_wait_ms=GPU_BATCH_WAIT_MS, max_padding=MAX_PADDING, fill=True
+        max_tokens=GPU_BATCH_TOKENS,
+        max_wait_ms=GPU_BATCH_WAIT_MS,
+        max_padding=MAX_PADDING,
+        fill=True,
+        recent_batch_tokens=GPU_BATCH_TOKENS // 4,
     )
     assert cpu.max_tokens < cuda.max_tokens and cpu.max_padding < cuda.max_padding
     assert cpu.max_wait_ms == 0 < cuda.max_wait_ms
@@ -200,6 +205,7 @@ def test_a_cpu_pass_on_more_threads_takes_more_tokens() -> None:
 def test_explicit_batch_settings_win_over_the_device_defaults(device: str) -> None:
     limits = batch_limits(device, 2, max_tokens=999, max_wait_ms=7.5)
     assert (limits.max_tokens, limits.max_wait_ms) == (999, 7.5)
+    assert limits.recent_batch_tokens == 249  # a pass of batch inputs while online is recent: a quarter
     assert batch_limits(device, 2, max_wait_ms=0.0).max_wait_ms == 0.0  # an explicit 0 is kept
 
 
