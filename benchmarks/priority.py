@@ -3,9 +3,11 @@ on an idle model, through the Engine in-process on the bundled model and the ben
 (benchmarks/corpus.py), in one run repeated `--runs` times; prints a Markdown table of medians with
 [min-max] and the ratios against the Batch API's targets. Timing belongs here, never in tests.
 
-Loads: online = one input per call, 16 concurrent callers (benchmarks/load.py's online load), alone
-and beside a background stream that keeps `--lines` batch-class calls of 32 corpus inputs in flight
-for as long as the online load runs; bulk = the corpus as calls of 32 inputs, 4 concurrent, as
+Loads: online = one input per call, 16 concurrent callers (benchmarks/load.py's online load), alone,
+beside a background stream that keeps `--lines` batch-class calls of 32 corpus inputs in flight for as
+long as the online load runs, and beside the same stream sent as online-class work (what no priority
+gives); light online = 2 callers (a mostly idle model, where the batch pass in flight shows), alone
+and beside the batch-class stream; bulk = the corpus as calls of 32 inputs, 4 concurrent, as
 online-class work and as batch-class work on an otherwise idle engine.
 
     .venv/bin/python benchmarks/priority.py [--limit 2000] [--runs 3] [--lines 4]
@@ -84,10 +86,10 @@ async def _bulk(engine: Engine, corpus: list[str], concurrency: int, work: WorkC
 
 
 async def _beside_background(
-    engine: Engine, corpus: list[str], lines: int, concurrency: int
+    engine: Engine, corpus: list[str], lines: int, concurrency: int, work: WorkClass = "batch"
 ) -> tuple[float, list[float], float]:
-    """The online load while `lines` batch-class calls of 32 inputs stay in flight: -> (online
-    seconds, online latencies, batch-class inputs embedded per second meanwhile)."""
+    """The online load while `lines` calls of 32 inputs of class `work` stay in flight: -> (online
+    seconds, online latencies, background inputs embedded per second meanwhile)."""
     stop = asyncio.Event()
     embedded = 0
 
@@ -97,7 +99,7 @@ async def _beside_background(
         while not stop.is_set():
             chunk = [corpus[(start + i) % len(corpus)] for i in range(BULK_INPUTS)]
             start += lines * BULK_INPUTS
-            result = await engine.embed(MODEL, chunk, work="batch")
+            result = await engine.embed(MODEL, chunk, work=work)
             if not stop.is_set():
                 embedded += result.vectors.shape[0]
 
@@ -121,22 +123,32 @@ async def _run(corpus: list[str], runs: int, lines: int, rows: dict[str, Row]) -
             print(f"run {run + 1}/{runs}", file=sys.stderr)
             for name, texts, callers in (("online", corpus, 16), ("light", corpus[:LIGHT_TEXTS], 2)):
                 seconds, latencies = await _online(engine, texts, callers)
-                row = rows[name]
-                row.inputs_s.append(len(texts) / seconds)
-                row.p50.append(_pct(latencies, 50))
-                row.p99.append(_pct(latencies, 99))
-                seconds, latencies, background = await _beside_background(engine, texts, lines, callers)
-                row = rows[f"{name} beside batch"]
-                row.inputs_s.append(len(texts) / seconds)
-                row.p50.append(_pct(latencies, 50))
-                row.p99.append(_pct(latencies, 99))
-                row.background_s.append(background)
+                _record(rows[name], len(texts) / seconds, latencies)
+                for beside, work in (("batch", "batch"), ("bulk", "online")):
+                    if name == "light" and beside == "bulk":
+                        continue  # the online load's row shows what no priority costs
+                    seconds, latencies, background = await _beside_background(
+                        engine,
+                        texts,
+                        lines,
+                        callers,
+                        work,  # type: ignore[arg-type]
+                    )
+                    _record(rows[f"{name} beside {beside}"], len(texts) / seconds, latencies, background)
 
             seconds = await _bulk(engine, corpus, 4, "online")
             rows["bulk online"].inputs_s.append(len(corpus) / seconds)
             await asyncio.sleep(RECENT_ONLINE_S + 0.5)  # idle: no online input lately
             seconds = await _bulk(engine, corpus, 4, "batch")
             rows["bulk batch"].inputs_s.append(len(corpus) / seconds)
+
+
+def _record(row: Row, inputs_s: float, latencies: list[float], background: float | None = None) -> None:
+    row.inputs_s.append(inputs_s)
+    row.p50.append(_pct(latencies, 50))
+    row.p99.append(_pct(latencies, 99))
+    if background is not None:
+        row.background_s.append(background)
 
 
 def _cell(values: list[float], fmt: str = ".1f") -> str:
@@ -154,12 +166,13 @@ def _report(rows: dict[str, Row], corpus: list[str], tokens: int, runs: int, lin
     labels = {
         "online": "online (1 input/call, 16 concurrent), alone",
         "online beside batch": "online, beside a saturating batch-class stream",
-        "light": f"light online (1 input/call, 2 concurrent, {LIGHT_TEXTS} texts), alone",
+        "online beside bulk": "online, beside the same stream as online-class work (no priority)",
+        "light": f"light online (1 input/call, 2 concurrent, {min(LIGHT_TEXTS, len(corpus))} texts), alone",
         "light beside batch": "light online, beside a saturating batch-class stream",
         "bulk online": f"bulk, online class ({BULK_INPUTS} inputs/call, 4 concurrent)",
         "bulk batch": "bulk, batch class, idle engine",
     }
-    print("| load | inputs/s | p50 ms | p99 ms | batch-class inputs/s meanwhile |")
+    print("| load | inputs/s | p50 ms | p99 ms | background inputs/s meanwhile |")
     print("|---|---:|---:|---:|---:|")
     for key, label in labels.items():
         row = rows[key]
@@ -172,6 +185,11 @@ def _report(rows: dict[str, Row], corpus: list[str], tokens: int, runs: int, lin
     targets = [
         ("online p99 beside batch / alone", beside.median("p99") / alone.median("p99"), "<= 1.3"),
         ("online p50 beside batch / alone", beside.median("p50") / alone.median("p50"), ""),
+        (
+            "online p99 beside online-class bulk / alone (no priority)",
+            rows["online beside bulk"].median("p99") / alone.median("p99"),
+            "",
+        ),
         ("light online p99 beside batch / alone", light_beside.median("p99") / light.median("p99"), ""),
         ("light online p50 beside batch / alone", light_beside.median("p50") / light.median("p50"), ""),
         (
@@ -202,7 +220,15 @@ def main() -> None:
     count: Callable[[str], int] = lambda t: len(tok(t)["input_ids"])  # noqa: E731
     corpus = build_corpus(count, size=args.limit)
     tokens = sum(count(t) for t in corpus)
-    names = ("online", "online beside batch", "light", "light beside batch", "bulk online", "bulk batch")
+    names = (
+        "online",
+        "online beside batch",
+        "online beside bulk",
+        "light",
+        "light beside batch",
+        "bulk online",
+        "bulk batch",
+    )
     rows = {name: Row(name) for name in names}
     asyncio.run(_run(corpus, args.runs, args.lines, rows))
     _report(rows, corpus, tokens, args.runs, args.lines)
