@@ -21,7 +21,7 @@ from embedserve.metrics import Metrics
 from embedserve.runtime import ModelRegistry
 from embedserve.service import EmbeddingPipeline, Meter
 from embedserve.settings import Settings
-from embedserve.types import ANONYMOUS, EmbeddingJob, EmbeddingResult, FloatMatrix, Principal
+from embedserve.types import ANONYMOUS, EmbeddingJob, EmbeddingResult, FloatMatrix, Principal, WorkClass
 from embedserve.validation import parse_embedding_request
 
 log = logging.getLogger("embedserve.engine")
@@ -171,11 +171,14 @@ class Engine:
         dimensions: int | None = None,
         input_type: str | None = None,
         instruction: str | None = None,
+        work: WorkClass = "online",
     ) -> Embeddings:
         """Embed `inputs` with `model` (an id or alias). `dimensions`: Matryoshka truncation where the
         model has it; `input_type` ("query", "document" or a prompt name) and `instruction` (a query's
-        task) choose the prompt as the HTTP API's fields do. Raises the server's typed errors
-        (embedserve.errors: InvalidRequest and its kinds, ModelNotFound, ServiceUnavailable, ...)."""
+        task) choose the prompt as the HTTP API's fields do. `work="batch"`: background work, embedded
+        only when no online input waits (a corpus job beside a server's traffic). Raises the server's
+        typed errors (embedserve.errors: InvalidRequest and its kinds, ModelNotFound,
+        ServiceUnavailable, ...)."""
         payload = {
             "model": model,
             "input": plain_input(inputs),
@@ -186,20 +189,26 @@ class Engine:
         job = parse_embedding_request(payload, max_inputs=self.settings.max_inputs_per_request)
         if not self.registry.ready and not self._closing:  # (the server's routes answer 503 instead)
             await self.wait_loaded()  # an engine used without `async with` loads on its first call
-        result = await self.run(job)
+        result = await self.run(job, work=work)
         return Embeddings(vectors=result.vectors, token_counts=result.token_counts, model=result.model_id)
 
     async def run(
-        self, job: EmbeddingJob, principal: Principal = ANONYMOUS, meter: Meter | None = None
+        self,
+        job: EmbeddingJob,
+        principal: Principal = ANONYMOUS,
+        meter: Meter | None = None,
+        *,
+        work: WorkClass = "online",
     ) -> EmbeddingResult:
         """The pipeline on a validated job, for `principal` (the models its key may use) within
-        `meter` (its key's token limit): what the HTTP route calls."""
+        `meter` (its key's token limit), as work of class `work` ("batch": a batch job's line, in the
+        model's idle time): what the HTTP route and the batch worker call."""
         if self._closing:
             raise ShuttingDown("The engine is closed; it takes no new work.", retry_after_s=5)
         self._in_flight += 1
         self._idle.clear()
         try:
-            return await self._pipeline.run(job, principal, meter)
+            return await self._pipeline.run(job, principal, meter, work=work)
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:

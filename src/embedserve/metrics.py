@@ -12,6 +12,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from embedserve.health import Health
+from embedserve.types import WorkClass
 
 #: Latency buckets in seconds: 1 ms to 2 min (an 8192-token input on 2 CPU cores takes seconds).
 LATENCY_BUCKETS = (
@@ -79,7 +80,15 @@ class Metrics:
         )
         self.queue_seconds = Histogram(
             "embedserve_queue_wait_seconds",
-            "Time an input waited in the batcher before its forward pass started",
+            "Time an online input waited in the batcher before its forward pass started",
+            ("model",),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_queue_seconds = Histogram(
+            "embedserve_batch_queue_wait_seconds",
+            "Time a batch job's input waited in the batcher before its forward pass started (it goes "
+            "only when no online input waits)",
             ("model",),
             buckets=LATENCY_BUCKETS,
             registry=r,
@@ -132,7 +141,14 @@ class Metrics:
         )
         self.queue_depth = Gauge(
             "embedserve_queue_depth_inputs",
-            "Inputs admitted and not yet in a forward pass (being tokenized or waiting in the batcher)",
+            "Online inputs admitted and not yet in a forward pass (being tokenized or waiting in the "
+            "batcher)",
+            ("model",),
+            registry=r,
+        )
+        self.batch_queue_depth = Gauge(
+            "embedserve_batch_queue_depth_inputs",
+            "Batch jobs' inputs admitted and not yet in a forward pass",
             ("model",),
             registry=r,
         )
@@ -156,6 +172,7 @@ class Metrics:
         for histogram in (
             self.tokenize_seconds,
             self.queue_seconds,
+            self.batch_queue_seconds,
             self.inference_seconds,
             self.batch_inputs,
             self.batch_tokens,
@@ -166,6 +183,7 @@ class Metrics:
         for reason in REJECT_REASONS:
             self.rejected.labels(model, reason)
         self.queue_depth.labels(model).set(0)
+        self.batch_queue_depth.labels(model).set(0)
         self.model_ready.labels(model).set(0)
         self.requests.labels(EMBEDDINGS_ROUTE, model, "200")
         self.request_seconds.labels(EMBEDDINGS_ROUTE)
@@ -181,13 +199,23 @@ class Metrics:
         self.tokenized.labels(model).inc(tokens)
 
     def observe_batch(
-        self, model: str, *, waits: Sequence[float], seconds: float, real_tokens: int, slots: int
+        self,
+        model: str,
+        *,
+        waits: Sequence[float],
+        seconds: float,
+        real_tokens: int,
+        slots: int,
+        batch_waits: Sequence[float] = (),
     ) -> None:
-        queue = self.queue_seconds.labels(model)
-        for wait in waits:
-            queue.observe(wait)
+        """One forward pass: `waits` are its online inputs' queue waits, `batch_waits` its batch-class
+        inputs'."""
+        for histogram, observed in ((self.queue_seconds, waits), (self.batch_queue_seconds, batch_waits)):
+            queue = histogram.labels(model)
+            for wait in observed:
+                queue.observe(wait)
         self.inference_seconds.labels(model).observe(seconds)
-        self.batch_inputs.labels(model).observe(len(waits))
+        self.batch_inputs.labels(model).observe(len(waits) + len(batch_waits))
         self.batch_tokens.labels(model).observe(real_tokens)
         self.batch_padding.labels(model).inc(slots - real_tokens)
 
@@ -198,8 +226,10 @@ class Metrics:
     def observe_rejected(self, model: str, reason: str, inputs: int) -> None:
         self.rejected.labels(model, reason).inc(inputs)
 
-    def track_queue(self, model: str, depth: Callable[[], int]) -> None:
-        self.queue_depth.labels(model).set_function(depth)
+    def track_queue(self, model: str, depth: Callable[[WorkClass], int]) -> None:
+        """`depth(work)`: the inputs of that class queued (read at each scrape)."""
+        self.queue_depth.labels(model).set_function(lambda: depth("online"))
+        self.batch_queue_depth.labels(model).set_function(lambda: depth("batch"))
 
     def model_loaded(self, model: str, seconds: float) -> None:
         self.model_load_seconds.labels(model).set(seconds)

@@ -16,7 +16,7 @@ from embedserve.prompts import choose_prefix
 from embedserve.runtime import ModelRegistry, ModelRuntime
 from embedserve.settings import Settings
 from embedserve.tokenization import Stop, TokenLimits, ensure_last
-from embedserve.types import ANONYMOUS, EmbeddingJob, EmbeddingResult, Principal
+from embedserve.types import ANONYMOUS, EmbeddingJob, EmbeddingResult, Principal, WorkClass
 from embedserve.validation import check_dimensions, check_framing, check_lengths, check_token_ids
 
 
@@ -69,8 +69,15 @@ class EmbeddingPipeline:
         self._metrics = metrics
 
     async def run(
-        self, job: EmbeddingJob, principal: Principal = ANONYMOUS, meter: Meter | None = None
+        self,
+        job: EmbeddingJob,
+        principal: Principal = ANONYMOUS,
+        meter: Meter | None = None,
+        *,
+        work: WorkClass = "online",
     ) -> EmbeddingResult:
+        """`work`: an online request's inputs go before any batch job's, which fill the model's idle
+        time and are admitted without the online queue's bounds (scheduler.batcher)."""
         meter = meter or Unmetered()
         spec = self._registry.catalog.resolve(job.model, principal)
         check_dimensions(
@@ -101,11 +108,11 @@ class EmbeddingPipeline:
             estimate = sum(len(ids) + 1 for ids in job.token_ids or ())
         stop_at = meter.hold(estimate)
         try:
-            with runtime.batcher.admit(job.count) as admission:
+            with runtime.batcher.admit(job.count, work) as admission:
                 sequences = await self._sequences(job, prefix, runtime, stop_at, meter)
                 counts = tuple(len(ids) for ids in sequences)
                 meter.settle(sum(counts))
-                pooled = await runtime.batcher.embed(sequences, admission)  # [N, D]
+                pooled = await runtime.batcher.embed(sequences, admission, work=work)  # [N, D]
         except BaseException:  # refused, or not embedded (overload, shutdown, cancelled): not counted
             meter.release()
             raise

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from embedserve.backends.factory import BackendFactory, make_backend
 from embedserve.engine import Embeddings, Engine, Inputs
 from embedserve.errors import ShuttingDown
+from embedserve.types import WorkClass
 
 T = TypeVar("T")
 
@@ -56,13 +57,19 @@ class EngineSync:
         dimensions: int | None = None,
         input_type: str | None = None,
         instruction: str | None = None,
+        work: WorkClass = "online",
     ) -> Embeddings:
         """Engine.embed, blocking until the vectors are ready."""
         if self._closed:
             raise ShuttingDown("The engine is closed; it takes no new work.", retry_after_s=5)
         return self._call(
             self.engine.embed(
-                model, inputs, dimensions=dimensions, input_type=input_type, instruction=instruction
+                model,
+                inputs,
+                dimensions=dimensions,
+                input_type=input_type,
+                instruction=instruction,
+                work=work,
             )
         )
 

@@ -122,6 +122,7 @@ class WorkItem:
     future: asyncio.Future[FloatMatrix] = field(repr=False)
     queued_at: float = 0.0  # time.perf_counter() when it joined the queue
     request: int | None = None  # the `seq` of its request's first input (None: a request of its own)
+    work: WorkClass = "online"  # who waits for it: online inputs are always packed first
 
     @property
     def length(self) -> int:

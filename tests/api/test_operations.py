@@ -150,6 +150,7 @@ MODEL_SERIES = [
         for name in (
             "tokenize_duration_seconds",
             "queue_wait_seconds",
+            "batch_queue_wait_seconds",
             "inference_duration_seconds",
             "batch_size_inputs",
             "batch_tokens",
@@ -158,6 +159,7 @@ MODEL_SERIES = [
     ("embedserve_batch_padding_tokens_total", {}),
     ("embedserve_tokenized_tokens_total", {}),
     ("embedserve_queue_depth_inputs", {}),
+    ("embedserve_batch_queue_depth_inputs", {}),
     ("embedserve_model_ready", {}),
     *(("embedserve_rejected_inputs_total", {"reason": reason}) for reason in REJECT_REASONS),
     ("embedserve_requests_total", {"route": ROUTE, "status": "200"}),

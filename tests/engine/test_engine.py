@@ -20,7 +20,9 @@ from embedserve.backends.base import Backend
 from embedserve.backends.fake import FakeBackend, fake_backends
 from embedserve.errors import EmbedServeError, ModelLoadError, ModelNotFound, ShuttingDown
 from embedserve.spec import ModelSpec
-from gates import GUARD_S, Gate, until
+from embedserve.types import EmbeddingResult
+from embedserve.validation import parse_embedding_request
+from gates import GUARD_S, ONE, Gate, until
 from support import LiveServer
 
 MODEL = "all-MiniLM-L6-v2"
@@ -61,6 +63,19 @@ def test_vectors_and_token_counts_equal_the_http_routes(
     assert result.total_tokens == http.usage.prompt_tokens
     assert result.model == model
     assert len(result.token_counts) == len(TEXTS) and all(n > 2 for n in result.token_counts)
+
+
+@pytest.mark.parametrize(
+    ("model", "options"),
+    [(MODEL, {}), ("minilm-mrl", {"dimensions": 128}), ("minilm-prompted", {"input_type": "query"})],
+)
+def test_batch_class_work_gets_the_vectors_and_token_counts_of_online_work(
+    engine_like_server: EngineSync, model: str, options: dict[str, Any]
+) -> None:
+    online = engine_like_server.embed(model, TEXTS, **options)
+    batch = engine_like_server.embed(model, TEXTS, work="batch", **options)
+    np.testing.assert_array_equal(batch.vectors, online.vectors)
+    assert (batch.token_counts, batch.model) == (online.token_counts, online.model)
 
 
 def test_token_id_inputs_python_or_numpy_equal_the_http_routes(
@@ -156,6 +171,50 @@ def test_concurrent_callers_are_batched_together_and_each_gets_its_own_vector() 
     for result, reference in zip(results, alone, strict=True):
         expected = reference / np.linalg.norm(reference)
         np.testing.assert_allclose(result.vectors[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_batch_job_run_through_the_engine_waits_for_online_calls_and_gets_their_vectors() -> None:
+    """`Engine.run(job, work="batch")`, as the batch worker calls it: queued while the model is busy, it
+    is neither counted nor refused by the online queue's bounds (8 inputs here), and the online calls
+    that arrive after it go to the model first, in passes of their own; every text of the job gets the
+    vector it gets alone."""
+    gate = Gate()
+    batch_texts = [f"a batch line's text number {i}" for i in range(10, 22)]
+    online_texts = [f"an online caller's text {i}" for i in range(10, 14)]
+
+    async def run() -> tuple[EmbeddingResult, list[list[str]], list[Any]]:
+        async with Engine.open(
+            backends=gate.backends(fake_backends()), max_queued_inputs=8, max_inputs_per_request=8, **ONE
+        ) as engine:
+            runtime, backend = engine.registry.runtime(engine.catalog.resolve(MODEL)), fake_backend_of(engine)
+            gate.armed = True
+            first = asyncio.ensure_future(engine.embed(MODEL, "the model is busy with this"))
+            assert await asyncio.to_thread(gate.entered.wait, GUARD_S)
+            before = len(backend.batches)
+            job = parse_embedding_request({"model": MODEL, "input": batch_texts}, max_inputs=2048)
+            background = asyncio.ensure_future(engine.run(job, work="batch"))
+            await until(lambda: runtime.batcher.queue_depth("batch") == len(batch_texts), "the job is queued")
+            assert runtime.batcher.queue_depth() == 0 and runtime.batcher.queued_tokens == 0
+            calls = asyncio.gather(*(engine.embed(MODEL, [text, text]) for text in online_texts))
+            await until(lambda: runtime.batcher.queue_depth() == 8, "the online calls are queued")
+            gate.opened.set()
+            _, batch, _ = await asyncio.gather(calls, background, first)
+            encode = runtime.tokenizer.encode_sync
+            kind = {tuple(ids): "online" for ids in encode(online_texts)}
+            kind.update({tuple(ids): "batch" for ids in encode(batch_texts)})
+            # Each row of each pass from the busy one on (recorded once past the gate), in order.
+            rows = iter(gate.seen)
+            passes = [[tuple(next(rows)) for _ in range(n)] for n, _ in backend.batches[before:]]
+            passes = [[kind[ids] for ids in rows_of] for rows_of in passes[1:]]
+            return batch, passes, [backend.reference(ids) for ids in encode(batch_texts)]
+
+    batch, passes, alone = asyncio.run(run())
+    assert all(set(rows) == {rows[0]} for rows in passes), f"a pass mixed the classes: {passes}"
+    kinds = [rows[0] for rows in passes]
+    assert kinds == ["online"] * kinds.count("online") + ["batch"] * kinds.count("batch"), kinds
+    assert sum(map(len, passes)) == 2 * len(online_texts) + len(batch_texts)
+    for vector, reference in zip(batch.vectors, alone, strict=True):
+        np.testing.assert_allclose(vector, reference / np.linalg.norm(reference), rtol=1e-5, atol=1e-6)
 
 
 def test_closing_lets_the_calls_in_flight_finish_and_refuses_new_ones() -> None:

@@ -5,6 +5,7 @@ shutdown answer every caller."""
 from __future__ import annotations
 
 import asyncio
+import queue
 import random
 import threading
 from collections.abc import AsyncIterator, Coroutine
@@ -16,6 +17,7 @@ import pytest
 
 from embedserve.backends.fake import FakeBackend
 from embedserve.errors import InternalError, Overloaded, ServiceUnavailable
+from embedserve.metrics import Metrics
 from embedserve.scheduler.batcher import Batcher
 from embedserve.scheduler.memory import MemoryBudget, MemoryModel
 from embedserve.scheduler.packing import CPU_MAX_PADDING, MAX_PADDING, BatchLimits
@@ -616,5 +618,284 @@ def test_two_models_share_one_budget() -> None:
                 GUARD_S,
             )
         assert 0 < meter.peak <= budget.capacity, "two passes ran at once on a budget for one"
+
+    run(main())
+
+
+# ---- work classes: online first, batch inputs in idle capacity ------------------------------------
+
+
+class SteppedBackend(RecordingBackend):
+    """Every forward pass announces its rows (`entered`), then waits for the test to let it finish
+    (`step`): the test decides when the model is free, and sees what each pass held."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered: queue.Queue[list[list[int]]] = queue.Queue()
+        self.steps = threading.Semaphore(0)
+
+    def forward(self, batch: TokenBatch) -> FloatMatrix:
+        rows = [
+            [int(t) for t in ids[mask.astype(bool)]]
+            for ids, mask in zip(batch.input_ids, batch.attention_mask, strict=True)
+        ]
+        self.entered.put(rows)
+        assert self.steps.acquire(timeout=GUARD_S), "the test never let the pass finish"
+        return super().forward(batch)
+
+    async def next_pass(self) -> list[list[int]]:
+        """The rows of the next pass to reach the model (it then waits for `step`)."""
+        return await asyncio.to_thread(self.entered.get, True, GUARD_S)
+
+    def step(self) -> None:
+        self.steps.release()
+
+
+def test_with_both_classes_waiting_the_next_pass_is_the_online_inputs() -> None:
+    async def main() -> None:
+        backend = SteppedBackend()
+        async with started(backend) as batcher:
+            first = asyncio.ensure_future(batcher.embed([[1, 1]]))
+            assert await backend.next_pass() == [[1, 1]]
+            background = asyncio.ensure_future(batcher.embed([[7, 7], [8, 8]], work="batch"))
+            await handed_over()  # the batch inputs are older than the online one
+            online = asyncio.ensure_future(batcher.embed([[2, 2]]))
+            await handed_over()
+            backend.step()
+            assert await backend.next_pass() == [[2, 2]], "the online input goes first, alone"
+            backend.step()
+            assert sorted(await backend.next_pass()) == [[7, 7], [8, 8]]
+            backend.step()
+            assert_own_vectors([[2, 2]], await online)
+            assert_own_vectors([[7, 7], [8, 8]], await background)
+            await first
+
+    run(main())
+
+
+def test_a_batch_input_waits_while_online_inputs_keep_arriving_then_runs_when_none_waits() -> None:
+    async def main() -> None:
+        backend = SteppedBackend()
+        async with started(backend) as batcher:
+            calls = [asyncio.ensure_future(batcher.embed([[1]]))]
+            assert await backend.next_pass() == [[1]]
+            background = asyncio.ensure_future(batcher.embed([[9, 9, 9]], work="batch"))
+            for i in range(2, 6):  # each online caller arrives while the pass before it runs
+                calls.append(asyncio.ensure_future(batcher.embed([[i]])))
+                await handed_over()
+                backend.step()
+                assert await backend.next_pass() == [[i]]
+                assert not background.done() and batcher.queue_depth("batch") == 1
+            backend.step()  # no online input waits now
+            assert await backend.next_pass() == [[9, 9, 9]]
+            backend.step()
+            assert_own_vectors([[9, 9, 9]], await background)
+            for i, call in enumerate(calls, start=1):
+                assert_own_vectors([[i]], await call)
+
+    run(main())
+
+
+def test_queued_batch_inputs_neither_refuse_online_requests_nor_raise_their_wait() -> None:
+    async def main() -> None:
+        backend = GatedBackend()
+        # 100 tokens a second: the 4,000 batch tokens below would be 40 s of online wait (limit 2 s), and
+        # their 40 inputs four times the online queue's 10.
+        async with started(backend, max_queued=10, max_queue_wait_s=2.0, tokens_per_s=100.0) as batcher:
+            running = asyncio.create_task(batcher.embed([[1, 2]]))
+            await forward_started(backend)
+            background = asyncio.create_task(batcher.embed([[5] * 100] * 40, work="batch"))
+            held = batcher.admit(40, "batch")  # batch work being tokenized: not bounded either
+            await handed_over()
+            assert batcher.queue_depth("batch") == 80 and batcher.queue_depth() == 0
+            assert batcher.queued_tokens == 0 and batcher.expected_wait_s() == 0.0
+            with batcher.admit(10) as admission:  # the whole online queue is still free
+                online = asyncio.create_task(batcher.embed([[3, 4]] * 10, admission))
+                await handed_over()
+            assert batcher.queued_tokens == 20 and batcher.expected_wait_s() == pytest.approx(0.2)
+            with pytest.raises(Overloaded):  # online inputs still count against the online bound
+                batcher.admit(1)
+            held.release()
+            backend.release.set()
+            assert_own_vectors([[3, 4]] * 10, await asyncio.wait_for(online, GUARD_S))
+            assert_own_vectors([[5] * 100] * 40, await asyncio.wait_for(background, GUARD_S))
+            await running
+        assert backend.rows.index([3, 4]) < backend.rows.index([5] * 100)
+
+    run(main())
+
+
+def test_batch_work_is_refused_once_the_batcher_is_closed() -> None:
+    async def main() -> None:
+        async with started(FakeBackend(seed=SEED)) as batcher:
+            assert_own_vectors([[1, 2]], await batcher.embed([[1, 2]], work="batch"))
+        with pytest.raises(ServiceUnavailable):
+            batcher.admit(1, "batch")
+        with pytest.raises(ServiceUnavailable):
+            await batcher.embed([[1]], work="batch")
+
+    run(main())
+
+
+def test_close_fails_waiting_batch_inputs_with_service_unavailable() -> None:
+    async def main() -> None:
+        backend = GatedBackend()
+        batcher = Batcher(
+            "fake",
+            backend,
+            pad_id=0,
+            padding_side="right",
+            max_batch_items=64,
+            limits=BatchLimits(max_tokens=4096, max_wait_ms=0.0, max_padding=MAX_PADDING),
+        )
+        batcher.start()
+        running = asyncio.create_task(batcher.embed([[1, 2]]))
+        await forward_started(backend)
+        waiting = asyncio.create_task(batcher.embed([[3, 4]], work="batch"))
+        await handed_over()
+        closing = asyncio.create_task(batcher.close())
+        await asyncio.sleep(0)
+        backend.release.set()
+        await asyncio.wait_for(closing, GUARD_S)
+        done, _ = await asyncio.wait({waiting, running}, timeout=ANSWER_S)
+        assert waiting in done and isinstance(waiting.exception(), ServiceUnavailable)
+        assert batcher.queue_depth("batch") == 0
+        assert all(3 not in row for row in backend.rows)
+
+    run(main())
+
+
+def test_a_cancelled_batch_callers_items_never_reach_the_backend() -> None:
+    async def main() -> None:
+        backend = GatedBackend()
+        async with started(backend) as batcher:
+            a = asyncio.create_task(batcher.embed([[1, 2, 3]]))
+            await forward_started(backend)
+            b = asyncio.create_task(batcher.embed([[777, 777], [777]], work="batch"))
+            await handed_over()
+            assert batcher.queue_depth("batch") == 2
+            b.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await b
+            backend.release.set()
+            await a
+            assert_own_vectors([[8, 9]], await batcher.embed([[8, 9]], work="batch"))
+            assert batcher.queue_depth("batch") == 0
+        assert all(777 not in row for row in backend.rows)
+
+    run(main())
+
+
+def test_with_fill_batch_inputs_share_an_online_pass_no_longer_than_its_own() -> None:
+    async def main() -> None:
+        backend = SteppedBackend()
+        limits = BatchLimits(max_tokens=4096, max_wait_ms=0.0, max_padding=MAX_PADDING, fill=True)
+        batcher = Batcher("fake", backend, pad_id=0, padding_side="right", limits=limits, max_batch_items=64)
+        batcher.start()
+        try:
+            first = asyncio.ensure_future(batcher.embed([[1]]))
+            assert await backend.next_pass() == [[1]]
+            background = asyncio.ensure_future(batcher.embed([[7] * 4, [8] * 4, [9] * 9], work="batch"))
+            online = asyncio.ensure_future(batcher.embed([[2] * 4]))
+            await handed_over()
+            backend.step()
+            assert sorted(await backend.next_pass()) == [[2] * 4, [7] * 4, [8] * 4]
+            backend.step()
+            assert await backend.next_pass() == [[9] * 9]  # it would have lengthened the online pass
+            backend.step()
+            assert_own_vectors([[2] * 4], await online)
+            assert_own_vectors([[7] * 4, [8] * 4, [9] * 9], await background)
+            await first
+        finally:
+            for _ in range(3):
+                backend.step()
+            await batcher.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize(("recent_online_s", "rows"), [(GUARD_S * 10, [1, 1, 1, 1]), (0.0, [4])])
+def test_passes_of_batch_inputs_alone_stay_small_while_online_work_is_recent(
+    recent_online_s: float, rows: list[int]
+) -> None:
+    """After an online input, the batch inputs (4 of 10 tokens) go in passes of at most 16 slots while
+    online work is recent (here: always), so an online input arriving meanwhile waits for little; with
+    no recent online work (here: never), in passes of the full budget."""
+
+    async def main() -> None:
+        backend = RecordingBackend()
+        limits = BatchLimits(
+            max_tokens=4096, max_wait_ms=0.0, max_padding=MAX_PADDING, recent_batch_tokens=16
+        )
+        batcher = Batcher(
+            "fake",
+            backend,
+            pad_id=0,
+            padding_side="right",
+            limits=limits,
+            max_batch_items=64,
+            recent_online_s=recent_online_s,
+        )
+        batcher.start()
+        try:
+            await batcher.embed([[1]])
+            assert_own_vectors([[5] * 10] * 4, await batcher.embed([[5] * 10] * 4, work="batch"))
+        finally:
+            await batcher.close()
+        assert [n for n, _ in backend.batches[1:]] == rows
+
+    run(main())
+
+
+def test_the_metrics_count_each_class_apart() -> None:
+    """Online waits and depth are what the online bounds and alerts read: batch inputs go to their own
+    series."""
+
+    def sample(metrics: Metrics, name: str) -> float:
+        value = metrics.registry.get_sample_value(name, {"model": "fake"})
+        assert value is not None, name
+        return value
+
+    async def main() -> None:
+        metrics = Metrics()
+        metrics.declare_model("fake")
+        backend = GatedBackend()
+        async with started(backend, metrics=metrics) as batcher:
+            metrics.track_queue("fake", batcher.queue_depth)
+            running = asyncio.create_task(batcher.embed([[1]]))
+            await forward_started(backend)
+            background = asyncio.create_task(batcher.embed([[2]] * 3, work="batch"))
+            online = asyncio.create_task(batcher.embed([[3]] * 2))
+            await handed_over()
+            assert sample(metrics, "embedserve_queue_depth_inputs") == 2
+            assert sample(metrics, "embedserve_batch_queue_depth_inputs") == 3
+            backend.release.set()
+            await asyncio.gather(running, background, online)
+        assert sample(metrics, "embedserve_queue_wait_seconds_count") == 3
+        assert sample(metrics, "embedserve_batch_queue_wait_seconds_count") == 3
+        assert sample(metrics, "embedserve_batch_size_inputs_sum") == 6
+
+    run(main())
+
+
+def test_under_load_an_online_batch_waits_for_online_inputs_on_their_way_not_for_a_batch_backlog() -> None:
+    """As test_under_load_a_batch_waits_for_inputs_on_their_way, with batch inputs queued too: they
+    cannot fill an online pass (no fill on this device), so the online pass still waits for C."""
+
+    async def main() -> None:
+        backend = GatedBackend()
+        async with started(backend, max_batch_items=2, max_batch_wait_ms=GUARD_S * 1000) as batcher:
+            a = asyncio.ensure_future(batcher.embed([[1]]))
+            await forward_started(backend)
+            background = asyncio.ensure_future(batcher.embed([[9]] * 4, work="batch"))  # 2 full passes
+            b = asyncio.ensure_future(batcher.embed([[2]]))
+            await handed_over()
+            backend.release.set()
+            await asyncio.wait_for(a, GUARD_S)
+            c = await asyncio.wait_for(batcher.embed([[3]]), GUARD_S)
+            await asyncio.wait_for(asyncio.gather(b, background), GUARD_S)
+            assert_own_vectors([[3]], c)
+        assert backend.rows[:3] == [[1], [2], [3]]
+        assert [rows for rows, _ in backend.batches][:2] == [1, 2]
 
     run(main())

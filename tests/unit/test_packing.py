@@ -1,4 +1,5 @@
-"""embedserve.scheduler.packing: which waiting inputs form the next batch, and how a batch is padded."""
+"""embedserve.scheduler.packing: which waiting inputs form the next batch (online inputs before batch
+ones), and how a batch is padded."""
 
 from __future__ import annotations
 
@@ -21,25 +22,30 @@ from embedserve.scheduler.packing import (
     MemoryRoom,
     Waiting,
     batch_limits,
+    first_up,
     last_waiting,
     take_batch,
 )
+from embedserve.types import WorkClass
 
 
 def make_items(
     lengths: Sequence[int],
     seqs: Sequence[int] | None = None,
     requests: Sequence[int | None] | None = None,
+    work: str | None = None,
 ) -> list[Waiting]:
     """Waiting inputs with the given lengths; seq defaults to the list position (the first is the
     oldest). By default all are inputs of one request (caller 0), free to be packed in any order; pass
     `requests` (None: a one-input request, its own caller) to see the rule that protects a request's last
-    input."""
+    input. `work`: each input's class, "o" (online, the default) or "b" (batch), one letter each."""
     seqs = range(len(lengths)) if seqs is None else seqs
     requests = [0] * len(lengths) if requests is None else requests
+    work = "o" * len(lengths) if work is None else work
+    classes: dict[str, WorkClass] = {"o": "online", "b": "batch"}
     return [
-        Waiting(seq=seq, length=length, caller=seq if request is None else request)
-        for length, seq, request in zip(lengths, seqs, requests, strict=True)
+        Waiting(seq=seq, length=length, caller=seq if request is None else request, work=classes[letter])
+        for length, seq, request, letter in zip(lengths, seqs, requests, work, strict=True)
     ]
 
 
@@ -175,13 +181,19 @@ def test_cpu_batches_are_smaller_tighter_and_never_wait_unlike_gpu_batches() -> 
         max_wait_ms=CPU_BATCH_WAIT_MS,
         max_padding=CPU_MAX_PADDING,
         protect_last=True,
+        recent_batch_tokens=CPU_BATCH_TOKENS_PER_THREAD // 4,
     )
     assert cuda == BatchLimits(
-        max_tokens=GPU_BATCH_TOKENS, max_wait_ms=GPU_BATCH_WAIT_MS, max_padding=MAX_PADDING
+        max_tokens=GPU_BATCH_TOKENS,
+        max_wait_ms=GPU_BATCH_WAIT_MS,
+        max_padding=MAX_PADDING,
+        fill=True,
+        recent_batch_tokens=GPU_BATCH_TOKENS // 4,
     )
     assert cpu.max_tokens < cuda.max_tokens and cpu.max_padding < cuda.max_padding
     assert cpu.max_wait_ms == 0 < cuda.max_wait_ms
     assert cpu.protect_last and not cuda.protect_last  # on a GPU a wider batch costs little more
+    assert cuda.fill and not cpu.fill  # the same: batch inputs may widen an online pass only there
 
 
 def test_a_cpu_pass_on_more_threads_takes_more_tokens() -> None:
@@ -193,6 +205,7 @@ def test_a_cpu_pass_on_more_threads_takes_more_tokens() -> None:
 def test_explicit_batch_settings_win_over_the_device_defaults(device: str) -> None:
     limits = batch_limits(device, 2, max_tokens=999, max_wait_ms=7.5)
     assert (limits.max_tokens, limits.max_wait_ms) == (999, 7.5)
+    assert limits.recent_batch_tokens == 249  # a pass of batch inputs while online is recent: a quarter
     assert batch_limits(device, 2, max_wait_ms=0.0).max_wait_ms == 0.0  # an explicit 0 is kept
 
 
@@ -338,3 +351,142 @@ def test_random_queues_never_pack_past_the_memory_room(seed: int) -> None:
         batch, pending = take_batch(pending, 4096, 64, protect_last=bool(seed % 2), memory=room)
         assert batch, "every input here fits the room alone"
         assert MEMORY.peak(len(batch), max(item.length for item in batch)) <= room.room
+
+
+# ---- work classes: online inputs first, batch inputs in idle capacity -------------------------------
+
+
+@pytest.mark.parametrize(
+    ("lengths", "work", "expected"),
+    [
+        ([10, 10, 10], "bbo", [2]),  # the batch inputs are older, and would share the pass
+        ([10, 10, 10, 10], "bobo", [1, 3]),
+        ([5, 200, 5], "bob", [1]),  # a short batch input would fit beside it: no fill by default
+        ([10, 10], "oo", [0, 1]),
+        ([10, 10, 400], "bbo", [2]),  # even an online input that goes alone
+    ],
+)
+def test_while_an_online_input_waits_the_batch_holds_online_inputs_only(
+    lengths: list[int], work: str, expected: list[int]
+) -> None:
+    pending = make_items(lengths, work=work)
+    batch, rest = take_batch(pending, token_budget=256, max_items=16, protect_last=True)
+    assert sorted(item.seq for item in batch) == expected
+    assert_partition(pending, batch, rest)
+
+
+@pytest.mark.parametrize(
+    ("lengths", "work", "expected"),
+    [
+        ([10, 10, 10], "bbb", [0, 1, 2]),
+        ([50, 10, 10], "bbb", [0]),  # packed as any class is: the oldest goes, the tolerance holds
+        ([10, 10], "b" * 2, [0, 1]),
+    ],
+)
+def test_with_no_online_input_waiting_batch_inputs_form_the_pass(
+    lengths: list[int], work: str, expected: list[int]
+) -> None:
+    pending = make_items(lengths, work=work)
+    batch, rest = take_batch(pending, token_budget=256, max_items=16, max_padding=CPU_MAX_PADDING)
+    assert sorted(item.seq for item in batch) == expected
+    assert_partition(pending, batch, rest)
+
+
+def test_first_up_is_the_online_inputs_while_any_waits_else_the_batch_ones() -> None:
+    pending = make_items([1, 2, 3, 4], work="bobo")
+    assert [item.seq for item in first_up(pending)] == [1, 3]
+    batch_only = make_items([1, 2], work="bb")
+    assert first_up(batch_only) == batch_only
+
+
+def test_the_batch_token_limit_holds_passes_of_batch_inputs_alone_not_online_ones() -> None:
+    batch_inputs = make_items([20] * 10, work="b" * 10)
+    batch, _ = take_batch(batch_inputs, token_budget=200, max_items=16, batch_tokens=40)
+    assert len(batch) == 2
+    online = make_items([20] * 10)
+    batch, _ = take_batch(online, token_budget=200, max_items=16, batch_tokens=40)
+    assert len(batch) == 10
+    long = make_items([100, 20], work="bb")  # longer than that limit: it goes alone, as over any budget
+    batch, _ = take_batch(long, token_budget=200, max_items=16, batch_tokens=40)
+    assert batch == [long[0]]
+
+
+@pytest.mark.parametrize(
+    ("lengths", "work", "token_budget", "max_items", "expected"),
+    [
+        # The online pass is 100 long: the batch inputs of 100 and 95 join it (no longer pass, little
+        # padding), the one of 101 would lengthen it and 20 would pad it beyond the tolerance.
+        ([100, 100, 101, 95, 20], "obbbb", 1000, 16, [0, 1, 3]),
+        ([100, 100, 100, 100], "obbb", 300, 16, [0, 1, 2]),  # within the token budget
+        ([100, 100, 100, 100], "obbb", 1000, 2, [0, 1]),  # and the item limit
+        ([100, 100, 100], "bob", 1000, 16, [0, 1, 2]),  # the oldest batch input is not skipped
+        ([100, 100, 98, 100], "obbb", 1000, 16, [0, 1, 2, 3]),
+    ],
+)
+def test_with_fill_batch_inputs_take_the_room_an_online_pass_leaves(
+    lengths: list[int], work: str, token_budget: int, max_items: int, expected: list[int]
+) -> None:
+    pending = make_items(lengths, work=work)
+    batch, rest = take_batch(pending, token_budget, max_items, MAX_PADDING, fill=True)
+    assert sorted(item.seq for item in batch) == expected
+    assert_partition(pending, batch, rest)
+    online = [item for item in pending if item.work == "online"]
+    assert max(item.length for item in batch) == max(item.length for item in online)
+
+
+def test_fill_keeps_the_padding_tolerance_and_the_memory_room() -> None:
+    pending = make_items([100, 50, 50, 50], work="obbb")
+    batch, _ = take_batch(pending, 1000, 16, MAX_PADDING, fill=True)
+    assert batch == [pending[0]]  # one 50 would make a third of its real tokens padding (limit 25%)
+    pending = make_items([100] * 6, work="obbbbb")
+    room = MemoryRoom(MEMORY, MEMORY.peak(3, 100))
+    batch, _ = take_batch(pending, 16_384, 256, MAX_PADDING, memory=room, fill=True)
+    assert len(batch) == 3 and batch[0] == pending[0]
+
+
+def test_an_online_input_that_does_not_fit_the_room_waits_and_no_batch_input_overtakes_it() -> None:
+    pending = make_items([400, 10, 10], work="obb")
+    room = MemoryRoom(MEMORY, MEMORY.peak(1, 399))
+    batch, rest = take_batch(pending, 16_384, 256, memory=room, fill=True)
+    assert batch == [] and rest == pending
+
+
+@pytest.mark.parametrize("fill", [False, True])
+@pytest.mark.parametrize("seed", range(200))
+def test_random_mixed_queues_put_online_first_and_serve_every_input(seed: int, fill: bool) -> None:
+    rng = random.Random(seed)
+    n = rng.randint(1, 60)
+    lengths = [rng.randint(1, 300) for _ in range(n)]
+    work = "".join(rng.choice("ob") for _ in range(n))
+    requests: list[int | None] = [rng.choice([None, 0, 1]) for _ in range(n)]
+    pending = make_items(lengths, seqs=rng.sample(range(1000), n), requests=requests, work=work)
+    everything = sorted(item.seq for item in pending)
+    token_budget, batch_tokens = rng.choice([64, 256, 1024]), rng.choice([None, 16, 64])
+    served: list[Waiting] = []
+    while pending:
+        online = [item for item in pending if item.work == "online"]
+        batch, rest = take_batch(
+            pending,
+            token_budget,
+            16,
+            protect_last=bool(seed % 2),
+            fill=fill,
+            batch_tokens=batch_tokens,
+        )
+        assert batch, "a non-empty queue gives a non-empty batch"
+        assert_partition(pending, batch, rest)
+        up = online or pending
+        assert min(up, key=lambda item: item.seq) in batch, "the oldest of the class up goes"
+        if online:
+            assert any(item.work == "online" for item in batch)
+            longest = max(item.length for item in batch if item.work == "online")
+            assert fill or all(item.work == "online" for item in batch)
+            assert all(item.length <= longest for item in batch), "a fill never lengthens the pass"
+            limit = token_budget
+        else:
+            limit = token_budget if batch_tokens is None else batch_tokens
+        assert len(batch) <= 16
+        assert padded_cost(batch) <= limit or len(batch) == 1
+        served.extend(batch)
+        pending = rest
+    assert sorted(item.seq for item in served) == everything

@@ -1,6 +1,7 @@
 """Per-model dynamic batcher: every input of every request is one WorkItem with its future; the model's own
-threads pack waiting inputs (scheduler.packing), run each batch and deliver its vectors to the event loop;
-admission is bounded before any work (design notes 27, 31, 32)."""
+threads pack waiting inputs (scheduler.packing; online inputs first, batch inputs in idle capacity), run
+each batch and deliver its vectors to the event loop; online admission is bounded before any work (design
+notes 27, 31, 32, 51)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import math
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import TracebackType
 
 import numpy as np
@@ -21,8 +23,8 @@ from embedserve.backends.memory import trim
 from embedserve.errors import InternalError, Overloaded, ServiceUnavailable
 from embedserve.metrics import Metrics
 from embedserve.scheduler.memory import MemoryBudget, MemoryModel
-from embedserve.scheduler.packing import BatchLimits, MemoryRoom, Waiting, take_batch
-from embedserve.types import FloatMatrix, PaddingSide, WorkItem
+from embedserve.scheduler.packing import BatchLimits, MemoryRoom, Waiting, first_up, take_batch
+from embedserve.types import FloatMatrix, PaddingSide, WorkClass, WorkItem
 
 log = logging.getLogger("embedserve.batcher")
 
@@ -31,21 +33,48 @@ log = logging.getLogger("embedserve.batcher")
 TRIM_ABOVE_BYTES = 256 << 20
 #: How much each pass moves the throughput estimate (weighted by its duration).
 RATE_DECAY = 0.9
+#: For this long after an online input arrived or went to the model, passes of batch-class inputs
+#: alone are held to `BatchLimits.recent_batch_tokens`: an online input that arrives meanwhile waits
+#: for the pass in flight (design note 51).
+RECENT_ONLINE_S = 1.0
+
+
+@dataclass(slots=True)
+class Tally:
+    """One work class's inputs admitted and not yet in a forward pass: being tokenized (`reserved`),
+    queued in this turn of the event loop (`arriving`), and with the model threads (`pending`, changed
+    under the batcher's condition, read without it: one int each)."""
+
+    reserved: int = 0
+    arriving: int = 0
+    arriving_tokens: int = 0
+    pending: int = 0
+    pending_tokens: int = 0
+
+    @property
+    def inputs(self) -> int:
+        return self.reserved + self.arriving + self.pending
+
+    @property
+    def tokens(self) -> int:
+        """Tokens known to be queued (those being tokenized are not known yet)."""
+        return self.arriving_tokens + self.pending_tokens
 
 
 class Admission:
     """A request's place in the queue from admission until its inputs join it (or it fails): its
-    inputs count against the queue's bound meanwhile. Released once."""
+    inputs count against its class's queue meanwhile. Released once."""
 
-    def __init__(self, batcher: Batcher, inputs: int) -> None:
-        self._batcher = batcher
+    def __init__(self, tally: Tally, inputs: int, work: WorkClass) -> None:
+        self._tally = tally
         self.inputs = inputs
+        self.work: WorkClass = work
         self._held = True
 
     def release(self) -> None:
         if self._held:
             self._held = False
-            self._batcher._reserved_inputs -= self.inputs
+            self._tally.reserved -= self.inputs
 
     def __enter__(self) -> Admission:
         return self
@@ -76,6 +105,13 @@ class Batcher:
     tokens are known and join the queue. A batch also fits the memory budget that the passes running at once
     share (scheduler.memory): an input waits for room, and nothing younger overtakes it meanwhile (design
     notes 31, 32).
+
+    Inputs are of two work classes. While an online input waits, the next batch is packed from online
+    inputs (on a GPU, batch-class inputs may take the room it leaves); batch-class inputs form a pass
+    when none waits, so a batch job runs in the model's idle time and is only ever delayed by online
+    work. The online bounds above count only online inputs: a batch job's backlog never makes an online
+    request wait or be refused. Batch-class work is admitted without them (its submitter bounds what it
+    keeps queued), refused only once the batcher is closed (design note 51).
     """
 
     def __init__(
@@ -93,10 +129,12 @@ class Batcher:
         tokens_per_s: float | None = None,
         memory: MemoryModel | None = None,
         budget: MemoryBudget | None = None,
+        recent_online_s: float = RECENT_ONLINE_S,
     ) -> None:
         """`limits`: the device's packing rules (scheduler.packing.batch_limits). `tokens_per_s`: the
         model's throughput measured at load, until passes measure it. `memory`, `budget`: a pass's
-        estimated peak and the memory the passes running at once may hold."""
+        estimated peak and the memory the passes running at once may hold. `recent_online_s`: how long
+        after online work passes of batch inputs alone stay within `limits.recent_batch_tokens`."""
         self.name = name
         self._backend = backend
         self._pad_id = pad_id
@@ -114,16 +152,15 @@ class Batcher:
             budget.watch(self._cond)
         self._seq = itertools.count()
         self._threads: list[threading.Thread] = []
-        # Event-loop side: inputs queued in this turn of the loop, handed over at its end, and the
-        # admitted requests not queued yet (being tokenized).
+        # Event-loop side: inputs queued in this turn of the loop, handed over at its end.
         self._arrivals: list[WorkItem] = []
-        self._arrival_tokens = 0
-        self._reserved_inputs = 0
-        # Shared with the model threads, under `_cond` (read without it by the loop: one int each): what
-        # packing sees of each waiting input, and the items themselves by `seq`.
+        # Shared with the model threads, under `_cond`: what packing sees of each waiting input, and
+        # the items themselves by `seq`; the counts of each class at each stage.
         self._pending: list[Waiting] = []
         self._items: dict[int, WorkItem] = {}
-        self._pending_tokens = 0
+        self._tally: dict[WorkClass, Tally] = {"online": Tally(), "batch": Tally()}
+        self._online_at = -math.inf  # time.monotonic() an online input last arrived or went to the model
+        self._recent_s = recent_online_s
         self._closed = False
         # Throughput: tokens and seconds of recent passes, each decayed by RATE_DECAY per pass.
         self._rate_tokens = float(tokens_per_s or 0.0)
@@ -131,8 +168,8 @@ class Batcher:
 
     @property
     def queued_tokens(self) -> int:
-        """Tokens waiting for the model."""
-        return self._arrival_tokens + self._pending_tokens
+        """Online tokens waiting for the model (what an online request's wait is estimated from)."""
+        return self._tally["online"].tokens
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -142,7 +179,7 @@ class Batcher:
         return self._rate_tokens / self._rate_seconds * self._backend.workers
 
     def expected_wait_s(self) -> float:
-        """How long a request admitted now would wait for the tokens ahead of it."""
+        """How long an online request admitted now would wait for the online tokens ahead of it."""
         rate = self.tokens_per_s
         return 0.0 if not rate else self.queued_tokens / rate
 
@@ -156,12 +193,17 @@ class Batcher:
             return None
         return self._memory.longest_that_fits(self._budget.capacity)
 
-    def admit(self, inputs: int) -> Admission:
+    def admit(self, inputs: int, work: WorkClass = "online") -> Admission:
         """Before any work on a request of `inputs` inputs: its place in the queue, or Overloaded at
-        once (the queue is full, or the wait ahead of it too long)."""
+        once (online: the online queue is full, or the online wait ahead of it too long; a batch job's
+        inputs are refused only once the batcher is closed)."""
         if self._closed:
             raise ServiceUnavailable(f"model '{self.name}' is shutting down")
-        queued = self.queue_depth()
+        tally = self._tally[work]
+        if work == "batch":
+            tally.reserved += inputs
+            return Admission(tally, inputs, work)
+        queued = tally.inputs
         if self._max_queued is not None and queued + inputs > self._max_queued:
             if self._metrics is not None:
                 self._metrics.observe_rejected(self.name, "queue_full", inputs)
@@ -171,8 +213,8 @@ class Batcher:
                 retry_after_s=1,
             )
         self._check_wait(inputs)
-        self._reserved_inputs += inputs
-        return Admission(self, inputs)
+        tally.reserved += inputs
+        return Admission(tally, inputs, work)
 
     def _check_wait(self, inputs: int) -> None:
         wait = self.expected_wait_s()
@@ -186,9 +228,10 @@ class Batcher:
                 retry_after_s=retry,
             )
 
-    def queue_depth(self) -> int:
-        """Inputs admitted and not yet in a forward pass (also the metrics gauge, read at scrape time)."""
-        return len(self._arrivals) + len(self._pending) + self._reserved_inputs
+    def queue_depth(self, work: WorkClass = "online") -> int:
+        """Inputs of class `work` admitted and not yet in a forward pass (also the metrics gauges, read
+        at scrape time)."""
+        return self._tally[work].inputs
 
     def start(self) -> None:
         if not self._threads:
@@ -206,27 +249,34 @@ class Batcher:
         self,
         sequences: Sequence[list[int]],
         admission: Admission | None = None,
+        *,
+        work: WorkClass = "online",
     ) -> FloatMatrix:
-        """Embed id sequences; returns [N, D] in the order given. `admission`: the request's place,
-        taken by `admit` before its tokenization (without one, it is admitted here). If the caller is
-        cancelled (client gone), its items that have not reached the model are dropped."""
+        """Embed id sequences of class `work`; returns [N, D] in the order given. `admission`: the
+        request's place, taken by `admit` (for the same class) before its tokenization (without one, it
+        is admitted here). If the caller is cancelled (client gone), its items that have not reached the
+        model are dropped."""
         if admission is None:
-            admission = self.admit(len(sequences))
+            admission = self.admit(len(sequences), work)
+        assert admission.work == work, f"a {admission.work} admission for {work} inputs"
         admission.release()  # its inputs take their place now
         if self._closed:
             raise ServiceUnavailable(f"model '{self.name}' is shutting down")
-        self._check_wait(len(sequences))  # requests tokenized side by side may have queued meanwhile
+        if work == "online":  # requests tokenized side by side may have queued meanwhile
+            self._check_wait(len(sequences))
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         seqs = [next(self._seq) for _ in sequences]
         items = [
-            WorkItem(ids=ids, seq=seq, future=loop.create_future(), queued_at=now, request=seqs[0])
+            WorkItem(ids=ids, seq=seq, future=loop.create_future(), queued_at=now, request=seqs[0], work=work)
             for ids, seq in zip(sequences, seqs, strict=True)
         ]
         if not self._arrivals:
             loop.call_soon(self._hand_over)
         self._arrivals.extend(items)
-        self._arrival_tokens += sum(len(ids) for ids in sequences)
+        tally = self._tally[work]
+        tally.arriving += len(items)
+        tally.arriving_tokens += sum(len(ids) for ids in sequences)
         try:
             vectors = await asyncio.gather(*(item.future for item in items))
         except BaseException:
@@ -239,12 +289,16 @@ class Batcher:
         """(Event loop, once per turn with arrivals.) Give this turn's inputs to the model thread. (After
         close() there are none: it took them, and embed() refuses new ones.)"""
         arrivals, self._arrivals = self._arrivals, []
-        tokens, self._arrival_tokens = self._arrival_tokens, 0
-        waiting = [Waiting(item.seq, item.length, item.caller) for item in arrivals]
+        waiting = [Waiting(item.seq, item.length, item.caller, item.work) for item in arrivals]
         with self._cond:
             self._items.update((item.seq, item) for item in arrivals)
             self._pending.extend(waiting)
-            self._pending_tokens += tokens
+            if self._tally["online"].arriving:
+                self._online_at = time.monotonic()
+            for tally in self._tally.values():
+                tally.pending += tally.arriving
+                tally.pending_tokens += tally.arriving_tokens
+                tally.arriving = tally.arriving_tokens = 0
             self._cond.notify()
 
     # ---- the model thread ------------------------------------------------------------------------
@@ -255,15 +309,24 @@ class Batcher:
         gone = [seq for seq, item in self._items.items() if item.future.cancelled()]
         if gone:
             for seq in gone:
-                self._pending_tokens -= self._items.pop(seq).length
+                item = self._items.pop(seq)
+                tally = self._tally[item.work]
+                tally.pending -= 1
+                tally.pending_tokens -= item.length
             self._pending = [waiting for waiting in self._pending if waiting.seq in self._items]
             if self._metrics is not None:
                 self._metrics.observe_rejected(self.name, "cancelled", len(gone))
         return bool(self._pending)
 
     def _would_fill(self) -> bool:
-        """Enough waiting for a full batch (padding ignored: a cheap, optimistic test)."""
-        return len(self._pending) >= self._max_batch_items or self._pending_tokens >= self._limits.max_tokens
+        """Enough waiting for a full batch (padding ignored: a cheap, optimistic test) of the inputs the
+        next pass may take: online ones while any waits (batch ones too where they fill its room)."""
+        online = self._tally["online"]
+        if online.pending and not self._limits.fill:
+            inputs, tokens = online.pending, online.pending_tokens
+        else:
+            inputs, tokens = len(self._pending), sum(t.pending_tokens for t in self._tally.values())
+        return inputs >= self._max_batch_items or tokens >= self._limits.max_tokens
 
     def _next_batch(self, under_load: bool) -> tuple[list[WorkItem], float] | None:
         """(Under `_cond`.) Wait for inputs, then, under load, for the batch to fill, and for memory
@@ -285,6 +348,8 @@ class Batcher:
                 continue
             limits = self._limits
             room = None if self._budget is None else self._room()
+            now = time.monotonic()
+            recent = now - self._online_at < self._recent_s
             batch, rest = take_batch(
                 self._pending,
                 limits.max_tokens,
@@ -292,13 +357,20 @@ class Batcher:
                 limits.max_padding,
                 protect_last=limits.protect_last,
                 memory=room,
+                fill=limits.fill,
+                batch_tokens=limits.recent_batch_tokens if recent else None,
             )
             cost = self._memory.peak(len(batch), max((waiting.length for waiting in batch), default=0))
             if not batch or (self._budget is not None and not self._budget.try_reserve(cost)):
                 self._cond.wait()  # a pass in flight holds the memory: woken when it gives it back
                 continue
             self._pending = rest
-            self._pending_tokens -= sum(waiting.length for waiting in batch)
+            for waiting in batch:
+                tally = self._tally[waiting.work]
+                tally.pending -= 1
+                tally.pending_tokens -= waiting.length
+            if batch[0].work == "online":
+                self._online_at = now
             if self._pending:  # more than this batch was waiting: an idle worker can take it
                 self._cond.notify()
             return [self._items.pop(waiting.seq) for waiting in batch], cost
@@ -306,12 +378,13 @@ class Batcher:
 
     def _room(self) -> MemoryRoom:
         """(Under `_cond`, with a budget.) The memory the next pass may hold. When no pass holds any,
-        the oldest input always fits: it passed admission under a budget that may have shrunk since
-        (a default budget follows the memory left as models load), and nothing would ever free more."""
+        the oldest input of the class packed next always fits: it passed admission under a budget that
+        may have shrunk since (a default budget follows the memory left as models load), and nothing
+        would ever free more."""
         assert self._budget is not None
         room = self._budget.room()
         if self._budget.in_use <= 0:
-            oldest = min(self._pending, key=lambda item: item.seq)
+            oldest = min(first_up(self._pending), key=lambda item: item.seq)
             room = max(room, self._memory.peak(1, oldest.length))
         return MemoryRoom(self._memory, room)
 
@@ -343,7 +416,8 @@ class Batcher:
                 rows, length = tokens.shape
                 self._metrics.observe_batch(
                     self.name,
-                    waits=[started - item.queued_at for item in batch],
+                    waits=[started - item.queued_at for item in batch if item.work == "online"],
+                    batch_waits=[started - item.queued_at for item in batch if item.work == "batch"],
                     seconds=seconds,
                     real_tokens=tokens.real_tokens,
                     slots=rows * length,
@@ -383,7 +457,8 @@ class Batcher:
             self._closed = True
             waiting = [*self._arrivals, *self._items.values()]
             self._arrivals, self._pending, self._items = [], [], {}
-            self._arrival_tokens = self._pending_tokens = 0
+            for tally in self._tally.values():
+                tally.arriving = tally.arriving_tokens = tally.pending = tally.pending_tokens = 0
             self._cond.notify_all()
         for item in waiting:
             if not item.future.done():
