@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from openai import OpenAI
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus import build_corpus
 
-from load import BENCH, MODEL, _bulk, _online, _pct, _port, _wait_ready
+from load import BENCH, MODEL, _bulk, _cell, _online, _pct, _port, _wait_ready
 
 
 def _serve(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -65,10 +64,6 @@ def _submit(sdk: OpenAI, corpus: list[str], copies: int = 1) -> str:
 def _wait(sdk: OpenAI, batch_id: str) -> None:
     while sdk.batches.retrieve(batch_id).status != "completed":
         time.sleep(0.05)
-
-
-def _cell(values: list[float], fmt: str = ".1f") -> str:
-    return f"{statistics.median(values):{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]"
 
 
 def main() -> None:

@@ -6,10 +6,8 @@ real bundled model, a real `embedserve serve` process)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -21,7 +19,7 @@ from openai import OpenAI
 
 from conftest import Storage
 from gates import wait_until
-from support import free_port, wait_until_ok
+from support import server_process
 
 MODEL = "all-MiniLM-L6-v2"
 LINES = 1500
@@ -30,25 +28,11 @@ TEXT = "the line {i} of a corpus that is long enough to take the model a while t
 
 @contextmanager
 def serving(storage: Storage) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = free_port()
-    flags = ["--port", str(port), "--data-dir", str(storage.data_dir), "--log-level", "warning"]
+    flags = ["--data-dir", str(storage.data_dir)]
     if storage.url is not None:
         flags += ["--database-url", storage.url]
-    env = {**os.environ, "EMBEDSERVE_API_KEYS": ""}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "embedserve", "serve", *flags],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ok(f"{base}/ready", alive=lambda: proc.poll() is None)
-        yield base, proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(60)
+    with server_process(*flags) as server:
+        yield server.base, server.proc
 
 
 def corpus() -> list[dict[str, Any]]:

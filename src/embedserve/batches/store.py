@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from embedserve.batches.lines import RequestLine
-from embedserve.batches.records import UNFINISHED, BatchError, BatchRecord, BatchStatus
+from embedserve.batches.records import TIMESTAMPS, UNFINISHED, BatchError, BatchRecord, BatchStatus
 from embedserve.db import Cursor, Database
 from embedserve.errors import BatchNotFound, Conflict, FileNotFound
 from embedserve.types import Principal, UsageRecord
@@ -21,8 +21,7 @@ from embedserve.usage import insert_records
 _COLUMNS = (
     "id, owner, status, endpoint, input_file_id, completion_window, metadata, created_at, expires_at, "
     "model, errors, output_file_id, error_file_id, output_bytes, error_bytes, total, completed, failed, "
-    "input_tokens, queued_tokens, in_progress_at, finalizing_at, completed_at, failed_at, expired_at, "
-    "cancelling_at, cancelled_at"
+    "input_tokens, queued_tokens, " + ", ".join(TIMESTAMPS)
 )
 _UNFINISHED_SQL = ", ".join(f"'{status}'" for status in UNFINISHED)
 
@@ -54,19 +53,7 @@ def _record(row: Sequence[Any]) -> BatchRecord:
         queued_tokens=int(queued_tokens),
         **{
             name: None if value is None else int(value)
-            for name, value in zip(
-                (
-                    "in_progress_at",
-                    "finalizing_at",
-                    "completed_at",
-                    "failed_at",
-                    "expired_at",
-                    "cancelling_at",
-                    "cancelled_at",
-                ),
-                stamps,
-                strict=True,
-            )
+            for name, value in zip(TIMESTAMPS, stamps, strict=True)
         },
     )
 
