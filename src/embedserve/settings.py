@@ -235,15 +235,16 @@ class Settings(BaseSettings):
     max_queued_inputs: int = Field(
         8192,
         ge=1,
-        description="inputs that may wait per model; beyond it requests get 503 at once",
+        description="online inputs that may wait per model (a batch job's are not counted); beyond it "
+        "requests get 503 at once",
         json_schema_extra=_flag("batching", metavar="N"),
     )
-    # Seconds of work queued ahead of a request: its tokens over the measured throughput.
+    # Seconds of online work queued ahead of a request: its tokens over the measured throughput.
     max_queue_wait: float = Field(
         10.0,
         gt=0,
-        description="a request that would wait longer than this for the work queued ahead of it gets "
-        "503 at once",
+        description="a request that would wait longer than this for the online work queued ahead of it "
+        "gets 503 at once",
         json_schema_extra=_flag("batching", metavar="SECONDS"),
     )
     max_batch_memory: Annotated[int, BeforeValidator(parse_size)] | None = Field(

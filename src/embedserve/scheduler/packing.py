@@ -37,8 +37,8 @@ CPU_BATCH_TOKENS_PER_THREAD = 256
 CPU_BATCH_WAIT_MS = 0.0
 #: While online work is recent, a pass of batch inputs alone takes at most this share of a pass's token
 #: slots: an online input that arrives meanwhile waits for the pass in flight. On CPU (64 of 256 slots),
-#: with 2 online callers beside a batch stream, online p50 went from 17 to 13 ms and p99 from 53 to 44 ms
-#: (alone: 8 and 40 ms) for 13% less batch throughput meanwhile (design note 51). The same share on a GPU
+#: with 2 online callers beside a batch stream, online p50 went from 16 to 13 ms and p99 from 58 to 45 ms
+#: (alone: 8 and 40 ms) for 12% less batch throughput meanwhile (design note 51). The same share on a GPU
 #: is a guess: nothing here measured one.
 RECENT_BATCH_SHARE = 0.25
 
