@@ -110,6 +110,12 @@ def _open_at(path: Path, committed: int) -> int:
     beyond it is dropped: its lines are still pending)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     size = os.fstat(fd).st_size
+    if size == 0:  # (new, or empty): its name must survive a power cut as its first commit will
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     if size > committed:
         log.info(
             "batch file %s: dropping %d bytes past the committed %d", path.name, size - committed, committed
@@ -147,6 +153,9 @@ def _check_file(path: Path, check: InputCheck) -> None:
 
 
 class BatchRunner:
+    """`run()` is the server's task that runs every batch; `wake()` and `stop()` are its two signals.
+    `principal_of` and `render_error` come from the key ring and api/errors: the runner knows neither."""
+
     def __init__(
         self,
         store: BatchStore,
@@ -204,11 +213,10 @@ class BatchRunner:
     async def run(self) -> None:
         """Until stopped: the oldest unfinished batch, one step of it at a time."""
         try:
-            try:
+            # A model that failed to load leaves its lines pending (until their batch expires); the
+            # other models' batches run.
+            with contextlib.suppress(ModelLoadError):
                 await self._engine.wait_loaded()
-            except ModelLoadError:
-                log.error("batches will not run: a model failed to load")
-                return
             while not self._stopping:
                 if not await asyncio.to_thread(self._take_lock):
                     await self._pause()
