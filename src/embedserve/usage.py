@@ -20,7 +20,7 @@ from embedserve.types import UsageRecord
 
 log = logging.getLogger("embedserve.usage")
 
-GroupBy = Literal["key", "model", "day"]
+GroupBy = Literal["key", "model", "day", "batch"]  # batch: a row per batch id (online: null)
 MAX_PENDING = 1_000_000  # records held while the database is unreachable (about 200 MB); then the journal
 RETRY_PAUSE_S = (0.05, 1.0)  # shutdown retries: the first pause, doubled up to the second
 FIRST_TRY_S = 1.0  # the shutdown's first write may take this long even when the drain used the grace
@@ -307,15 +307,18 @@ def report(db: Database, query: UsageQuery) -> dict[str, Any]:
         "key": ("u.key_id", ["key_id", "key_name", "key_prefix"]),
         "model": ("u.model", ["model"]),
         "day": (_day_sql(db), ["day"]),
+        "batch": ("u.batch_id", ["batch_id"]),
     }[query.group_by]
     extra = ", MAX(k.name), MAX(k.prefix)" if query.group_by == "key" else ""
+    # Online records have no batch: their row (null) comes first in both dialects.
+    order = f"{group_sql} IS NOT NULL, {group_sql}" if query.group_by == "batch" else group_sql
     select = f"{group_sql}{extra}, " if group_sql else ""
     sql = (
         f"SELECT {select}COUNT(*), SUM(u.inputs), SUM(u.prompt_tokens), "
         "SUM(u.prompt_tokens * u.price_per_million) FROM usage_records u "
         + ("LEFT JOIN api_keys k ON k.id = u.key_id " if query.group_by == "key" else "")
         + (f"WHERE {' AND '.join(where)} " if where else "")
-        + (f"GROUP BY {group_sql} ORDER BY {group_sql}" if group_sql else "")
+        + (f"GROUP BY {group_sql} ORDER BY {order}" if group_sql else "")
     )
     with db.transaction(write=False) as tx:
         rows = tx.fetchall(sql, params)
@@ -349,9 +352,13 @@ def report(db: Database, query: UsageQuery) -> dict[str, Any]:
 
 def render_table(doc: Mapping[str, Any]) -> str:
     """The report as a plain-text table, a TOTAL line last."""
-    group_cols = {None: [], "key": ["key_id", "key_name"], "model": ["model"], "day": ["day"]}[
-        doc["group_by"]
-    ]
+    group_cols = {
+        None: [],
+        "key": ["key_id", "key_name"],
+        "model": ["model"],
+        "day": ["day"],
+        "batch": ["batch_id"],
+    }[doc["group_by"]]
     labels = len(group_cols) or 1
     header = ([c.upper() for c in group_cols] or [""]) + ["REQUESTS", "INPUTS", "PROMPT_TOKENS", "COST"]
 

@@ -286,6 +286,12 @@ def test_each_successful_line_is_billed_once_at_the_batch_price_and_tagged_with_
     assert sum(r[0] for r in rows) == batch.usage.input_tokens
     assert {r[2] for r in rows} == {PRICE / 2}
     assert len({r[3] for r in rows}) == 5
+    usage = httpx.get(
+        f"{server.v1}/usage", params={"group_by": "batch"}, headers={"Authorization": f"Bearer {ADMIN}"}
+    ).json()
+    (row,) = [r for r in usage["data"] if r["batch_id"] == batch.id]
+    assert (row["requests"], row["prompt_tokens"]) == (5, batch.usage.input_tokens)
+    assert row["cost"] == pytest.approx(batch.usage.input_tokens * PRICE / 2 / 1_000_000)
 
 
 def test_cancel_stops_taking_lines_and_keeps_what_is_done(tmp_path: Path, gate: Gate) -> None:

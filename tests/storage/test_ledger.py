@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from embedserve.journal import UsageJournal
 from embedserve.keys import KeyChanges, KeyStore
 from embedserve.timestamps import parse_time
 from embedserve.types import UsageRecord
-from embedserve.usage import UsageLedger, UsageQuery, report, write_records
+from embedserve.usage import UsageLedger, UsageQuery, render_table, report, write_records
 
 JAN_31_LATE = datetime(2025, 1, 31, 23, 30, tzinfo=UTC).timestamp()
 FEB_1_EARLY = datetime(2025, 2, 1, 0, 30, tzinfo=UTC).timestamp()
@@ -196,5 +197,34 @@ def test_reports_group_by_key_model_and_utc_day_and_price_each_record(storage: S
             "prompt_tokens": 0,
             "cost": 0.0,
         }
+    finally:
+        db.close()
+
+
+def test_reports_group_by_batch_with_the_online_requests_first_and_each_batch_at_its_price(
+    storage: Storage,
+) -> None:
+    db = storage.open()
+    try:
+        write_records(
+            db,
+            [
+                rec("key_a", "m", 100, price=2.0),
+                replace(rec("key_a", "m", 40, price=1.0), batch_id="batch_2", record_id="batch_2:1"),
+                replace(rec("key_a", "m", 60, price=1.0), batch_id="batch_2", record_id="batch_2:2"),
+                replace(rec("key_b", "m", 10, price=1.0), batch_id="batch_1", record_id="batch_1:1"),
+            ],
+        )
+        by_batch = report(db, UsageQuery(group_by="batch"))
+        assert [(r["batch_id"], r["requests"], r["prompt_tokens"]) for r in by_batch["data"]] == [
+            (None, 1, 100),
+            ("batch_1", 1, 10),
+            ("batch_2", 2, 100),
+        ]
+        assert by_batch["data"][2]["cost"] == pytest.approx(100 * 1.0 / 1_000_000)
+        assert by_batch["total"]["prompt_tokens"] == 210
+        lines = render_table(by_batch).splitlines()
+        assert lines[0].split()[:2] == ["BATCH_ID", "REQUESTS"]
+        assert [line.split()[0] for line in lines[1:]] == ["-", "batch_1", "batch_2", "TOTAL"]
     finally:
         db.close()

@@ -83,7 +83,7 @@ async def revoke_key(request: Request, key_id: str) -> Response:
 @router.get("/v1/usage", responses=error_responses(InvalidRequest, InvalidType, *_ADMIN))
 async def usage(request: Request) -> Response:
     """Usage report: `key`, `model`, `since`, `until` (ISO dates or date-times, UTC unless given),
-    `group_by` (key | model | day)."""
+    `group_by` (key | model | day | batch)."""
     state = app_state(request.app)
     query = parse_query(dict(request.query_params))
     await state.ledger.flush()  # this replica's pending records count too

@@ -18,7 +18,7 @@ def add_parser(sub: Any) -> None:
     usage.add_argument("--model", dest="usage_model", metavar="MODEL", help="only this model id")
     usage.add_argument("--since", help="from this date or date-time on (UTC unless given)")
     usage.add_argument("--until", help="before this date or date-time")
-    usage.add_argument("--group-by", choices=["key", "model", "day"])
+    usage.add_argument("--group-by", choices=["key", "model", "day", "batch"])
     add_setting_flags(usage, STORE_SETTINGS)
     usage.add_argument("--json", action="store_true", help="the JSON of GET /v1/usage")
     usage.set_defaults(run=run)
