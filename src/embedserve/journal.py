@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from embedserve.durable import fsync_dir, write_all
 from embedserve.errors import ConfigError
 from embedserve.types import UsageRecord
 
@@ -88,13 +89,13 @@ class UsageJournal:
             if size and os.pread(fd, 1, size - 1) != b"\n":
                 data = b"\n" + data  # a line torn by a crash must not swallow the first record after it
             try:
-                _write_all(fd, data)
+                write_all(fd, data)
                 os.fsync(fd)
             except OSError:
                 os.ftruncate(fd, size)  # best effort: no half-appended batch
                 raise
             if size == 0:
-                _fsync_dir(self.path.parent)  # the new file's name survives a power cut too
+                fsync_dir(self.path.parent)  # the new file's name survives a power cut too
 
     def replay(self, write: Callable[[Sequence[UsageRecord]], int], chunk: int = REPLAY_CHUNK) -> Replayed:
         """Blocking: hand every record to `write`, `chunk` at a time, then remove the journal. `write` must
@@ -122,13 +123,13 @@ class UsageJournal:
             if rejected:
                 self._keep(rejected)
             os.unlink(self.path)
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
             return Replayed(records, new, len(rejected))
 
     def _keep(self, lines: list[bytes]) -> None:
         fd = os.open(self.rejected_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            _write_all(fd, b"".join(lines))
+            write_all(fd, b"".join(lines))
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -166,17 +167,3 @@ def _same_file(fd: int, path: Path) -> bool:
         return False
     held = os.fstat(fd)
     return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -15,6 +15,7 @@ from embedserve.postprocess import finish
 from embedserve.prompts import choose_prefix
 from embedserve.runtime import ModelRegistry, ModelRuntime
 from embedserve.settings import Settings
+from embedserve.spec import ModelSpec
 from embedserve.tokenization import Stop, TokenLimits, ensure_last
 from embedserve.types import ANONYMOUS, EmbeddingJob, EmbeddingResult, Principal, WorkClass
 from embedserve.validation import check_dimensions, check_framing, check_lengths, check_token_ids
@@ -57,6 +58,24 @@ class Unmetered:
         return None
 
 
+def prefix_for(
+    spec: ModelSpec, *, model: str, dimensions: int | None, input_type: str | None, instruction: str | None
+) -> str:
+    """The request's options checked against the model (`model`: the name the caller used, for the
+    messages) -> the prompt put in front of each text. The pipeline's first checks, which the corpus
+    command also makes before the model loads."""
+    check_dimensions(dimensions, model=model, native=spec.dimensions, allowed=spec.matryoshka_dimensions)
+    return choose_prefix(
+        model=model,
+        prompts=spec.prompts,
+        default_prompt_name=spec.default_prompt_name,
+        query_template=spec.query_template,
+        default_instruction=spec.default_instruction,
+        input_type=input_type,
+        instruction=instruction,
+    )
+
+
 class EmbeddingPipeline:
     """resolve for the caller -> check against the model -> choose the prompt -> read token ids as the
     model's own, or as the text of a tiktoken encoding's ids -> hold the estimated tokens -> admit to
@@ -80,15 +99,10 @@ class EmbeddingPipeline:
         time and are admitted without the online queue's bounds (scheduler.batcher)."""
         meter = meter or Unmetered()
         spec = self._registry.catalog.resolve(job.model, principal)
-        check_dimensions(
-            job.dimensions, model=job.model, native=spec.dimensions, allowed=spec.matryoshka_dimensions
-        )
-        prefix = choose_prefix(
+        prefix = prefix_for(
+            spec,
             model=job.model,
-            prompts=spec.prompts,
-            default_prompt_name=spec.default_prompt_name,
-            query_template=spec.query_template,
-            default_instruction=spec.default_instruction,
+            dimensions=job.dimensions,
             input_type=job.input_type,
             instruction=job.instruction,
         )

@@ -7,12 +7,11 @@ import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 BatchStatus = Literal[
     "validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"
 ]
-STATUSES: tuple[BatchStatus, ...] = get_args(BatchStatus)
 #: A batch in one of these still has work (or its files) to finish: the runner takes it up.
 UNFINISHED: tuple[BatchStatus, ...] = ("validating", "in_progress", "finalizing", "cancelling")
 ENDED: tuple[BatchStatus, ...] = ("failed", "completed", "expired", "cancelled")
@@ -79,10 +78,6 @@ class BatchRecord:
     @property
     def ended(self) -> bool:
         return self.status in ENDED
-
-    @property
-    def ended_at(self) -> int | None:
-        return self.completed_at or self.failed_at or self.expired_at or self.cancelled_at
 
 
 def batch_json(batch: BatchRecord) -> dict[str, Any]:

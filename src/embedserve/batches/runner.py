@@ -38,9 +38,10 @@ from embedserve.batches.lines import (
 )
 from embedserve.batches.records import BatchError, BatchRecord, BatchStatus
 from embedserve.batches.store import BatchStore, LineDone
+from embedserve.durable import fsync_dir, write_all
 from embedserve.engine import Engine
 from embedserve.errors import EmbedServeError, ModelLoadError, ServiceUnavailable, ShuttingDown
-from embedserve.files.records import FileRecord, new_file_id
+from embedserve.files.records import OUTPUT_PURPOSE, new_file_id
 from embedserve.files.store import FileStore
 from embedserve.protocol import render_embeddings
 from embedserve.settings import Settings
@@ -111,11 +112,7 @@ def _open_at(path: Path, committed: int) -> int:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     size = os.fstat(fd).st_size
     if size == 0:  # (new, or empty): its name must survive a power cut as its first commit will
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(path.parent)
     if size > committed:
         log.info(
             "batch file %s: dropping %d bytes past the committed %d", path.name, size - committed, committed
@@ -131,9 +128,7 @@ def _open_at(path: Path, committed: int) -> int:
 
 def _append(fd: int, lines: list[bytes]) -> int:
     """Blocking: append and fsync -> the file's new length."""
-    data = memoryview(b"".join(lines))
-    while data:
-        data = data[os.write(fd, data) :]
+    write_all(fd, b"".join(lines))
     os.fsync(fd)
     return os.fstat(fd).st_size
 
@@ -525,8 +520,6 @@ class BatchRunner:
 
     async def _finish(self, batch: BatchRecord, status: BatchStatus) -> None:
         """Register the output and error files (those with a line in them) for the owner, then end."""
-        now = int(self._clock())
-        expires = int(now + self._settings.file_expiry)
         for file_id, size, kind in (
             (batch.output_file_id, batch.output_bytes, "output"),
             (batch.error_file_id, batch.error_bytes, "error"),
@@ -537,14 +530,8 @@ class BatchRunner:
                 with contextlib.suppress(FileNotFoundError):
                     await asyncio.to_thread(os.unlink, self._files.path(file_id))
                 continue
-            record = FileRecord(
-                id=file_id,
-                owner=batch.owner,
-                filename=f"{batch.id}_{kind}.jsonl",
-                purpose="batch_output",
-                bytes=size,
-                created_at=now,
-                expires_at=expires,
+            record = self._files.new_record(
+                file_id, batch.owner, f"{batch.id}_{kind}.jsonl", OUTPUT_PURPOSE, size
             )
             await asyncio.to_thread(self._files.register, record)
         await asyncio.to_thread(self._store.finish, batch.id, status)

@@ -28,10 +28,9 @@ from embedserve.corpus.rows import DEFAULT_ID_FIELD, DEFAULT_TEXT_FIELD, Fields,
 from embedserve.corpus.run import IN_FLIGHT, Job, Tally, embed_chunks
 from embedserve.engine import Engine, catalog_of
 from embedserve.errors import ConfigError, EmbedServeError, InvalidRequest
-from embedserve.prompts import choose_prefix
+from embedserve.service import prefix_for
 from embedserve.settings import Settings
 from embedserve.spec import ModelSpec
-from embedserve.validation import check_dimensions
 
 #: The settings of the engine the command runs: which model, on which backend, batched how. The same
 #: flags as `serve`'s.
@@ -246,15 +245,10 @@ def _plan(settings: Settings, args: argparse.Namespace) -> Plan:
 def _check_job(spec: ModelSpec, job: Job) -> None:
     """--dimensions and --input-type as the API checks its fields, before the model loads."""
     try:
-        check_dimensions(
-            job.dimensions, model=spec.id, native=spec.dimensions, allowed=spec.matryoshka_dimensions
-        )
-        choose_prefix(
+        prefix_for(
+            spec,
             model=spec.id,
-            prompts=spec.prompts,
-            default_prompt_name=spec.default_prompt_name,
-            query_template=spec.query_template,
-            default_instruction=spec.default_instruction,
+            dimensions=job.dimensions,
             input_type=job.input_type,
             instruction=job.instruction,
         )

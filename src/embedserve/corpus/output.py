@@ -13,6 +13,7 @@ from typing import IO, Any, Protocol
 
 from embedserve.corpus.formats import OutputFormat
 from embedserve.corpus.rows import Row, Source
+from embedserve.durable import fsync_dir
 from embedserve.errors import ConfigError
 from embedserve.types import FloatMatrix
 
@@ -133,19 +134,10 @@ def sync_file(fh: IO[Any]) -> None:
     os.fsync(fh.fileno())
 
 
-def sync_dir(folder: Path) -> None:
-    """A rename or a new file in `folder` survives a crash only once the folder itself is synced."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def replace_durably(tmp: Path, final: Path) -> None:
     """`tmp` (already synced) becomes `final` atomically: a kill leaves one or the other, never half."""
     os.replace(tmp, final)
-    sync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def remove(path: Path) -> None:

@@ -13,7 +13,8 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedserve.corpus.output import RunInfo, check_width, remove, replace_durably, sync_dir, sync_file
+from embedserve.corpus.output import RunInfo, check_width, remove, replace_durably, sync_file
+from embedserve.durable import fsync_dir
 from embedserve.errors import ConfigError
 from embedserve.types import FloatMatrix
 
@@ -169,4 +170,4 @@ class ParquetOutput:
             sync_file(fh)
         replace_durably(merging, self.path)
         remove(self._parts)
-        sync_dir(self.path.parent)
+        fsync_dir(self.path.parent)

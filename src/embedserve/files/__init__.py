@@ -15,12 +15,11 @@ from embedserve.files.records import (
     parse_expires_after,
     parse_list_query,
 )
-from embedserve.files.store import UNFINISHED_BATCH, FileStore, Received
+from embedserve.files.store import FileStore, Received
 
 __all__ = [
     "MAX_LIST_LIMIT",
     "OUTPUT_PURPOSE",
-    "UNFINISHED_BATCH",
     "UPLOAD_PURPOSES",
     "FileRecord",
     "FileStore",

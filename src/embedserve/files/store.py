@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from embedserve.batches.records import UNFINISHED
 from embedserve.db import Cursor, Database
+from embedserve.durable import fsync_dir, write_all
 from embedserve.errors import ConfigError, Conflict, FileNotFound, InsufficientStorage, PayloadTooLarge
 from embedserve.files.records import (
     MAX_LIST_LIMIT,
@@ -33,8 +35,7 @@ log = logging.getLogger("embedserve.files")
 
 _COLUMNS = "id, owner, filename, purpose, bytes, created_at, expires_at"
 #: A batch in one of these still reads its input file: the file may be neither deleted nor swept.
-UNFINISHED_BATCH = ("validating", "in_progress", "finalizing", "cancelling")
-_UNFINISHED_SQL = "(" + ", ".join(f"'{status}'" for status in UNFINISHED_BATCH) + ")"
+_UNFINISHED_SQL = "(" + ", ".join(f"'{status}'" for status in UNFINISHED) + ")"  # a batch reads its input
 #: Bytes gathered before one write (and one free-space check) in a thread: few thread hops per upload,
 #: and at most this much of it in memory.
 WRITE_BYTES = 1 << 20
@@ -71,15 +72,6 @@ def _disk_full(limit: int | None = None) -> InsufficientStorage:
     )
 
 
-def _fsync_dir(path: Path) -> None:
-    """A rename survives a power cut only once the directory that holds it is synced."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class _Part:
     """An upload's `.part` file while it is written. Its calls run in threads; the lock makes `remove` wait
     for a write still running in another thread (an upload cancelled mid-write) before closing the fd."""
@@ -101,16 +93,12 @@ class _Part:
                 stats = os.fstatvfs(self._fd)
                 if stats.f_bavail * stats.f_frsize - len(data) < self._min_free:
                     raise _disk_full(self._min_free)
-            view = memoryview(data)
             try:
-                while view:
-                    view = view[os.write(self._fd, view) :]
+                write_all(self._fd, data)
             except OSError as exc:
                 if exc.errno in _FULL:
                     raise _disk_full() from None
                 raise
-            finally:
-                view.release()
 
     def finish(self) -> None:
         """Synced and closed: what follows (the rename) never exposes a file whose bytes are not on disk."""
@@ -267,7 +255,7 @@ class FileStore:
         final = self.path(received.id)
         try:
             os.rename(received.part, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             with self._db.transaction() as tx:
                 self._insert(tx, record)
         except BaseException as exc:
