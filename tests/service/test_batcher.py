@@ -520,6 +520,45 @@ def test_an_admitted_request_holds_its_place_in_the_queue_until_its_inputs_join_
     run(main())
 
 
+def test_inputs_whose_caller_leaves_are_counted_once_wherever_it_was_when_it_left() -> None:
+    """Cancelled while it held its admission (tokenizing), or after its inputs joined the queue: either
+    way `cancelled` counts its inputs, once, and the place is given back."""
+
+    async def main() -> None:
+        metrics = Metrics()
+        metrics.declare_model("fake")
+        backend = GatedBackend()
+        tokenizing = asyncio.Event()
+
+        async def request(inputs: int, *, hold: bool) -> None:
+            with batcher.admit(inputs) as admission:
+                if hold:
+                    tokenizing.set()
+                    await asyncio.Event().wait()  # cancelled here, before its inputs join the queue
+                await batcher.embed([[777]] * inputs, admission)
+
+        async with started(backend, metrics=metrics) as batcher:
+            running = asyncio.create_task(batcher.embed([[1]]))
+            await forward_started(backend)
+            early = asyncio.create_task(request(2, hold=True))
+            await tokenizing.wait()
+            queued = asyncio.create_task(request(3, hold=False))
+            await handed_over()
+            assert batcher.queue_depth() == 5
+            for task in (early, queued):
+                task.cancel()
+            await asyncio.gather(early, queued, return_exceptions=True)
+            backend.release.set()
+            await running
+            await batcher.embed([[8]])  # a pass after the prune
+            assert batcher.queue_depth() == 0
+        labels = {"model": "fake", "reason": "cancelled"}
+        assert metrics.registry.get_sample_value("embedserve_rejected_inputs_total", labels) == 5
+        assert all(777 not in row for row in backend.rows)
+
+    run(main())
+
+
 def test_a_request_whose_wait_would_pass_the_limit_is_refused_at_once_with_that_wait() -> None:
     async def main() -> None:
         backend = GatedBackend()

@@ -11,7 +11,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -63,12 +63,16 @@ class Tally:
 
 class Admission:
     """A request's place in the queue from admission until its inputs join it (or it fails): its
-    inputs count against its class's queue meanwhile. Released once."""
+    inputs count against its class's queue meanwhile. Released once. `dropped(inputs)`: told when the
+    caller is cancelled (client gone, deadline) while it still holds the place (e.g. tokenizing)."""
 
-    def __init__(self, tally: Tally, inputs: int, work: WorkClass) -> None:
+    def __init__(
+        self, tally: Tally, inputs: int, work: WorkClass, dropped: Callable[[int], None] | None = None
+    ) -> None:
         self._tally = tally
         self.inputs = inputs
         self.work: WorkClass = work
+        self._dropped = dropped
         self._held = True
 
     def release(self) -> None:
@@ -82,6 +86,8 @@ class Admission:
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if self._held and kind is not None and issubclass(kind, asyncio.CancelledError) and self._dropped:
+            self._dropped(self.inputs)
         self.release()
 
 
@@ -202,7 +208,7 @@ class Batcher:
         tally = self._tally[work]
         if work == "batch":
             tally.reserved += inputs
-            return Admission(tally, inputs, work)
+            return Admission(tally, inputs, work, self._cancelled)
         queued = tally.inputs
         if self._max_queued is not None and queued + inputs > self._max_queued:
             if self._metrics is not None:
@@ -214,7 +220,12 @@ class Batcher:
             )
         self._check_wait(inputs)
         tally.reserved += inputs
-        return Admission(tally, inputs, work)
+        return Admission(tally, inputs, work, self._cancelled)
+
+    def _cancelled(self, inputs: int) -> None:
+        """Inputs whose caller left (or whose deadline passed) before they reached the model."""
+        if self._metrics is not None:
+            self._metrics.observe_rejected(self.name, "cancelled", inputs)
 
     def _check_wait(self, inputs: int) -> None:
         wait = self.expected_wait_s()
@@ -314,8 +325,7 @@ class Batcher:
                 tally.pending -= 1
                 tally.pending_tokens -= item.length
             self._pending = [waiting for waiting in self._pending if waiting.seq in self._items]
-            if self._metrics is not None:
-                self._metrics.observe_rejected(self.name, "cancelled", len(gone))
+            self._cancelled(len(gone))
         return bool(self._pending)
 
     def _would_fill(self) -> bool:
