@@ -20,3 +20,8 @@ atexit.register(shutil.rmtree, HF_HOME, ignore_errors=True)
 DATA_DIR = tempfile.mkdtemp(prefix="embedserve-test-data-")
 os.environ["EMBEDSERVE_DATA_DIR"] = DATA_DIR
 atexit.register(shutil.rmtree, DATA_DIR, ignore_errors=True)
+# Ray on loopback only: a node's address is 127.0.0.1 rather than the machine's (Ray reads this switch,
+# meant for single-machine platforms, when it is imported; the tests' several-raylet clusters need it,
+# since Ray turns a loopback address given to ray.init into the machine's). Ray's usage reporting off.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"

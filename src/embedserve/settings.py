@@ -226,6 +226,12 @@ class Settings(BaseSettings):
         description="onnx on CPU: forward passes run at once per model, each on cores/N threads",
         json_schema_extra=_flag("batching", metavar="N", default="2 from 2 cores, then one per 4 cores"),
     )
+    cpu_cores: int | None = Field(
+        None,
+        ge=1,
+        description="CPU cores the models' forward passes share (workers x threads), e.g. a replica's share",
+        json_schema_extra=_flag("batching", metavar="N", default="the cores this process may run on"),
+    )
     tokenizer_threads: int = Field(
         2,
         ge=1,
@@ -311,6 +317,47 @@ class Settings(BaseSettings):
         json_schema_extra=_flag("batch", metavar="SECONDS"),
     )
 
+    # ---- scale out: Ray and shared limits (docs/scale-out.md)
+    ray: bool = Field(
+        False,
+        description="serve as a Ray Serve application: replicas behind Ray Serve's proxy (embedserve[ray])",
+        json_schema_extra=_flag("scale"),
+    )
+    ray_address: str | None = Field(
+        None,
+        description="the Ray cluster to join (HOST:6379 or ray://HOST:10001)",
+        json_schema_extra=_flag("scale", metavar="ADDR", default="none: start a local Ray on this machine"),
+    )
+    replicas: int = Field(
+        1, ge=1, description="with --ray: server replicas", json_schema_extra=_flag("scale", metavar="N")
+    )
+    autoscale: str | None = Field(
+        None,
+        pattern=r"^\s*\d+\s*,\s*\d+\s*$",
+        description="with --ray: MIN,MAX replicas, scaled on ongoing requests (instead of --replicas)",
+        json_schema_extra=_flag("scale", metavar="MIN,MAX", default="none: --replicas, fixed"),
+    )
+    batch_executor: Literal["local", "ray"] = Field(
+        "local",
+        description="where batches run: local (in this server's idle capacity) or ray (a Ray Data job)",
+        json_schema_extra=_flag("scale"),
+    )
+    batch_store: str | None = Field(
+        None,
+        description="with --batch-executor ray: where the cluster reads inputs and writes results",
+        json_schema_extra=_flag("scale", metavar="URI", default="the files dir"),
+    )
+    rate_limit_store: str | None = Field(
+        None,
+        description="redis://HOST:PORT/DB: rate limits shared by every server using it",
+        json_schema_extra=_flag("scale", metavar="URL", default="none: this process's own buckets"),
+    )
+    rate_limit_fallback: Literal["local", "refuse"] = Field(
+        "local",
+        description="when the rate-limit store is unreachable: local (count in this process) or refuse (503)",
+        json_schema_extra=_flag("scale"),
+    )
+
     # ---- HTTP
     host: str = Field("127.0.0.1", description="listen address", json_schema_extra=_flag("http"))
     port: int = Field(8000, ge=0, le=65535, description="listen port", json_schema_extra=_flag("http"))
@@ -357,6 +404,22 @@ class Settings(BaseSettings):
                 "fits no queue could never be served"
             )
         return self
+
+    @model_validator(mode="after")
+    def _autoscale_is_a_range(self) -> Settings:
+        if self.autoscale is not None:
+            low, high = self.autoscale_range or (0, 0)
+            if not 1 <= low <= high:
+                raise ValueError(f"autoscale {self.autoscale!r}: MIN,MAX with 1 <= MIN <= MAX")
+        return self
+
+    @property
+    def autoscale_range(self) -> tuple[int, int] | None:
+        """--autoscale MIN,MAX as numbers (None: a fixed --replicas)."""
+        if self.autoscale is None:
+            return None
+        low, high = (int(part) for part in self.autoscale.split(","))
+        return low, high
 
     @property
     def files_path(self) -> Path:

@@ -58,8 +58,11 @@ def make_backend(spec: ModelSpec, settings: Settings) -> Backend:
     if chosen == "onnx":
         from embedserve.backends.onnx import OnnxBackend  # onnxruntime is imported only when needed
 
-        workers = settings.model_workers or default_workers(usable_cores())
-        return OnnxBackend(spec, cache_dir=settings.data_dir / "onnx", quantize=quantize, workers=workers)
+        cores = settings.cpu_cores or usable_cores()
+        workers = settings.model_workers or default_workers(cores)
+        return OnnxBackend(
+            spec, cache_dir=settings.data_dir / "onnx", quantize=quantize, workers=workers, cores=cores
+        )
     if settings.model_workers not in (None, 1):
         raise ModelLoadError(
             f"model '{spec.id}': --model-workers applies to the onnx backend; torch "
@@ -67,4 +70,4 @@ def make_backend(spec: ModelSpec, settings: Settings) -> Backend:
         )
     from embedserve.backends.torch import TorchBackend  # torch is imported only when needed
 
-    return TorchBackend(spec, device=device, dtype=dtype)
+    return TorchBackend(spec, device=device, dtype=dtype, cores=settings.cpu_cores)

@@ -252,12 +252,13 @@ class OnnxBackend:
         cache_dir: Path,
         quantize: Quantize = "none",
         workers: int = 1,
+        cores: int | None = None,
         spin: bool = False,
     ) -> None:
         """`workers`: forward passes that run at once on the one session (ORT's Run is thread-safe), each
-        on usable_cores() // workers intra-op threads (backends.threads). `spin`: ORT's default of
-        busy-waiting intra-op threads, best when nothing else needs the cores (the benchmark's
-        in-process baseline); a server sets it off (below)."""
+        on cores // workers intra-op threads (backends.threads; `cores`: usable_cores() unless given).
+        `spin`: ORT's default of busy-waiting intra-op threads, best when nothing else needs the cores
+        (the benchmark's in-process baseline); a server sets it off (below)."""
         import onnxruntime as ort
 
         self._spec = spec
@@ -266,7 +267,7 @@ class OnnxBackend:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         self.workers = workers
-        self.threads = threads_per_worker(usable_cores(), workers)
+        self.threads = threads_per_worker(cores or usable_cores(), workers)
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         # Idle intra-op threads sleep instead of spinning: in a server the event loop, the tokenizer and

@@ -71,8 +71,13 @@ class _EmbeddingGraph(torch.nn.Module):
 
 
 class TorchBackend:
-    def __init__(self, spec: ModelSpec, *, device: str, dtype: str, attention: str = "sdpa") -> None:
-        """`attention`: transformers' implementation; "eager" only to export it for fusion (onnx.py)."""
+    def __init__(
+        self, spec: ModelSpec, *, device: str, dtype: str, attention: str = "sdpa", cores: int | None = None
+    ) -> None:
+        """`attention`: transformers' implementation; "eager" only to export it for fusion (onnx.py).
+        `cores`: torch's CPU threads (process-wide), e.g. a Ray actor's share; unset: torch's default."""
+        if cores is not None:
+            torch.set_num_threads(cores)
         from transformers import AutoModel
         from transformers.utils import logging as hf_logging
 

@@ -43,6 +43,7 @@ ENGINE_SETTINGS = (
     "truncate",
     "max_batch_tokens",
     "model_workers",
+    "cpu_cores",
     "tokenizer_threads",
     "data_dir",
     "log_level",

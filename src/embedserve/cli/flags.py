@@ -34,6 +34,7 @@ GROUPS = {
     "limits": "request limits",
     "batching": "batching and backpressure",
     "batch": "files and batches (the Batch API)",
+    "scale": "scale out (Ray, shared rate limits)",
     "http": "HTTP server",
     "logging": "logging",
 }

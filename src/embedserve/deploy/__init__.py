@@ -1,0 +1,1 @@
+"""Deployments of the HTTP server beyond one process: the Ray Serve application (`serve --ray`)."""
