@@ -170,13 +170,17 @@ def application(settings: Settings) -> Any:
     return serve.deployment(**options)(EmbedServeReplica).bind(settings)
 
 
+def builder_settings(args: Mapping[str, Any]) -> Settings:
+    """A config file's `args`: settings by field name (`database_url`, `replicas`, ...; dashes read as
+    underscores), over the EMBEDSERVE_* variables of the process that builds the application."""
+    return Settings(**{name.replace("-", "_"): value for name, value in args.items()})
+
+
 def app_builder(args: Mapping[str, Any]) -> Any:
     """For `serve run` / `serve deploy` with a config file (`import_path:
-    embedserve.deploy.ray_serve:app_builder`): `args` are settings by field name (`database_url`,
-    `replicas`, ...; dashes read as underscores), over EMBEDSERVE_* variables; host and port are the
-    config's `http_options`, not settings."""
-    settings = Settings(**{name.replace("-", "_"): value for name, value in args.items()})
-    return application(replica_settings(settings)[0])
+    embedserve.deploy.ray_serve:app_builder`). Host and port are the config's `http_options`: Ray Serve's
+    proxy listens, not the app."""
+    return application(replica_settings(builder_settings(args))[0])
 
 
 def _gone() -> str | None:
