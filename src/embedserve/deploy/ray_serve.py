@@ -32,7 +32,7 @@ DEPLOYMENT_NAME = "embedserve"
 #: with Retry-After in the OpenAI shape) is what pushes back, not Ray's queue in the proxy.
 MAX_ONGOING_REQUESTS = 256
 #: Autoscaling's aim, in ongoing requests per replica: enough concurrent requests for a replica's
-#: batcher to pack well (one core serves ~16 single-input requests in a few passes).
+#: batcher to pack several inputs per pass (the benchmark's online load is 16 clients).
 TARGET_ONGOING_REQUESTS = 16
 #: How often the controller checks a replica (Ray's default is 10 s): a replica killed with its node
 #: is replaced within about this.
