@@ -128,9 +128,9 @@ def test_a_rerun_after_a_sigkill_keeps_the_shards_written_and_embeds_the_rest(
             assert time.monotonic() < deadline, "no shards written"
             time.sleep(0.05)
         run.send_signal(signal.SIGKILL)
-        run.wait(30)
     finally:
         run.kill()
+        run.communicate(timeout=30)
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("part-*.parquet")}
     status, stdout, stderr = embed(
         source, "--model", MODEL, "-o", out, "--engine", "ray", "--replicas", "2", "--piece-bytes", "1200"

@@ -104,6 +104,8 @@ def _prepare_output(corpus: CorpusJob, info: RunInfo, pieces: list[Piece]) -> tu
     if kind == fs.FileType.Directory and corpus.overwrite:
         out_fs.delete_dir_contents(out)
     out_fs.create_dir(out, recursive=True)
+    for tmp in _leftovers(out_fs, out):  # a killed run's shards cut short: their pieces are redone
+        out_fs.delete_file(tmp)
     manifest = {
         "input": corpus.input,
         "run": asdict(info),
@@ -124,6 +126,13 @@ def _prepare_output(corpus: CorpusJob, info: RunInfo, pieces: list[Piece]) -> tu
     with out_fs.open_output_stream(path) as fh:
         fh.write(orjson.dumps(manifest))
     return out_fs, out
+
+
+def _leftovers(out_fs: Any, out: str) -> list[str]:
+    from pyarrow import fs
+
+    entries = out_fs.get_file_info(fs.FileSelector(out))
+    return [e.path for e in entries if e.base_name.startswith(".") and e.base_name.endswith(".tmp")]
 
 
 def _replicas(corpus: CorpusJob, ray: Any, *, local: bool) -> int:
