@@ -70,9 +70,10 @@ def open_filesystem(uri: str) -> tuple[Any, str]:
     if "://" not in uri:
         return fs.LocalFileSystem(), os.path.abspath(uri)
     try:
-        return fs.FileSystem.from_uri(uri)
+        filesystem, path = fs.FileSystem.from_uri(uri)
     except Exception as exc:  # pyarrow raises ArrowInvalid, OSError or ValueError by scheme
         raise ConfigError(f"cannot open {uri!r}: {exc}") from None
+    return filesystem, str(path)
 
 
 def find_inputs(uri: str, given: InputFormat | None) -> tuple[Any, list[InputFile]]:
