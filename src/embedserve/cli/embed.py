@@ -1,6 +1,6 @@
 """`embedserve embed INPUT --output OUT`: a whole corpus through the engine in this process, no server:
 the input streamed in chunks, the vectors written in input order to a crash-safe output that `--resume`
-continues, progress on stderr (design note 52)."""
+continues, progress on stderr (design note 52); with --engine ray, the same job on Ray Data (note 54)."""
 
 from __future__ import annotations
 
@@ -60,7 +60,9 @@ extension (.jsonl, .csv, .parquet; any other is text) or --input-format. OUT: by
 (.parquet, .jsonl, .npy) or --output-format. The vectors are those POST /v1/embeddings answers for the
 same texts. The output is checkpointed as it goes: after a kill, --resume keeps its complete rows and
 embeds the rest. Exit 2 for a bad flag, input or record (one line, naming it), 1 for an I/O failure,
-128+N when stopped by signal N (checkpointed: --resume continues)."""
+128+N when stopped by signal N (checkpointed: --resume continues). With --engine ray: the same job on
+Ray Data, from a file, a folder, a glob or a URI (s3://...) into a folder of Parquet shards, resumed by
+a rerun (docs/scale-out.md)."""
 
 
 def _positive(value: str) -> int:
@@ -211,8 +213,9 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         configure_logging(DEFAULT_LOG_LEVEL, settings.log_format)
     if args.embed_engine == "ray":
         return _run_on_ray(settings, args)
-    if given := {"ray_address", "replicas"} & settings.model_fields_set:
-        raise ConfigError(f"--{sorted(given)[0].replace('_', '-')} is for --engine ray")
+    # (Flags, not settings: EMBEDSERVE_RAY_ADDRESS set for `serve` does not stop a local run.)
+    if given := sorted(name for name in ("ray_address", "replicas") if hasattr(args, name)):
+        raise ConfigError(f"--{given[0].replace('_', '-')} is for --engine ray")
     try:
         plan = _plan(settings, args)
         stopped: list[int] = []
@@ -316,7 +319,7 @@ def _run_on_ray(settings: Settings, args: argparse.Namespace) -> int:
         job=job,
         fields=Fields(text=args.embed_text_field or DEFAULT_TEXT_FIELD, id=args.embed_id_field),
         input_format=args.embed_input_format,
-        replicas=settings.replicas if "replicas" in settings.model_fields_set else None,
+        replicas=settings.replicas if hasattr(args, "replicas") else None,  # the flag (validated)
         threads=args.embed_threads,
         batch_tokens=args.embed_batch_tokens,
         piece_bytes=args.embed_piece_bytes,

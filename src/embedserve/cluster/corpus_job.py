@@ -4,6 +4,7 @@ read, embed and write a shard apiece; the driver gathers one summary row a piece
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -107,7 +108,7 @@ def _prepare_output(corpus: CorpusJob, info: RunInfo, pieces: list[Piece]) -> tu
     for tmp in _leftovers(out_fs, out):  # a killed run's shards cut short: their pieces are redone
         out_fs.delete_file(tmp)
     manifest = {
-        "input": corpus.input,
+        "input": corpus.input if "://" in corpus.input else os.path.abspath(corpus.input),
         "run": asdict(info),
         "pieces": [[p.key, p.name, p.start, p.end] for p in pieces],
     }

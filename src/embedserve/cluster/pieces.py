@@ -135,36 +135,16 @@ def plan_pieces(
             continue
         if file.format == "csv":
             numbered = _csv_numbered(filesystem, file, fields)
-            pieces.append(
-                Piece(
-                    f"{stem}-00000",
-                    file.path,
-                    file.name,
-                    "csv",
-                    0,
-                    file.size,
-                    1,
-                    None,
-                    prefix if numbered else "",
-                )
-            )
+            key, owned = f"{stem}-00000", prefix if numbered else ""
+            pieces.append(Piece(key, file.path, file.name, "csv", 0, file.size, prefix=owned))
             continue
         decided = _jsonl_decided(filesystem, file, fields) if file.format == "jsonl" else ""
         numbered = file.format == "text" or (fields.id is None and decided == "")
         cuts = cut_points(filesystem, file.path, file.size, piece_bytes)
         for at, (start, end) in enumerate(itertools.pairwise(cuts)):
+            key, owned = f"{stem}-{at:05d}", prefix if numbered else ""
             pieces.append(
-                Piece(
-                    f"{stem}-{at:05d}",
-                    file.path,
-                    file.name,
-                    file.format,
-                    start,
-                    end,
-                    1,
-                    decided,
-                    prefix if numbered else "",
-                )
+                Piece(key, file.path, file.name, file.format, start, end, id_field=decided, prefix=owned)
             )
     return pieces
 
@@ -181,6 +161,8 @@ def cut_points(filesystem: Any, path: str, size: int, piece_bytes: int) -> list[
             while at < size:
                 fh.seek(at)
                 window = fh.read(WINDOW)
+                if not window:
+                    break
                 found = window.find(b"\n")
                 if found >= 0:
                     at += found + 1
