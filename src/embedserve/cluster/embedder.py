@@ -17,7 +17,7 @@ from embedserve.corpus.output import RunInfo
 from embedserve.corpus.rows import Fields, Source
 from embedserve.corpus.run import Job, embed_chunks, engine_settings
 from embedserve.engine import Engine
-from embedserve.errors import InvalidRequest
+from embedserve.errors import ConfigError, InvalidRequest
 from embedserve.settings import Settings
 from embedserve.spec import ModelSpec
 from embedserve.sync import EngineSync
@@ -60,8 +60,8 @@ class PieceEmbedder:
         return answers
 
     def _embed(self, piece: Piece) -> tuple[int, int, str]:
-        """(rows, tokens, "") once the piece's shard is written; a bad record -> (0, 0, its message) and
-        no shard, so the fixed input's rerun redoes this piece only."""
+        """(rows, tokens, "") once the piece's shard is written; a bad record or header -> (0, 0, its
+        message) and no shard, so the fixed input's rerun redoes this piece only."""
         output = ShardOutput(
             self._out_fs, self._out, piece.key, self._info, {"piece": piece.key, "node": self._node}
         )
@@ -82,7 +82,7 @@ class PieceEmbedder:
                 )
             )
             output.finish()
-        except InvalidRequest as exc:
+        except (InvalidRequest, ConfigError) as exc:  # a bad record, a CSV header without the fields
             output.discard()
             return 0, 0, exc.message
         except BaseException:
