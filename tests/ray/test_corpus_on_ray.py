@@ -167,7 +167,7 @@ def test_a_bad_record_fails_the_job_naming_it_and_the_other_pieces_are_written(
     [
         (["{tmp}/nothing.jsonl"], "no input '{tmp}/nothing.jsonl'"),
         (["{tmp}/*.parquet"], "no file matches '{tmp}/*.parquet'"),
-        (["{tmp}/docs.jsonl", "--replicas", "0"], "replicas: Input should be greater than or equal to 1"),
+        (["{tmp}/docs.jsonl", "--replicas", "0"], "--replicas: must be at least 1, got 0"),
         (["{tmp}/docs.jsonl", "--output-format", "jsonl"], "--engine ray writes Parquet shards"),
     ],
 )

@@ -158,18 +158,12 @@ def add_parser(sub: Any) -> None:
         default="local",
         help="local: in this process; ray: a Ray Data job, N actors of one engine each (default: local)",
     )
-    ray.add_argument(
-        "--ray-address",
-        dest="ray_address",
-        default=argparse.SUPPRESS,
-        metavar="ADDR",
-        help="the Ray cluster to join (HOST:6379 or ray://HOST:10001; default: a local Ray on this machine)",
-    )
+    add_setting_flags(ray, ["ray_address"])
+    # Not the `replicas` setting (a server's replicas on Ray Serve): a job's actors, and its own default.
     ray.add_argument(
         "--replicas",
-        dest="replicas",
+        dest="embed_replicas",
         type=int,
-        default=argparse.SUPPRESS,
         metavar="N",
         help="actors, each with its own engine (default: the cluster's CPUs / --threads-per-replica)",
     )
@@ -213,9 +207,10 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         configure_logging(DEFAULT_LOG_LEVEL, settings.log_format)
     if args.embed_engine == "ray":
         return _run_on_ray(settings, args)
-    # (Flags, not settings: EMBEDSERVE_RAY_ADDRESS set for `serve` does not stop a local run.)
-    if given := sorted(name for name in ("ray_address", "replicas") if hasattr(args, name)):
-        raise ConfigError(f"--{given[0].replace('_', '-')} is for --engine ray")
+    # (The flags, not the settings: EMBEDSERVE_RAY_ADDRESS set for `serve` does not stop a local run.)
+    if hasattr(args, "ray_address") or args.embed_replicas is not None:
+        flag = "--ray-address" if hasattr(args, "ray_address") else "--replicas"
+        raise ConfigError(f"{flag} is for --engine ray")
     try:
         plan = _plan(settings, args)
         stopped: list[int] = []
@@ -309,6 +304,8 @@ def _run_on_ray(settings: Settings, args: argparse.Namespace) -> int:
 
     if args.embed_output_format not in (None, "parquet"):
         raise ConfigError("--engine ray writes Parquet shards: --output-format parquet (or none)")
+    if args.embed_replicas is not None and args.embed_replicas < 1:
+        raise ConfigError(f"--replicas: must be at least 1, got {args.embed_replicas}")
     spec = _one_model(settings)
     job = Job(spec.id, args.embed_dimensions, args.embed_input_type, args.embed_instruction)
     _check_job(spec, job)
@@ -319,7 +316,7 @@ def _run_on_ray(settings: Settings, args: argparse.Namespace) -> int:
         job=job,
         fields=Fields(text=args.embed_text_field or DEFAULT_TEXT_FIELD, id=args.embed_id_field),
         input_format=args.embed_input_format,
-        replicas=settings.replicas if hasattr(args, "replicas") else None,  # the flag (validated)
+        replicas=args.embed_replicas,
         threads=args.embed_threads,
         batch_tokens=args.embed_batch_tokens,
         piece_bytes=args.embed_piece_bytes,
