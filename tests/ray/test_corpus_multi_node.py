@@ -26,10 +26,10 @@ def cluster() -> Iterator[Any]:
 def test_two_replicas_on_two_nodes_write_the_local_commands_rows(cluster: Any, tmp_path: Path) -> None:
     import ray
 
-    source = write_input(tmp_path / "docs.jsonl", texts(120))
+    source = write_input(tmp_path / "docs.jsonl", texts(60))
     out = tmp_path / "out"
     status, stdout, stderr = embed(
-        source, "--model", MODEL, "-o", out, "--engine", "ray", "--replicas", "2", "--piece-bytes", "600"
+        source, "--model", MODEL, "-o", out, "--engine", "ray", "--replicas", "2", "--piece-bytes", "400"
     )
     assert status == 0, stderr
     assert "with 2 replicas" in stdout
