@@ -69,6 +69,7 @@ def run_corpus_job(corpus: CorpusJob, settings: Settings, address: str | None) -
     """Plan, check, then run the pipeline; a bad record fails the job (ConfigError/InvalidRequest with
     its message) once every other piece is written, so a rerun after the fix does that piece only."""
     began = time.perf_counter()
+    ray = require_ray()  # before anything is written: without the extra, one line saying how to get it
     source, files = find_inputs(corpus.input, corpus.input_format)
     pieces = plan_pieces(source, files, corpus.fields, corpus.piece_bytes)
     info = RunInfo(
@@ -79,7 +80,6 @@ def run_corpus_job(corpus: CorpusJob, settings: Settings, address: str | None) -
     )
     out_fs, out = _prepare_output(corpus, info, pieces)
     started = connect(address)
-    ray = require_ray()
     try:
         replicas = _replicas(corpus, ray, local=started and address is None)
         pieces = _numbered(ray, source, pieces)
