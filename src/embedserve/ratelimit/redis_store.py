@@ -5,6 +5,7 @@ replicas' clocks never matter (design note 53). `redis` is an extra, imported on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import math
 import re
@@ -180,6 +181,10 @@ class RedisBuckets:
             async with asyncio.timeout(self._timeout_s * 2):  # connect, then the call itself
                 return await call
         except self._errors as exc:
+            # Idle connections are as stale as this one (a restarted Redis closed them all): dropped,
+            # so that the first calls after its return do not fail on them.
+            with contextlib.suppress(*self._errors):
+                await self._client.connection_pool.disconnect(inuse_connections=False)
             reason = str(exc) or type(exc).__name__
             raise RateLimitStoreUnavailable(
                 f"the rate-limit store {self.address.shown} did not answer: {reason}"
