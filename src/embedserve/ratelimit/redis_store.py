@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
-import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -190,7 +189,3 @@ class RedisBuckets:
                 f"the rate-limit store {self.address.shown} did not answer: {reason}"
             ) from exc
 
-
-def bucket_ttl_ms(level: Level) -> int:
-    """The expiry the script gives a bucket after a change (for the tests and the docs)."""
-    return math.ceil(level.reset_s() * 1000) + 1000
