@@ -27,7 +27,7 @@ from embedserve.keys.secret import load_pepper
 from embedserve.keys.store import KeyStore
 from embedserve.metered import MeteredEmbeddings
 from embedserve.metrics import Metrics
-from embedserve.ratelimit import RateLimiter
+from embedserve.ratelimit import RateLimiter, open_limiter
 from embedserve.settings import Settings
 from embedserve.timestamps import iso
 from embedserve.usage import UsageLedger, replay_journal
@@ -131,6 +131,7 @@ class AppState:
         report never misses what the last shutdown journaled. The engine's models load after (`start`)."""
         db = await asyncio.to_thread(open_database, settings.database_url, settings.data_dir)
         journal = UsageJournal(settings.usage_journal_path)
+        metrics = Metrics()
         try:
             pepper = await asyncio.to_thread(load_pepper, settings.key_pepper, settings.data_dir)
             if db.dialect == "postgresql" and not settings.key_pepper:
@@ -154,12 +155,11 @@ class AppState:
                 min_free=settings.files_min_free,
                 expiry_s=settings.file_expiry,
             )
+            limiter = await open_limiter(settings, on_store_error=metrics.rate_limit_store_errors.inc)
         except BaseException:
             await asyncio.to_thread(db.close)
             raise
-        metrics = Metrics()
         engine = Engine(settings, catalog, backends=backends, metrics=metrics)
-        limiter = RateLimiter()
         ledger = UsageLedger(db, settings.usage_flush_interval, journal)
         batch_store = BatchStore(db)
         runner = BatchRunner(
@@ -222,6 +222,7 @@ class AppState:
         await self.engine.close(grace=max(0.0, deadline - time.monotonic()))
         # After the last request: every record it made is pending.
         lost = await self.ledger.close(deadline=deadline)
+        await self.limiter.close()
         await asyncio.to_thread(self.db.close)
         return lost
 

@@ -55,8 +55,10 @@ def banner(settings: Settings, model: str, *, open_server: bool) -> str:
 def run(settings: Settings, args: argparse.Namespace) -> int:
     from embedserve.api.app import create_app
     from embedserve.api.server import build_server
+    from embedserve.ratelimit import check_store
 
     catalog = catalog_of(settings)
+    check_store(settings)  # the rate-limit store's URL (Redis itself may be down: the server starts)
     _check_store(settings)
     _check_tiktoken(settings, catalog)
     first = catalog.specs[0].id
