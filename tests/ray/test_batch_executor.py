@@ -39,15 +39,15 @@ def ray_address() -> Iterator[str]:
 
 
 @contextmanager
-def serving(storage: Storage, address: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def serving(storage: Storage, address: str, *flags: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     # The ONNX graph is exported once for the session (the servers' and the actors' engines read it).
     graphs = storage.data_dir / "onnx"
     if not graphs.exists():
         Path(DATA_DIR, "onnx").mkdir(exist_ok=True)
         graphs.symlink_to(Path(DATA_DIR, "onnx"))
-    flags = ["--data-dir", str(storage.data_dir), "--batch-executor", "ray", "--ray-address", address]
+    flags = (*flags, "--data-dir", str(storage.data_dir), "--batch-executor", "ray", "--ray-address", address)
     if storage.url is not None:
-        flags += ["--database-url", storage.url]
+        flags += ("--database-url", storage.url)
     with server_process(*flags) as server:
         yield server.base, server.proc
 
@@ -136,15 +136,18 @@ def check_vectors(base: str, rows: list[dict[str, Any]], every: int) -> None:
 
 @pytest.mark.parametrize("storage", ["sqlite"], indirect=True)
 def test_a_batch_on_ray_completes_with_the_online_routes_vectors_and_errors(
-    storage: Storage, ray_address: str
+    storage: Storage, ray_address: str, tmp_path: Path
 ) -> None:
+    """Through a batch store given as a URI: the server stages the input there for the cluster."""
     lines = 100
     corpus = [request(i) for i in range(lines)]
     corpus[7] = request(7, {"model": MODEL, "input": ""})  # the route refuses it: the error file says so
     corpus[9] = request(9, {"model": MODEL, "input": [TEXT.format(i=9), "a second input"]})
-    with serving(storage, ray_address) as (base, _):
+    store = tmp_path / "store"
+    with serving(storage, ray_address, "--batch-store", store.as_uri()) as (base, _):
         batch_id = submit(base, corpus)
         sdk = OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+        wait_until(lambda: (store / batch_id / "input.jsonl").exists(), "the input was staged")
         wait_until(lambda: sdk.batches.retrieve(batch_id).status == "completed", "the batch completed")
         batch = sdk.batches.retrieve(batch_id)
         assert batch.request_counts is not None
@@ -170,6 +173,8 @@ def test_a_batch_on_ray_completes_with_the_online_routes_vectors_and_errors(
         tokens = sum(row["response"]["body"]["usage"]["prompt_tokens"] for row in rows)
         assert ledger(storage, batch_id) == (lines - 1, tokens)
         wait_until(lambda: not driver_alive(batch_id), "the batch's driver ended")
+        assert not (store / batch_id).exists()
+        assert not (storage.data_dir / "files" / "ray-batches").exists()
 
 
 def test_a_server_killed_mid_job_commits_every_line_once_and_bills_it_once_after_restart(

@@ -301,6 +301,8 @@ class BatchRunner:
             return not self._stopping and status == "in_progress" and self._clock() < batch.expires_at
 
         try:
+            # The executor stops once go() is false, after yielding what it has in flight (SIGTERM: the
+            # lines in the engine finish and are committed).
             async with contextlib.aclosing(self._executor.run(batch, pending, principal, go)) as results:
                 async for ran in results:
                     # A line yielded twice (a shard found again after a crash) is committed once.
@@ -312,8 +314,6 @@ class BatchRunner:
                     else:
                         reloaded = await asyncio.to_thread(self._store.load, batch.id)
                         status = reloaded.status if reloaded is not None else "cancelled"
-                    if not go():
-                        break
         finally:
             outputs.close()
         if status == "in_progress" and not self._stopping and self._clock() < batch.expires_at:
