@@ -142,7 +142,10 @@ class LocalExecutor:
                 else:
                     continue
                 break
-            await asyncio.gather(*tasks, return_exceptions=True)
+            while tasks:  # the last lines in the engine, committed as they finish
+                await asyncio.wait(set(tasks), timeout=COMMIT_INTERVAL_S)
+                if done.lines:
+                    yield done.take()
             yield done.take()
         finally:
             for task in tasks:
