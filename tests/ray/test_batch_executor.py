@@ -180,7 +180,7 @@ def test_a_batch_on_ray_completes_with_the_online_routes_vectors_and_errors(
 def test_a_server_killed_mid_job_commits_every_line_once_and_bills_it_once_after_restart(
     storage: Storage, ray_address: str
 ) -> None:
-    lines = 400
+    lines = 320
     with serving(storage, ray_address) as (base, proc):
         batch_id = submit(base, [request(i) for i in range(lines)])
         wait_until(lambda: completed_count(base, batch_id) > 0, "the first shard was committed")
@@ -205,7 +205,7 @@ def test_sigterm_leaves_the_job_running_and_a_job_gone_meanwhile_is_resubmitted_
 ) -> None:
     import ray
 
-    lines = 400
+    lines = 320
     with serving(storage, ray_address) as (base, proc):
         batch_id = submit(base, [request(i) for i in range(lines)])
         wait_until(lambda: completed_count(base, batch_id) > 0, "the first shard was committed")
@@ -223,7 +223,7 @@ def test_sigterm_leaves_the_job_running_and_a_job_gone_meanwhile_is_resubmitted_
 def test_a_cancel_mid_job_stops_the_job_and_writes_off_the_lines_not_committed(
     storage: Storage, ray_address: str
 ) -> None:
-    lines = 400
+    lines = 320
     with serving(storage, ray_address) as (base, _):
         sdk = OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
         batch_id = submit(base, [request(i) for i in range(lines)])
