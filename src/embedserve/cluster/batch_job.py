@@ -148,11 +148,10 @@ class RayBatchExecutor:
             try:
                 seen, ended, error = await driver.wait.remote(seen, WAIT_S)
             except ray.exceptions.RayError as exc:  # the job is gone (its node, or someone killed it)
-                log.warning(
-                    "batch %s: its job on Ray is gone (%s); resubmitting the ranges left", batch.id, exc
-                )
-                driver = None
-                continue
+                # The runner's next step resubmits the ranges left (after its pause, should a job die
+                # at once each time: no loop of resubmissions).
+                log.warning("batch %s: its job on Ray is gone (%s)", batch.id, exc)
+                return
             if ended:  # its last shards are read at the top
                 if error is not None:
                     log.warning("batch %s: its job on Ray failed: %s", batch.id, error)
