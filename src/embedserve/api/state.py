@@ -14,6 +14,7 @@ from typing import Any
 from embedserve.api.errors import batch_line_error
 from embedserve.backends.factory import BackendFactory
 from embedserve.backends.memory import trim
+from embedserve.batches.executor import BatchExecutor, LocalExecutor
 from embedserve.batches.runner import BatchRunner
 from embedserve.batches.store import BatchStore
 from embedserve.batches.sweeper import sweep_forever
@@ -168,7 +169,7 @@ class AppState:
             engine,
             settings,
             principal_of=keys.principal_of,
-            render_error=batch_line_error,
+            executor=batch_executor(settings, files, engine),
         )
         return cls(
             settings=settings,
@@ -225,6 +226,16 @@ class AppState:
         await self.limiter.close()
         await asyncio.to_thread(self.db.close)
         return lost
+
+
+def batch_executor(settings: Settings, files: FileStore, engine: Engine) -> BatchExecutor:
+    """Where batches run (--batch-executor): this server's idle capacity, or a Ray cluster (the `ray`
+    extra, imported only then)."""
+    if settings.batch_executor == "ray":
+        from embedserve.cluster.batch_job import RayBatchExecutor
+
+        return RayBatchExecutor(settings, files, engine.catalog, batch_line_error)
+    return LocalExecutor(files, engine, settings, batch_line_error)
 
 
 def app_state(app: object) -> AppState:
