@@ -188,4 +188,3 @@ class RedisBuckets:
             raise RateLimitStoreUnavailable(
                 f"the rate-limit store {self.address.shown} did not answer: {reason}"
             ) from exc
-
