@@ -6,7 +6,7 @@ PIP    := $(BIN)/pip install --quiet --disable-pip-version-check -c constraints.
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-fast lint docs-check pytest docs bench bench-batch bench-embed install install-dev clean
+.PHONY: serve test test-fast lint docs-check pytest docs bench bench-batch bench-embed bench-ray install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,10 @@ bench-batch: install-dev
 ## make bench-embed: `embedserve embed` against in-process ONNX Runtime, 3 runs (prints a Markdown table)
 bench-embed: install-dev
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/embed_command.py $(ARGS)
+
+## make bench-ray: the corpus job on Ray Data (2 single-threaded actors) against the local command, 3 runs
+bench-ray: install-dev
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/ray_corpus.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .site

@@ -22,8 +22,8 @@ from support import LiveServer, build_tiny_st_model, live_server, private_data_d
 #: Which tests are `model`, `load` and `postgres` (pyproject.toml registers the markers): by directory, then
 #: by the fixtures a test requests, so that a new test cannot forget its mark (only a test outside these
 #: directories that starts a live server itself marks it by hand). The api/ and cli/ suites serve the
-#: bundled model (live servers, `embedserve serve` as a subprocess).
-MODEL_DIRS = frozenset({"model", "api", "cli"})
+#: bundled model (live servers, `embedserve serve` as a subprocess); ray/ embeds with it on Ray.
+MODEL_DIRS = frozenset({"model", "api", "cli", "ray"})
 #: The fixtures that build or serve a model (a test's fixture names include those its fixtures request).
 MODEL_FIXTURES = frozenset({"server", "st_model", "tiny_dense_model", "family_models"})
 

@@ -16,6 +16,7 @@ def local_ray(num_cpus: int = 2) -> Iterator[Any]:
     import ray
 
     ray.init(
+        address="local",  # always a Ray of its own: never one that another process on this machine runs
         num_cpus=num_cpus,
         object_store_memory=OBJECT_STORE_BYTES,
         include_dashboard=False,

@@ -227,6 +227,14 @@ class ShuttingDown(ServiceUnavailable):
     code = "shutting_down"
 
 
+class RateLimitStoreUnavailable(ServiceUnavailable):
+    """The shared rate-limit store (Redis) cannot be reached and `--rate-limit-fallback refuse` is set:
+    a limited key's request is refused rather than served without its shared limit (unlimited keys are
+    served)."""
+
+    code = "rate_limit_store_unavailable"
+
+
 class DatabaseUnavailable(ServiceUnavailable):
     """The key store and usage ledger's database cannot be reached or opened (a server answers 503
     `service_unavailable` on the routes that need it; the CLI exits 1)."""

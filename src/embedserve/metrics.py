@@ -152,6 +152,12 @@ class Metrics:
             ("model",),
             registry=r,
         )
+        self.rate_limit_store_errors = Counter(
+            "embedserve_rate_limit_store_errors",
+            "Failed calls to the shared rate-limit store (requests' and the recovery probe's, which "
+            "backs off to one every 2 s): rising while Redis is unreachable",
+            registry=r,
+        )
         self.in_flight = Gauge("embedserve_requests_in_flight", "HTTP requests being served", registry=r)
         self.model_load_seconds = Gauge(
             "embedserve_model_load_seconds", "Time to load and warm up a model", ("model",), registry=r

@@ -4,6 +4,7 @@ done, not after; the caller's allowance (a key's token limit) is a `Meter` it is
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import replace
 from typing import Protocol
@@ -22,22 +23,23 @@ from embedserve.validation import check_dimensions, check_framing, check_lengths
 
 
 class Meter(Protocol):
-    """What one request may spend, held across its run (a key's tokens per minute: ratelimit.KeyMeter)."""
+    """What one request may spend, held across its run (a key's tokens per minute: ratelimit.KeyMeter).
+    Async: the allowance may live in another process (a shared rate-limit store)."""
 
-    def hold(self, estimate: int) -> int | None:
+    async def hold(self, estimate: int) -> int | None:
         """Before tokenizing, from an upper bound of the tokens -> stop tokenizing once past this many
         (None: the hold surely covers the request)."""
         ...
 
-    def settle(self, tokens: int) -> None:
+    async def settle(self, tokens: int) -> None:
         """Tokenized: the request holds exactly `tokens` (or is refused, the hold given back)."""
         ...
 
-    def over_limit(self, tokens: int) -> EmbedServeError:
+    async def over_limit(self, tokens: int) -> EmbedServeError:
         """Tokenizing stopped at the hold's limit with at least `tokens`: the error to raise."""
         ...
 
-    def release(self) -> None:
+    async def release(self) -> None:
         """Refused or not embedded: give the hold back."""
         ...
 
@@ -45,16 +47,16 @@ class Meter(Protocol):
 class Unmetered:
     """The library's caller: no limit but the engine's own."""
 
-    def hold(self, estimate: int) -> int | None:
+    async def hold(self, estimate: int) -> int | None:
         return None
 
-    def settle(self, tokens: int) -> None:
+    async def settle(self, tokens: int) -> None:
         return None
 
-    def over_limit(self, tokens: int) -> EmbedServeError:  # pragma: no cover - hold never stops one
+    async def over_limit(self, tokens: int) -> EmbedServeError:  # pragma: no cover - hold never stops one
         raise AssertionError("an unmetered request has no limit to be over")
 
-    def release(self) -> None:
+    async def release(self) -> None:
         return None
 
 
@@ -120,15 +122,16 @@ class EmbeddingPipeline:
                     param="input_type",
                 )
             estimate = sum(len(ids) + 1 for ids in job.token_ids or ())
-        stop_at = meter.hold(estimate)
+        stop_at = await meter.hold(estimate)
         try:
             with runtime.batcher.admit(job.count, work) as admission:
                 sequences = await self._sequences(job, prefix, runtime, stop_at, meter)
                 counts = tuple(len(ids) for ids in sequences)
-                meter.settle(sum(counts))
+                await meter.settle(sum(counts))
                 pooled = await runtime.batcher.embed(sequences, admission, work=work)  # [N, D]
         except BaseException:  # refused, or not embedded (overload, shutdown, cancelled): not counted
-            meter.release()
+            # Shielded: a second cancellation while the store answers must not lose the give-back.
+            await asyncio.shield(meter.release())
             raise
         vectors = finish(pooled, dimensions=job.dimensions, normalize=spec.normalize)
         return EmbeddingResult(
@@ -193,5 +196,5 @@ class EmbeddingPipeline:
             partial=stopped is not None,
         )
         if stopped is Stop.BUDGET:
-            raise meter.over_limit(sum(len(ids) for ids in sequences))
+            raise await meter.over_limit(sum(len(ids) for ids in sequences))
         return sequences

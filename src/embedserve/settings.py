@@ -329,7 +329,10 @@ class Settings(BaseSettings):
         json_schema_extra=_flag("scale", metavar="ADDR", default="none: start a local Ray on this machine"),
     )
     replicas: int = Field(
-        1, ge=1, description="with --ray: server replicas", json_schema_extra=_flag("scale", metavar="N")
+        1,
+        ge=1,
+        description="with --ray: server replicas; with --batch-executor ray: a batch job's embedding actors",
+        json_schema_extra=_flag("scale", metavar="N"),
     )
     autoscale: str | None = Field(
         None,

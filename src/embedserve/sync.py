@@ -73,6 +73,11 @@ class EngineSync:
             )
         )
 
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """A coroutine on the engine's loop (one that drives `self.engine`'s async API), blocking until
+        it returns."""
+        return self._call(coroutine)
+
     def close(self, grace: float | None = None) -> None:
         """Engine.close (calls in flight in other threads finish first), then stop the loop's thread."""
         with self._lock:

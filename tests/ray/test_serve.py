@@ -182,10 +182,6 @@ def test_the_ledger_equals_the_responses_usage_exactly_across_both_replicas(ray_
     assert totals() == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the Redis rate-limit store (branch `limits`); strict: remove this mark when it lands",
-)
 def test_a_key_with_rpm_30_gets_30_requests_across_both_replicas_not_60(ray_app: RayApp) -> None:
     _, secret = ray_app.create_key("rpm-30", rpm=30)
     with ThreadPoolExecutor(4) as pool:

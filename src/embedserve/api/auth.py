@@ -40,7 +40,7 @@ async def admit(request: Request) -> Principal:
     """Authenticate, then take one request from the key's requests-per-minute (429 when empty): a
     request refused later, by validation, still counts."""
     principal = await authenticate(request)
-    app_state(request.app).limiter.admit_request(principal)
+    await app_state(request.app).limiter.admit_request(principal)
     return principal
 
 

@@ -3,7 +3,7 @@ share about it (its id and start, its key, its model and counts, its body's size
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from starlette.requests import Request
@@ -25,7 +25,7 @@ class RequestContext:
     tokens: int | None = None
     body_bytes: int = 0  # a large body is followed by a heap trim
     #: Headers to add to whatever response the request gets (a limited key's x-ratelimit-*).
-    response_headers: Callable[[], list[tuple[str, str]]] | None = None
+    response_headers: Callable[[], Awaitable[list[tuple[str, str]]]] | None = None
 
     def attach(self, scope: Scope) -> None:
         scope.setdefault("state", {})[_KEY] = self

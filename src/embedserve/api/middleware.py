@@ -96,7 +96,9 @@ class RequestContextMiddleware:
                 headers.append((b"x-request-id", request_id.encode("latin-1")))
                 extra = info.response_headers  # e.g. a limited key's x-ratelimit-*
                 if extra is not None:
-                    headers += [(name.encode("latin-1"), value.encode("latin-1")) for name, value in extra()]
+                    headers += [
+                        (name.encode("latin-1"), value.encode("latin-1")) for name, value in await extra()
+                    ]
                 if state.draining:
                     headers.append((b"connection", b"close"))
                 message = {**message, "headers": headers}

@@ -14,6 +14,7 @@ from typing import Any
 from embedserve.api.errors import batch_line_error
 from embedserve.backends.factory import BackendFactory
 from embedserve.backends.memory import trim
+from embedserve.batches.executor import BatchExecutor, LocalExecutor
 from embedserve.batches.runner import BatchRunner
 from embedserve.batches.store import BatchStore
 from embedserve.batches.sweeper import sweep_forever
@@ -27,7 +28,7 @@ from embedserve.keys.secret import load_pepper
 from embedserve.keys.store import KeyStore
 from embedserve.metered import MeteredEmbeddings
 from embedserve.metrics import Metrics
-from embedserve.ratelimit import RateLimiter
+from embedserve.ratelimit import RateLimiter, open_limiter
 from embedserve.settings import Settings
 from embedserve.timestamps import iso
 from embedserve.usage import UsageLedger, replay_journal
@@ -142,6 +143,7 @@ class AppState:
         report never misses what the last shutdown journaled. The engine's models load after (`start`)."""
         db = await asyncio.to_thread(open_database, settings.database_url, settings.data_dir)
         journal = UsageJournal(settings.usage_journal_path)
+        metrics = Metrics()
         try:
             pepper = await asyncio.to_thread(load_pepper, settings.key_pepper, settings.data_dir)
             if db.dialect == "postgresql" and not settings.key_pepper:
@@ -165,12 +167,11 @@ class AppState:
                 min_free=settings.files_min_free,
                 expiry_s=settings.file_expiry,
             )
+            limiter = await open_limiter(settings, on_store_error=metrics.rate_limit_store_errors.inc)
         except BaseException:
             await asyncio.to_thread(db.close)
             raise
-        metrics = Metrics()
         engine = Engine(settings, catalog, backends=backends, metrics=metrics)
-        limiter = RateLimiter()
         ledger = UsageLedger(db, settings.usage_flush_interval, journal)
         batch_store = BatchStore(db)
         runner = BatchRunner(
@@ -179,7 +180,7 @@ class AppState:
             engine,
             settings,
             principal_of=keys.principal_of,
-            render_error=batch_line_error,
+            executor=batch_executor(settings, files, engine),
         )
         return cls(
             settings=settings,
@@ -233,8 +234,19 @@ class AppState:
         await self.engine.close(grace=max(0.0, deadline - time.monotonic()))
         # After the last request: every record it made is pending.
         lost = await self.ledger.close(deadline=deadline)
+        await self.limiter.close()
         await asyncio.to_thread(self.db.close)
         return lost
+
+
+def batch_executor(settings: Settings, files: FileStore, engine: Engine) -> BatchExecutor:
+    """Where batches run (--batch-executor): this server's idle capacity, or a Ray cluster (the `ray`
+    extra, imported only then)."""
+    if settings.batch_executor == "ray":
+        from embedserve.cluster.batch_job import RayBatchExecutor
+
+        return RayBatchExecutor(settings, files, engine.catalog, batch_line_error)
+    return LocalExecutor(files, engine, settings, batch_line_error)
 
 
 def app_state(app: object) -> AppState:

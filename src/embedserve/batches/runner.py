@@ -1,6 +1,6 @@
-"""The batch runner: takes the oldest unfinished batch, validates its input file, runs its lines through
-the engine as `batch` work (online inputs always go first: the batch fills idle capacity), and writes
-their output, exactly once across crashes and restarts (design note 48):
+"""The batch runner: takes the oldest unfinished batch, validates its input file, hands its lines to the
+executor (this server's engine in its idle capacity, or a Ray cluster: batches/executor.py), and writes
+their output, exactly once across crashes and restarts (design notes 48, 55):
 
 - a line's result is appended to the output (or error) file, the file fsynced, and only then is the
   line marked done in the database, in one transaction with the new committed length of each file and
@@ -16,26 +16,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import functools
 import logging
 import os
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from embedserve.batches.lines import (
-    GROUP_INPUTS,
-    InputCheck,
-    RequestLine,
-    error_line,
-    kind_of,
-    line_job,
-    merged,
-    output_line,
-    part,
-)
+from embedserve.batches.execute import Ran
+from embedserve.batches.executor import BatchExecutor
+from embedserve.batches.lines import InputCheck, RequestLine, error_line
 from embedserve.batches.records import BatchError, BatchRecord, BatchStatus
 from embedserve.batches.store import BatchStore, LineDone
 from embedserve.durable import fsync_dir, write_all
@@ -43,23 +33,13 @@ from embedserve.engine import Engine
 from embedserve.errors import EmbedServeError, ModelLoadError, ServiceUnavailable, ShuttingDown
 from embedserve.files.records import OUTPUT_PURPOSE, new_file_id
 from embedserve.files.store import FileStore
-from embedserve.protocol import render_embeddings
 from embedserve.settings import Settings
-from embedserve.types import EmbeddingJob, EmbeddingResult, Principal, UsageRecord
+from embedserve.types import Principal, UsageRecord
 
 log = logging.getLogger("embedserve.batches")
 
-#: Lines whose results wait in memory for the next commit, at most; and how long at most.
-COMMIT_LINES = 256
-COMMIT_INTERVAL_S = 0.5
-#: Inputs of the lines in the engine at once: enough to keep every model worker busy between commits,
-#: few enough that the online queue's bound and its wait are never this batch's (scheduler: batch work).
-INPUTS_IN_FLIGHT = 512
-READ_AHEAD_LINES = 64  # lines read from the input file per thread call
 LOCK_FILE = ".runner.lock"
 
-#: (the error, the line's request id) -> the status and body its own POST /v1/embeddings would answer.
-RenderError = Callable[[EmbedServeError, str], tuple[int, bytes]]
 #: A key id -> its Principal now (AuthenticationFailed once revoked or expired).
 PrincipalOf = Callable[[str], Principal]
 
@@ -80,30 +60,6 @@ class _Outputs:
     def close(self) -> None:
         os.close(self.out)
         os.close(self.err)
-
-
-class _Window:
-    """The inputs of the lines in the engine: a line waits while they would pass `limit` (a line alone
-    always goes, however many inputs it has)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self._freed = asyncio.Event()
-
-    async def enter(self, inputs: int) -> None:
-        while self.used and self.used + inputs > self.limit:
-            self._freed.clear()
-            await self._freed.wait()
-        self.used += inputs
-
-    def leave(self, inputs: int) -> None:
-        self.used -= inputs
-        self._freed.set()
-
-
-def _leave(window: _Window, inputs: int, _: object) -> None:
-    window.leave(inputs)
 
 
 def _open_at(path: Path, committed: int) -> int:
@@ -133,11 +89,6 @@ def _append(fd: int, lines: list[bytes]) -> int:
     return os.fstat(fd).st_size
 
 
-def _read_lines(path: Path, lines: list[RequestLine]) -> list[bytes]:
-    with open(path, "rb") as file:
-        return [os.pread(file.fileno(), line.length, line.offset) for line in lines]
-
-
 def _check_file(path: Path, check: InputCheck) -> None:
     """Blocking: every line of the input file through `check`, one line in memory at a time."""
     offset = 0
@@ -149,7 +100,7 @@ def _check_file(path: Path, check: InputCheck) -> None:
 
 class BatchRunner:
     """`run()` is the server's task that runs every batch; `wake()` and `stop()` are its two signals.
-    `principal_of` and `render_error` come from the key ring and api/errors: the runner knows neither."""
+    `principal_of` comes from the key ring, `executor` runs the lines: the runner knows neither how."""
 
     def __init__(
         self,
@@ -159,7 +110,7 @@ class BatchRunner:
         settings: Settings,
         *,
         principal_of: PrincipalOf,
-        render_error: RenderError,
+        executor: BatchExecutor,
         poll_s: float = 1.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -168,7 +119,7 @@ class BatchRunner:
         self._engine = engine
         self._settings = settings
         self._principal_of = principal_of
-        self._render_error = render_error
+        self._executor = executor
         self._poll_s = poll_s
         self._clock = clock
         self._wake = asyncio.Event()
@@ -234,6 +185,7 @@ class BatchRunner:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
                 self._lock_fd = None
+            await self._executor.close()
 
     async def _advance(self, batch: BatchRecord) -> bool:
         """One step of a batch's life. -> whether it made progress."""
@@ -332,51 +284,37 @@ class BatchRunner:
         return status
 
     async def _run_lines(self, batch: BatchRecord) -> bool:
-        """Run the pending lines until none is left (then the batch finalizes), or a cancel, the
-        window's end or SIGTERM stops taking them. -> whether any line was done."""
+        """Hand the pending lines to the executor and commit what it yields, until none is left (then the
+        batch finalizes), or a cancel, the window's end or SIGTERM stops it. -> whether any line was
+        done."""
         pending = await asyncio.to_thread(self._store.pending, batch.id)
+        waiting = {line.line: line for line in pending}
         outputs = await self._outputs(batch)
-        input_path = self._files.path(batch.input_file_id)
-        window = _Window(INPUTS_IN_FLIGHT)
-        tasks: set[asyncio.Task[None]] = set()
         status: BatchStatus = batch.status
-        last_commit = time.monotonic()
         progressed = False
         try:
             principal: Principal | EmbedServeError = self._principal_of(batch.owner)
         except EmbedServeError as exc:  # the owner's key was revoked or has expired: each line says so
             principal = exc
+
+        def go() -> bool:
+            return not self._stopping and status == "in_progress" and self._clock() < batch.expires_at
+
         try:
-            for start in range(0, len(pending), READ_AHEAD_LINES):
-                chunk = pending[start : start + READ_AHEAD_LINES]
-                raws = await asyncio.to_thread(_read_lines, input_path, chunk)
-                for group in self._groups(chunk, raws, outputs):
-                    inputs = sum(job.count for _, job in group)
-                    await window.enter(inputs)
-                    if self._stopping or status != "in_progress" or self._clock() >= batch.expires_at:
-                        window.leave(inputs)
-                        break
-                    task = asyncio.create_task(self._run_group(batch, group, principal, outputs))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                    task.add_done_callback(functools.partial(_leave, window, inputs))
-                    if (
-                        len(outputs.done) >= COMMIT_LINES
-                        or time.monotonic() - last_commit > COMMIT_INTERVAL_S
-                    ):
-                        progressed = progressed or bool(outputs.done)
+            # The executor stops once go() is false, after yielding what it has in flight (SIGTERM: the
+            # lines in the engine finish and are committed).
+            async with contextlib.aclosing(self._executor.run(batch, pending, principal, go)) as results:
+                async for ran in results:
+                    # A line yielded twice (a shard found again after a crash) is committed once.
+                    fresh = [(waiting.pop(r.line), r) for r in ran if r.line in waiting]
+                    if fresh:
+                        self._account(batch, principal, fresh, outputs)
                         status = await self._commit(batch.id, outputs)
-                        last_commit = time.monotonic()
-                else:
-                    continue
-                break
-            await asyncio.gather(*tasks, return_exceptions=True)
-            progressed = progressed or bool(outputs.done)
-            status = await self._commit(batch.id, outputs)
+                        progressed = True
+                    else:
+                        reloaded = await asyncio.to_thread(self._store.load, batch.id)
+                        status = reloaded.status if reloaded is not None else "cancelled"
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             outputs.close()
         if status == "in_progress" and not self._stopping and self._clock() < batch.expires_at:
             left = await asyncio.to_thread(self._store.pending, batch.id)
@@ -385,119 +323,43 @@ class BatchRunner:
                 return True
         return progressed
 
-    def _groups(
-        self, chunk: list[RequestLine], raws: list[bytes], outputs: _Outputs
-    ) -> list[list[tuple[RequestLine, EmbeddingJob]]]:
-        """The chunk's lines parsed as their requests would be (a body the route refuses is that line's
-        error at once), in runs of one kind of up to GROUP_INPUTS inputs."""
-        groups: list[list[tuple[RequestLine, EmbeddingJob]]] = []
-        for line, raw in zip(chunk, raws, strict=True):
-            try:
-                job = line_job(raw, self._settings.max_body_bytes, self._settings.max_inputs_per_request)
-            except EmbedServeError as exc:
-                self._failed(line, outputs, exc, uuid.uuid4().hex)
-                continue
-            last = groups[-1] if groups else None
-            if (
-                last is not None
-                and kind_of(last[0][1]) == kind_of(job)
-                and sum(j.count for _, j in last) + job.count <= GROUP_INPUTS
-            ):
-                last.append((line, job))
-            else:
-                groups.append([(line, job)])
-        return groups
-
-    async def _run_group(
+    def _account(
         self,
         batch: BatchRecord,
-        group: list[tuple[RequestLine, EmbeddingJob]],
         principal: Principal | EmbedServeError,
+        lines: list[tuple[RequestLine, Ran]],
         outputs: _Outputs,
     ) -> None:
-        """Lines of one kind as one engine call; should any line make it fail, each line runs alone, so
-        that each gets exactly the answer its own request would (the index in a message included)."""
-        started = time.perf_counter()
-        if isinstance(principal, EmbedServeError):  # the owner's key was revoked or has expired
-            for line, _ in group:
-                self._failed(line, outputs, principal, uuid.uuid4().hex)
-            return
-        if len(group) > 1:
-            try:
-                result = await self._engine.run(merged([job for _, job in group]), principal, work="batch")
-            except ServiceUnavailable:
-                return  # ShuttingDown included: the lines stay pending for the next run
-            except EmbedServeError:
-                pass
-            else:
-                at = 0
-                for line, job in group:
-                    self._completed(
-                        batch, line, job, part(result, at, job.count), principal, started, outputs
-                    )
-                    at += job.count
-                return
-        await asyncio.gather(*(self._run_one(batch, line, job, principal, outputs) for line, job in group))
-
-    async def _run_one(
-        self,
-        batch: BatchRecord,
-        line: RequestLine,
-        job: EmbeddingJob,
-        principal: Principal,
-        outputs: _Outputs,
-    ) -> None:
-        """One line alone. A "come back later" (the model loading, the server shutting down) leaves it
-        pending."""
-        started = time.perf_counter()
-        try:
-            result = await self._engine.run(job, principal, work="batch")
-        except ServiceUnavailable:
-            return
-        except EmbedServeError as exc:
-            self._failed(line, outputs, exc, uuid.uuid4().hex)
-            return
-        self._completed(batch, line, job, result, principal, started, outputs)
-
-    def _completed(
-        self,
-        batch: BatchRecord,
-        line: RequestLine,
-        job: EmbeddingJob,
-        result: EmbeddingResult,
-        principal: Principal,
-        started: float,
-        outputs: _Outputs,
-    ) -> None:
-        request_id = uuid.uuid4().hex
-        spec = self._engine.catalog.resolve(result.model_id)
-        usage = UsageRecord(
-            key_id=principal.key_id,
-            model=spec.id,
-            prompt_tokens=result.prompt_tokens,
-            inputs=len(result.token_counts),
-            request_id=request_id,
-            created_at=time.time(),
-            latency_ms=(time.perf_counter() - started) * 1000,
-            price_per_million=spec.batch_price,
-            record_id=f"{batch.id}:{line.line}",
-            batch_id=batch.id,
-        )
-        self._engine.metrics.observe_embedded(spec.id, principal.key_id, usage.inputs, usage.prompt_tokens)
-        body = render_embeddings(result, job.model)
-        outputs.out_lines.append(output_line(line.custom_id, request_id, 200, body))
-        outputs.done.append(LineDone(line.line, "completed", line.token_bound, result.prompt_tokens, usage))
-
-    def _failed(self, line: RequestLine, outputs: _Outputs, exc: EmbedServeError, request_id: str) -> None:
-        status, body = self._render_error(exc, request_id)
-        outputs.err_lines.append(output_line(line.custom_id, request_id, status, body))
-        outputs.done.append(LineDone(line.line, "failed", line.token_bound))
+        """Lines done, to their files and onto the owner's account at the batch price: the usage record
+        of a line is `<batch id>:<line>`, billed once however often it ran."""
+        for line, ran in lines:
+            if not ran.ok or ran.model is None or isinstance(principal, EmbedServeError):
+                outputs.err_lines.append(ran.text)
+                outputs.done.append(LineDone(line.line, "failed", line.token_bound))
+                continue
+            spec = self._engine.catalog.resolve(ran.model)
+            usage = UsageRecord(
+                key_id=principal.key_id,
+                model=spec.id,
+                prompt_tokens=ran.tokens,
+                inputs=ran.inputs,
+                request_id=ran.request_id,
+                created_at=ran.created_at,
+                latency_ms=ran.latency_ms,
+                price_per_million=spec.batch_price,
+                record_id=f"{batch.id}:{line.line}",
+                batch_id=batch.id,
+            )
+            self._engine.metrics.observe_embedded(spec.id, principal.key_id, ran.inputs, ran.tokens)
+            outputs.out_lines.append(ran.text)
+            outputs.done.append(LineDone(line.line, "completed", line.token_bound, ran.tokens, usage))
 
     # ---- ending ----------------------------------------------------------------------------------
 
     async def _write_off(self, batch: BatchRecord, status: BatchStatus) -> None:
         """Cancelled or expired: the lines not done go to the error file as never run, then the batch
-        ends with the output of those that were."""
+        ends with the output of those that were. Whatever still runs of it stops first."""
+        await self._executor.end(batch.id)
         if batch.output_file_id is not None:
             pending = await asyncio.to_thread(self._store.pending, batch.id)
             outputs = await self._outputs(batch)
@@ -535,6 +397,7 @@ class BatchRunner:
             )
             await asyncio.to_thread(self._files.register, record)
         await asyncio.to_thread(self._store.finish, batch.id, status)
+        await self._executor.end(batch.id)
         log.info(
             "batch %s %s: %d completed, %d failed, %d tokens",
             batch.id,

@@ -1,6 +1,6 @@
 """`embedserve embed INPUT --output OUT`: a whole corpus through the engine in this process, no server:
 the input streamed in chunks, the vectors written in input order to a crash-safe output that `--resume`
-continues, progress on stderr (design note 52)."""
+continues, progress on stderr (design note 52); with --engine ray, the same job on Ray Data (note 54)."""
 
 from __future__ import annotations
 
@@ -19,13 +19,14 @@ from embedserve.catalog import Catalog
 from embedserve.cli.flags import add_setting_flags
 from embedserve.cli.models import MODEL_SETTINGS
 from embedserve.cli.output import print_json
+from embedserve.cluster.pieces import PIECE_BYTES
 from embedserve.corpus.chunks import chunked
 from embedserve.corpus.formats import INPUT_FORMATS, OUTPUT_FORMATS, InputFormat, input_format, output_format
 from embedserve.corpus.output import Output, RunInfo, open_output, skip_done
 from embedserve.corpus.progress import LineProgress
 from embedserve.corpus.readers import count_records, open_rows
 from embedserve.corpus.rows import DEFAULT_ID_FIELD, DEFAULT_TEXT_FIELD, Fields, Row, Source
-from embedserve.corpus.run import IN_FLIGHT, Job, Tally, embed_chunks
+from embedserve.corpus.run import IN_FLIGHT, Job, Tally, embed_chunks, engine_settings
 from embedserve.engine import Engine, catalog_of
 from embedserve.errors import ConfigError, EmbedServeError, InvalidRequest
 from embedserve.service import prefix_for
@@ -59,7 +60,9 @@ extension (.jsonl, .csv, .parquet; any other is text) or --input-format. OUT: by
 (.parquet, .jsonl, .npy) or --output-format. The vectors are those POST /v1/embeddings answers for the
 same texts. The output is checkpointed as it goes: after a kill, --resume keeps its complete rows and
 embeds the rest. Exit 2 for a bad flag, input or record (one line, naming it), 1 for an I/O failure,
-128+N when stopped by signal N (checkpointed: --resume continues)."""
+128+N when stopped by signal N (checkpointed: --resume continues). With --engine ray: the same job on
+Ray Data, from a file, a folder, a glob or a URI (s3://...) into a folder of Parquet shards, resumed by
+a rerun (docs/scale-out.md)."""
 
 
 def _positive(value: str) -> int:
@@ -75,9 +78,18 @@ def add_parser(sub: Any) -> None:
         help="embed a corpus file into Parquet, JSONL or .npy, without a server",
         description=DESCRIPTION,
     )
-    embed.add_argument("embed_input", metavar="INPUT", type=Path, help="the corpus file")
     embed.add_argument(
-        "-o", "--output", dest="embed_output", metavar="OUT", type=Path, required=True, help="the output file"
+        "embed_input",
+        metavar="INPUT",
+        help="the corpus file (with --engine ray: or a folder, a glob, an s3:// or other pyarrow URI)",
+    )
+    embed.add_argument(
+        "-o",
+        "--output",
+        dest="embed_output",
+        metavar="OUT",
+        required=True,
+        help="the output file (with --engine ray: a folder of Parquet shards)",
     )
     embed.add_argument(
         "--input-format", dest="embed_input_format", choices=INPUT_FORMATS, help="default: by extension"
@@ -138,6 +150,40 @@ def add_parser(sub: Any) -> None:
         help="when stderr is not a terminal, a progress line this often (default: 5)",
     )
     embed.add_argument("--json", dest="embed_json", action="store_true", help="the summary as JSON")
+    ray = embed.add_argument_group("on Ray Data (--engine ray, embedserve[ray]; docs/scale-out.md)")
+    ray.add_argument(
+        "--engine",
+        dest="embed_engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: in this process; ray: a Ray Data job, N actors of one engine each (default: local)",
+    )
+    add_setting_flags(ray, ["ray_address"])
+    # Not the `replicas` setting (a server's replicas on Ray Serve): a job's actors, and its own default.
+    ray.add_argument(
+        "--replicas",
+        dest="embed_replicas",
+        type=int,
+        metavar="N",
+        help="actors, each with its own engine (default: the cluster's CPUs / --threads-per-replica)",
+    )
+    ray.add_argument(
+        "--threads-per-replica",
+        dest="embed_threads",
+        type=_positive,
+        default=1,
+        metavar="T",
+        help="each actor's CPUs, and its engine's threads (default: 1)",
+    )
+    ray.add_argument(
+        "--piece-bytes",
+        dest="embed_piece_bytes",
+        type=_positive,
+        default=PIECE_BYTES,
+        metavar="N",
+        help=f"JSONL and text inputs are split into pieces of about N bytes, a shard each (Parquet: a row "
+        f"group each; CSV: a file each; default: {PIECE_BYTES})",
+    )
     add_setting_flags(embed.add_argument_group("model and backend (as for serve)"), ENGINE_SETTINGS)
     embed.set_defaults(run=run)
 
@@ -159,6 +205,12 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         from embedserve.logs import configure_logging
 
         configure_logging(DEFAULT_LOG_LEVEL, settings.log_format)
+    if args.embed_engine == "ray":
+        return _run_on_ray(settings, args)
+    # (The flags, not the settings: EMBEDSERVE_RAY_ADDRESS set for `serve` does not stop a local run.)
+    if hasattr(args, "ray_address") or args.embed_replicas is not None:
+        flag = "--ray-address" if hasattr(args, "ray_address") else "--replicas"
+        raise ConfigError(f"{flag} is for --engine ray")
     try:
         plan = _plan(settings, args)
         stopped: list[int] = []
@@ -212,21 +264,14 @@ def _summary_line(summary: dict[str, Any]) -> str:
 def _plan(settings: Settings, args: argparse.Namespace) -> Plan:
     """Every check that needs no model loaded: formats, input and fields, the one model and what it
     accepts, the output (exists? resumable?), and on resume, that the input starts with its rows."""
-    source_path: Path = args.embed_input
-    out: Path = args.embed_output
+    source_path, out = Path(args.embed_input), Path(args.embed_output)
     in_fmt = input_format(source_path, args.embed_input_format)
     out_fmt = output_format(out, args.embed_output_format)
     if source_path.exists() and out.exists() and source_path.resolve() == out.resolve():
         raise ConfigError(f"the output {str(out)!r} is the input")
     fields = Fields(text=args.embed_text_field or DEFAULT_TEXT_FIELD, id=args.embed_id_field)
     source, rows = open_rows(source_path, in_fmt, fields)
-    catalog = catalog_of(settings)
-    if len(catalog.specs) != 1:
-        raise ConfigError(
-            f"embed runs one model; {len(catalog.specs)} are declared "
-            f"({', '.join(s.id for s in catalog.specs)}): give one --model, or a models file of one"
-        )
-    spec = catalog.specs[0]
+    spec = _one_model(settings)
     job = Job(spec.id, args.embed_dimensions, args.embed_input_type, args.embed_instruction)
     _check_job(spec, job)
     info = RunInfo(spec.id, job.dimensions or spec.dimensions, job.input_type, job.instruction)
@@ -243,6 +288,72 @@ def _plan(settings: Settings, args: argparse.Namespace) -> Plan:
     return Plan(source, rows, in_fmt, spec, job, output)
 
 
+def _one_model(settings: Settings) -> ModelSpec:
+    catalog = catalog_of(settings)
+    if len(catalog.specs) != 1:
+        raise ConfigError(
+            f"embed runs one model; {len(catalog.specs)} are declared "
+            f"({', '.join(s.id for s in catalog.specs)}): give one --model, or a models file of one"
+        )
+    return catalog.specs[0]
+
+
+def _run_on_ray(settings: Settings, args: argparse.Namespace) -> int:
+    """The same job as a Ray Data pipeline (cluster/corpus_job.py): flags checked here, before Ray."""
+    from embedserve.cluster.corpus_job import CorpusJob, run_corpus_job
+
+    if args.embed_output_format not in (None, "parquet"):
+        raise ConfigError("--engine ray writes Parquet shards: --output-format parquet (or none)")
+    if args.embed_replicas is not None and args.embed_replicas < 1:
+        raise ConfigError(f"--replicas: must be at least 1, got {args.embed_replicas}")
+    spec = _one_model(settings)
+    job = Job(spec.id, args.embed_dimensions, args.embed_input_type, args.embed_instruction)
+    _check_job(spec, job)
+    corpus = CorpusJob(
+        input=args.embed_input,
+        output=args.embed_output,
+        spec=spec,
+        job=job,
+        fields=Fields(text=args.embed_text_field or DEFAULT_TEXT_FIELD, id=args.embed_id_field),
+        input_format=args.embed_input_format,
+        replicas=args.embed_replicas,
+        threads=args.embed_threads,
+        batch_tokens=args.embed_batch_tokens,
+        piece_bytes=args.embed_piece_bytes,
+        overwrite=args.embed_overwrite,
+    )
+    try:
+        result = run_corpus_job(corpus, settings, settings.ray_address)
+    except OSError as exc:
+        raise EmbedServeError(str(exc)) from None
+    seconds = result.seconds
+    summary = {
+        "output": result.output,
+        "model": spec.id,
+        "rows": result.rows,
+        "tokens": result.tokens,
+        "pieces": result.pieces,
+        "skipped_pieces": result.skipped,
+        "replicas": result.replicas,
+        "seconds": round(seconds, 3),
+        "startup_seconds": round(result.startup_seconds, 3),
+        "rows_per_s": round(result.rows / seconds, 1) if seconds > 0 else 0.0,
+        "tokens_per_s": round(result.tokens / seconds, 1) if seconds > 0 else 0.0,
+    }
+    if args.embed_json:
+        print_json(summary)
+        return 0
+    line = (
+        f"embedded {summary['rows']:,} rows, {summary['tokens']:,} tokens in {summary['seconds']:.1f} s "
+        f"({summary['rows_per_s']:,.0f} rows/s, {summary['tokens_per_s']:,.0f} tokens/s) into "
+        f"{summary['output']} with {result.replicas} replicas"
+    )
+    if result.skipped:
+        line += f"; {result.skipped:,} of {result.pieces:,} pieces were there already"
+    print(line + f"; Ray and the models started in {summary['startup_seconds']:.1f} s")
+    return 0
+
+
 def _check_job(spec: ModelSpec, job: Job) -> None:
     """--dimensions and --input-type as the API checks its fields, before the model loads."""
     try:
@@ -255,19 +366,6 @@ def _check_job(spec: ModelSpec, job: Job) -> None:
         )
     except InvalidRequest as exc:
         raise type(exc)(f"--{(exc.param or '').replace('_', '-')}: {exc.message}", param=exc.param) from None
-
-
-def engine_settings(settings: Settings, max_items: int) -> Settings:
-    """The command is its engine's only caller and bounds its own work in flight (IN_FLIGHT chunks of
-    at most `max_items` inputs), so the guards a server keeps against its clients are lifted: a chunk's
-    token total (chunks are sized by --batch-tokens) and the queue's wait and depth."""
-    return settings.model_copy(
-        update={
-            "max_tokens_per_request": 1 << 62,
-            "max_queue_wait": float("inf"),
-            "max_queued_inputs": max(settings.max_queued_inputs, IN_FLIGHT * max_items),
-        }
-    )
 
 
 async def _embed(

@@ -57,8 +57,10 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         return _run_on_ray(settings)
     from embedserve.api.app import create_app
     from embedserve.api.server import build_server
+    from embedserve.ratelimit import check_store as check_limit_store
 
     catalog = catalog_of(settings)
+    check_limit_store(settings)  # the rate-limit store's URL (Redis itself may be down: the server starts)
     check_store(settings)
     check_tiktoken(settings, catalog)
     first = catalog.specs[0].id

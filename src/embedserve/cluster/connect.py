@@ -40,6 +40,7 @@ def connect(
         ray.init(address=address, **quiet)
         return True
     ray.init(
+        address="local",  # a Ray of its own, never one that `ray start` left running on the machine
         num_cpus=num_cpus or usable_cores(),
         object_store_memory=object_store_bytes,
         _node_ip_address="127.0.0.1",  # a local Ray listens on loopback only

@@ -4,7 +4,7 @@ batch) at a time, whatever the file's size; a bad record fails with an error nam
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,38 +60,55 @@ def count_records(path: Path, fmt: InputFormat) -> int | None:
 
 
 def _text(source: Source) -> Iterator[Row]:
-    """A line each, id = its line number; the line break is not part of the text (an empty line is an
-    empty text, which the engine refuses as the API does)."""
     with source.path.open("rb") as fh:
-        for number, raw in enumerate(fh, 1):
-            line = raw.removeprefix(_BOM) if number == 1 else raw
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise InvalidRequest(f"{source.where(number)}: not UTF-8 ({exc.reason})") from None
-            yield Row(str(number), text.removesuffix("\n").removesuffix("\r"), number)
+        yield from text_rows(source, fh)
+
+
+def text_rows(source: Source, lines: Iterable[bytes], first: int = 1) -> Iterator[Row]:
+    """A line each, id = its line number (`first`: the number of the first of `lines`); the line break
+    is not part of the text (an empty line is an empty text, which the engine refuses as the API does)."""
+    for number, raw in enumerate(lines, first):
+        line = raw.removeprefix(_BOM) if number == 1 else raw
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidRequest(f"{source.where(number)}: not UTF-8 ({exc.reason})") from None
+        yield Row(str(number), text.removesuffix("\n").removesuffix("\r"), number)
 
 
 def _jsonl(source: Source, fields: Fields) -> Iterator[Row]:
-    """A JSON object a line (blank lines skipped). Without --id-field the first record decides: an
-    "id" field there is required on every line, else every id is its line number."""
-    id_field = fields.id
     with source.path.open("rb") as fh:
-        for number, raw in enumerate(fh, 1):
-            line = raw.removeprefix(_BOM) if number == 1 else raw
-            if not line.strip():
-                continue
-            where = source.where(number)
-            try:
-                record = orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
-                raise InvalidRequest(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(record, dict):
-                raise InvalidRequest(f"{where}: {json_type(record)}, not a JSON object")
-            if id_field is None:  # the first record decides
-                id_field = DEFAULT_ID_FIELD if DEFAULT_ID_FIELD in record else ""
-            row_id = _record_id(record, id_field, where, number, named=fields.id is not None)
-            yield Row(row_id, _record_text(record, fields, where), number)
+        yield from jsonl_rows(source, fh, fields)
+
+
+def jsonl_rows(
+    source: Source, lines: Iterable[bytes], fields: Fields, *, first: int = 1, decided: str | None = None
+) -> Iterator[Row]:
+    """A JSON object a line (blank lines skipped). Without --id-field the file's first record decides:
+    an "id" field there is required on every line, else every id is its line number. `decided`: what
+    the first record decided ("id" or ""), for lines that start further into the file."""
+    id_field = fields.id if fields.id is not None else decided
+    for number, raw in enumerate(lines, first):
+        line = raw.removeprefix(_BOM) if number == 1 else raw
+        if not line.strip():
+            continue
+        where = source.where(number)
+        record = jsonl_record(line, where)
+        if id_field is None:  # the first record decides
+            id_field = DEFAULT_ID_FIELD if DEFAULT_ID_FIELD in record else ""
+        row_id = _record_id(record, id_field, where, number, named=fields.id is not None)
+        yield Row(row_id, _record_text(record, fields, where), number)
+
+
+def jsonl_record(line: bytes, where: str) -> dict[str, Any]:
+    """Pure: one JSONL line as its object, or the error naming the line."""
+    try:
+        record = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(record, dict):
+        raise InvalidRequest(f"{where}: {json_type(record)}, not a JSON object")
+    return record
 
 
 def _record_text(record: dict[str, Any], fields: Fields, where: str) -> str:
@@ -124,41 +141,47 @@ def _csv(path: Path, fields: Fields) -> Iterator[Row]:
 
 
 def _csv_records(path: Path, fields: Fields) -> Iterator[Row | None]:
-    source = Source(path, "line")
     with path.open("r", encoding="utf-8-sig", newline="") as fh:
-        reader = csv.reader(fh)
+        yield from csv_records(Source(path, "line"), fh, fields)
+
+
+def csv_records(source: Source, fh: Iterable[str], fields: Fields) -> Iterator[Row | None]:
+    """The CSV records of a text stream opened with newline="" (its header checked: None, then the
+    Rows)."""
+    path = source.path
+    reader = csv.reader(fh)
+    try:
+        header = next(reader, None)
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"{source.where(1)}: {exc}") from None
+    if header is None:
+        raise ConfigError(f"input {path.name} is empty: a CSV input starts with a header row")
+    text_at = _column(header, fields.text, path, "--text-field")
+    id_name = (
+        fields.id if fields.id is not None else (DEFAULT_ID_FIELD if DEFAULT_ID_FIELD in header else None)
+    )
+    id_at = None if id_name is None else _column(header, id_name, path, "--id-field")
+    yield None
+    consumed = reader.line_num
+    while True:
+        number = consumed + 1
         try:
-            header = next(reader, None)
+            record = next(reader, None)
         except (csv.Error, UnicodeDecodeError) as exc:
-            raise InvalidRequest(f"{source.where(1)}: {exc}") from None
-        if header is None:
-            raise ConfigError(f"input {path.name} is empty: a CSV input starts with a header row")
-        text_at = _column(header, fields.text, path, "--text-field")
-        id_name = (
-            fields.id if fields.id is not None else (DEFAULT_ID_FIELD if DEFAULT_ID_FIELD in header else None)
-        )
-        id_at = None if id_name is None else _column(header, id_name, path, "--id-field")
-        yield None
+            raise InvalidRequest(f"{source.where(number)}: {exc}") from None
+        if record is None:
+            return
         consumed = reader.line_num
-        while True:
-            number = consumed + 1
-            try:
-                record = next(reader, None)
-            except (csv.Error, UnicodeDecodeError) as exc:
-                raise InvalidRequest(f"{source.where(number)}: {exc}") from None
-            if record is None:
-                return
-            consumed = reader.line_num
-            if not record:  # a blank line
-                continue
-            where = source.where(number)
-            if text_at >= len(record) or (id_at is not None and id_at >= len(record)):
-                missing = fields.text if text_at >= len(record) else id_name
-                raise InvalidRequest(
-                    f"{where}: {len(record)} fields, fewer than the header's: no {missing!r} value"
-                )
-            row_id = str(number) if id_at is None or id_name is None else id_of(record[id_at], id_name, where)
-            yield Row(row_id, record[text_at], number)
+        if not record:  # a blank line
+            continue
+        where = source.where(number)
+        if text_at >= len(record) or (id_at is not None and id_at >= len(record)):
+            missing = fields.text if text_at >= len(record) else id_name
+            raise InvalidRequest(
+                f"{where}: {len(record)} fields, fewer than the header's: no {missing!r} value"
+            )
+        row_id = str(number) if id_at is None or id_name is None else id_of(record[id_at], id_name, where)
+        yield Row(row_id, record[text_at], number)
 
 
 def _column(header: list[str], name: str, path: Path, flag: str) -> int:
@@ -174,8 +197,6 @@ def _no_column(path: Path, name: str, flag: str, columns: list[str]) -> ConfigEr
 
 
 def _parquet(path: Path, fields: Fields) -> Iterator[Row]:
-    """Record batches of the text and id columns only. Without --id-field an "id" column gives the ids
-    (strings or integers), else each row's number, from 1."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -183,6 +204,13 @@ def _parquet(path: Path, fields: Fields) -> Iterator[Row]:
         schema = pq.read_schema(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise ConfigError(f"input {path.name} is not a Parquet file ({exc})") from None
+    id_name = parquet_id_column(schema, fields, path)
+    return _parquet_records(Source(path, "row"), fields.text, id_name)
+
+
+def parquet_id_column(schema: Any, fields: Fields, path: Path) -> str | None:
+    """The text and id columns checked against a Parquet schema -> the id column: --id-field, else an
+    "id" column (strings or integers), else None (each row's number, from 1)."""
     _check_column(schema, fields.text, path, "--text-field", ids=False)
     id_name = (
         fields.id
@@ -191,7 +219,7 @@ def _parquet(path: Path, fields: Fields) -> Iterator[Row]:
     )
     if id_name is not None:
         _check_column(schema, id_name, path, "--id-field", ids=True)
-    return _parquet_records(Source(path, "row"), fields.text, id_name)
+    return id_name
 
 
 def _check_column(schema: Any, name: str, path: Path, flag: str, *, ids: bool) -> None:
@@ -209,16 +237,30 @@ def _check_column(schema: Any, name: str, path: Path, flag: str, *, ids: bool) -
 def _parquet_records(source: Source, text_name: str, id_name: str | None) -> Iterator[Row]:
     import pyarrow.parquet as pq
 
-    columns = list(dict.fromkeys([text_name] + ([id_name] if id_name is not None else [])))
-    number = 0
     with pq.ParquetFile(source.path) as parquet:
-        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
-            texts = batch.column(text_name).to_pylist()
-            ids = batch.column(id_name).to_pylist() if id_name is not None else None
-            for index, text in enumerate(texts):
-                number += 1
-                where = source.where(number)
-                if text is None:
-                    raise InvalidRequest(f"{where}: {text_name!r} is null, not a string", param=text_name)
-                row_id = str(number) if ids is None or id_name is None else id_of(ids[index], id_name, where)
-                yield Row(row_id, text, number)
+        yield from parquet_rows(source, parquet, text_name, id_name)
+
+
+def parquet_rows(
+    source: Source,
+    parquet: Any,
+    text_name: str,
+    id_name: str | None,
+    *,
+    row_groups: list[int] | None = None,
+    first: int = 1,
+) -> Iterator[Row]:
+    """The rows of an open pyarrow ParquetFile (of `row_groups` only, the first of them row `first`),
+    a record batch of the text and id columns at a time."""
+    columns = list(dict.fromkeys([text_name] + ([id_name] if id_name is not None else [])))
+    number = first - 1
+    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns, row_groups=row_groups):
+        texts = batch.column(text_name).to_pylist()
+        ids = batch.column(id_name).to_pylist() if id_name is not None else None
+        for index, text in enumerate(texts):
+            number += 1
+            where = source.where(number)
+            if text is None:
+                raise InvalidRequest(f"{where}: {text_name!r} is null, not a string", param=text_name)
+            row_id = str(number) if ids is None or id_name is None else id_of(ids[index], id_name, where)
+            yield Row(row_id, text, number)

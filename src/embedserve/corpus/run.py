@@ -15,6 +15,7 @@ from embedserve.corpus.chunks import Chunk, locate
 from embedserve.corpus.output import Output
 from embedserve.engine import Embeddings, Engine
 from embedserve.errors import InvalidRequest
+from embedserve.settings import Settings
 
 #: Chunks embedding at once: while the oldest is written, the others keep the model's queue full.
 IN_FLIGHT = 4
@@ -105,4 +106,17 @@ async def _embed(engine: Engine, job: Job, chunk: Chunk) -> Embeddings:
         dimensions=job.dimensions,
         input_type=job.input_type,
         instruction=job.instruction,
+    )
+
+
+def engine_settings(settings: Settings, max_items: int) -> Settings:
+    """The command is its engine's only caller and bounds its own work in flight (IN_FLIGHT chunks of
+    at most `max_items` inputs), so the guards a server keeps against its clients are lifted: a chunk's
+    token total (chunks are sized by --batch-tokens) and the queue's wait and depth."""
+    return settings.model_copy(
+        update={
+            "max_tokens_per_request": 1 << 62,
+            "max_queue_wait": float("inf"),
+            "max_queued_inputs": max(settings.max_queued_inputs, IN_FLIGHT * max_items),
+        }
     )

@@ -22,6 +22,7 @@ from embedserve.engine import catalog_of
 from embedserve.errors import ConfigError
 from embedserve.logs import configure_logging
 from embedserve.preflight import Store, check_store, check_tiktoken
+from embedserve.ratelimit import check_store as check_limit_store
 from embedserve.settings import Settings
 
 log = logging.getLogger("embedserve.deploy")
@@ -92,6 +93,7 @@ def replica_settings(settings: Settings) -> tuple[Settings, Store]:
     """What every replica runs with: the checks made here first (schema created or migrated once, the
     pepper created once), then the pepper and the core share written in, so that every replica, on
     whichever node, checks keys with the same pepper and sizes its threads to what Ray reserved."""
+    check_limit_store(settings)  # its URL and the Redis client (Redis itself may be down: replicas start)
     check_tiktoken(settings, catalog_of(settings))
     store = check_store(settings)
     resolved = settings.model_copy(
