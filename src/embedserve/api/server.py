@@ -336,12 +336,7 @@ class EmbedServer(uvicorn.Server):
     async def drain(self, state: AppState) -> None:
         """Wait for in-flight requests (at most the grace period), then let uvicorn shut down. The batch
         runner takes no new line from now on (AppState.close waits for those in flight)."""
-        state.draining = True
-        state.batches.stop()
-        try:
-            await asyncio.wait_for(state.idle.wait(), self._grace)
-        except TimeoutError:
-            log.warning("grace period over with %d request(s) still in flight", state.in_flight)
+        await state.drain(self._grace)
         self.should_exit = True
 
 

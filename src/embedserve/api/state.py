@@ -100,6 +100,17 @@ class AppState:
             },
         }
 
+    async def drain(self, grace: float) -> None:
+        """Turn new requests away and wait for those in flight, at most `grace` seconds (the uvicorn
+        server on SIGTERM, a Ray Serve replica being stopped). The batch runner takes no new line from
+        now on (`close` waits for those in flight)."""
+        self.draining = True
+        self.batches.stop()
+        try:
+            await asyncio.wait_for(self.idle.wait(), grace)
+        except TimeoutError:
+            log.warning("grace period over with %d request(s) still in flight", self.in_flight)
+
     def request_started(self) -> None:
         self.in_flight += 1
         self.idle.clear()

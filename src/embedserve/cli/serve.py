@@ -1,5 +1,6 @@
 """`embedserve serve`: every setting as a flag, the checks made before binding (models, database, pepper,
-journal, tiktoken files), then the HTTP server until a signal drains it."""
+journal, tiktoken files), then the HTTP server until a signal drains it; with --ray, replicas on Ray
+Serve (deploy/ray_serve.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,9 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Any
 
-from embedserve.catalog import Catalog
 from embedserve.cli.flags import add_serve_flags
 from embedserve.engine import catalog_of
-from embedserve.errors import ConfigError
+from embedserve.preflight import Store, check_store, check_tiktoken
 from embedserve.settings import Settings
 
 if TYPE_CHECKING:
@@ -53,14 +53,16 @@ def banner(settings: Settings, model: str, *, open_server: bool) -> str:
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
+    if settings.ray:
+        return _run_on_ray(settings)
     from embedserve.api.app import create_app
     from embedserve.api.server import build_server
-    from embedserve.ratelimit import check_store
+    from embedserve.ratelimit import check_store as check_limit_store
 
     catalog = catalog_of(settings)
-    check_store(settings)  # the rate-limit store's URL (Redis itself may be down: the server starts)
-    _check_store(settings)
-    _check_tiktoken(settings, catalog)
+    check_limit_store(settings)  # the rate-limit store's URL (Redis itself may be down: the server starts)
+    check_store(settings)
+    check_tiktoken(settings, catalog)
     first = catalog.specs[0].id
 
     def announce(state: AppState) -> None:
@@ -85,29 +87,21 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if server.started and lost == [0] else 1
 
 
-def _check_tiktoken(settings: Settings, catalog: Catalog) -> None:
-    """Before binding: every tiktoken encoding a model reads is on disk (never downloaded)."""
-    from embedserve.tiktoken_ids import locate
+def _run_on_ray(settings: Settings) -> int:
+    """`serve --ray`: the replicas on Ray Serve, in the foreground until SIGINT/SIGTERM."""
+    from embedserve.cluster.connect import require_ray
 
-    for spec in catalog.specs:
-        if (name := settings.tiktoken_for(spec.tiktoken_ids)) is not None:
-            try:
-                locate(name, settings.tiktoken_file)
-            except ConfigError as exc:
-                raise ConfigError(f"model '{spec.id}': {exc.message}") from None
+    require_ray()  # ConfigError naming the extra, before anything else
+    from embedserve.deploy import ray_serve
 
+    first = catalog_of(settings).specs[0].id
 
-def _check_store(settings: Settings) -> None:
-    """Before binding: the database opens (schema created or migrated), the pepper matches its keys and
-    the usage journal can be written."""
-    from embedserve.db import open_database
-    from embedserve.journal import UsageJournal
-    from embedserve.keys.secret import load_pepper
-    from embedserve.keys.store import KeyStore
+    def announce(store: Store) -> None:
+        open_server = not (settings.api_keys or settings.admin_keys or store.managed_keys)
+        if settings.log_format == "json":
+            base = f"http://{settings.host}:{settings.port}/v1"
+            log.info("embedserve is ready on %s", base, extra={"event": "ready", "base_url": base})
+        else:
+            print(banner(settings, first, open_server=open_server), file=sys.stderr, flush=True)
 
-    UsageJournal(settings.usage_journal_path).check()
-    db = open_database(settings.database_url, settings.data_dir)
-    try:
-        KeyStore(db).check_pepper(load_pepper(settings.key_pepper, settings.data_dir))
-    finally:
-        db.close()
+    return ray_serve.run(settings, on_ready=announce)
