@@ -6,7 +6,7 @@ PIP    := $(BIN)/pip install --quiet --disable-pip-version-check -c constraints.
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-fast lint docs-check pytest docs bench bench-batch bench-embed bench-ray install install-dev clean
+.PHONY: serve test test-fast lint docs-check pytest docs bench bench-batch bench-embed bench-ray bench-capacity install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -65,9 +65,15 @@ bench-batch: install-dev
 bench-embed: install-dev
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/embed_command.py $(ARGS)
 
-## make bench-ray: the corpus job on Ray Data (2 single-threaded actors) against the local command, 3 runs
+## make bench-ray: on Ray, the corpus job against the local command and Ray Serve against one server
 bench-ray: install-dev
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/ray_corpus.py $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/ray_serve.py
+
+## make bench-capacity: tokens/s per core by model and precision, the ledger's rate, the limit store's cost
+bench-capacity: install-dev
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/capacity.py $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/ratelimit_store.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .site
