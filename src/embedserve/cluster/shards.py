@@ -9,13 +9,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import orjson
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedserve.corpus.output import RunInfo, replace_durably, sync_file
-from embedserve.corpus.parquet_output import schema_of
+from embedserve.corpus.parquet_output import record_batch, schema_of
 from embedserve.types import FloatMatrix
 
 #: The schema metadata key of where a shard came from: its piece and the Ray node that embedded it.
@@ -60,15 +58,7 @@ class ShardOutput:
         return iter(())
 
     def write(self, ids: Sequence[str], vectors: FloatMatrix, tokens: Sequence[int]) -> None:
-        flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1), pa.float32())
-        batch = pa.RecordBatch.from_arrays(
-            [
-                pa.array(ids, pa.string()),
-                pa.FixedSizeListArray.from_arrays(flat, self.info.dimensions),
-                pa.array(np.asarray(tokens, dtype=np.int32), pa.int32()),
-            ],
-            schema=self._schema,
-        )
+        batch = record_batch(self._schema, ids, vectors, tokens)
         self._writer.write_batch(batch)
         self.rows += len(ids)
 

@@ -34,6 +34,22 @@ def schema_of(info: RunInfo) -> pa.Schema:
     )
 
 
+def record_batch(
+    schema: pa.Schema, ids: Sequence[str], vectors: FloatMatrix, tokens: Sequence[int]
+) -> pa.RecordBatch:
+    """Rows of the output's columns (`schema_of`): [N] ids, [N, D] vectors, [N] token counts."""
+    dimensions = schema.field("embedding").type.list_size
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1), pa.float32())
+    return pa.RecordBatch.from_arrays(
+        [
+            pa.array(ids, pa.string()),
+            pa.FixedSizeListArray.from_arrays(flat, dimensions),
+            pa.array(np.asarray(tokens, dtype=np.int32), pa.int32()),
+        ],
+        schema=schema,
+    )
+
+
 def _info_json(info: RunInfo) -> dict[str, Any]:
     return {
         "model": info.model,
@@ -121,15 +137,7 @@ class ParquetOutput:
                     yield from batch.column(0).to_pylist()
 
     def write(self, ids: Sequence[str], vectors: FloatMatrix, tokens: Sequence[int]) -> None:
-        flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1), pa.float32())
-        batch = pa.RecordBatch.from_arrays(
-            [
-                pa.array(ids, pa.string()),
-                pa.FixedSizeListArray.from_arrays(flat, self.info.dimensions),
-                pa.array(np.asarray(tokens, dtype=np.int32), pa.int32()),
-            ],
-            schema=self._schema,
-        )
+        batch = record_batch(self._schema, ids, vectors, tokens)
         self._buffer.append(batch)
         self._buffered += len(ids)
         self.rows += len(ids)
