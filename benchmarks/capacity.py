@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
-from corpus import build_corpus  # noqa: E402
+from corpus import minilm_corpus  # noqa: E402
 
 import hermetic  # noqa: E402, F401  (offline hub, a private cache)
 from embedserve.db import Database  # noqa: E402
@@ -197,10 +197,7 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=400, help="texts of the benchmark corpus per model")
     parser.add_argument("--records", type=int, default=100_000, help="usage records per ledger run")
     args = parser.parse_args()
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(_bundled(ROOT)))
-    _models(build_corpus(lambda text: len(tokenizer.encode(text)), size=args.texts))
+    _models(minilm_corpus(args.texts)[0])
     _ledger(args.records)
 
 

