@@ -20,6 +20,7 @@ import math
 import random
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -480,9 +481,13 @@ def _write_st_files(
 # --------------------------------------------------------------------------------------------
 
 
-def build_tiny_bge_m3(target: Path, *, sentence_transformers_files: bool = True, seed: int = 0) -> Path:
+def build_tiny_bge_m3(
+    target: Path, *, sentence_transformers_files: bool = True, heads: bool = True, seed: int = 0
+) -> Path:
     """A 2-layer, 32-wide random XLMRobertaModel with a trained Unigram tokenizer, laid out like
-    BAAI/bge-m3 (CLS pooling + Normalize for sentence-transformers)."""
+    BAAI/bge-m3 (CLS pooling + Normalize for sentence-transformers), with `heads` its random sparse and
+    ColBERT heads saved as the repo saves them (`sparse_linear.pt`: Linear(32 -> 1) and
+    `colbert_linear.pt`: Linear(32 -> 32), state dicts written by torch.save)."""
     import torch
     from tokenizers import Tokenizer
     from transformers import XLMRobertaConfig, XLMRobertaModel
@@ -529,6 +534,10 @@ def build_tiny_bge_m3(target: Path, *, sentence_transformers_files: bool = True,
     model.save_pretrained(target)
     model.config.architectures = ["XLMRobertaModel"]
     model.config.save_pretrained(target)
+    if heads:
+        # torch's default init (seeded above): relu keeps about half the tokens' lexical weights.
+        torch.save(torch.nn.Linear(32, 1).state_dict(), target / "sparse_linear.pt")
+        torch.save(torch.nn.Linear(32, 32).state_dict(), target / "colbert_linear.pt")
 
     if sentence_transformers_files:
         _write_st_files(target, dim=32, pooling="cls_token", max_seq_length=8192, prompts={})
@@ -697,6 +706,59 @@ def bge_m3_reference(folder: Path, texts: list[str], *, max_length: int = 8192) 
     tokenizer = _tokenizer(folder)
     batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     return _embed(folder, batch, lambda hidden, _mask: hidden[:, 0])
+
+
+@dataclass(frozen=True)
+class M3Outputs:
+    """BGEM3FlagModel.encode's three outputs for a list of texts."""
+
+    dense: Embeddings  # [N, H], L2-normalized CLS states
+    lexical_weights: list[dict[int, float]]  # per text: token id -> its largest weight
+    colbert_vecs: list[Embeddings]  # per text: [n - 1, C], L2-normalized
+
+
+def bge_m3_outputs_reference(folder: Path, texts: list[str], *, max_length: int = 8192) -> M3Outputs:
+    """BGE-M3's dense, sparse and ColBERT outputs as FlagEmbedding's `BGEM3FlagModel.encode` computes
+    them (FlagEmbedding does not import beside transformers 5, so its recipe is written out from its
+    source: `M3Embedder.encode_single_device`, `EncoderOnlyEmbedderM3ModelForInference.forward`):
+    one right-padded batch; dense = normalize(hidden[:, 0]); token weights = relu(sparse_linear(hidden)),
+    folded per token id by their maximum, the CLS, EOS, PAD and UNK ids and weights <= 0 dropped;
+    ColBERT = normalize(colbert_linear(hidden[:, 1:]) * mask[:, 1:]), its first n - 1 rows kept."""
+    import torch
+
+    tokenizer = _tokenizer(folder)
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    hidden_size = int(json.loads((folder / "config.json").read_text())["hidden_size"])
+    sparse_linear = torch.nn.Linear(hidden_size, 1)
+    sparse_linear.load_state_dict(torch.load(folder / "sparse_linear.pt", weights_only=True))
+    colbert_state = torch.load(folder / "colbert_linear.pt", weights_only=True)
+    colbert_linear = torch.nn.Linear(hidden_size, int(colbert_state["weight"].shape[0]))
+    colbert_linear.load_state_dict(colbert_state)
+    unused = {
+        tokenizer.convert_tokens_to_ids(tokenizer.special_tokens_map[name])
+        for name in ("cls_token", "eos_token", "pad_token", "unk_token")
+        if name in tokenizer.special_tokens_map
+    }
+    with torch.inference_mode():
+        hidden = _model(folder)(**batch, return_dict=True).last_hidden_state  # [B, T, H]
+        mask = batch["attention_mask"]
+        dense = torch.nn.functional.normalize(hidden[:, 0], dim=-1)
+        token_weights = torch.relu(sparse_linear(hidden)).squeeze(-1)  # [B, T]
+        colbert = colbert_linear(hidden[:, 1:]) * mask[:, 1:][:, :, None].float()
+        colbert = torch.nn.functional.normalize(colbert, dim=-1)
+    lexical: list[dict[int, float]] = []
+    vectors: list[Embeddings] = []
+    for row, ids in enumerate(batch["input_ids"].tolist()):
+        weights: dict[int, float] = {}
+        for token, weight in zip(ids, token_weights[row].tolist(), strict=True):
+            if token not in unused and weight > 0 and weight > weights.get(token, 0.0):
+                weights[token] = weight
+        lexical.append(weights)
+        real = int(mask[row].sum())
+        vectors.append(np.asarray(colbert[row, : real - 1].numpy(), dtype=np.float32))
+    return M3Outputs(
+        dense=np.asarray(dense.numpy(), dtype=np.float32), lexical_weights=lexical, colbert_vecs=vectors
+    )
 
 
 def qwen3_reference(folder: Path, texts: list[str], *, max_length: int = 8192) -> Embeddings:

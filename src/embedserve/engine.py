@@ -21,7 +21,18 @@ from embedserve.metrics import Metrics
 from embedserve.runtime import ModelRegistry
 from embedserve.service import EmbeddingPipeline, Meter
 from embedserve.settings import Settings
-from embedserve.types import ANONYMOUS, EmbeddingJob, EmbeddingResult, FloatMatrix, Principal, WorkClass
+from embedserve.types import (
+    ANONYMOUS,
+    ByteMatrix,
+    EmbeddingJob,
+    EmbeddingResult,
+    FloatMatrix,
+    OutputDtype,
+    OutputName,
+    Principal,
+    SparseVector,
+    WorkClass,
+)
 from embedserve.validation import parse_embedding_request
 
 log = logging.getLogger("embedserve.engine")
@@ -40,6 +51,12 @@ class Embeddings:
     token_counts: tuple[int, ...]
     #: The catalog id the model name resolved to (an alias resolves to its model's id).
     model: str
+    #: [N, D] int8/uint8 or [N, D / 8] packed bits: `vectors` as `output_dtype` asked (None: float32).
+    packed: ByteMatrix | None = None
+    #: [N] lexical weights by token id, with "sparse" in `outputs`.
+    sparse: tuple[SparseVector, ...] | None = None
+    #: [N] x [n_i, C] L2-normalized token vectors, with "colbert" in `outputs`.
+    colbert: tuple[FloatMatrix, ...] | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -171,26 +188,38 @@ class Engine:
         dimensions: int | None = None,
         input_type: str | None = None,
         instruction: str | None = None,
+        outputs: Sequence[OutputName] = ("dense",),
+        output_dtype: OutputDtype = "float32",
         work: WorkClass = "online",
     ) -> Embeddings:
         """Embed `inputs` with `model` (an id or alias). `dimensions`: Matryoshka truncation where the
         model has it; `input_type` ("query", "document" or a prompt name) and `instruction` (a query's
-        task) choose the prompt as the HTTP API's fields do. `work="batch"`: background work, embedded
-        only when no online input waits (a corpus job beside a server's traffic). Raises the server's
-        typed errors (embedserve.errors: InvalidRequest and its kinds, ModelNotFound,
-        ServiceUnavailable, ...)."""
+        task) choose the prompt as the HTTP API's fields do; `outputs` ("dense", "sparse", "colbert":
+        what the model's card lists) and `output_dtype` as the API's extensions. `work="batch"`:
+        background work, embedded only when no online input waits (a corpus job beside a server's
+        traffic). Raises the server's typed errors (embedserve.errors: InvalidRequest and its kinds,
+        ModelNotFound, ServiceUnavailable, ...)."""
         payload = {
             "model": model,
             "input": plain_input(inputs),
             "dimensions": dimensions,
             "input_type": input_type,
             "instruction": instruction,
+            "outputs": list(outputs),
+            "output_dtype": output_dtype,
         }
         job = parse_embedding_request(payload, max_inputs=self.settings.max_inputs_per_request)
         if not self.registry.ready and not self._closing:  # (the server's routes answer 503 instead)
             await self.wait_loaded()  # an engine used without `async with` loads on its first call
         result = await self.run(job, work=work)
-        return Embeddings(vectors=result.vectors, token_counts=result.token_counts, model=result.model_id)
+        return Embeddings(
+            vectors=result.vectors,
+            token_counts=result.token_counts,
+            model=result.model_id,
+            packed=result.packed,
+            sparse=result.sparse,
+            colbert=result.colbert,
+        )
 
     async def run(
         self,

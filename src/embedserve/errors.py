@@ -82,6 +82,16 @@ class InvalidInstruction(InvalidRequest):
     code = "invalid_instruction"
 
 
+class UnsupportedOutput(InvalidRequest):
+    """An output (`outputs`) the model does not compute, or one the route cannot answer."""
+
+    code = "unsupported_output"
+
+
+class InvalidOutputDtype(InvalidRequest):
+    code = "invalid_output_dtype"
+
+
 # ---- 401 / 403 / 404 / 405 / 413 / 429 ------------------------------------------------------------
 
 

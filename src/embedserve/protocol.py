@@ -8,9 +8,9 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, Field
 
-from embedserve.postprocess import encode_vectors
+from embedserve.postprocess import encode_colbert, encode_vectors
 from embedserve.spec import ModelSpec
-from embedserve.types import EmbeddingResult, ModelStatus
+from embedserve.types import OUTPUT_DTYPES, EmbeddingResult, ModelStatus
 
 
 class EmbeddingRequest(BaseModel):
@@ -31,12 +31,36 @@ class EmbeddingRequest(BaseModel):
         description="Extension: the task of a query (with input_type 'query'), for models with "
         "a query template such as Qwen3-Embedding.",
     )
+    outputs: list[Literal["dense", "sparse", "colbert"]] | None = Field(
+        None,
+        description="Extension: what to compute for each input (default ['dense']): 'sparse' adds "
+        "sparse_embedding, 'colbert' adds colbert_embedding; the model's card lists its outputs.",
+    )
+    output_dtype: Literal["float32", "int8", "uint8", "binary", "ubinary"] | None = Field(
+        None,
+        description="Extension: the dense vector as float32 (default), int8/uint8 (per-dimension "
+        "calibration ranges fixed per model) or binary/ubinary (sign bits packed, MSB first).",
+    )
+
+
+class SparseEmbedding(BaseModel):
+    indices: list[int] = Field(description="Token ids, ascending and unique.")
+    values: list[float]
+
+
+class PackedMatrix(BaseModel):
+    data: str = Field(description="base64 of the little-endian float32 values, row after row.")
+    shape: list[int]
 
 
 class Embedding(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: list[float] | str
+    embedding: list[float] | list[int] | str
+    sparse_embedding: SparseEmbedding | None = Field(None, description="With 'sparse' in outputs.")
+    colbert_embedding: list[list[float]] | PackedMatrix | None = Field(
+        None, description="With 'colbert' in outputs: one L2-normalized vector per token but the first."
+    )
 
 
 class Usage(BaseModel):
@@ -66,6 +90,14 @@ class ModelCard(BaseModel):
     default_instruction: str | None
     status: ModelStatus
     backend: str | None = None
+    outputs: list[str] = Field(
+        default_factory=lambda: ["dense"],
+        description="Extension: what the model computes for an input, to ask for in 'outputs'.",
+    )
+    output_dtypes: list[str] = Field(
+        default_factory=lambda: [str(dtype) for dtype in OUTPUT_DTYPES],
+        description="Extension: the types the dense vector can be returned as ('output_dtype').",
+    )
 
 
 class ModelList(BaseModel):
@@ -176,11 +208,27 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+def _dense_column(result: EmbeddingResult) -> list[Any]:
+    """Each input's `embedding`: the dense vector as `output_dtype` and `encoding_format` ask, or an
+    empty one where `outputs` leaves it out (the OpenAI SDK reads an empty list or string as such)."""
+    if "dense" not in result.outputs:
+        return ["" if result.encoding_format == "base64" else []] * len(result.token_counts)
+    if result.packed is not None:
+        return list(encode_vectors(result.packed, result.encoding_format))
+    return list(encode_vectors(result.vectors, result.encoding_format))
+
+
 def render_embeddings(result: EmbeddingResult, model_name: str) -> bytes:
-    data = [
+    data: list[dict[str, Any]] = [
         {"object": "embedding", "index": i, "embedding": vector}
-        for i, vector in enumerate(encode_vectors(result.vectors, result.encoding_format))
+        for i, vector in enumerate(_dense_column(result))
     ]
+    if result.sparse is not None:
+        for item, sparse in zip(data, result.sparse, strict=True):
+            item["sparse_embedding"] = {"indices": sparse.indices, "values": sparse.values}
+    if result.colbert is not None:
+        for item, vectors in zip(data, result.colbert, strict=True):
+            item["colbert_embedding"] = encode_colbert(vectors, result.encoding_format)
     body = {
         "object": "list",
         "data": data,
@@ -205,4 +253,6 @@ def model_card(spec: ModelSpec, status: ModelStatus, backend: str | None) -> dic
         default_instruction=spec.default_instruction,
         status=status,
         backend=backend,
+        outputs=list(spec.outputs),
+        output_dtypes=list(OUTPUT_DTYPES) if "dense" in spec.outputs else [],
     ).model_dump()

@@ -8,9 +8,9 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +19,7 @@ from embedserve.backends.base import Backend
 from embedserve.backends.batch import collate
 from embedserve.backends.factory import BackendFactory, make_backend
 from embedserve.catalog import Catalog
+from embedserve.compact import Ranges
 from embedserve.errors import ModelLoadError, ModelNotReady, ServiceUnavailable
 from embedserve.metrics import Metrics
 from embedserve.scheduler.batcher import Batcher
@@ -54,6 +55,10 @@ class ModelRuntime:
     load_seconds: float
     #: Token ids that are not the model's own are read as this encoding's (tiktoken_ids), else None.
     tiktoken: tiktoken.Encoding | None = None
+    #: The ids of the CLS, EOS, PAD and UNK tokens, which carry no lexical weight (bge-m3's sparse).
+    unused_ids: frozenset[int] = frozenset()
+    #: int8/uint8 calibration ranges by the dense vector's width (every `dimensions` the model serves).
+    ranges: Mapping[int, Ranges] = field(default_factory=dict)
 
     @property
     def id_framing(self) -> Framing | None:
@@ -100,6 +105,28 @@ def calibrate(backend: Backend, spec: ModelSpec, ids: list[int], pad_id: int) ->
             samples.append((1, length, float(peak)))
     floor = shape_floor(spec.folder, backend.attention_copies)
     return fit(samples, floor), tokens / max(seconds, 1e-9)
+
+
+#: The special tokens whose lexical weight bge-m3 drops (FlagEmbedding's `unused_tokens`).
+UNUSED_TOKENS = ("cls_token", "eos_token", "pad_token", "unk_token")
+
+
+def unused_ids(folder: Path, token_id: Callable[[str], int | None]) -> frozenset[int]:
+    """The ids of the folder's CLS, EOS, PAD and UNK tokens, as its tokenizer_config.json and
+    special_tokens_map.json name them (a name may be a string or an added token's object)."""
+    names: dict[str, Any] = {}
+    for file in ("tokenizer_config.json", "special_tokens_map.json"):
+        try:
+            names.update(json.loads((folder / file).read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            continue
+    ids: set[int] = set()
+    for key in UNUSED_TOKENS:
+        value = names.get(key)
+        content = value.get("content") if isinstance(value, dict) else value
+        if isinstance(content, str) and (found := token_id(content)) is not None:
+            ids.add(found)
+    return frozenset(ids)
 
 
 def load_runtime(
@@ -161,6 +188,7 @@ def load_runtime(
         eos_id=eos_id,
         load_seconds=time.perf_counter() - started,
         tiktoken=foreign,
+        unused_ids=unused_ids(spec.folder, tokenizer.token_id),
     )
 
 

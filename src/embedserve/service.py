@@ -7,19 +7,39 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import replace
-from typing import Protocol
+from typing import Protocol, TypeVar
+
+import numpy as np
 
 from embedserve import tiktoken_ids
-from embedserve.errors import EmbedServeError, InvalidInputType
+from embedserve.compact import quantize
+from embedserve.errors import EmbedServeError, InvalidInputType, InvalidOutputDtype
 from embedserve.metrics import Metrics
-from embedserve.postprocess import finish
+from embedserve.postprocess import colbert_vectors, finish, lexical_weights, nonzero_weights
 from embedserve.prompts import choose_prefix
 from embedserve.runtime import ModelRegistry, ModelRuntime
 from embedserve.settings import Settings
 from embedserve.spec import ModelSpec
 from embedserve.tokenization import Stop, TokenLimits, ensure_last
-from embedserve.types import ANONYMOUS, EmbeddingJob, EmbeddingResult, Principal, WorkClass
-from embedserve.validation import check_dimensions, check_framing, check_lengths, check_token_ids
+from embedserve.types import (
+    ANONYMOUS,
+    EmbeddingJob,
+    EmbeddingResult,
+    OutputDtype,
+    OutputName,
+    Principal,
+    RowOutputs,
+    WorkClass,
+)
+from embedserve.validation import (
+    check_dimensions,
+    check_framing,
+    check_lengths,
+    check_outputs,
+    check_token_ids,
+)
+
+_Array = TypeVar("_Array", bound=np.ndarray)
 
 
 class Meter(Protocol):
@@ -61,11 +81,24 @@ class Unmetered:
 
 
 def prefix_for(
-    spec: ModelSpec, *, model: str, dimensions: int | None, input_type: str | None, instruction: str | None
+    spec: ModelSpec,
+    *,
+    model: str,
+    dimensions: int | None,
+    input_type: str | None,
+    instruction: str | None,
+    outputs: tuple[OutputName, ...] = ("dense",),
+    output_dtype: OutputDtype = "float32",
 ) -> str:
     """The request's options checked against the model (`model`: the name the caller used, for the
     messages) -> the prompt put in front of each text. The pipeline's first checks, which the corpus
     command also makes before the model loads."""
+    check_outputs(outputs, model=model, available=spec.outputs)
+    if output_dtype != "float32" and "dense" not in outputs:
+        raise InvalidOutputDtype(
+            f"'output_dtype' {output_dtype!r} applies to the dense vector, which 'outputs' does not ask for.",
+            param="output_dtype",
+        )
     check_dimensions(dimensions, model=model, native=spec.dimensions, allowed=spec.matryoshka_dimensions)
     return choose_prefix(
         model=model,
@@ -76,6 +109,11 @@ def prefix_for(
         input_type=input_type,
         instruction=instruction,
     )
+
+
+def _present(array: _Array | None) -> _Array:
+    assert array is not None, "a pass asked for per-token outputs returned none"
+    return array
 
 
 class EmbeddingPipeline:
@@ -107,6 +145,8 @@ class EmbeddingPipeline:
             dimensions=job.dimensions,
             input_type=job.input_type,
             instruction=job.instruction,
+            outputs=job.outputs,
+            output_dtype=job.output_dtype,
         )
         runtime = self._registry.runtime(spec)
         if job.token_ids is not None:
@@ -128,14 +168,47 @@ class EmbeddingPipeline:
                 sequences = await self._sequences(job, prefix, runtime, stop_at, meter)
                 counts = tuple(len(ids) for ids in sequences)
                 await meter.settle(sum(counts))
-                pooled = await runtime.batcher.embed(sequences, admission, work=work)  # [N, D]
+                tokens = spec.heads is not None and ("sparse" in job.outputs or "colbert" in job.outputs)
+                rows = await runtime.batcher.encode(sequences, admission, work=work, tokens=tokens)
         except BaseException:  # refused, or not embedded (overload, shutdown, cancelled): not counted
             # Shielded: a second cancellation while the store answers must not lose the give-back.
             await asyncio.shield(meter.release())
             raise
+        return self._result(job, runtime, sequences, rows)
+
+    @staticmethod
+    def _result(
+        job: EmbeddingJob, runtime: ModelRuntime, sequences: list[list[int]], rows: list[RowOutputs]
+    ) -> EmbeddingResult:
+        """Each input's outputs as `job` asks for them (postprocess, compact: pure)."""
+        spec = runtime.spec
+        pooled = np.stack([row.dense for row in rows])  # [N, D]
         vectors = finish(pooled, dimensions=job.dimensions, normalize=spec.normalize)
+        packed = None
+        if "dense" in job.outputs and job.output_dtype != "float32":
+            ranges = runtime.ranges.get(job.dimensions or spec.dimensions)
+            packed = quantize(vectors, job.output_dtype, ranges)
+        sparse = colbert = None
+        if "sparse" in job.outputs:
+            if spec.splade:
+                sparse = tuple(nonzero_weights(row.dense) for row in rows)
+            else:
+                sparse = tuple(
+                    lexical_weights(ids, _present(row.token_weights), runtime.unused_ids)
+                    for ids, row in zip(sequences, rows, strict=True)
+                )
+        if "colbert" in job.outputs:
+            colbert = tuple(colbert_vectors(_present(row.token_vectors)) for row in rows)
         return EmbeddingResult(
-            vectors=vectors, encoding_format=job.encoding_format, token_counts=counts, model_id=spec.id
+            vectors=vectors,
+            encoding_format=job.encoding_format,
+            token_counts=tuple(len(ids) for ids in sequences),
+            model_id=spec.id,
+            outputs=job.outputs,
+            output_dtype=job.output_dtype,
+            packed=packed,
+            sparse=sparse,
+            colbert=colbert,
         )
 
     @staticmethod

@@ -9,7 +9,16 @@ from pathlib import Path
 from typing import Literal
 
 from embedserve.prompts import input_types
-from embedserve.types import BackendName, DeviceName, DtypeName, PaddingSide, Pooling, Quantize, TiktokenName
+from embedserve.types import (
+    BackendName,
+    DeviceName,
+    DtypeName,
+    OutputName,
+    PaddingSide,
+    Pooling,
+    Quantize,
+    TiktokenName,
+)
 
 FamilyName = Literal["bge-m3", "qwen3-embedding"]
 
@@ -23,6 +32,18 @@ class DenseLayer:
     out_features: int
     bias: bool
     activation: str  # "identity" | "tanh"
+
+
+@dataclass(frozen=True, slots=True)
+class M3Heads:
+    """bge-m3's heads beside its weights (FlagEmbedding's BGEM3FlagModel): `sparse_linear.pt`, a
+    Linear(hidden -> 1) whose relu is each token's lexical weight, and `colbert_linear.pt`, a
+    Linear(hidden -> colbert_dim) whose output is each token's ColBERT vector."""
+
+    sparse_linear: Path
+    colbert_linear: Path
+    hidden_size: int  # both heads' input: the encoder's width
+    colbert_dim: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +68,8 @@ class ModelSpec:
     padding_side: PaddingSide = "right"
     lower_case: bool = False  # sentence-transformers `do_lower_case`
     dense: tuple[DenseLayer, ...] = ()
+    #: bge-m3's sparse and ColBERT heads, where the folder has them.
+    heads: M3Heads | None = None
     backend: BackendName = "auto"
     dtype: DtypeName = "auto"
     device: DeviceName = "auto"
@@ -68,6 +91,21 @@ class ModelSpec:
     @property
     def names(self) -> tuple[str, ...]:
         return (self.id, *self.aliases)
+
+    @property
+    def splade(self) -> bool:
+        """A SPLADE sparse encoder (a masked LM pooled over its logits): its pooled vector is its
+        vocabulary's weights, served as a sparse vector only."""
+        return self.pooling == "splade"
+
+    @property
+    def outputs(self) -> tuple[OutputName, ...]:
+        """What the model computes, in the order of OUTPUT_NAMES."""
+        if self.splade:
+            return ("sparse",)
+        if self.heads is not None:
+            return ("dense", "sparse", "colbert")
+        return ("dense",)
 
     @property
     def input_types(self) -> list[str]:

@@ -12,7 +12,8 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-Pooling = Literal["cls", "mean", "last_token"]
+#: How token states become one vector; "splade": max over tokens of log(1 + relu(MLM logits)).
+Pooling = Literal["cls", "mean", "last_token", "splade"]
 BackendName = Literal["auto", "torch", "onnx"]
 Quantize = Literal["none", "int8"]
 DeviceName = Literal["auto", "cpu", "cuda"]
@@ -24,7 +25,16 @@ TiktokenName = Literal["cl100k_base", "o200k_base"]
 ModelStatus = Literal["loading", "ready", "failed"]
 #: Who waits for an input: a client of the online API, or a batch job that fills idle capacity.
 WorkClass = Literal["online", "batch"]
+#: What a model computes for an input (extension `outputs`): the pooled vector, lexical weights per
+#: token id, and one vector per token (ColBERT).
+OutputName = Literal["dense", "sparse", "colbert"]
+OUTPUT_NAMES: tuple[OutputName, ...] = ("dense", "sparse", "colbert")
+#: How the dense vector goes on the wire (extension `output_dtype`, sentence-transformers' names).
+OutputDtype = Literal["float32", "int8", "uint8", "binary", "ubinary"]
+OUTPUT_DTYPES: tuple[OutputDtype, ...] = ("float32", "int8", "uint8", "binary", "ubinary")
 FloatMatrix = npt.NDArray[np.float32]
+#: int8 or uint8 vectors, one row each (output_dtype other than float32).
+ByteMatrix = npt.NDArray[np.int8] | npt.NDArray[np.uint8]
 #: One ONNX session input: tensor name -> array (input_ids, attention_mask).
 Feeds = Mapping[str, np.ndarray]
 IntMatrix = npt.NDArray[np.int64]
@@ -105,6 +115,8 @@ class EmbeddingJob:
     user: str | None
     input_type: str | None = None  # extension: "query" | "document" | a prompt name of the model
     instruction: str | None = None  # extension: the task of a query
+    outputs: tuple[OutputName, ...] = ("dense",)  # extension: what to compute, in the order asked
+    output_dtype: OutputDtype = "float32"  # extension: the dense vector's wire type
 
     @property
     def count(self) -> int:
@@ -119,10 +131,11 @@ class WorkItem:
 
     ids: list[int]
     seq: int
-    future: asyncio.Future[FloatMatrix] = field(repr=False)
+    future: asyncio.Future[RowOutputs] = field(repr=False)
     queued_at: float = 0.0  # time.perf_counter() when it joined the queue
     request: int | None = None  # the `seq` of its request's first input (None: a request of its own)
     work: WorkClass = "online"  # who waits for it: online inputs are always packed first
+    tokens: bool = False  # its caller wants per-token outputs (sparse weights, ColBERT vectors)
 
     @property
     def length(self) -> int:
@@ -149,6 +162,35 @@ class TokenBatch:
 
 
 @dataclass(frozen=True, slots=True)
+class PassOutputs:
+    """What one forward pass computes for a padded [B, T] batch. `dense` is the pooled vector (after
+    any Dense head, before normalization; a SPLADE model's is its [B, V] vocabulary weights). The
+    per-token outputs are computed where the model has the heads and the pass was asked for them."""
+
+    dense: FloatMatrix  # [B, D]
+    token_weights: FloatMatrix | None = None  # [B, T]: relu(sparse_linear(hidden)), bge-m3's
+    token_vectors: npt.NDArray[np.float32] | None = None  # [B, T, C]: colbert_linear(hidden), not normalized
+
+
+@dataclass(frozen=True, slots=True)
+class RowOutputs:
+    """One input's share of a pass: its row, and its per-token outputs over its real tokens only (in
+    the order of its ids, whichever side the batch was padded on)."""
+
+    dense: npt.NDArray[np.float32]  # [D]
+    token_weights: npt.NDArray[np.float32] | None = None  # [n]
+    token_vectors: FloatMatrix | None = None  # [n, C]
+
+
+@dataclass(frozen=True, slots=True)
+class SparseVector:
+    """Weights by token id: ids ascending and unique, every value > 0."""
+
+    indices: npt.NDArray[np.int64]  # [K]
+    values: npt.NDArray[np.float32]  # [K]
+
+
+@dataclass(frozen=True, slots=True)
 class EmbeddingResult:
     """What the pipeline hands back (to the route, or to the engine's caller)."""
 
@@ -156,6 +198,12 @@ class EmbeddingResult:
     encoding_format: EncodingFormat
     token_counts: tuple[int, ...]  # [N]: each input's tokens, as billed
     model_id: str  # the catalog id the request's model name resolved to
+    outputs: tuple[OutputName, ...] = ("dense",)
+    output_dtype: OutputDtype = "float32"
+    #: [N, D] int8/uint8 (int8, uint8) or [N, D / 8] (binary, ubinary): `vectors` as output_dtype asks.
+    packed: ByteMatrix | None = None
+    sparse: tuple[SparseVector, ...] | None = None  # [N], with "sparse" in outputs
+    colbert: tuple[FloatMatrix, ...] | None = None  # [N] x [n_i, C], L2-normalized, with "colbert"
 
     @property
     def prompt_tokens(self) -> int:

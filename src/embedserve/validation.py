@@ -16,6 +16,7 @@ from embedserve.errors import (
     InvalidInputType,
     InvalidInstruction,
     InvalidJSON,
+    InvalidOutputDtype,
     InvalidRequest,
     InvalidTokenId,
     InvalidType,
@@ -23,8 +24,16 @@ from embedserve.errors import (
     TooManyInputs,
     TooManyTokens,
     UnsupportedDimensions,
+    UnsupportedOutput,
 )
-from embedserve.types import EmbeddingJob, EncodingFormat
+from embedserve.types import (
+    OUTPUT_DTYPES,
+    OUTPUT_NAMES,
+    EmbeddingJob,
+    EncodingFormat,
+    OutputDtype,
+    OutputName,
+)
 
 #: What a 400 for token ids that cannot be the model's own says to do.
 FOREIGN_IDS_HINT = (
@@ -133,12 +142,56 @@ def parse_embedding_request(payload: Any, *, max_inputs: int) -> EmbeddingJob:
         user=user,
         input_type=input_type,
         instruction=instruction,
+        outputs=_parse_outputs(payload.get("outputs")),
+        output_dtype=_parse_output_dtype(payload.get("output_dtype")),
     )
     if job.count > max_inputs:
         raise TooManyInputs(
             f"'input' holds {job.count} items; at most {max_inputs} are allowed per request.", param="input"
         )
     return job
+
+
+def _parse_outputs(value: Any) -> tuple[OutputName, ...]:
+    """Extension `outputs`: a non-empty array of distinct names among OUTPUT_NAMES (None: dense)."""
+    if value is None:
+        return ("dense",)
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise InvalidType(
+            f"'outputs' must be a non-empty array of output names, among {list(OUTPUT_NAMES)}.",
+            param="outputs",
+        )
+    unknown = [v for v in value if v not in OUTPUT_NAMES]
+    if unknown:
+        raise UnsupportedOutput(
+            f"'outputs' holds {unknown[0]!r}; the outputs are {list(OUTPUT_NAMES)}.", param="outputs"
+        )
+    if len(set(value)) != len(value):
+        raise InvalidType("'outputs' names an output twice.", param="outputs")
+    return tuple(name for name in OUTPUT_NAMES if name in value)
+
+
+def _parse_output_dtype(value: Any) -> OutputDtype:
+    """Extension `output_dtype` (sentence-transformers' precisions; None: float32)."""
+    if value is None:
+        return "float32"
+    for dtype in OUTPUT_DTYPES:
+        if value == dtype:
+            return dtype
+    raise InvalidOutputDtype(
+        f"'output_dtype' must be one of {list(OUTPUT_DTYPES)}, got {value!r}.", param="output_dtype"
+    )
+
+
+def check_outputs(outputs: Sequence[OutputName], *, model: str, available: Sequence[OutputName]) -> None:
+    """Every output asked is one the model computes."""
+    missing = [name for name in outputs if name not in available]
+    if missing:
+        raise UnsupportedOutput(
+            f"The model '{model}' does not compute the output {missing[0]!r}: its outputs are "
+            f"{list(available)}.",
+            param="outputs",
+        )
 
 
 def check_dimensions(dimensions: int | None, *, model: str, native: int, allowed: Sequence[int]) -> None:
@@ -237,6 +290,7 @@ __all__ = [
     "InvalidRequest",
     "check_dimensions",
     "check_lengths",
+    "check_outputs",
     "check_token_ids",
     "parse_embedding_request",
     "parse_json",

@@ -156,7 +156,7 @@ source = "all-MiniLM-L6-v2"
         ),
         (
             'source = "m"\npooling = "max"',
-            'model #1 ("m"): pooling: "max" is not one of cls, mean, last_token',
+            'model #1 ("m"): pooling: "max" is not one of cls, mean, last_token, splade',
         ),
         ('source = "m"\nnormalize = "yes"', 'model #1 ("m"): normalize: must be true or false, got "yes"'),
         (
@@ -202,7 +202,7 @@ def test_every_problem_of_every_entry_is_reported_on_one_line(tmp_path: Path) ->
         load_models_file(path)
     assert info.value.message == (
         f"models file {path}, "
-        'model #2 ("a"): pooling: "max" is not one of cls, mean, last_token; '
+        'model #2 ("a"): pooling: "max" is not one of cls, mean, last_token, splade; '
         "dtype: 16 is not one of auto, float32, float16, bfloat16; "
         'model #3 ("y"): matryoshka_dimensions: must be a list of positive integers, got [64, true, 0]; '
         "zzz: unknown key (the keys are " + ", ".join(ModelEntry.model_fields) + ")"

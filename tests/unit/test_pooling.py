@@ -35,7 +35,9 @@ def padded(
 
 
 def expected(kind: str, tokens: torch.Tensor) -> torch.Tensor:
-    return {"cls": tokens[0], "last_token": tokens[-1], "mean": tokens.mean(dim=0)}[kind]
+    """splade: `tokens` stand for MLM logits [n, V], pooled as sentence-transformers' SpladePooling."""
+    splade = torch.log1p(torch.relu(tokens)).amax(dim=0)
+    return {"cls": tokens[0], "last_token": tokens[-1], "mean": tokens.mean(dim=0), "splade": splade}[kind]
 
 
 @pytest.mark.parametrize("kind", POOLING_KINDS)

@@ -1,12 +1,13 @@
 """The Backend protocol: one forward pass over a padded TokenBatch, returning one pooled float32 vector
-per row (after any Dense head, before normalization). Implementations run on the model's batcher
-threads (up to `workers` calls at once), never on the event loop."""
+per row (after any Dense head, before normalization) and, for a model with bge-m3's heads, each
+token's lexical weight and ColBERT vector from the same pass. Implementations run on the model's
+batcher threads (up to `workers` calls at once), never on the event loop."""
 
 from __future__ import annotations
 
 from typing import Protocol
 
-from embedserve.types import FloatMatrix, TokenBatch
+from embedserve.types import FloatMatrix, PassOutputs, TokenBatch
 
 
 class Backend(Protocol):
@@ -33,6 +34,11 @@ class Backend(Protocol):
 
     def forward(self, batch: TokenBatch) -> FloatMatrix:
         """[B, T] ids and mask -> [B, D] float32 pooled vectors."""
+        ...
+
+    def encode(self, batch: TokenBatch, *, tokens: bool) -> PassOutputs:
+        """The pass as the batcher runs it: the pooled vectors and, with `tokens` on a model with the
+        heads, the per-token outputs ([B, T] weights, [B, T, C] vectors) of the same pass."""
         ...
 
     def peak_memory(self, batch: TokenBatch) -> int | None:

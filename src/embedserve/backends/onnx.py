@@ -29,7 +29,7 @@ from embedserve.logs import quieted
 from embedserve.postprocess import min_cosine
 from embedserve.spec import ModelSpec
 from embedserve.tokenization import ensure_last, pad_id_of, tokenizer_factory
-from embedserve.types import Feeds, FloatMatrix, Quantize, TokenBatch
+from embedserve.types import Feeds, FloatMatrix, PassOutputs, Quantize, TokenBatch
 from embedserve.weights import WEIGHT_FILES, sha256_of
 
 log = logging.getLogger("embedserve.backends.onnx")
@@ -296,6 +296,9 @@ class OnnxBackend:
     def forward(self, batch: TokenBatch) -> FloatMatrix:
         rows, length = batch.shape
         return self._run(batch, shrink=rows * length * length > SHRINK_ABOVE)
+
+    def encode(self, batch: TokenBatch, *, tokens: bool) -> PassOutputs:
+        return PassOutputs(dense=self.forward(batch))
 
     def _run(self, batch: TokenBatch, *, shrink: bool) -> FloatMatrix:
         import onnxruntime as ort

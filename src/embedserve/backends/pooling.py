@@ -1,5 +1,6 @@
 """Pooling on torch tensors, driven by the attention mask so that left and right padding give the same
-vector: cls = first real token, last_token = last real token, mean = mask-weighted mean."""
+vector: cls = first real token, last_token = last real token, mean = mask-weighted mean, splade = the
+max over real tokens of log(1 + relu(logit)) (its input is a masked LM's [B, T, V] logits)."""
 
 from __future__ import annotations
 
@@ -28,13 +29,20 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return summed / counts
 
 
+def splade_pool(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # sentence-transformers' SpladePooling: padded positions are zeroed before the relu, so they add 0
+    weights = torch.log1p(torch.relu(logits * mask.unsqueeze(-1).to(logits.dtype)))  # [B, T, V]
+    return weights.amax(dim=1)  # [B, V]
+
+
 POOLERS: dict[Pooling, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "cls": cls_pool,
     "mean": mean_pool,
     "last_token": last_token_pool,
+    "splade": splade_pool,
 }
 
 
 def pool(kind: Pooling, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, T, H] hidden states, [B, T] mask -> [B, H]."""
+    """[B, T, H] hidden states (splade: [B, T, V] logits), [B, T] mask -> [B, H] ([B, V])."""
     return POOLERS[kind](hidden, mask)

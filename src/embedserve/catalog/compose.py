@@ -15,7 +15,7 @@ from embedserve.catalog.layout import Layout, read_layout
 from embedserve.catalog.locate import owner
 from embedserve.errors import ConfigError, ModelLoadError
 from embedserve.prompts import INSTRUCTION_SLOT
-from embedserve.spec import ModelSpec
+from embedserve.spec import M3Heads, ModelSpec
 
 log = logging.getLogger("embedserve.catalog")
 
@@ -79,6 +79,7 @@ def read_spec(entry: ModelEntry, folder: Path) -> ModelSpec:
         padding_side=family.padding_side if family else layout.padding_side,
         lower_case=layout.lower_case,
         dense=layout.dense,
+        heads=_m3_heads(folder, layout),
         backend=entry.backend,
         dtype=entry.dtype,
         device=entry.device,
@@ -88,6 +89,27 @@ def read_spec(entry: ModelEntry, folder: Path) -> ModelSpec:
         tiktoken_ids=entry.tiktoken_ids,
         owned_by=owner(entry.source),
         created=int(time.time()),
+    )
+
+
+#: bge-m3's heads, saved beside its weights (config.json names neither, so generic loaders skip them).
+SPARSE_HEAD, COLBERT_HEAD = "sparse_linear.pt", "colbert_linear.pt"
+
+
+def _m3_heads(folder: Path, layout: Layout) -> M3Heads | None:
+    """The folder's sparse and ColBERT heads, where it has both (FlagEmbedding loads them only then).
+    The ColBERT head keeps the encoder's width, as BGEM3FlagModel's default `colbert_dim` does; the
+    backend checks the saved shapes when it loads them."""
+    if not ((folder / SPARSE_HEAD).is_file() and (folder / COLBERT_HEAD).is_file()):
+        return None
+    hidden = layout.config.get("hidden_size")
+    if not isinstance(hidden, int):
+        raise ModelLoadError(f"{folder / 'config.json'} has no hidden_size for the heads in {folder}")
+    return M3Heads(
+        sparse_linear=folder / SPARSE_HEAD,
+        colbert_linear=folder / COLBERT_HEAD,
+        hidden_size=hidden,
+        colbert_dim=hidden,
     )
 
 

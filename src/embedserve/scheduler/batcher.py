@@ -18,13 +18,13 @@ from types import TracebackType
 import numpy as np
 
 from embedserve.backends.base import Backend
-from embedserve.backends.batch import collate
+from embedserve.backends.batch import collate, split_rows
 from embedserve.backends.memory import trim
 from embedserve.errors import InternalError, Overloaded, ServiceUnavailable
 from embedserve.metrics import Metrics
 from embedserve.scheduler.memory import MemoryBudget, MemoryModel
 from embedserve.scheduler.packing import BatchLimits, MemoryRoom, Waiting, first_up, take_batch
-from embedserve.types import FloatMatrix, PaddingSide, WorkClass, WorkItem
+from embedserve.types import FloatMatrix, PaddingSide, RowOutputs, WorkClass, WorkItem
 
 log = logging.getLogger("embedserve.batcher")
 
@@ -263,10 +263,22 @@ class Batcher:
         *,
         work: WorkClass = "online",
     ) -> FloatMatrix:
-        """Embed id sequences of class `work`; returns [N, D] in the order given. `admission`: the
-        request's place, taken by `admit` (for the same class) before its tokenization (without one, it
-        is admitted here). If the caller is cancelled (client gone), its items that have not reached the
-        model are dropped."""
+        """`encode`'s pooled vectors alone: [N, D] in the order given."""
+        rows = await self.encode(sequences, admission, work=work)
+        return np.stack([row.dense for row in rows])
+
+    async def encode(
+        self,
+        sequences: Sequence[list[int]],
+        admission: Admission | None = None,
+        *,
+        work: WorkClass = "online",
+        tokens: bool = False,
+    ) -> list[RowOutputs]:
+        """Embed id sequences of class `work`; returns each one's outputs in the order given (`tokens`:
+        the per-token outputs too, where the model has them). `admission`: the request's place, taken
+        by `admit` (for the same class) before its tokenization (without one, it is admitted here). If
+        the caller is cancelled (client gone), its items that have not reached the model are dropped."""
         if admission is None:
             admission = self.admit(len(sequences), work)
         assert admission.work == work, f"a {admission.work} admission for {work} inputs"
@@ -279,7 +291,15 @@ class Batcher:
         now = time.perf_counter()
         seqs = [next(self._seq) for _ in sequences]
         items = [
-            WorkItem(ids=ids, seq=seq, future=loop.create_future(), queued_at=now, request=seqs[0], work=work)
+            WorkItem(
+                ids=ids,
+                seq=seq,
+                future=loop.create_future(),
+                queued_at=now,
+                request=seqs[0],
+                work=work,
+                tokens=tokens,
+            )
             for ids, seq in zip(sequences, seqs, strict=True)
         ]
         if not self._arrivals:
@@ -289,12 +309,11 @@ class Batcher:
         tally.arriving += len(items)
         tally.arriving_tokens += sum(len(ids) for ids in sequences)
         try:
-            vectors = await asyncio.gather(*(item.future for item in items))
+            return list(await asyncio.gather(*(item.future for item in items)))
         except BaseException:
             for item in items:
                 item.future.cancel()
             raise
-        return np.stack(vectors)
 
     def _hand_over(self) -> None:
         """(Event loop, once per turn with arrivals.) Give this turn's inputs to the model thread. (After
@@ -406,13 +425,14 @@ class Batcher:
             if taken is None:
                 return
             batch, cost = taken
-            vectors: FloatMatrix | None = None
+            vectors: list[RowOutputs] | None = None
             started = seconds = 0.0
             try:
                 tokens = collate([item.ids for item in batch], self._pad_id, self._padding_side)
                 started = time.perf_counter()
-                vectors = self._backend.forward(tokens)
+                outputs = self._backend.encode(tokens, tokens=any(item.tokens for item in batch))
                 seconds = time.perf_counter() - started
+                vectors = split_rows(outputs, tokens.attention_mask)
             except Exception:  # this batch's callers get a 500; the thread goes on serving
                 log.exception("forward pass failed for model '%s' (%d inputs)", self.name, len(batch))
             finally:
@@ -451,7 +471,7 @@ class Batcher:
     # ---- back on the event loop ------------------------------------------------------------------
 
     @staticmethod
-    def _deliver(batch: list[WorkItem], vectors: FloatMatrix | None) -> None:
+    def _deliver(batch: list[WorkItem], vectors: list[RowOutputs] | None) -> None:
         for i, item in enumerate(batch):
             if item.future.done():
                 continue
