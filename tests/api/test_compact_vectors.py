@@ -6,7 +6,6 @@ restart; a bad `output_dtype` is a 400."""
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -170,10 +169,11 @@ matryoshka_dimensions = {list(MRL_DIMS)}
 
 
 @pytest.fixture
-def served(restart_models: Path, tmp_path: Path) -> Iterator[Settings]:
+def served(restart_models: Path, tmp_path: Path) -> Settings:
     """Settings of an open server with a data dir of its own (the session's ONNX graphs, not its
     calibration)."""
-    yield Settings(models_file=restart_models, data_dir=private_data_dir(tmp_path / "data", shared=("onnx",)))
+    data_dir = private_data_dir(tmp_path / "data", shared=("onnx",))
+    return Settings(models_file=restart_models, data_dir=data_dir)
 
 
 def test_ranges_are_read_back_after_a_restart_and_recomputed_alike_without_the_file(served: Settings) -> None:
