@@ -117,7 +117,9 @@ def answered(found: npt.NDArray[np.int64], answers: Sequence[int]) -> float:
     return float(np.mean([answer in row for row, answer in zip(found, answers, strict=True)]))
 
 
-async def measure(args: argparse.Namespace) -> list[tuple[str, str, float, float]]:
+async def measure(args: argparse.Namespace) -> tuple[list[tuple[str, str, float, float]], float]:
+    """-> the table's rows, and the fraction of the passages' float values outside the calibration
+    ranges (which int8 clips to its end levels)."""
     passages, _ = minilm_corpus(args.corpus)
     queries, answers = make_queries(passages, args.queries)
     async with Engine.open(args.model) as engine:
@@ -162,7 +164,8 @@ async def measure(args: argparse.Namespace) -> list[tuple[str, str, float, float
     for name, size, search in found:
         hits = search()
         rows.append((name, size, overlap(hits, truth), answered(hits, answers)))
-    return rows
+    outside = float(np.mean((fp < ranges[0]) | (fp > ranges[1])))
+    return rows, outside
 
 
 def main() -> None:
@@ -174,7 +177,7 @@ def main() -> None:
     parser.add_argument("--corpus", type=int, default=2000)
     parser.add_argument("--dimensions", type=int, default=None, help="a Matryoshka width to truncate to")
     args = parser.parse_args()
-    rows = asyncio.run(measure(args))
+    rows, outside = asyncio.run(measure(args))
     width = f", {args.dimensions} dims" if args.dimensions else ""
     print(f"\n{args.model}{width}: {args.queries} queries over {args.corpus} passages, recall@{K}\n")
     print(
@@ -183,6 +186,7 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for name, size, agree, answer in rows:
         print(f"| {name} | {size} | {agree:.3f} | {answer:.3f} |")
+    print(f"\nPassage values outside the calibration ranges (int8 clips them): {outside:.2%}")
 
 
 if __name__ == "__main__":

@@ -29,8 +29,9 @@ from embedserve.weights import file_digest, sha256_of, weight_files
 log = logging.getLogger("embedserve.calibration")
 
 #: 256 paragraphs (3-200 words) of CPython 3.11's standard-library docstrings (PSF License), one a
-#: line, frozen so that the set does not change with the Python that serves (backends/int8.py draws its
-#: own from the live docstrings: that graph is rebuilt per machine anyway). Its digest is in every key.
+#: line, none of them in the benchmark corpus's modules; frozen so that the set does not change with the
+#: Python that serves (backends/int8.py draws its own from the live docstrings: that graph is rebuilt
+#: per machine anyway). Its digest is in every key.
 TEXTS_FILE = Path(__file__).with_name("calibration.txt")
 #: Bump when the recipe below changes for the same texts and weights.
 RECIPE = "ranges-v1"
