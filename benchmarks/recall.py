@@ -60,12 +60,14 @@ def make_queries(passages: Sequence[str], count: int, seed: int = 0) -> tuple[li
 async def embed_all(
     engine: Engine, model: str, texts: Sequence[str], dtype: OutputDtype, dimensions: int | None
 ) -> npt.NDArray[Any]:
-    parts = []
+    parts: list[npt.NDArray[Any]] = []
     for start in range(0, len(texts), CHUNK):
         result = await engine.embed(
             model, list(texts[start : start + CHUNK]), dimensions=dimensions, output_dtype=dtype
         )
-        parts.append(result.vectors if dtype == "float32" else result.packed)
+        packed = result.vectors if dtype == "float32" else result.packed
+        assert packed is not None
+        parts.append(packed)
     return np.concatenate(parts)
 
 

@@ -136,16 +136,25 @@ def load_calibration(
     if pooled is None:
         started = time.perf_counter()
         pooled = embed_texts(calibration_texts(), tokenizer, backend, spec, prefix=prefix, eos_id=eos_id)
-        if _store(path, pooled):
-            log.info(
-                "model '%s': int8 calibration computed in %.2f s (once; kept in %s)",
+        try:
+            stored = _store(path, pooled)
+        except OSError as exc:  # a read-only data dir serves on (torch needs nothing else of it)
+            log.warning(
+                "model '%s': cannot keep the int8 calibration in %s (%s): computed again at every start",
                 spec.id,
-                time.perf_counter() - started,
                 path,
+                exc,
             )
-        else:
+            stored = True
+        if not stored:
             pooled = _read(path, backend.dimensions)
             assert pooled is not None, f"{path} was stored by another process and cannot be read"
+        log.info(
+            "model '%s': int8 calibration computed in %.2f s (once per data dir: %s)",
+            spec.id,
+            time.perf_counter() - started,
+            path,
+        )
     digest = hashlib.sha256(np.ascontiguousarray(pooled).tobytes()).hexdigest()[:16]
     return Calibration(key=key, digest=digest, ranges=ranges_of(pooled, spec))
 

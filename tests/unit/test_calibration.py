@@ -135,3 +135,16 @@ def test_an_input_is_cut_as_truncate_cuts_it_keeping_the_eos_a_model_pools_on(
     assert np.allclose(
         pooled[1], fake.reference([*tokenizer.encode_sync(["short"], "query: ")[0], 7]), atol=1e-6
     )
+
+
+def test_a_data_dir_it_cannot_write_to_costs_the_file_not_the_model(
+    spec: ModelSpec, tokenizer: TokenizerPool, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    got = load_calibration(
+        spec, tokenizer, backend(), prefix="", eos_id=None, cache_dir=blocked / "calibration"
+    )
+    pooled = embed_texts(calibration_texts(), tokenizer, backend(), spec, prefix="", eos_id=None)
+    assert np.array_equal(got.ranges[384], ranges_of(pooled, spec)[384])
+    assert "cannot keep the int8 calibration" in caplog.text
