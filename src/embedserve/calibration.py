@@ -20,6 +20,7 @@ from embedserve.backends.base import Backend
 from embedserve.backends.batch import collate
 from embedserve.compact import Ranges, calibration_ranges
 from embedserve.durable import fsync_dir
+from embedserve.errors import ModelLoadError
 from embedserve.postprocess import finish
 from embedserve.spec import ModelSpec
 from embedserve.tokenization import TokenizerPool, ensure_last
@@ -148,9 +149,10 @@ def load_calibration(
             stored = True
         if not stored:
             pooled = _read(path, backend.dimensions)
-            assert pooled is not None, f"{path} was stored by another process and cannot be read"
+            if pooled is None:
+                raise ModelLoadError(f"model '{spec.id}': another process stored {path}, which does not read")
         log.info(
-            "model '%s': int8 calibration computed in %.2f s (once per data dir: %s)",
+            "model '%s': int8 calibration computed in %.2f s (%s)",
             spec.id,
             time.perf_counter() - started,
             path,
@@ -164,7 +166,7 @@ def _read(path: Path, width: int) -> FloatMatrix | None:
         pooled = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:
         log.warning("ignoring the unreadable calibration file %s: %s", path, exc)
         return None
     if pooled.dtype != np.float32 or pooled.ndim != 2 or pooled.shape[1] != width or not len(pooled):

@@ -85,8 +85,8 @@ class WidthRanges(BaseModel):
 
 class Quantization(BaseModel):
     calibration: str = Field(
-        description="Digest of the model's calibration vectors: servers that show the same one return "
-        "the same int8/uint8 vectors for the same input."
+        description="Digest of the model's calibration vectors: servers that show the same one place "
+        "the same float vector at the same int8/uint8 levels."
     )
     ranges: dict[str, WidthRanges] | None = Field(
         None,
@@ -269,7 +269,7 @@ def model_card(
     *,
     ranges: bool = False,
 ) -> dict[str, Any]:
-    """`ranges`: the calibration ranges too (a 4096-wide model's ten widths are ~300 KB of JSON: the
+    """`ranges`: the calibration ranges too (a 4096-wide model's ten widths are ~500 KB of JSON: the
     list shows each card's digest only, design note 59)."""
     quantization = None
     if calibration is not None:

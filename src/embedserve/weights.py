@@ -1,5 +1,6 @@
 """A model folder's weight files: which names count as weights, and their sha256 (read once per version
-of a file). A leaf: the catalog checks declared hashes with it, the ONNX backend keys its cache by it."""
+of a file). A leaf: the catalog checks declared hashes with it, the ONNX cache and the int8 calibration
+are keyed by it."""
 
 from __future__ import annotations
 

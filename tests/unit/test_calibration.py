@@ -106,15 +106,16 @@ def test_a_file_stored_first_by_another_process_wins(
     assert [p.name for p in tmp_path.iterdir()] == [f"{key}.npy"]  # no temporary file left
 
 
-@pytest.mark.parametrize("content", [b"not a numpy file", None])
+@pytest.mark.parametrize("damage", ["not numpy", "cut short", "another width"])
 def test_a_damaged_or_misshapen_file_is_computed_again_and_replaced(
-    spec: ModelSpec, tokenizer: TokenizerPool, tmp_path: Path, content: bytes | None
+    spec: ModelSpec, tokenizer: TokenizerPool, tmp_path: Path, damage: str
 ) -> None:
     path = tmp_path / f"{calibration_key(spec, '', 'onnx')}.npy"
-    if content is None:
-        np.save(path, np.zeros((4, 16), dtype=np.float32))  # another width
-    else:
-        path.write_bytes(content)
+    np.save(path, np.zeros((4, 16 if damage == "another width" else 384), dtype=np.float32))
+    if damage == "cut short":
+        path.write_bytes(path.read_bytes()[:200])
+    elif damage == "not numpy":
+        path.write_bytes(b"not a numpy file")
     fake = backend()
     got = load_calibration(spec, tokenizer, fake, prefix="", eos_id=None, cache_dir=tmp_path)
     pooled = embed_texts(calibration_texts(), tokenizer, backend(), spec, prefix="", eos_id=None)
