@@ -1,7 +1,8 @@
 """The `output_dtype` extension through a live server: every compact type, as JSON integers and as base64
 bytes, equals sentence-transformers' `quantize_embeddings` of the same server's float32 vectors under the
 ranges the model's card publishes; `dimensions` quantizes with that width's ranges; the ranges survive a
-restart; a bad `output_dtype` is a 400."""
+restart, are what the data dir holds, and come back the same when computed again; a bad `output_dtype` is
+a 400."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import pytest
 from openai import OpenAI
 
 from conftest import API_KEY, MRL_DIMS
+from embedserve.compact import calibration_ranges
+from embedserve.postprocess import finish
 from embedserve.settings import Settings
 from support import MIXED_TEXTS, LiveServer, live_server, private_data_dir
 
@@ -95,7 +98,7 @@ def test_base64_is_the_raw_bytes_of_quantize_embeddings(
     )
     assert response.status_code == 200, response.text
     rows = [base64.b64decode(item["embedding"]) for item in response.json()["data"]]
-    assert [row for row in rows] == [vector.tobytes() for vector in expected]
+    assert rows == [vector.tobytes() for vector in expected]
     assert np.array_equal(np.stack([np.frombuffer(row, dtype=NUMPY_DTYPE[dtype]) for row in rows]), expected)
 
 
@@ -190,7 +193,15 @@ def test_ranges_are_read_back_after_a_restart_and_recomputed_alike_without_the_f
         again = post(second.base_url, {"model": MODEL, "input": TEXTS, "output_dtype": "int8"}, {}).json()
         assert again["data"] == vector["data"]
     assert (stored.stat().st_mtime_ns, stored.stat().st_ino) == written  # read, not computed again
-    stored.unlink()
+    # What a start publishes is the file's: other vectors there, other ranges on the card.
+    pooled = np.load(stored)
+    np.save(stored, pooled[: len(pooled) // 2])
     with live_server(served) as third:
-        assert card(third.base_url, MODEL, {})["quantization"] == before[MODEL]
-    assert stored.is_file()
+        halved = published_ranges(third.base_url, MODEL, 384, {})
+    assert np.array_equal(
+        halved, calibration_ranges(finish(pooled[: len(pooled) // 2], dimensions=None, normalize=True))
+    )
+    stored.unlink()
+    with live_server(served) as fourth:
+        assert card(fourth.base_url, MODEL, {})["quantization"] == before[MODEL]  # the same backend's bytes
+    assert np.array_equal(np.load(stored), pooled)
