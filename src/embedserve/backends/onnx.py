@@ -333,7 +333,8 @@ class OnnxBackend:
         if shrink:  # the arena gives back what this pass took once it is done
             options = ort.RunOptions()
             options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-        # ORT hands back only the outputs asked for: a dense-only pass copies no [B, T, C] out.
+        # ORT hands back only the outputs asked for: a dense-only pass copies no [B, T, C] out (it runs
+        # every node all the same: design note 57).
         names = list(self._outputs if tokens else self._outputs[:1])
         feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         values = [np.asarray(v, dtype=np.float32) for v in self._session.run(names, feeds, options)]
