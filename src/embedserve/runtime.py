@@ -26,7 +26,7 @@ from embedserve.scheduler.batcher import Batcher
 from embedserve.scheduler.memory import DEFAULT_SHARE, MemoryBudget, MemoryModel, fit
 from embedserve.scheduler.packing import batch_limits
 from embedserve.settings import Settings
-from embedserve.spec import ModelSpec
+from embedserve.spec import M3Heads, ModelSpec
 from embedserve.tokenization import (
     Framing,
     TokenizerPool,
@@ -75,18 +75,21 @@ class ModelRuntime:
         return min(self.tokenizer.vocab_size, self.backend.vocab_size)
 
 
-def shape_floor(folder: Path, attention_copies: int) -> MemoryModel:
+def shape_floor(folder: Path, attention_copies: int, heads: M3Heads | None = None) -> MemoryModel:
     """Pure but for reading config.json: what a pass holds at least by the model's shapes: two float32
-    hidden states per token, and `attention_copies` float32 [heads, T, T] score matrices per row. The
-    calibration's short passes cannot see the second term (a pass's peak is its largest step, and below
-    ~1k tokens that is a feed-forward one), which dominates long inputs: design note 32."""
+    hidden states per token (with bge-m3's `heads`, its [T] weights and [T, C] ColBERT vectors too, which
+    the pass hands back: design note 57), and `attention_copies` float32 [heads, T, T] score matrices per
+    row. The calibration's short passes cannot see the last term (a pass's peak is its largest step, and
+    below ~1k tokens that is a feed-forward one), which dominates long inputs: design note 32."""
     try:
         config: dict[str, Any] = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return MemoryModel()
     text = config.get("text_config", config)
-    hidden, heads = int(text.get("hidden_size", 0)), int(text.get("num_attention_heads", 0))
-    return MemoryModel(per_token=2 * 4 * hidden, per_square=4 * heads * attention_copies)
+    hidden, num_heads = int(text.get("hidden_size", 0)), int(text.get("num_attention_heads", 0))
+    token_outputs = 0 if heads is None else 1 + heads.colbert_dim
+    per_token = 4 * (2 * hidden + token_outputs)
+    return MemoryModel(per_token=per_token, per_square=4 * num_heads * attention_copies)
 
 
 def calibrate(backend: Backend, spec: ModelSpec, ids: list[int], pad_id: int) -> tuple[MemoryModel, float]:
@@ -103,7 +106,7 @@ def calibrate(backend: Backend, spec: ModelSpec, ids: list[int], pad_id: int) ->
         tokens += length
         if peak is not None:
             samples.append((1, length, float(peak)))
-    floor = shape_floor(spec.folder, backend.attention_copies)
+    floor = shape_floor(spec.folder, backend.attention_copies, spec.heads)
     return fit(samples, floor), tokens / max(seconds, 1e-9)
 
 
