@@ -1,5 +1,6 @@
 """What a model folder says about itself: config.json, the sentence-transformers modules (Transformer,
-Pooling, Dense, Normalize), its prompts and the tokenizer's limits. Reads files; knows no entry."""
+Pooling, Dense, Normalize; a SparseEncoder's MLMTransformer and SpladePooling), its prompts and the
+tokenizer's limits. Reads files; knows no entry."""
 
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ _UNSUPPORTED_POOLING = (
     "pooling_mode_mean_sqrt_len_tokens",
     "pooling_mode_weightedmean_tokens",
 )
+#: What SpladePooling we serve (backends/pooling.splade_pool): the max over tokens of log(1 + relu(x)),
+#: as SPLADE v2 and later compute it; the original SPLADE's sum and OpenSearch's log1p_relu are not.
+SPLADE_POOLING = {"pooling_strategy": "max", "activation_function": "relu"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +36,7 @@ class Layout:
 
     config: Mapping[str, Any]  # config.json
     sentence_transformers: bool  # it has a modules.json
+    masked_lm: bool = False  # its transformer module runs the masked-LM head (a SparseEncoder's)
     pooling: Pooling | None = None
     normalize: bool = False  # a Normalize module
     dense: tuple[DenseLayer, ...] = ()
@@ -53,18 +58,23 @@ def read_layout(folder: Path) -> Layout:
     dense: list[DenseLayer] = []
     max_seq_length: int | None = None
     lower_case = False
+    masked_lm = False
     if modules_path.is_file():
         for module in _read_modules(modules_path):
             kind = str(module.get("type", "")).rsplit(".", 1)[-1]
             sub = folder / str(module.get("path", ""))
-            if kind == "Transformer":
+            if kind in ("Transformer", "MLMTransformer"):
                 st_cfg = sub / "sentence_bert_config.json"
-                if st_cfg.is_file():
-                    bert_cfg = read_json(st_cfg)
-                    max_seq_length = _int_or_none(bert_cfg.get("max_seq_length")) or max_seq_length
-                    lower_case = bool(bert_cfg.get("do_lower_case", False))
+                bert_cfg = read_json(st_cfg) if st_cfg.is_file() else {}
+                max_seq_length = _int_or_none(bert_cfg.get("max_seq_length")) or max_seq_length
+                lower_case = bool(bert_cfg.get("do_lower_case", False))
+                # sentence-transformers 5 saves a SparseEncoder's as MLMTransformer, 6 as a Transformer
+                # whose task is fill-mask: both run the masked-LM head and hand its logits on.
+                masked_lm = kind == "MLMTransformer" or bert_cfg.get("transformer_task") == "fill-mask"
             elif kind == "Pooling":
                 pooling = _pooling_from_config(sub / "config.json")
+            elif kind == "SpladePooling":
+                pooling = _splade_from_config(sub / "config.json")
             elif kind == "Dense":
                 dense.append(_dense_from_folder(sub))
             elif kind == "Normalize":
@@ -86,6 +96,7 @@ def read_layout(folder: Path) -> Layout:
     return Layout(
         config=config,
         sentence_transformers=modules_path.is_file(),
+        masked_lm=masked_lm,
         pooling=pooling,
         normalize=normalize,
         dense=tuple(dense),
@@ -142,6 +153,18 @@ def _pooling_from_config(path: Path) -> Pooling:
             f"{path}: exactly one of cls / mean / lasttoken pooling is supported, found {chosen + other}"
         )
     return chosen[0]
+
+
+def _splade_from_config(path: Path) -> Pooling:
+    """SpladePooling's config (its defaults where a key is missing, as sentence-transformers reads it);
+    a strategy or activation other than max / relu is refused rather than served differently."""
+    cfg = read_json(path) if path.is_file() else {}
+    for key, served in SPLADE_POOLING.items():
+        if cfg.get(key, served) != served:
+            raise ModelLoadError(
+                f"{path}: SpladePooling {key} {cfg[key]!r} is not supported (only {served!r} is)"
+            )
+    return "splade"
 
 
 def _dense_from_folder(folder: Path) -> DenseLayer:
