@@ -181,7 +181,7 @@ source = "{folders.st5}"
 backend = "torch"
 """)
     loop = asyncio.new_event_loop()
-    engine = Engine(Settings(models_file=path))
+    engine = Engine.open(models_file=path)
     loop.run_until_complete(engine.__aenter__())
     try:
         yield Served(loop, engine)

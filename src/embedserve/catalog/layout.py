@@ -36,7 +36,6 @@ class Layout:
 
     config: Mapping[str, Any]  # config.json
     sentence_transformers: bool  # it has a modules.json
-    masked_lm: bool = False  # its transformer module runs the masked-LM head (a SparseEncoder's)
     pooling: Pooling | None = None
     normalize: bool = False  # a Normalize module
     dense: tuple[DenseLayer, ...] = ()
@@ -58,19 +57,18 @@ def read_layout(folder: Path) -> Layout:
     dense: list[DenseLayer] = []
     max_seq_length: int | None = None
     lower_case = False
-    masked_lm = False
     if modules_path.is_file():
         for module in _read_modules(modules_path):
             kind = str(module.get("type", "")).rsplit(".", 1)[-1]
             sub = folder / str(module.get("path", ""))
+            # sentence-transformers 5 saves a SparseEncoder's transformer as MLMTransformer, 6 as a
+            # Transformer whose task is fill-mask: both are read alike (the head is config.json's).
             if kind in ("Transformer", "MLMTransformer"):
                 st_cfg = sub / "sentence_bert_config.json"
-                bert_cfg = read_json(st_cfg) if st_cfg.is_file() else {}
-                max_seq_length = _int_or_none(bert_cfg.get("max_seq_length")) or max_seq_length
-                lower_case = bool(bert_cfg.get("do_lower_case", False))
-                # sentence-transformers 5 saves a SparseEncoder's as MLMTransformer, 6 as a Transformer
-                # whose task is fill-mask: both run the masked-LM head and hand its logits on.
-                masked_lm = kind == "MLMTransformer" or bert_cfg.get("transformer_task") == "fill-mask"
+                if st_cfg.is_file():
+                    bert_cfg = read_json(st_cfg)
+                    max_seq_length = _int_or_none(bert_cfg.get("max_seq_length")) or max_seq_length
+                    lower_case = bool(bert_cfg.get("do_lower_case", False))
             elif kind == "Pooling":
                 pooling = _pooling_from_config(sub / "config.json")
             elif kind == "SpladePooling":
@@ -96,7 +94,6 @@ def read_layout(folder: Path) -> Layout:
     return Layout(
         config=config,
         sentence_transformers=modules_path.is_file(),
-        masked_lm=masked_lm,
         pooling=pooling,
         normalize=normalize,
         dense=tuple(dense),
