@@ -205,7 +205,7 @@ def test_served_sparse_vectors_equal_sparse_encoder_encode(
         assert_same_sparse(vector, want)
 
 
-def test_the_model_card_lists_only_the_sparse_output_over_the_vocabulary(served: Served) -> None:
+def test_every_layout_is_read_as_splade_over_the_vocabulary(served: Served) -> None:
     for model in (*TORCH_MODELS, "splade-onnx", "splade-int8"):
         spec = served.engine.catalog.resolve(model)
         assert (spec.pooling, spec.outputs, spec.dimensions, spec.normalize) == (
@@ -311,6 +311,13 @@ def post(server: LiveServer, body: dict[str, object]) -> httpx.Response:
     return httpx.post(
         f"{server.v1}/embeddings", json=body, timeout=120, headers={"Authorization": f"Bearer {API_KEY}"}
     )
+
+
+def test_the_model_card_lists_only_the_sparse_output_over_the_vocabulary(splade_client: OpenAI) -> None:
+    card = splade_client.models.retrieve("splade").model_extra
+    assert card is not None
+    assert (card["outputs"], card["output_dtypes"], card["dimensions"]) == (["sparse"], [], 30522)
+    assert card["matryoshka_dimensions"] == []
 
 
 def test_the_sparse_output_over_http_equals_sparse_encoder_encode(splade_client: OpenAI) -> None:
