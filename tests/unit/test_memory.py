@@ -42,10 +42,10 @@ def test_the_floor_holds_two_hidden_states_and_with_bge_m3s_heads_their_token_ou
     assert shape_floor(tmp_path, 1) == MemoryModel(per_token=2 * 4 * 1024, per_square=4 * 16)
     heads = M3Heads(tmp_path / "sparse_linear.pt", tmp_path / "colbert_linear.pt", 1024, 1024)
     # [T] weights and [T, 1024] ColBERT vectors, float32, handed back with the pass.
-    assert shape_floor(tmp_path, 5, heads) == MemoryModel(
+    assert shape_floor(tmp_path, 5, heads=heads) == MemoryModel(
         per_token=4 * (2 * 1024 + 1 + 1024), per_square=4 * 16 * 5
     )
-    assert shape_floor(tmp_path / "missing", 1, heads) == MemoryModel()
+    assert shape_floor(tmp_path / "missing", 1, heads=heads) == MemoryModel()
 
 
 @pytest.mark.parametrize("room", [1e3, 1e6, 4.3e9, 2.2e10])
