@@ -5,7 +5,6 @@ cards' outputs, every bad `outputs` / `output_dtype`, and TEI's POST /embed_spar
 from __future__ import annotations
 
 import base64
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,8 +14,9 @@ import pytest
 from openai import OpenAI
 
 from conftest import FamilyModels
-from gates import wait_until
+from embedserve.backends.fake import fake_backends
 from embedserve.settings import Settings
+from gates import wait_until
 from support import MIXED_TEXTS, LiveServer, live_server, private_data_dir
 from tiny_models import M3Outputs, bge_m3_outputs_reference, build_tiny_bge_m3
 
@@ -179,10 +179,7 @@ def test_outputs_without_dense_give_an_empty_embedding_that_the_sdk_parses(
 
 def _billed(server: LiveServer) -> dict[str, int]:
     """Prompt tokens in the ledger by model, once every record made so far is written."""
-    deadline = time.monotonic() + 30
-    while server.state.ledger.pending and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.state.ledger.pending == 0
+    wait_until(lambda: server.state.ledger.pending == 0, "the ledger has flushed")
     report = httpx.get(
         f"{server.v1}/usage", params={"group_by": "model"}, headers={"Authorization": f"Bearer {ADMIN}"}
     ).json()
@@ -390,3 +387,40 @@ def test_a_key_over_its_request_rate_gets_a_429_in_teis_shape_with_retry_after(
     assert refused.status_code == 429
     assert refused.json()["error_type"] == "overloaded"
     assert int(refused.headers["retry-after"]) >= 1
+
+
+# ---- two models with sparse vectors, on fake backends (the whole app, no weights) -----------------------
+
+
+@pytest.fixture(scope="module")
+def two_sparse_server(
+    tmp_path_factory: pytest.TempPathFactory, family_models: FamilyModels
+) -> Iterator[LiveServer]:
+    root = tmp_path_factory.mktemp("two-sparse")
+    models = root / "models.toml"
+    models.write_text(f"""
+[[models]]
+id = "m3-a"
+source = "{family_models.bge_m3}"
+
+[[models]]
+id = "m3-b"
+source = "{family_models.bge_m3}"
+""")
+    settings = Settings(models_file=models, data_dir=private_data_dir(root / "data"), api_keys=[KEY])
+    with live_server(settings, backends=fake_backends()) as live:
+        yield live
+
+
+def test_embed_sparse_without_a_model_among_several_sparse_models_is_a_400_naming_them(
+    two_sparse_server: LiveServer,
+) -> None:
+    refused = _post(two_sparse_server, "/embed_sparse", {"inputs": MIXED_TEXTS})
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error_type"] == "validation"
+    assert "m3-a" in refused.json()["error"] and "m3-b" in refused.json()["error"]
+    client = OpenAI(base_url=two_sparse_server.v1, api_key=KEY, max_retries=0)
+    for model in ("m3-a", "m3-b"):
+        named = _post(two_sparse_server, "/embed_sparse", {"inputs": MIXED_TEXTS, "model": model})
+        assert named.status_code == 200, named.text
+        assert named.json() == _v1_sparse(client, MIXED_TEXTS, model=model)
