@@ -10,11 +10,27 @@ from typing import Any
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 from openai import OpenAI
 
 from conftest import FamilyModels
+from embedserve.api.errors import error_body, error_shape
 from embedserve.backends.fake import fake_backends
+from embedserve.errors import (
+    AuthenticationFailed,
+    EmbedServeError,
+    EmptyInput,
+    InternalError,
+    InvalidType,
+    ModelNotFound,
+    ModelNotReady,
+    Overloaded,
+    PayloadTooLarge,
+    RateLimitExceeded,
+    ShuttingDown,
+    UnsupportedOutput,
+)
 from embedserve.settings import Settings
 from gates import wait_until
 from support import MIXED_TEXTS, LiveServer, live_server, private_data_dir
@@ -177,19 +193,20 @@ def test_outputs_without_dense_give_an_empty_embedding_that_the_sdk_parses(
         assert "colbert_embedding" not in item.model_extra
 
 
-def _billed(server: LiveServer) -> dict[str, int]:
-    """Prompt tokens in the ledger by model, once every record made so far is written."""
+def _billed(server: LiveServer) -> tuple[int, int]:
+    """(requests, prompt tokens) in the ledger for the bge-m3, once every record made so far is written."""
     wait_until(lambda: server.state.ledger.pending == 0, "the ledger has flushed")
     report = httpx.get(
         f"{server.v1}/usage", params={"group_by": "model"}, headers={"Authorization": f"Bearer {ADMIN}"}
     ).json()
-    return {row["model"]: row["prompt_tokens"] for row in report["data"]}
+    row = next((row for row in report["data"] if row["model"] == M3), {"requests": 0, "prompt_tokens": 0})
+    return row["requests"], row["prompt_tokens"]
 
 
 def test_usage_counts_each_input_once_whatever_outputs_are_asked(
     hybrid_server: LiveServer, client: OpenAI
 ) -> None:
-    before = _billed(hybrid_server).get(M3, 0)
+    requests, tokens = _billed(hybrid_server)
     one = client.embeddings.create(model=M3, input=MIXED_TEXTS).usage
     three = client.embeddings.create(model=M3, input=MIXED_TEXTS, extra_body={"outputs": ALL}).usage
     sparse_only = client.embeddings.create(
@@ -199,7 +216,8 @@ def test_usage_counts_each_input_once_whatever_outputs_are_asked(
     assert tei.status_code == 200, tei.text
     assert one.prompt_tokens == three.prompt_tokens == sparse_only.prompt_tokens == three.total_tokens
     assert int(tei.headers["x-compute-tokens"]) == one.prompt_tokens
-    assert _billed(hybrid_server)[M3] - before == 4 * one.prompt_tokens  # one record each, counted once
+    # one record a request, each input's tokens counted once
+    assert _billed(hybrid_server) == (requests + 4, tokens + 4 * one.prompt_tokens)
 
 
 def test_the_model_list_names_each_models_outputs(client: OpenAI) -> None:
@@ -387,6 +405,27 @@ def test_a_key_over_its_request_rate_gets_a_429_in_teis_shape_with_retry_after(
     assert refused.status_code == 429
     assert refused.json()["error_type"] == "overloaded"
     assert int(refused.headers["retry-after"]) >= 1
+
+
+@pytest.mark.parametrize(
+    ("error", "error_type"),
+    [
+        (EmptyInput("empty"), "empty"),
+        (InvalidType("wrong"), "validation"),
+        (UnsupportedOutput("lacks it"), "validation"),
+        (AuthenticationFailed("no key"), "validation"),
+        (ModelNotFound("nope"), "validation"),
+        (PayloadTooLarge("big"), "validation"),
+        (RateLimitExceeded("slow down", retry_after_s=1), "overloaded"),
+        (Overloaded("busy", retry_after_s=1), "overloaded"),
+        (ModelNotReady("loading", retry_after_s=1), "unhealthy"),
+        (ShuttingDown("draining", retry_after_s=1), "unhealthy"),
+        (InternalError("bug"), "backend"),
+    ],
+)
+def test_each_error_has_teis_error_type_in_teis_body(error: EmbedServeError, error_type: str) -> None:
+    assert error_shape("/embed_sparse") == "tei" and error_shape("/v1/embeddings") == "openai"
+    assert orjson.loads(error_body(error, "tei")) == {"error": error.message, "error_type": error_type}
 
 
 # ---- two models with sparse vectors, on fake backends (the whole app, no weights) -----------------------
