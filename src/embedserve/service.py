@@ -239,13 +239,14 @@ class EmbeddingPipeline:
         """The id sequences to embed, checked against every limit: tokenized (stopping at the first
         limit broken) or the given ids."""
         spec, settings = runtime.spec, self._settings
+        truncate = settings.truncate if job.truncate is None else job.truncate
         fits = runtime.batcher.longest_that_fits()
         stopped: Stop | None = None
         if job.texts is not None:
             refuse_above = min(fits, spec.max_input_tokens) if fits is not None else None
             limits = TokenLimits(
                 per_input=spec.max_input_tokens,
-                truncate=settings.truncate,
+                truncate=truncate,
                 total=settings.max_tokens_per_request,
                 budget=stop_at,
                 refuse_above=refuse_above,
@@ -262,7 +263,7 @@ class EmbeddingPipeline:
             sequences,
             model=job.model,
             max_tokens=spec.max_input_tokens,
-            truncate=settings.truncate,
+            truncate=truncate,
             max_total=settings.max_tokens_per_request,
             keep_last=runtime.eos_id is not None,
             fits=fits,

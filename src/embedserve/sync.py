@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from embedserve.backends.factory import BackendFactory, make_backend
 from embedserve.engine import Embeddings, Engine, Inputs
 from embedserve.errors import ShuttingDown
-from embedserve.types import WorkClass
+from embedserve.types import OutputDtype, OutputName, WorkClass
 
 T = TypeVar("T")
 
@@ -57,6 +57,8 @@ class EngineSync:
         dimensions: int | None = None,
         input_type: str | None = None,
         instruction: str | None = None,
+        outputs: Sequence[OutputName] = ("dense",),
+        output_dtype: OutputDtype = "float32",
         work: WorkClass = "online",
     ) -> Embeddings:
         """Engine.embed, blocking until the vectors are ready."""
@@ -69,6 +71,8 @@ class EngineSync:
                 dimensions=dimensions,
                 input_type=input_type,
                 instruction=instruction,
+                outputs=outputs,
+                output_dtype=output_dtype,
                 work=work,
             )
         )

@@ -117,6 +117,7 @@ class EmbeddingJob:
     instruction: str | None = None  # extension: the task of a query
     outputs: tuple[OutputName, ...] = ("dense",)  # extension: what to compute, in the order asked
     output_dtype: OutputDtype = "float32"  # extension: the dense vector's wire type
+    truncate: bool | None = None  # cut over-long inputs (None: as the server's --truncate says)
 
     @property
     def count(self) -> int:

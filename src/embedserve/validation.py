@@ -61,39 +61,41 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _token_array(value: list[Any], where: str) -> tuple[int, ...]:
+def _token_array(value: list[Any], where: str, field: str) -> tuple[int, ...]:
     if not value:
-        raise EmptyInput(f"{where} is an empty token array; token arrays must not be empty.", param="input")
+        raise EmptyInput(f"{where} is an empty token array; token arrays must not be empty.", param=field)
     if not all(_is_int(v) for v in value):
-        raise InvalidType(f"{where} must contain only integers (token ids).", param="input")
+        raise InvalidType(f"{where} must contain only integers (token ids).", param=field)
     negative = next((v for v in value if v < 0), None)
     if negative is not None:
-        raise InvalidTokenId(f"{where} holds the negative token id {negative}.", param="input")
+        raise InvalidTokenId(f"{where} holds the negative token id {negative}.", param=field)
     return tuple(value)
 
 
-def _parse_input(value: Any) -> tuple[tuple[str, ...] | None, tuple[tuple[int, ...], ...] | None]:
-    """-> (texts, token id arrays); exactly one is set."""
+def _parse_input(
+    value: Any, field: str = "input"
+) -> tuple[tuple[str, ...] | None, tuple[tuple[int, ...], ...] | None]:
+    """-> (texts, token id arrays); exactly one is set. `field`: the body's name for it, for the messages."""
     if isinstance(value, str):
         if value == "":
-            raise EmptyInput("'input' must not be an empty string.", param="input")
+            raise EmptyInput(f"'{field}' must not be an empty string.", param=field)
         return (value,), None
     if not isinstance(value, list):
-        raise InvalidType(f"'input' must be {INPUT_SHAPES}.", param="input")
+        raise InvalidType(f"'{field}' must be {INPUT_SHAPES}.", param=field)
     if not value:
-        raise EmptyInput("'input' must not be an empty array.", param="input")
+        raise EmptyInput(f"'{field}' must not be an empty array.", param=field)
     if all(isinstance(v, str) for v in value):
         empty = next((i for i, v in enumerate(value) if v == ""), None)
         if empty is not None:
             raise EmptyInput(
-                f"input[{empty}] is an empty string; every input must be non-empty.", param="input"
+                f"{field}[{empty}] is an empty string; every input must be non-empty.", param=field
             )
         return tuple(value), None
     if all(_is_int(v) for v in value):
-        return None, (_token_array(value, "'input'"),)
+        return None, (_token_array(value, f"'{field}'", field),)
     if all(isinstance(v, list) for v in value):
-        return None, tuple(_token_array(v, f"input[{i}]") for i, v in enumerate(value))
-    raise InvalidType(f"'input' must be {INPUT_SHAPES}; mixed arrays are not accepted.", param="input")
+        return None, tuple(_token_array(v, f"{field}[{i}]", field) for i, v in enumerate(value))
+    raise InvalidType(f"'{field}' must be {INPUT_SHAPES}; mixed arrays are not accepted.", param=field)
 
 
 def parse_embedding_request(payload: Any, *, max_inputs: int) -> EmbeddingJob:
@@ -150,6 +152,66 @@ def parse_embedding_request(payload: Any, *, max_inputs: int) -> EmbeddingJob:
             f"'input' holds {job.count} items; at most {max_inputs} are allowed per request.", param="input"
         )
     return job
+
+
+def parse_sparse_request(payload: Any, *, sparse_models: Sequence[str], max_inputs: int) -> EmbeddingJob:
+    """The body of TEI's POST /embed_sparse -> the job of a /v1/embeddings request asking for the sparse
+    output alone: `inputs` as `input`, `prompt_name` as `input_type`, `truncate` for this request. The
+    `model` extension names the model; without it, the one model in `sparse_models` (those the caller
+    may use that compute sparse vectors). Unknown fields are ignored, as TEI ignores them."""
+    if not isinstance(payload, dict):
+        raise InvalidType("The request body must be a JSON object.")
+    if payload.get("inputs") is None:
+        raise MissingParameter("You must provide an inputs parameter.", param="inputs")
+    texts, token_ids = _parse_input(payload["inputs"], "inputs")
+    truncate = payload.get("truncate")
+    if truncate is not None and not isinstance(truncate, bool):
+        raise InvalidType("'truncate' must be true or false.", param="truncate")
+    direction = payload.get("truncation_direction")
+    if direction is not None and direction not in ("right", "Right"):
+        # Only the end of an over-long input is cut (as --truncate cuts it); 'left' would need the
+        # tokenizer to keep the end instead, which no other route asks for.
+        raise InvalidRequest(
+            f"'truncation_direction' must be 'right' (the end of an over-long input is cut), "
+            f"got {direction!r}.",
+            param="truncation_direction",
+        )
+    prompt_name = payload.get("prompt_name")
+    if prompt_name is not None and (not isinstance(prompt_name, str) or not prompt_name):
+        raise InvalidInputType("'prompt_name' must be a prompt name of the model.", param="prompt_name")
+    model = payload.get("model")
+    if model is None:
+        model = _only_sparse_model(sparse_models)
+    elif not isinstance(model, str) or not model:
+        raise InvalidType("'model' must be a non-empty string.", param="model")
+    job = EmbeddingJob(
+        model=model,
+        texts=texts,
+        token_ids=token_ids,
+        encoding_format="float",
+        dimensions=None,
+        user=None,
+        input_type=prompt_name,
+        outputs=("sparse",),
+        truncate=truncate,
+    )
+    if job.count > max_inputs:
+        raise TooManyInputs(
+            f"'inputs' holds {job.count} items; at most {max_inputs} are allowed per request.", param="inputs"
+        )
+    return job
+
+
+def _only_sparse_model(sparse_models: Sequence[str]) -> str:
+    """TEI serves one model, so its clients name none: the one here that computes sparse vectors."""
+    if len(sparse_models) == 1:
+        return sparse_models[0]
+    if not sparse_models:
+        raise UnsupportedOutput("No model served here computes sparse vectors.", param="model")
+    raise MissingParameter(
+        f"Several served models compute sparse vectors ({', '.join(sparse_models)}); name one in 'model'.",
+        param="model",
+    )
 
 
 def _parse_outputs(value: Any) -> tuple[OutputName, ...]:
@@ -294,4 +356,5 @@ __all__ = [
     "check_token_ids",
     "parse_embedding_request",
     "parse_json",
+    "parse_sparse_request",
 ]

@@ -1,6 +1,7 @@
 """schemathesis fuzzes a live server from its own OpenAPI document (schema-valid and invalid requests,
-with and without a key): never a 5xx, every error OpenAI-shaped, every answer one the document lists for
-its operation (status, media type, body schema, required headers), and the server healthy afterwards."""
+with and without a key): never a 5xx, every error OpenAI-shaped (TEI-shaped on TEI's routes), every
+answer one the document lists for its operation (status, media type, body schema, required headers),
+and the server healthy afterwards."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from embedserve.api.app import create_app
+from embedserve.api.errors import TEI_PATHS
 from embedserve.catalog import Catalog
 from embedserve.settings import Settings
 from support import LiveServer, live_server
@@ -43,6 +45,14 @@ def test_the_fuzzed_document_is_the_one_the_server_serves(fuzz_server: LiveServe
     assert httpx.get(f"{fuzz_server.base_url}/openapi.json").json() == schema.raw_schema
 
 
+def assert_tei_error(response: Any) -> None:
+    """TEI's routes answer TEI's error body (design note 61)."""
+    body = response.json()
+    assert set(body) == {"error", "error_type"}, body
+    assert isinstance(body["error"], str) and body["error"]
+    assert body["error_type"] in ("validation", "empty", "overloaded", "unhealthy", "backend")
+
+
 def assert_openai_error(response: Any) -> None:
     body = response.json()
     assert set(body) == {"error"}, body
@@ -65,8 +75,8 @@ def test_generated_requests_never_get_a_5xx_and_every_error_is_openai_shaped(
     )
     assert response.status_code < 500, (response.status_code, response.text)
     if response.status_code >= 400:
-        assert_openai_error(response)
-    if not authorized and case.path.startswith("/v1/"):
+        (assert_tei_error if case.path in TEI_PATHS else assert_openai_error)(response)
+    if not authorized and (case.path.startswith("/v1/") or case.path in TEI_PATHS):
         assert response.status_code >= 400  # nothing under /v1/ without a key
         if case.method.upper() == case.operation.method.upper():
             assert response.status_code == 401  # (another method gets 405 before auth runs)

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import API_KEY
 from embedserve.api.app import create_app
+from embedserve.api.errors import TEI_PATHS
 from embedserve.api.middleware import PROBES
 from embedserve.api.openapi import BEARER, error_responses, finish_document, with_subclasses
 from embedserve.catalog import Catalog
@@ -20,6 +21,7 @@ from support import LiveServer
 
 KEYED = {
     ("post", "/v1/embeddings"),
+    ("post", "/embed_sparse"),
     ("get", "/v1/models"),
     ("get", "/v1/models/{model_id}"),
     ("get", "/v1/keys"),
@@ -40,6 +42,8 @@ KEYED = {
 }
 PUBLIC = {("get", "/health"), ("get", "/ready"), ("get", "/metrics")}
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
+#: TEI's routes answer TEI's error body (api.errors.TEI_PATHS).
+TEI_ERROR_REF = {"$ref": "#/components/schemas/TEIErrorResponse"}
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +85,8 @@ def test_every_error_answer_is_the_error_schema_as_json_with_its_codes(document:
         errors = {status: r for status, r in op["responses"].items() if int(status) >= 400}
         assert "500" in errors, key  # a bug's generic 500, on every route
         for status, response in errors.items():
-            assert response["content"] == {"application/json": {"schema": ERROR_REF}}, (key, status)
+            schema = TEI_ERROR_REF if key[1] in TEI_PATHS else ERROR_REF
+            assert response["content"] == {"application/json": {"schema": schema}}, (key, status)
             listed = [c.strip("` ") for c in response["description"].split(":", 1)[1].split(",")]
             assert listed and set(listed) <= codes, (key, status, listed)
 
@@ -90,6 +95,7 @@ def test_every_error_answer_is_the_error_schema_as_json_with_its_codes(document:
     ("key", "statuses"),
     [
         (("post", "/v1/embeddings"), {"200", "400", "401", "404", "413", "429", "500", "503"}),
+        (("post", "/embed_sparse"), {"200", "400", "401", "404", "413", "429", "500", "503"}),
         (("get", "/v1/models"), {"200", "401", "500", "503"}),
         (("get", "/v1/models/{model_id}"), {"200", "401", "404", "500", "503"}),
         (("post", "/v1/keys"), {"201", "400", "401", "403", "413", "500", "503"}),
@@ -125,6 +131,18 @@ def test_embeddings_errors_name_every_request_and_availability_code(document: di
         assert f"`{error.code}`" in responses[str(error.status)]["description"]
     assert responses["503"]["headers"]["Retry-After"]["required"] is True
     assert "Retry-After" in responses["429"]["headers"]
+
+
+def test_embed_sparse_documents_teis_request_and_answer(document: dict[str, Any]) -> None:
+    op = operations(document)[("post", "/embed_sparse")]
+    body = op["requestBody"]["content"]["application/json"]["schema"]
+    assert body["required"] == ["inputs"]
+    assert {"inputs", "truncate", "truncation_direction", "prompt_name", "model"} == set(body["properties"])
+    ok = op["responses"]["200"]["content"]["application/json"]["schema"]
+    assert ok == {"$ref": "#/components/schemas/EmbedSparseResponse"}
+    pair = document["components"]["schemas"]["SparseValue"]
+    assert set(pair["properties"]) == {"index", "value"}
+    assert set(document["components"]["schemas"]["TEIErrorResponse"]["properties"]) == {"error", "error_type"}
 
 
 def test_metrics_success_is_documented_as_text(document: dict[str, Any]) -> None:
@@ -200,7 +218,10 @@ def test_the_documented_security_is_what_the_server_enforces(
     keyed = call(server, method, path, {"Authorization": f"Bearer {API_KEY}"})
     if documented:
         assert anonymous.status_code == 401, anonymous.text
-        assert anonymous.json()["error"]["code"] == "invalid_api_key"
+        if path in TEI_PATHS:  # TEI's error body: a message and its kind, no code
+            assert anonymous.json()["error_type"] == "validation"
+        else:
+            assert anonymous.json()["error"]["code"] == "invalid_api_key"
         assert keyed.status_code != 401, keyed.text
     else:
         assert anonymous.status_code != 401 and keyed.status_code == anonymous.status_code

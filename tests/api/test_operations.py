@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import API_KEY
 from embedserve.metrics import EMBEDDINGS_ROUTE, REJECT_REASONS, Metrics
 from embedserve.settings import Settings
+from gates import wait_until
 from support import LiveServer, live_server
 
 MODEL = "all-MiniLM-L6-v2"
@@ -123,7 +124,13 @@ def test_the_access_line_has_the_requests_fields_and_never_its_text_or_key(
             headers={"Authorization": f"Bearer {API_KEY}", "X-Request-ID": "req-fields-1"},
         )
         assert response.status_code == 200
-    (record,) = [r for r in caplog.records if getattr(r, "request_id", None) == "req-fields-1"]
+
+        # The access line is written once the response has gone out: the client may read it first.
+        def logged() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if getattr(r, "request_id", None) == "req-fields-1"]
+
+        wait_until(lambda: bool(logged()), "the request's access line is written")
+    (record,) = logged()
     line = json.loads(JsonFormatter().format(record))
     assert line["event"] == "request"
     assert line["request_id"] == "req-fields-1"

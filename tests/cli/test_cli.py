@@ -72,7 +72,7 @@ def test_weights_with_the_wrong_sha256_are_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("entry", "problem"),
     [
-        ('pooling = "max"', 'pooling: "max" is not one of cls, mean, last_token'),
+        ('pooling = "max"', 'pooling: "max" is not one of cls, mean, last_token, splade'),
         ('poolin = "mean"', "poolin: unknown key (did you mean 'pooling'?)"),
         ("normalize = 1", "normalize: must be true or false, got 1"),
         ('aliases = "mini"', 'aliases: must be a list of non-empty strings, got "mini"'),

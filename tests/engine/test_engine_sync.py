@@ -11,7 +11,7 @@ import pytest
 
 from embedserve import Engine, EngineSync
 from embedserve.backends.fake import FakeBackend, fake_backends
-from embedserve.errors import InvalidRequest, ShuttingDown
+from embedserve.errors import InvalidRequest, ShuttingDown, UnsupportedOutput
 from gates import GUARD_S, Gate, wait_until
 
 MODEL = "all-MiniLM-L6-v2"
@@ -67,3 +67,13 @@ def test_after_close_calls_are_refused_and_closing_again_is_harmless() -> None:
     engine.close()
     with pytest.raises(ShuttingDown):
         engine.embed(MODEL, "x")
+
+
+def test_the_outputs_and_the_output_dtype_reach_the_engine() -> None:
+    with EngineSync.open(backends=fake_backends()) as engine:
+        packed = engine.embed(MODEL, "a text", output_dtype="ubinary")
+        assert packed.packed is not None and packed.packed.shape == (1, 384 // 8)
+        assert np.array_equal(packed.packed, np.packbits(packed.vectors > 0, axis=-1))
+        with pytest.raises(UnsupportedOutput) as raised:
+            engine.embed(MODEL, "a text", outputs=["sparse"])
+        assert raised.value.param == "outputs" and "['dense']" in raised.value.message

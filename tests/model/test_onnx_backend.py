@@ -104,7 +104,7 @@ def test_encoders_are_served_fused_and_decoders_as_traced(
     ("failure", "reason"),
     [
         ("fusion raises", "pattern mismatch"),
-        ("fused graph disagrees", "disagrees with its source (min cosine 0.5"),
+        ("fused graph disagrees", "disagrees with its source (pooled min cosine 0.5"),
         ("too little memory", "fusion needs ~0.7 GiB of memory and 0.0 GiB is available"),
     ],
 )
@@ -122,7 +122,7 @@ def test_a_fusion_that_fails_or_disagrees_is_never_served(
 
         monkeypatch.setattr(onnx_module, "fuse", broken)
     elif failure == "fused graph disagrees":
-        monkeypatch.setattr(onnx_module, "min_cosine", lambda *_: 0.5)
+        monkeypatch.setattr(fusion_module, "min_cosine", lambda *_: 0.5)
     else:  # 8 x the 90 MB graph does not fit in 1 MB
         monkeypatch.setattr(fusion_module, "available_memory", lambda: 2**20)
     spec = spec_of(bundled_folder())

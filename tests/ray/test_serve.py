@@ -184,11 +184,15 @@ def test_the_ledger_equals_the_responses_usage_exactly_across_both_replicas(ray_
 
 def test_a_key_with_rpm_30_gets_30_requests_across_both_replicas_not_60(ray_app: RayApp) -> None:
     _, secret = ray_app.create_key("rpm-30", rpm=30)
+    started = time.monotonic()
     with ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(lambda _: ray_app.embed(secret), range(60)))
+    # The bucket refills one request every 2 s: on a loaded machine a long burst earns a few more.
+    refilled = int((time.monotonic() - started) / 2)
     statuses = Counter(response.status_code for response in answers)
     assert len({response.headers[REPLICA] for response in answers}) == 2
-    assert statuses == {200: 30, 429: 30}, statuses
+    assert set(statuses) == {200, 429} and statuses[200] + statuses[429] == 60, statuses
+    assert 30 <= statuses[200] <= 30 + refilled, (statuses, refilled)
     refused = next(response for response in answers if response.status_code == 429)
     assert refused.json()["error"]["code"] == "rate_limit_exceeded"
     assert "retry-after" in refused.headers

@@ -15,6 +15,7 @@ from embedserve.batches.lines import TOKEN_SLACK, InputCheck, error_line, output
 from embedserve.batches.params import parse_batch_create, parse_list_params, parse_metadata
 from embedserve.batches.records import BatchError, BatchRecord, batch_json
 from embedserve.errors import InvalidRequest, InvalidType, MissingParameter
+from embedserve.types import EmbeddingJob
 
 URL = "/v1/embeddings"
 
@@ -161,3 +162,43 @@ def test_the_batch_object_has_every_field_of_openais_and_parses_as_one() -> None
     assert doc["request_counts"] == {"total": 4, "completed": 4, "failed": 0}
     running = batch_json(replace(record, status="in_progress", completed_at=None))
     assert running["output_file_id"] is None  # not shown before the batch has ended
+
+
+def test_lines_asking_for_other_outputs_never_share_an_engine_call() -> None:
+    from embedserve.batches.lines import kind_of
+
+    dense = EmbeddingJob(
+        model="m", texts=("a",), token_ids=None, encoding_format="float", dimensions=None, user=None
+    )
+    assert kind_of(dense) != kind_of(replace(dense, outputs=("dense", "sparse")))
+    assert kind_of(dense) != kind_of(replace(dense, output_dtype="binary"))
+    assert kind_of(dense) == kind_of(replace(dense, texts=("b", "c")))
+
+
+def test_a_lines_part_of_a_merged_answer_holds_its_own_outputs_only() -> None:
+    import numpy as np
+
+    from embedserve.batches.lines import part
+    from embedserve.types import EmbeddingResult, SparseVector
+
+    sparse = tuple(
+        SparseVector(indices=np.asarray([i], dtype=np.int64), values=np.ones(1, np.float32)) for i in range(4)
+    )
+    colbert = tuple(np.full((i + 1, 2), i, dtype=np.float32) for i in range(4))
+    result = EmbeddingResult(
+        vectors=np.arange(8, dtype=np.float32).reshape(4, 2),
+        encoding_format="float",
+        token_counts=(1, 2, 3, 4),
+        model_id="m",
+        outputs=("dense", "sparse", "colbert"),
+        output_dtype="ubinary",
+        packed=np.arange(4, dtype=np.uint8).reshape(4, 1),
+        sparse=sparse,
+        colbert=colbert,
+    )
+    line_two = part(result, 1, 2)
+    assert line_two.token_counts == (2, 3)
+    assert line_two.vectors.tolist() == [[2.0, 3.0], [4.0, 5.0]]
+    assert line_two.packed is not None and line_two.packed.tolist() == [[1], [2]]
+    assert line_two.sparse == sparse[1:3]
+    assert line_two.colbert is not None and [c.shape for c in line_two.colbert] == [(2, 2), (3, 2)]

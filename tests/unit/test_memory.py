@@ -3,11 +3,15 @@ peaks, never below what the shapes alone require), and the budget the passes run
 
 from __future__ import annotations
 
+import json
 import threading
+from pathlib import Path
 
 import pytest
 
+from embedserve.runtime import shape_floor
 from embedserve.scheduler.memory import SAFETY, MemoryBudget, MemoryModel, fit
+from embedserve.spec import M3Heads
 
 
 def test_the_fit_recovers_a_model_from_its_own_peaks_with_the_safety_margin() -> None:
@@ -31,6 +35,17 @@ def test_a_pass_that_grows_only_linearly_fits_no_square_term() -> None:
 
 def test_no_samples_give_the_floor() -> None:
     assert fit([], MemoryModel(5.0, 1.0)) == MemoryModel(5.0, 1.0)
+
+
+def test_the_floor_holds_two_hidden_states_and_with_bge_m3s_heads_their_token_outputs(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 1024, "num_attention_heads": 16}))
+    assert shape_floor(tmp_path, 1) == MemoryModel(per_token=2 * 4 * 1024, per_square=4 * 16)
+    heads = M3Heads(tmp_path / "sparse_linear.pt", tmp_path / "colbert_linear.pt", 1024, 1024)
+    # [T] weights and [T, 1024] ColBERT vectors, float32, handed back with the pass.
+    assert shape_floor(tmp_path, 5, heads=heads) == MemoryModel(
+        per_token=4 * (2 * 1024 + 1 + 1024), per_square=4 * 16 * 5
+    )
+    assert shape_floor(tmp_path / "missing", 1, heads=heads) == MemoryModel()
 
 
 @pytest.mark.parametrize("room", [1e3, 1e6, 4.3e9, 2.2e10])

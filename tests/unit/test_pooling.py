@@ -83,3 +83,27 @@ def test_mean_accepts_a_boolean_mask() -> None:
 def test_pooling_keeps_the_hidden_dtype(kind: Pooling) -> None:
     hidden, mask = padded(torch.randn(3, H), 4, "left")
     assert pool(kind, hidden.to(torch.float64), mask).dtype == torch.float64
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_splade_pooling_equals_sentence_transformers_splade_pooling(side: str) -> None:
+    """The max of log(1 + relu) over tokens is taken as the transform of the max logit: the same numbers
+    as sentence-transformers' module, padded positions (their garbage logits) and all-negative ids
+    (weight 0) included."""
+    from sentence_transformers.sparse_encoder.modules import SpladePooling
+
+    gen = torch.Generator().manual_seed(1)
+    vocab, width = 50, 6
+    logits = torch.randn(3, width, vocab, generator=gen) * 4 - 1  # [B, T, V], many ids all negative
+    mask = torch.zeros(3, width, dtype=torch.int64)
+    for row, n in enumerate((1, 4, 6)):
+        mask[row, :n] = 1
+    if side == "left":
+        mask = mask.flip(1)
+    logits[mask == 0] = 1e4  # padding must not count
+    reference = SpladePooling("max", "relu").eval()(
+        {"token_embeddings": logits.clone(), "attention_mask": mask}
+    )["sentence_embedding"]
+    ours = pool("splade", logits.clone(), mask)
+    assert (reference == 0).any() and (reference > 0).any()
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)

@@ -14,7 +14,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embedserve.api.context import RequestContext
-from embedserve.api.errors import error_body, internal_error
+from embedserve.api.errors import error_body, error_shape, internal_error
 from embedserve.api.state import AppState, app_state
 from embedserve.errors import EmbedServeError, ShuttingDown
 from embedserve.logs import request_id_var
@@ -110,7 +110,7 @@ class RequestContextMiddleware:
                 *((k.lower().encode(), v.encode()) for k, v in exc.headers().items()),
             ]
             await send_with_id({"type": "http.response.start", "status": exc.status, "headers": headers})
-            await send({"type": "http.response.body", "body": error_body(exc)})
+            await send({"type": "http.response.body", "body": error_body(exc, error_shape(scope["path"]))})
 
         if not probe:
             state.request_started()

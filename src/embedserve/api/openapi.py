@@ -9,6 +9,7 @@ from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI
+from pydantic import BaseModel
 
 from embedserve.errors import EmbedServeError, InternalError, ShuttingDown
 from embedserve.protocol import ErrorResponse
@@ -18,6 +19,8 @@ BEARER = "bearerAuth"
 #: Every route under it needs a key (the README's API table): the embeddings, models, keys and usage
 #: routes. The probes, /openapi.json and /docs stay public.
 KEYED_PREFIX = "/v1/"
+#: Keyed routes outside it: TEI's, at TEI's paths.
+KEYED_PATHS = frozenset({"/embed_sparse"})
 
 _SECURITY_SCHEME = {
     "type": "http",
@@ -58,7 +61,8 @@ _HEADERS: dict[int, dict[str, Any]] = {
 #: Answers of every route that are not its own: listed once, in the document's description.
 _EVERY_ROUTE = """
 
-Every error is OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`; each operation lists
+Every error is OpenAI's shape, `{"error": {"message", "type", "param", "code"}}` (but on TEI's
+`/embed_sparse`, which answers TEI's `{"error", "error_type"}`); each operation lists
 the statuses it answers and their `error.code`s. Besides those, any request can get 404 `not_found`
 (unknown route), 405 `method_not_allowed` (another method on a known path), 408 `header_timeout` and
 431 `headers_too_large` (the request line and headers came too slowly or too large; the connection
@@ -69,10 +73,13 @@ def _codes(errors: list[type[EmbedServeError]]) -> str:
     return ", ".join(dict.fromkeys(f"`{error.code}`" for error in errors if error.code))
 
 
-def error_responses(*errors: type[EmbedServeError], probe: bool = False) -> dict[int | str, dict[str, Any]]:
-    """The `responses=` of a route that raises `errors`: one ErrorResponse entry per status, whose
-    description lists the `error.code`s. Every route can also answer a bug's 500, and every route but
-    a probe (api.middleware.PROBES) the 503 `shutting_down` of a draining server."""
+def error_responses(
+    *errors: type[EmbedServeError], probe: bool = False, body: type[BaseModel] = ErrorResponse
+) -> dict[int | str, dict[str, Any]]:
+    """The `responses=` of a route that raises `errors`: one `body` entry per status (ErrorResponse, or
+    TEI's on its routes), whose description lists the `error.code`s. Every route can also answer a
+    bug's 500, and every route but a probe (api.middleware.PROBES) the 503 `shutting_down` of a
+    draining server."""
     answered = [*errors, *(() if probe else (ShuttingDown,)), InternalError]
     by_status: dict[int, list[type[EmbedServeError]]] = {}
     for error in answered:
@@ -80,7 +87,7 @@ def error_responses(*errors: type[EmbedServeError], probe: bool = False) -> dict
     responses: dict[int | str, dict[str, Any]] = {}
     for status, classes in sorted(by_status.items()):
         entry: dict[str, Any] = {
-            "model": ErrorResponse,
+            "model": body,
             "description": f"{HTTPStatus(status).phrase}: {_codes(classes)}",
         }
         if status in _HEADERS:
@@ -112,7 +119,7 @@ def finish_document(document: dict[str, Any]) -> dict[str, Any]:
     schemes = finished.setdefault("components", {}).setdefault("securitySchemes", {})
     schemes[BEARER] = copy.deepcopy(_SECURITY_SCHEME)
     for path, operations in finished.get("paths", {}).items():
-        if path.startswith(KEYED_PREFIX):
+        if path.startswith(KEYED_PREFIX) or path in KEYED_PATHS:
             for operation in operations.values():
                 operation["security"] = [{BEARER: []}]
     finished["info"]["description"] = finished["info"].get("description", "") + _EVERY_ROUTE

@@ -29,13 +29,17 @@ from embedserve.metrics import CONTENT_TYPE
 from embedserve.protocol import (
     EmbeddingRequest,
     EmbeddingResponse,
+    EmbedSparseRequest,
+    EmbedSparseResponse,
     ModelCard,
     ModelList,
+    TEIErrorResponse,
     model_card,
     render_embeddings,
+    render_sparse,
 )
 from embedserve.types import Caller, Principal
-from embedserve.validation import parse_embedding_request, parse_json
+from embedserve.validation import parse_embedding_request, parse_json, parse_sparse_request
 
 
 class AnyTextConvertor(PathConvertor):
@@ -75,6 +79,38 @@ async def create_embeddings(request: Request) -> Response:
     )
     context.model, context.inputs, context.tokens = result.model_id, job.count, result.prompt_tokens
     return Response(render_embeddings(result, job.model), media_type="application/json")
+
+
+#: TEI's sparse route (api.errors.TEI_PATHS: its errors are TEI's shape).
+EMBED_SPARSE_PATH = "/embed_sparse"
+
+
+async def embed_sparse(request: Request) -> Response:
+    """TEI's POST /embed_sparse, so that TEI's clients work unchanged: the /v1/embeddings pipeline asked
+    for the sparse output alone, on the same key, limits, deadline and ledger (design note 61)."""
+    principal = await admit(request)
+    state, context = app_state(request.app), context_of(request)
+    settings = state.settings
+    deadline = context.started + settings.request_timeout
+    body = await before(deadline, settings.request_timeout, read_body(request, settings.max_body_bytes))
+    sparse_models = [
+        spec.id for spec in state.engine.catalog.specs_for(principal) if "sparse" in spec.outputs
+    ]
+    job = parse_sparse_request(
+        parse_json(body), sparse_models=sparse_models, max_inputs=settings.max_inputs_per_request
+    )
+    context.model = job.model
+    caller = Caller(principal=principal, request_id=context.request_id, started=context.started)
+    result = await bounded(
+        request, state.embeddings.embed(job, caller), deadline=deadline, timeout_s=settings.request_timeout
+    )
+    context.model, context.inputs, context.tokens = result.model_id, job.count, result.prompt_tokens
+    # x-compute-tokens: TEI's header for the tokens embedded (the usage the ledger records).
+    return Response(
+        render_sparse(result),
+        media_type="application/json",
+        headers={"x-compute-tokens": str(result.prompt_tokens)},
+    )
 
 
 async def list_models(request: Request) -> Response:
@@ -150,6 +186,27 @@ def api_router() -> APIRouter:
             "requestBody": {
                 "required": True,
                 "content": {"application/json": {"schema": EmbeddingRequest.model_json_schema()}},
+            }
+        },
+    )
+    router.add_api_route(
+        EMBED_SPARSE_PATH,
+        embed_sparse,
+        methods=["POST"],
+        response_model=EmbedSparseResponse,
+        responses=error_responses(
+            *with_subclasses(InvalidRequest),
+            AuthenticationFailed,
+            ModelNotFound,
+            PayloadTooLarge,
+            RateLimitExceeded,
+            *with_subclasses(ServiceUnavailable),
+            body=TEIErrorResponse,
+        ),
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": EmbedSparseRequest.model_json_schema()}},
             }
         },
     )

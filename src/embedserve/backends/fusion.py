@@ -13,13 +13,18 @@ from pathlib import Path
 import numpy as np
 
 from embedserve.logs import quieted
-from embedserve.types import Feeds, FloatMatrix
+from embedserve.postprocess import min_cosine
+from embedserve.types import Feeds, FloatMatrix, IntMatrix
 
 # config.json `model_type`s whose layers ORT's "bert" fusions match (position ids may differ: RoBERTa's
 # embeddings then simply stay unfused).
 ENCODER_TYPES = frozenset({"bert", "roberta", "xlm-roberta"})
-# Minimum cosine between the fused graph's output and its source's, row by row (measured: 0.99999994).
+# Minimum cosine between the fused graph's output and its source's, row by row (measured: 0.99999994),
+# and between their ColBERT vectors, token by token.
 AGREEMENT = 0.99999
+# Largest difference between their token weights (bge-m3's sparse head), relative to the largest weight:
+# a weight can be 0 (relu), where a cosine would say nothing.
+WEIGHT_AGREEMENT = 1e-4
 # The optimizer holds several copies of the weights at once (its shape inference serializes the whole
 # model): peak memory measured at 6.9x the graph's size on a 2.3 GB encoder. Below this many times the
 # graph's size in available memory, fusion is skipped rather than risk the OOM killer.
@@ -99,14 +104,39 @@ def _optimizer_loggers() -> list[str]:
     return [name for stem in stems for name in (stem, f"onnxruntime.transformers.{stem}")]
 
 
-def outputs(path: Path, feeds: Sequence[Feeds]) -> list[FloatMatrix]:
-    """`pooled` of the graph at `path` on each feed, with ORT's full optimizations (as served)."""
+def outputs(path: Path, feeds: Sequence[Feeds], names: Sequence[str]) -> list[list[FloatMatrix]]:
+    """The outputs `names` of the graph at `path` on each feed, with ORT's full optimizations (as
+    served)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     try:
-        return [np.asarray(session.run(["pooled"], dict(feed))[0], dtype=np.float32) for feed in feeds]
+        return [
+            [np.asarray(value, dtype=np.float32) for value in session.run(list(names), dict(feed))]
+            for feed in feeds
+        ]
     finally:
         del session
+
+
+def disagreement(want: Sequence[FloatMatrix], got: Sequence[FloatMatrix], mask: IntMatrix) -> str | None:
+    """Why one pass's outputs `got` do not match `want` (same graph outputs, same [B, T] feed), or None:
+    the pooled rows by cosine; the per-token outputs at the real tokens only (padding's are never
+    served): ColBERT vectors by cosine, token weights by their largest difference."""
+    pooled = min_cosine(want[0], got[0])
+    if not pooled >= AGREEMENT:  # NaN disagrees too
+        return f"pooled min cosine {pooled:.6f}"
+    if len(want) == 1:
+        return None
+    real = mask.astype(bool)  # [B, T]
+    weights_want, weights_got = want[1][real], got[1][real]  # [n]
+    scale = max(float(np.abs(weights_want).max(initial=0.0)), 1e-6)
+    error = float(np.abs(weights_got - weights_want).max(initial=0.0)) / scale
+    if not error <= WEIGHT_AGREEMENT:  # NaN disagrees too
+        return f"token weights differ by {error:.2e} of the largest"
+    vectors = min_cosine(want[2][real], got[2][real])  # [n, C]
+    if not vectors >= AGREEMENT:
+        return f"ColBERT vectors min cosine {vectors:.6f}"
+    return None

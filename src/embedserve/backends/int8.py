@@ -1,5 +1,5 @@
 """int8 for the exported ONNX graph: activation-smoothed (SmoothQuant) dynamic quantization, the
-feed-forward down-projections kept in float32 (design note 25)."""
+feed-forward down-projections and bge-m3's sparse and ColBERT heads kept in float32 (design notes 25, 57)."""
 
 from __future__ import annotations
 
@@ -89,17 +89,43 @@ def int8_nodes(model: Any) -> list[Any]:
     weight [K, N] and K <= N. Down-projections (K > N: the
     feed-forward output, intermediate -> hidden) stay float32: their inputs carry the outliers that cost
     the most fidelity (all-MiniLM-L6-v2 on the benchmark corpus, smoothed: min cosine 0.977 with them in
-    int8, 0.998 without). Activation x activation MatMuls (attention scores) are never quantized."""
+    int8, 0.998 without). Activation x activation MatMuls (attention scores) are never quantized, nor
+    are bge-m3's heads (`head_nodes`: <0.4% of its compute, and its ColBERT vectors are scored token by
+    token; design note 57)."""
     shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
+    heads = {tuple(node.output) for node in head_nodes(model)}
     chosen = []
     for node in model.graph.node:
         if (
             node.op_type in QUANTIZED_OPS
             and len(weight := shapes.get(node.input[1], ())) == 2
             and weight[0] <= weight[1]
+            and tuple(node.output) not in heads
         ):
             chosen.append(node)
     return chosen
+
+
+def head_nodes(model: Any, pooled: str = "pooled") -> list[Any]:
+    """The nodes that the graph's `pooled` output does not depend on: those of the heads that only its
+    other outputs (bge-m3's token weights and vectors) read, whatever the exporter named them. None in
+    a graph whose only output is `pooled`."""
+    # A node is known by its outputs (each tensor has one producer): protobuf hands out a new Python
+    # object for a node at every access, so neither identity nor id() tells two apart.
+    producers = {name: node for node in model.graph.node for name in node.output}
+
+    def upstream(names: list[str]) -> dict[tuple[str, ...], Any]:
+        seen: dict[tuple[str, ...], Any] = {}
+        while names:
+            node = producers.get(names.pop())
+            if node is not None and (key := tuple(node.output)) not in seen:
+                seen[key] = node
+                names.extend(node.input)
+        return seen
+
+    feeds_pooled = upstream([pooled])
+    others = upstream([out.name for out in model.graph.output if out.name != pooled])
+    return [node for key, node in others.items() if key not in feeds_pooled]
 
 
 def smoothing_scales(x_max: np.ndarray, w_max: np.ndarray, alpha: float = ALPHA) -> FloatMatrix:
@@ -188,6 +214,8 @@ def quantize_int8(source: Path, target: Path, feeds: Sequence[Feeds]) -> None:
 
     model = onnx.load(str(source))
     nodes = int8_nodes(model)
+    if not nodes:  # quantize_dynamic reads no nodes_to_quantize as every node
+        raise ValueError("the graph has no MatMul that int8 quantizes")
     ranges = activation_ranges(source, feeds, sorted({node.input[0] for node in nodes}))
     smooth(model, nodes, ranges)
     smoothed = target.with_name("smoothed.onnx")

@@ -1,6 +1,7 @@
-"""ONNX Runtime backend for CPU: the model, its pooler and its Dense head exported once to one ONNX graph
-(cached under the data dir, keyed by everything that shapes it), encoders fused (fusion.py), optionally
-quantized to int8 (activation-smoothed first: int8.py), run with ORT's full graph optimizations."""
+"""ONNX Runtime backend for CPU: the model, its pooler and its Dense head (and bge-m3's sparse and ColBERT
+heads) exported once to one ONNX graph (cached under the data dir, keyed by everything that shapes it),
+encoders fused (fusion.py), optionally quantized to int8 (activation-smoothed first: int8.py), run with
+ORT's full graph optimizations."""
 
 from __future__ import annotations
 
@@ -19,14 +20,20 @@ from typing import Any
 import numpy as np
 
 from embedserve.backends.batch import collate
-from embedserve.backends.fusion import AGREEMENT, EncoderShape, encoder_shape, fuse, memory_shortfall, outputs
+from embedserve.backends.fusion import (
+    EncoderShape,
+    disagreement,
+    encoder_shape,
+    fuse,
+    memory_shortfall,
+    outputs,
+)
 from embedserve.backends.int8 import RECIPE as INT8_RECIPE
 from embedserve.backends.int8 import calibration_texts, quantize_int8
 from embedserve.backends.memory import available, peak_during
 from embedserve.backends.threads import threads_per_worker, usable_cores
 from embedserve.errors import ModelLoadError
 from embedserve.logs import quieted
-from embedserve.postprocess import min_cosine
 from embedserve.spec import ModelSpec
 from embedserve.tokenization import ensure_last, pad_id_of, tokenizer_factory
 from embedserve.types import Feeds, FloatMatrix, PassOutputs, Quantize, TokenBatch
@@ -38,10 +45,19 @@ log = logging.getLogger("embedserve.backends.onnx")
 GRAPH_VERSION = 2  # 2: encoders fused (fusion.py)
 OPSET = 18
 TORCHSCRIPT_OPSET = 17  # encoders' export, the opset the fusions were measured on
+#: The graph's outputs: the pooled vector, and with bge-m3's heads each token's weight and ColBERT vector.
+POOLED = "pooled"
+TOKEN_OUTPUTS = ("token_weights", "token_vectors")
+
+
+def output_names(spec: ModelSpec) -> tuple[str, ...]:
+    """The outputs the graph of `spec` has, in the order the torch graph returns them."""
+    return (POOLED, *TOKEN_OUTPUTS) if spec.heads is not None else (POOLED,)
 
 
 def graph_key(spec: ModelSpec, quantize: Quantize) -> str:
-    """What the exported graph depends on: the weights (and Dense heads'), pooling, and our version."""
+    """What the exported graph depends on: the weights (and Dense heads', and bge-m3's sparse and ColBERT
+    heads'), pooling, and our version."""
     digest = hashlib.sha256()
     for path in weight_files(spec.folder):
         digest.update(file_digest(path).encode())
@@ -49,6 +65,10 @@ def graph_key(spec: ModelSpec, quantize: Quantize) -> str:
         for path in weight_files(layer.folder):
             digest.update(file_digest(path).encode())
         digest.update(f"{layer.in_features}:{layer.out_features}:{layer.activation}".encode())
+    if (heads := spec.heads) is not None:  # a folder without them keys (and exports) as before
+        for path in (heads.sparse_linear, heads.colbert_linear):
+            digest.update(file_digest(path).encode())
+        digest.update(f"heads:{heads.hidden_size}:{heads.colbert_dim}".encode())
     recipe = INT8_RECIPE if quantize == "int8" else quantize
     digest.update(f"{spec.pooling}:{recipe}:{GRAPH_VERSION}:{OPSET}:{TORCHSCRIPT_OPSET}".encode())
     return digest.hexdigest()[:24]
@@ -100,12 +120,14 @@ def _fuse_checked(
     spec: ModelSpec, plain: Path, target: Path, shape: EncoderShape, feeds: Sequence[Feeds]
 ) -> str | None:
     """Fuse `plain` into `target`; None if the result agrees with its source on the shortest and the
-    longest calibration batch, else why not."""
+    longest calibration batch, in every output, else why not."""
     fused = fuse(plain, target, shape)
     check = [feeds[0], feeds[-1]]
-    score = min(min_cosine(a, b) for a, b in zip(outputs(plain, check), outputs(target, check), strict=True))
-    if score < AGREEMENT:
-        return f"the fused graph disagrees with its source (min cosine {score:.6f})"
+    names = output_names(spec)
+    sources, results = outputs(plain, check, names), outputs(target, check, names)
+    for feed, want, got in zip(check, sources, results, strict=True):
+        if (reason := disagreement(want, got, feed["attention_mask"])) is not None:
+            return f"the fused graph disagrees with its source ({reason})"
     log.info("model '%s': fused %s", spec.id, ", ".join(f"{n} {op}" for op, n in fused.items()))
     return None
 
@@ -124,13 +146,16 @@ def _trace(spec: ModelSpec, target: Path, *, for_fusion: bool) -> None:
     ids = torch.full((2, 16), 5, dtype=torch.int64)  # two rows, the second padded: a real mask
     mask = torch.ones_like(ids)
     mask[1, 12:] = 0
-    names: dict[str, Any] = {"input_names": ["input_ids", "attention_mask"], "output_names": ["pooled"]}
+    outs = output_names(spec)
+    names: dict[str, Any] = {"input_names": ["input_ids", "attention_mask"], "output_names": list(outs)}
     if for_fusion:
         axes = {0: "batch", 1: "length"}
+        # pooled [batch, D]; token_weights [batch, length]; token_vectors [batch, length, C]
+        out_axes = {name: ({0: "batch"} if name == POOLED else axes) for name in outs}
         options: dict[str, Any] = {
             "dynamo": False,
             "opset_version": TORCHSCRIPT_OPSET,
-            "dynamic_axes": {"input_ids": axes, "attention_mask": axes, "pooled": {0: "batch"}},
+            "dynamic_axes": {"input_ids": axes, "attention_mask": axes, **out_axes},
         }
     else:
         dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("length")}
@@ -258,6 +283,7 @@ class OnnxBackend:
             self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:
             raise ModelLoadError(f"model '{spec.id}': cannot load the ONNX graph {path}: {exc}") from exc
+        self._outputs = output_names(spec)
         self.dimensions = spec.dimensions
         self.kind, self.device = "onnx", "cpu"
         self.precision = "int8" if quantize == "int8" else "float32"
@@ -273,27 +299,32 @@ class OnnxBackend:
         return int(text["vocab_size"])
 
     def forward(self, batch: TokenBatch) -> FloatMatrix:
-        rows, length = batch.shape
-        return self._run(batch, shrink=rows * length * length > SHRINK_ABOVE)
+        return self.encode(batch, tokens=False).dense
 
     def encode(self, batch: TokenBatch, *, tokens: bool) -> PassOutputs:
-        return PassOutputs(dense=self.forward(batch))
+        rows, length = batch.shape
+        return self._run(batch, tokens=tokens, shrink=rows * length * length > SHRINK_ABOVE)
 
-    def _run(self, batch: TokenBatch, *, shrink: bool) -> FloatMatrix:
+    def _run(self, batch: TokenBatch, *, tokens: bool, shrink: bool) -> PassOutputs:
         import onnxruntime as ort
 
         options = None
         if shrink:  # the arena gives back what this pass took once it is done
             options = ort.RunOptions()
             options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-        (pooled,) = self._session.run(
-            ["pooled"], {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}, options
-        )
-        out: FloatMatrix = np.asarray(pooled, dtype=np.float32)
-        return out
+        # ORT hands back only the outputs asked for: a dense-only pass copies no [B, T, C] out (it runs
+        # every node all the same: design note 57).
+        names = list(self._outputs if tokens else self._outputs[:1])
+        feeds = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        values = [np.asarray(v, dtype=np.float32) for v in self._session.run(names, feeds, options)]
+        if len(values) == 1:
+            return PassOutputs(dense=values[0])
+        pooled, weights, vectors = values  # [B, D], [B, T], [B, T, C]
+        return PassOutputs(dense=pooled, token_weights=weights, token_vectors=vectors)
 
     def peak_memory(self, batch: TokenBatch) -> int | None:
-        return peak_during(lambda: self._run(batch, shrink=True))
+        # The pass at its largest: with the token outputs, where the model has them (runtime.calibrate).
+        return peak_during(lambda: self._run(batch, tokens=True, shrink=True))
 
     def memory_available(self) -> int:
         return available()

@@ -30,9 +30,12 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def splade_pool(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    # sentence-transformers' SpladePooling: padded positions are zeroed before the relu, so they add 0
-    weights = torch.log1p(torch.relu(logits * mask.unsqueeze(-1).to(logits.dtype)))  # [B, T, V]
-    return weights.amax(dim=1)  # [B, V]
+    # sentence-transformers' SpladePooling: padded positions are zeroed before the relu, so they add 0.
+    # log(1 + relu(x)) rises with x, so the max of the weights is the weight of the max logit: the
+    # transform runs on [B, V], and the mask in place, so a pass holds its logits once, not three
+    # times (design note 58). The logits are the pass's own, so overwriting them is safe.
+    masked = logits.masked_fill_(mask.unsqueeze(-1) == 0, 0.0)  # [B, T, V]
+    return torch.log1p(torch.relu(masked.amax(dim=1)))  # [B, V]
 
 
 POOLERS: dict[Pooling, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {

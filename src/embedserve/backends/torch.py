@@ -160,12 +160,13 @@ class TorchBackend:
         return PassOutputs(dense=_numpy(pooled), token_weights=_numpy(weights), token_vectors=_numpy(vectors))
 
     def peak_memory(self, batch: TokenBatch) -> int | None:
+        # The pass at its largest: with the token outputs, where the model has them (runtime.calibrate).
         if self._device.type != "cuda":
-            return peak_during(lambda: self.forward(batch))
+            return peak_during(lambda: self.encode(batch, tokens=True))
         torch.cuda.synchronize(self._device)
         before = torch.cuda.memory_allocated(self._device)
         torch.cuda.reset_peak_memory_stats(self._device)
-        self.forward(batch)
+        self.encode(batch, tokens=True)
         return max(0, int(torch.cuda.max_memory_allocated(self._device)) - before)
 
     def memory_available(self) -> int:

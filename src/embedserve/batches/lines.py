@@ -184,6 +184,8 @@ def kind_of(job: EmbeddingJob) -> Hashable:
         job.dimensions,
         job.input_type,
         job.instruction,
+        job.outputs,
+        job.output_dtype,
         job.texts is None,
     )
 
@@ -199,7 +201,14 @@ def merged(jobs: Sequence[EmbeddingJob]) -> EmbeddingJob:
 def part(result: EmbeddingResult, start: int, count: int) -> EmbeddingResult:
     """The answer of the inputs [start, start + count) of a merged job: one line's."""
     end = start + count
-    return replace(result, vectors=result.vectors[start:end], token_counts=result.token_counts[start:end])
+    return replace(
+        result,
+        vectors=result.vectors[start:end],
+        token_counts=result.token_counts[start:end],
+        packed=None if result.packed is None else result.packed[start:end],
+        sparse=None if result.sparse is None else result.sparse[start:end],
+        colbert=None if result.colbert is None else result.colbert[start:end],
+    )
 
 
 def new_request_id() -> str:

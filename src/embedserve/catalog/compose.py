@@ -16,6 +16,7 @@ from embedserve.catalog.locate import owner
 from embedserve.errors import ConfigError, ModelLoadError
 from embedserve.prompts import INSTRUCTION_SLOT
 from embedserve.spec import M3Heads, ModelSpec
+from embedserve.types import Pooling
 
 log = logging.getLogger("embedserve.catalog")
 
@@ -45,7 +46,10 @@ def read_spec(entry: ModelEntry, folder: Path) -> ModelSpec:
     pooling = entry.pooling or pooling
     if pooling is None:
         raise ModelLoadError(f"model '{entry.id}': modules.json has no Pooling module")
-    dimensions = _dimensions(entry, layout, folder)
+    if pooling == "splade":
+        _check_splade(entry, layout, folder)
+        normalize = False
+    dimensions = _dimensions(entry, layout, folder, pooling)
     matryoshka = entry.matryoshka_dimensions or (family.matryoshka_dimensions(dimensions) if family else ())
     if any(d > dimensions for d in matryoshka):
         raise ConfigError(
@@ -79,7 +83,7 @@ def read_spec(entry: ModelEntry, folder: Path) -> ModelSpec:
         padding_side=family.padding_side if family else layout.padding_side,
         lower_case=layout.lower_case,
         dense=layout.dense,
-        heads=_m3_heads(folder, layout),
+        heads=None if pooling == "splade" else _m3_heads(folder, layout),
         backend=entry.backend,
         dtype=entry.dtype,
         device=entry.device,
@@ -111,6 +115,37 @@ def _m3_heads(folder: Path, layout: Layout) -> M3Heads | None:
         hidden_size=hidden,
         colbert_dim=hidden,
     )
+
+
+def _masked_lm(layout: Layout) -> bool:
+    """config.json names a masked-LM architecture (BertForMaskedLM, DistilBertForMaskedLM, ...)."""
+    architectures = layout.config.get("architectures") or ()
+    return any(str(name).endswith("ForMaskedLM") for name in architectures)
+
+
+def _check_splade(entry: ModelEntry, layout: Layout, folder: Path) -> None:
+    """SPLADE pools a masked LM's logits into one weight per vocabulary id: the folder must hold that
+    head (another architecture's weights would load a randomly initialised one), and the vector is
+    served as the model computes it, whole and unnormalized."""
+    if not _masked_lm(layout):
+        raise ModelLoadError(
+            f"model '{entry.id}': pooling 'splade' needs a masked language model, but "
+            f"{folder / 'config.json'} names the architectures {layout.config.get('architectures')!r} "
+            "(none ends in ForMaskedLM)"
+        )
+    if not isinstance(layout.config.get("vocab_size"), int):
+        raise ModelLoadError(f"model '{entry.id}': {folder / 'config.json'} has no vocab_size")
+    if layout.dense or layout.normalize:
+        raise ModelLoadError(
+            f"model '{entry.id}': {folder / 'modules.json'}: a Dense or Normalize module after "
+            "SpladePooling is not supported"
+        )
+    for key in ("normalize", "matryoshka_dimensions"):
+        if getattr(entry, key):
+            raise ConfigError(
+                f"model '{entry.id}': {key} does not apply to pooling 'splade' (a sparse vector over "
+                "the vocabulary, served whole and unnormalized)"
+            )
 
 
 def _family_of(entry: ModelEntry, config: Mapping[str, Any]) -> Family | None:
@@ -151,7 +186,10 @@ def _max_input_tokens(entry: ModelEntry, layout: Layout, max_tokens: int | None)
     return min(limits)
 
 
-def _dimensions(entry: ModelEntry, layout: Layout, folder: Path) -> int:
+def _dimensions(entry: ModelEntry, layout: Layout, folder: Path, pooling: Pooling) -> int:
+    if pooling == "splade":  # one weight per vocabulary id
+        vocab: int = layout.config["vocab_size"]
+        return vocab
     if layout.dense:
         return layout.dense[-1].out_features
     hidden = layout.config.get("hidden_size")

@@ -1,5 +1,6 @@
 """What a model folder says about itself: config.json, the sentence-transformers modules (Transformer,
-Pooling, Dense, Normalize), its prompts and the tokenizer's limits. Reads files; knows no entry."""
+Pooling, Dense, Normalize; a SparseEncoder's MLMTransformer and SpladePooling), its prompts and the
+tokenizer's limits. Reads files; knows no entry."""
 
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ _UNSUPPORTED_POOLING = (
     "pooling_mode_mean_sqrt_len_tokens",
     "pooling_mode_weightedmean_tokens",
 )
+#: What SpladePooling we serve (backends/pooling.splade_pool): the max over tokens of log(1 + relu(x)),
+#: as SPLADE v2 and later compute it; the original SPLADE's sum and OpenSearch's log1p_relu are not.
+SPLADE_POOLING = {"pooling_strategy": "max", "activation_function": "relu"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +61,9 @@ def read_layout(folder: Path) -> Layout:
         for module in _read_modules(modules_path):
             kind = str(module.get("type", "")).rsplit(".", 1)[-1]
             sub = folder / str(module.get("path", ""))
-            if kind == "Transformer":
+            # sentence-transformers 5 saves a SparseEncoder's transformer as MLMTransformer, 6 as a
+            # Transformer whose task is fill-mask: both are read alike (the head is config.json's).
+            if kind in ("Transformer", "MLMTransformer"):
                 st_cfg = sub / "sentence_bert_config.json"
                 if st_cfg.is_file():
                     bert_cfg = read_json(st_cfg)
@@ -65,6 +71,8 @@ def read_layout(folder: Path) -> Layout:
                     lower_case = bool(bert_cfg.get("do_lower_case", False))
             elif kind == "Pooling":
                 pooling = _pooling_from_config(sub / "config.json")
+            elif kind == "SpladePooling":
+                pooling = _splade_from_config(sub / "config.json")
             elif kind == "Dense":
                 dense.append(_dense_from_folder(sub))
             elif kind == "Normalize":
@@ -142,6 +150,18 @@ def _pooling_from_config(path: Path) -> Pooling:
             f"{path}: exactly one of cls / mean / lasttoken pooling is supported, found {chosen + other}"
         )
     return chosen[0]
+
+
+def _splade_from_config(path: Path) -> Pooling:
+    """SpladePooling's config (its defaults where a key is missing, as sentence-transformers reads it);
+    a strategy or activation other than max / relu is refused rather than served differently."""
+    cfg = read_json(path) if path.is_file() else {}
+    for key, served in SPLADE_POOLING.items():
+        if cfg.get(key, served) != served:
+            raise ModelLoadError(
+                f"{path}: SpladePooling {key} {cfg[key]!r} is not supported (only {served!r} is)"
+            )
+    return "splade"
 
 
 def _dense_from_folder(folder: Path) -> DenseLayer:

@@ -433,6 +433,7 @@ class Batcher:
                 outputs = self._backend.encode(tokens, tokens=any(item.tokens for item in batch))
                 seconds = time.perf_counter() - started
                 vectors = split_rows(outputs, tokens.attention_mask)
+                del outputs  # the pass's [B, T, C] ColBERT vectors go now, not at the next pass
             except Exception:  # this batch's callers get a 500; the thread goes on serving
                 log.exception("forward pass failed for model '%s' (%d inputs)", self.name, len(batch))
             finally:
