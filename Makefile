@@ -6,7 +6,7 @@ PIP    := $(BIN)/pip install --quiet --disable-pip-version-check -c constraints.
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-fast lint docs-check pytest docs bench bench-batch bench-embed bench-ray bench-capacity install install-dev clean
+.PHONY: serve test test-fast lint docs-check pytest docs bench bench-batch bench-embed bench-ray bench-capacity bench-recall install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -74,6 +74,10 @@ bench-ray: install-dev
 bench-capacity: install-dev
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/capacity.py $(ARGS)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/ratelimit_store.py
+
+## make bench-recall: recall@10 of int8, uint8 and binary vectors (output_dtype) against float32 (a Markdown table)
+bench-recall: install-dev
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/recall.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .site

@@ -141,15 +141,16 @@ def live_server(
         sock.close()
 
 
-def private_data_dir(path: Path) -> Path:
-    """A data dir of its own (database, pepper) that shares the session's ONNX cache, so a server that
-    needs its own key store does not export its models again."""
+def private_data_dir(path: Path, shared: tuple[str, ...] = ("onnx", "calibration")) -> Path:
+    """A data dir of its own (database, pepper) that shares the session's ONNX and int8 calibration
+    caches (`shared`), so a server that needs its own key store does not export its models again."""
     import os
 
-    shared = Path(os.environ["EMBEDSERVE_DATA_DIR"]) / "onnx"
-    shared.mkdir(parents=True, exist_ok=True)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "onnx").symlink_to(shared, target_is_directory=True)
+    for name in shared:
+        cache = Path(os.environ["EMBEDSERVE_DATA_DIR"]) / name
+        cache.mkdir(parents=True, exist_ok=True)
+        (path / name).symlink_to(cache, target_is_directory=True)
     return path
 
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import numpy as np
 import orjson
 from pydantic import BaseModel, Field, RootModel
 
+from embedserve.calibration import Calibration
+from embedserve.compact import Ranges
 from embedserve.postprocess import encode_colbert, encode_vectors
 from embedserve.spec import ModelSpec
 from embedserve.types import OUTPUT_DTYPES, EmbeddingResult, ModelStatus
@@ -75,6 +78,23 @@ class EmbeddingResponse(BaseModel):
     usage: Usage
 
 
+class WidthRanges(BaseModel):
+    min: list[float] = Field(description="Each dimension's lowest calibration value (float32).")
+    max: list[float] = Field(description="Each dimension's highest calibration value (float32).")
+
+
+class Quantization(BaseModel):
+    calibration: str = Field(
+        description="Digest of the model's calibration vectors: servers that show the same one place "
+        "the same float vector at the same int8/uint8 levels."
+    )
+    ranges: dict[str, WidthRanges] | None = Field(
+        None,
+        description="By width (a 'dimensions' value, or the native one): what int8/uint8 vectors are "
+        "placed by, step (max - min) / 255. Only on /v1/models/{model}.",
+    )
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -97,6 +117,9 @@ class ModelCard(BaseModel):
     output_dtypes: list[str] = Field(
         default_factory=lambda: [str(dtype) for dtype in OUTPUT_DTYPES],
         description="Extension: the types the dense vector can be returned as ('output_dtype').",
+    )
+    quantization: Quantization | None = Field(
+        None, description="Extension: the int8/uint8 calibration, once the model has loaded."
     )
 
 
@@ -287,7 +310,20 @@ def render_sparse(result: EmbeddingResult) -> bytes:
     return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def model_card(spec: ModelSpec, status: ModelStatus, backend: str | None) -> dict[str, Any]:
+def model_card(
+    spec: ModelSpec,
+    status: ModelStatus,
+    backend: str | None,
+    calibration: Calibration | None = None,
+    *,
+    ranges: bool = False,
+) -> dict[str, Any]:
+    """`ranges`: the calibration ranges too (a 4096-wide model's ten widths are ~500 KB of JSON: the
+    list shows each card's digest only, design note 59)."""
+    quantization = None
+    if calibration is not None:
+        widths = {str(width): _width_ranges(r) for width, r in calibration.ranges.items()} if ranges else None
+        quantization = Quantization(calibration=calibration.digest, ranges=widths)
     return ModelCard(
         id=spec.id,
         created=spec.created,
@@ -304,4 +340,11 @@ def model_card(spec: ModelSpec, status: ModelStatus, backend: str | None) -> dic
         backend=backend,
         outputs=list(spec.outputs),
         output_dtypes=list(OUTPUT_DTYPES) if "dense" in spec.outputs else [],
+        quantization=quantization,
     ).model_dump()
+
+
+def _width_ranges(ranges: Ranges) -> WidthRanges:
+    """Each float32 exactly (as the float64 it widens to): read back as float32, it is the same value."""
+    low, high = ranges.astype(np.float64).tolist()
+    return WidthRanges(min=low, max=high)

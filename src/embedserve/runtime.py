@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,10 +18,12 @@ from embedserve import tiktoken_ids
 from embedserve.backends.base import Backend
 from embedserve.backends.batch import collate
 from embedserve.backends.factory import BackendFactory, make_backend
+from embedserve.calibration import Calibration, load_calibration
 from embedserve.catalog import Catalog
 from embedserve.compact import Ranges
 from embedserve.errors import ModelLoadError, ModelNotReady, ServiceUnavailable
 from embedserve.metrics import Metrics
+from embedserve.prompts import choose_prefix
 from embedserve.scheduler.batcher import Batcher
 from embedserve.scheduler.memory import DEFAULT_SHARE, MemoryBudget, MemoryModel, fit
 from embedserve.scheduler.packing import batch_limits
@@ -57,8 +59,13 @@ class ModelRuntime:
     tiktoken: tiktoken.Encoding | None = None
     #: The ids of the CLS, EOS, PAD and UNK tokens, which carry no lexical weight (bge-m3's sparse).
     unused_ids: frozenset[int] = frozenset()
-    #: int8/uint8 calibration ranges by the dense vector's width (every `dimensions` the model serves).
-    ranges: Mapping[int, Ranges] = field(default_factory=dict)
+    #: What int8/uint8 vectors are placed by (None for a model without a dense vector: SPLADE).
+    calibration: Calibration | None = None
+
+    @property
+    def ranges(self) -> Mapping[int, Ranges]:
+        """int8/uint8 calibration ranges by the dense vector's width (every `dimensions` it serves)."""
+        return {} if self.calibration is None else self.calibration.ranges
 
     @property
     def id_framing(self) -> Framing | None:
@@ -156,7 +163,8 @@ def load_runtime(
     backends: BackendFactory = make_backend,
 ) -> ModelRuntime:
     """Blocking: read the tokenizer, load the weights (through `backends`), run one warm-up batch,
-    calibrate the memory model and throughput of its passes. `budgets`: the memory budget of a device
+    calibrate the memory model and throughput of its passes, and read (or compute once) the
+    int8/uint8 calibration of its dense vectors. `budgets`: the memory budget of a device
     ("cpu", "cuda")."""
     started = time.perf_counter()
     build = tokenizer_factory(spec.folder, lower_case=spec.lower_case)
@@ -175,6 +183,16 @@ def load_runtime(
     warm = tokenizer.encode_sync(["warm up", "a somewhat longer warm-up sentence for the model"])
     backend.forward(collate(warm, tokenizer.pad_id, spec.padding_side))
     memory, tokens_per_s = calibrate(backend, spec, warm[1], tokenizer.pad_id)
+    calibration = None
+    if "dense" in spec.outputs:
+        calibration = load_calibration(
+            spec,
+            tokenizer,
+            backend,
+            prefix=document_prefix(spec),
+            eos_id=eos_id,
+            cache_dir=settings.data_dir / "calibration",
+        )
     budget = None if budgets is None else budgets(backend.device)
     if budget is not None:
         budget.cap_to(DEFAULT_SHARE * backend.memory_available())
@@ -207,6 +225,21 @@ def load_runtime(
         load_seconds=time.perf_counter() - started,
         tiktoken=foreign,
         unused_ids=unused_ids(spec.folder, tokenizer.token_id),
+        calibration=calibration,
+    )
+
+
+def document_prefix(spec: ModelSpec) -> str:
+    """What a request without `input_type` puts in front of each text: the calibration text is
+    embedded as the documents that compact vectors are mostly kept for (design note 59)."""
+    return choose_prefix(
+        model=spec.id,
+        prompts=spec.prompts,
+        default_prompt_name=spec.default_prompt_name,
+        query_template=spec.query_template,
+        default_instruction=spec.default_instruction,
+        input_type=None,
+        instruction=None,
     )
 
 
@@ -246,6 +279,11 @@ class ModelRegistry:
     def backend_description(self, spec: ModelSpec) -> str | None:
         runtime = self._runtimes.get(spec.id)
         return runtime.backend.description if runtime else None
+
+    def calibration(self, spec: ModelSpec) -> Calibration | None:
+        """The loaded model's int8/uint8 calibration (None while it loads, or for a sparse model)."""
+        runtime = self._runtimes.get(spec.id)
+        return runtime.calibration if runtime else None
 
     @property
     def ready(self) -> bool:

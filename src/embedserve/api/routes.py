@@ -116,7 +116,9 @@ async def embed_sparse(request: Request) -> Response:
 async def list_models(request: Request) -> Response:
     registry = app_state(request.app).engine.registry
     cards = [
-        model_card(spec, registry.status(spec), registry.backend_description(spec))
+        model_card(
+            spec, registry.status(spec), registry.backend_description(spec), registry.calibration(spec)
+        )
         for spec in registry.catalog.specs_for(_principal(request))
     ]
     return json_response({"object": "list", "data": cards})
@@ -125,7 +127,14 @@ async def list_models(request: Request) -> Response:
 async def retrieve_model(request: Request, model_id: str) -> Response:
     registry = app_state(request.app).engine.registry
     spec = registry.catalog.resolve(model_id, _principal(request))
-    return json_response(model_card(spec, registry.status(spec), registry.backend_description(spec)))
+    card = model_card(
+        spec,
+        registry.status(spec),
+        registry.backend_description(spec),
+        registry.calibration(spec),
+        ranges=True,
+    )
+    return json_response(card)
 
 
 async def health(request: Request) -> Response:

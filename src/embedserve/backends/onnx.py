@@ -37,7 +37,7 @@ from embedserve.logs import quieted
 from embedserve.spec import ModelSpec
 from embedserve.tokenization import ensure_last, pad_id_of, tokenizer_factory
 from embedserve.types import Feeds, FloatMatrix, PassOutputs, Quantize, TokenBatch
-from embedserve.weights import WEIGHT_FILES, sha256_of
+from embedserve.weights import file_digest, weight_files
 
 log = logging.getLogger("embedserve.backends.onnx")
 
@@ -45,7 +45,6 @@ log = logging.getLogger("embedserve.backends.onnx")
 GRAPH_VERSION = 2  # 2: encoders fused (fusion.py)
 OPSET = 18
 TORCHSCRIPT_OPSET = 17  # encoders' export, the opset the fusions were measured on
-_HEX = frozenset("0123456789abcdef")
 #: The graph's outputs: the pooled vector, and with bge-m3's heads each token's weight and ColBERT vector.
 POOLED = "pooled"
 TOKEN_OUTPUTS = ("token_weights", "token_vectors")
@@ -56,39 +55,19 @@ def output_names(spec: ModelSpec) -> tuple[str, ...]:
     return (POOLED, *TOKEN_OUTPUTS) if spec.heads is not None else (POOLED,)
 
 
-def _file_digest(path: Path) -> str:
-    """A file in the Hugging Face cache is a symlink to a blob named by its own sha256: use the name
-    rather than read gigabytes at every start."""
-    blob = path.resolve().name
-    if len(blob) == 64 and set(blob) <= _HEX:
-        return blob
-    return sha256_of(path)
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    for name in WEIGHT_FILES:
-        path = folder / name
-        if path.is_file():
-            if name.endswith(".index.json"):
-                shards = json.loads(path.read_text(encoding="utf-8"))["weight_map"].values()
-                return [folder / shard for shard in sorted(set(shards))]
-            return [path]
-    return []
-
-
 def graph_key(spec: ModelSpec, quantize: Quantize) -> str:
     """What the exported graph depends on: the weights (and Dense heads', and bge-m3's sparse and ColBERT
     heads'), pooling, and our version."""
     digest = hashlib.sha256()
-    for path in _weight_files(spec.folder):
-        digest.update(_file_digest(path).encode())
+    for path in weight_files(spec.folder):
+        digest.update(file_digest(path).encode())
     for layer in spec.dense:
-        for path in _weight_files(layer.folder):
-            digest.update(_file_digest(path).encode())
+        for path in weight_files(layer.folder):
+            digest.update(file_digest(path).encode())
         digest.update(f"{layer.in_features}:{layer.out_features}:{layer.activation}".encode())
     if (heads := spec.heads) is not None:  # a folder without them keys (and exports) as before
         for path in (heads.sparse_linear, heads.colbert_linear):
-            digest.update(_file_digest(path).encode())
+            digest.update(file_digest(path).encode())
         digest.update(f"heads:{heads.hidden_size}:{heads.colbert_dim}".encode())
     recipe = INT8_RECIPE if quantize == "int8" else quantize
     digest.update(f"{spec.pooling}:{recipe}:{GRAPH_VERSION}:{OPSET}:{TORCHSCRIPT_OPSET}".encode())
