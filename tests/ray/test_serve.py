@@ -63,14 +63,21 @@ class RayApp:
         assert response.status_code == 201, response.text
         secret = response.json()["key"]
         taken: set[str] = set()
+        seen: Counter[tuple[str | None, int]] = Counter()
 
         def both_take_it() -> bool:
             answer = httpx.get(f"{self.v1}/models", headers={"Authorization": f"Bearer {secret}"}, timeout=60)
+            seen[answer.headers.get(REPLICA), answer.status_code] += 1
             if answer.status_code == 200:
                 taken.add(answer.headers[REPLICA])
             return len(taken) == 2
 
-        until(both_take_it, 10, "both replicas to take the new key")
+        # A replica takes it at its next refresh (every 0.5 s); a loaded CI machine has been seen to
+        # take longer than 10 s, so the bound is generous and the failure says what each replica answered.
+        deadline = time.monotonic() + 30
+        while not both_take_it():
+            assert time.monotonic() < deadline, f"both replicas to take the new key: {dict(seen)}"
+            time.sleep(0.1)
         return response.json()["id"], secret
 
     def embed(self, secret: str, text: str = "hello replicas") -> httpx.Response:
