@@ -163,6 +163,19 @@ MIXED_TEXTS = [
 ]
 
 
+#: Plain, accented, symbol and a few hundred tokens' text: what a model family is checked on.
+VARIED_TEXTS = [
+    "hi",
+    "The quick brown fox jumps over the lazy dog.",
+    "Zürich, São Paulo and the café on the façade — naïve über Straße.",
+    "emoji 🚀🔥 and symbols ∑ ≤ ≥ ← →",
+    " ".join(
+        f"sentence number {i} talks about engineers who build long and careful bridges" for i in range(25)
+    ),  # a few hundred tokens
+    "what is the capital of France?",
+]
+
+
 def spec_of(folder: Path, **entry: Any) -> ModelSpec:
     """The spec the server reads for a model folder (`entry`: models.toml fields)."""
     located, where = locate(ModelEntry(source=str(folder), **entry), allow_download=False)

@@ -18,6 +18,7 @@ from openai import OpenAI
 from conftest import API_KEY, FamilyModels
 from embedserve.postprocess import min_cosine
 from embedserve.settings import Settings
+from support import VARIED_TEXTS as TEXTS
 from support import LiveServer, live_server
 from tiny_models import (
     QWEN3_DEFAULT_TASK,
@@ -28,16 +29,6 @@ from tiny_models import (
     token_ids,
 )
 
-TEXTS = [
-    "hi",
-    "The quick brown fox jumps over the lazy dog.",
-    "Zürich, São Paulo and the café on the façade — naïve über Straße.",
-    "emoji 🚀🔥 and symbols ∑ ≤ ≥ ← →",
-    " ".join(
-        f"sentence number {i} talks about engineers who build long and careful bridges" for i in range(25)
-    ),  # a few hundred tokens
-    "what is the capital of France?",
-]
 QUERIES = [
     "what is the capital of France",
     "how do vaccines work",

@@ -24,18 +24,9 @@ from conftest import API_KEY
 from embedserve import Engine
 from embedserve.settings import Settings
 from embedserve.types import SparseVector
+from support import VARIED_TEXTS as TEXTS
 from support import LiveServer, live_server, splade_folder
 
-TEXTS = [
-    "hi",
-    "The quick brown fox jumps over the lazy dog.",
-    "Zürich, São Paulo and the café on the façade — naïve über Straße.",
-    "emoji 🚀🔥 and symbols ∑ ≤ ≥ ← →",
-    " ".join(
-        f"sentence number {i} talks about engineers who build long and careful bridges" for i in range(25)
-    ),  # a few hundred tokens
-    "what is the capital of France?",
-]
 #: The layouts of one model: its own folder, and SparseEncoder folders of sentence-transformers 6 and 5.
 TORCH_MODELS = ("splade", "splade-st6", "splade-st5")
 
